@@ -1,0 +1,1 @@
+"""What lowering targets: compute implementations and communication transports."""

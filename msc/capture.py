@@ -1,0 +1,121 @@
+"""Capture: a transformers MoE model -> a shape-generic torch.fx GraphModule, on the meta device.
+
+The family adapter routes attention, routers and experts through msc ops; torch.export (non-strict)
+then traces the model's own forward with fake tensors. Parameters become get_attr nodes named by
+their module path (the names the weight map uses); non-persistent buffers (rotary tables) are
+computed on the CPU and kept as small constants.
+
+Graph inputs: input_ids [1, T] and position_ids [1, T] (all sequences of a step packed along T);
+output: logits [1, T, V].
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from msc.errors import MscError
+from msc.ir import graph_meta, node_meta
+from msc.models.base import IMPL, FamilyAdapter
+from msc.ops import MSC_OPS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER_ARG = {"attention": 3, "router": 3, "experts": 5}
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    constants: dict[str, torch.Tensor]  # non-persistent buffers, computed on CPU
+    num_moe_layers: int
+    seconds: float
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, position_ids):
+        return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
+    """The transformers model on the meta device (no weights in memory), using msc's implementations."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=IMPL, experts_implementation=IMPL
+            )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MscError(f"transformers could not build model_type '{config.model_type}': {e}") from None
+
+
+def _buffers_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (not in checkpoints) recomputed on CPU with the model's own initialiser."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        own = dict(mod.named_buffers(recurse=False))
+        if not own:
+            continue
+        if any(True for _ in mod.parameters(recurse=False)):
+            raise MscError(f"module '{mod_name}' holds both parameters and buffers; msc cannot rebuild its buffers yet")
+        mod.to_empty(device="cpu", recurse=False)
+        model._init_weights(mod)
+        for b, t in mod.named_buffers(recurse=False):
+            out[f"{mod_name}.{b}" if mod_name else b] = t.detach().clone()
+    return out
+
+
+def capture(config, adapter: FamilyAdapter, dtype: str = "float32") -> Captured:
+    t0 = time.perf_counter()
+    model = build_meta_model(config, DTYPES[dtype]).eval()
+    num_moe = adapter.prepare(model)
+    wrapper = _LogitsOnly(model)
+    tokens = torch.export.Dim("T", min=2, max=1 << 20)
+    ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
+    try:
+        ep = torch.export.export(wrapper, (ids, ids.clone()), dynamic_shapes=({1: tokens}, {1: tokens}), strict=False)
+    except Exception as e:  # export errors are long; keep the first line and name the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MscError(f"torch.export could not capture {type(model).__name__}: {first}") from e
+    gm = _unlift(ep)
+    constants = _buffers_on_cpu(model)
+    for n in gm.graph.nodes:
+        for name, op in MSC_OPS.items():
+            if n.op == "call_function" and n.target is op and name in _LAYER_ARG:
+                node_meta(n)["layer"] = int(n.args[_LAYER_ARG[name]])
+    graph_meta(gm)["capture"] = {"model_class": type(model).__name__, "num_moe_layers": num_moe}
+    return Captured(gm, constants, num_moe, time.perf_counter() - t0)
+
+
+def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """Turn export's lifted parameter/buffer placeholders into get_attr nodes named by module path."""
+    sig = ep.graph_signature
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    if sig.inputs_to_lifted_tensor_constants:
+        raise MscError("captured graph has tensor constants; msc cannot store them yet")
+    src = ep.graph_module.graph
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, torch.Tensor] = {}
+    state = {**ep.state_dict, **ep.constants}
+    for n in src.nodes:
+        if n.op == "placeholder" and n.name in lifted:
+            fqn = lifted[n.name].removeprefix("m.")
+            attrs[fqn] = state[lifted[n.name]]
+            new = g.get_attr(fqn)
+        elif n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            continue  # export's dtype/device checks are tied to the capture device (meta)
+        else:
+            new = g.node_copy(n, lambda x: env[x])
+        new.meta.update({k: v for k, v in n.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+        env[n] = new
+    g.eliminate_dead_code()
+    gm = fx.GraphModule(attrs, g)
+    return gm

@@ -1,0 +1,130 @@
+"""The compile driver: spec -> capture -> passes -> bundle on disk.
+
+Output is written to a staging directory next to the target and renamed into place only when
+everything succeeded, so a failed compile leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from msc.bundle import Bundle, versions, write_bundle
+from msc.capture import DTYPES, capture
+from msc.checkpoint import CheckpointReader, materialize_random
+from msc.errors import MscError
+from msc.ir import graph_meta
+from msc.models import adapter_for
+from msc.pass_manager import PassContext, PassManager
+from msc.plan import resolve_plan
+from msc.spec import Spec
+
+
+def load_hf_config(spec: Spec):
+    from transformers import AutoConfig
+
+    m = spec.model
+    if m.path is not None:
+        p = Path(m.path)
+        if not p.is_dir():
+            raise MscError(f"model.path: checkpoint directory does not exist: {p}")
+        if not (p / "config.json").is_file():
+            raise MscError(f"model.path: {p} has no config.json; expected a Hugging Face checkpoint directory")
+        try:
+            return AutoConfig.from_pretrained(str(p))
+        except (ValueError, KeyError, OSError) as e:
+            raise MscError(f"model.path: transformers cannot read the config in {p}: {str(e).splitlines()[0]}") from None
+    overrides = dict(m.config)
+    model_type = overrides.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **overrides)
+    except ValueError as e:
+        raise MscError(f"model.config.model_type: {str(e).splitlines()[0]}") from None
+    except TypeError as e:
+        raise MscError(f"model.config: transformers rejected the config: {e}") from None
+
+
+def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None] | None = None) -> Bundle:
+    """Compile `spec` into a launch bundle at `out_dir` (replaced atomically if it exists)."""
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
+        raise MscError(f"output directory {out_dir} exists and is not an msc bundle; refusing to overwrite it")
+    t0 = time.perf_counter()
+    hf_config = load_hf_config(spec)
+    adapter = adapter_for(hf_config.model_type)
+    moe = adapter.moe_shape(hf_config)
+    plan = resolve_plan(spec.plan, moe["num_experts"])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        checkpoint_rel: str | None
+        if spec.model.path is not None:
+            checkpoint_rel = str(Path(spec.model.path).resolve())
+            reader = CheckpointReader(checkpoint_rel)
+        elif spec.device == "meta":
+            checkpoint_rel, reader = None, None
+        else:
+            say("materialising random weights")
+            materialize_random(hf_config, spec.model.seed, DTYPES[spec.model.dtype], stage / "checkpoint")
+            checkpoint_rel, reader = "checkpoint", CheckpointReader(stage / "checkpoint")
+
+        say("capturing with torch.export (meta device)")
+        captured = capture(hf_config, adapter, spec.model.dtype)
+        gm = captured.gm
+        graph_meta(gm).update({"spec": spec.model_dump(), "plan": plan.model_dump()})
+        ctx = PassContext(
+            plan=plan, moe=moe, adapter=adapter, hf_config=hf_config, checkpoint=reader, constants=captured.constants
+        )
+        manager = PassManager.from_entries([p.model_dump() for p in spec.passes] if spec.passes is not None else None)
+        gm = manager.run(gm, ctx, progress=lambda name: say(f"pass {name}"))
+        programs = graph_meta(gm).get("programs")
+        if not programs:
+            raise MscError("the pass pipeline produced no role programs; it must end with lower_roles")
+
+        roles = [{"name": f"attention.{i}", "program": "attention", "kind": "attention", "rank": i} for i in range(plan.attention.replicas)]
+        roles += [
+            {"name": name, "program": name, "kind": "expert", "rank": plan.attention.replicas + j}
+            for j, name in enumerate(sorted(n for n in programs if n != "attention"))
+        ]
+        manifest = {
+            "format": 1,
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "spec": spec.model_dump(),
+            "plan": plan.model_dump(),
+            "device": spec.device,
+            "model": {
+                "model_type": hf_config.model_type,
+                "dtype": spec.model.dtype,
+                "checkpoint": checkpoint_rel,
+                "num_hidden_layers": hf_config.num_hidden_layers,
+                "vocab_size": hf_config.vocab_size,
+                "eos_token_id": hf_config.eos_token_id,
+                **moe,
+            },
+            "roles": roles,
+            "placement": {str(k): v for k, v in graph_meta(gm)["placement"]["bounds"].items()},
+            "passes": graph_meta(gm)["passes"],
+            "capture_seconds": round(captured.seconds, 3),
+        }
+        say("writing bundle")
+        write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs=programs, constants=captured.constants)
+        (stage / "graphs").mkdir()
+        (stage / "graphs" / "captured.py").write_text(gm.code)
+        manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
+        import json
+
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return Bundle.open(out_dir)

@@ -1,0 +1,164 @@
+"""The `msc` custom-op namespace: the opaque boundaries of the IR.
+
+Capture swaps a model's attention, router and experts for these ops so that torch.export sees one
+node per MoE boundary with shape-generic fake implementations. Later passes add the communication
+ops (`dispatch` / `combine` on the attention side, `expert_recv` / `expert_send` on the expert side).
+
+Shapes use the packed-token layout of the runtime: T tokens of all sequences in one step side by side,
+H hidden size, K experts per token, E experts of a layer.
+
+NOTE: ops that hold state (the KV cache) or talk to peers look up the *runtime context*
+(`msc.runtime.context`), so the graph stays a pure description and the same program runs under any
+transport or cache implementation. Pure ops (router, experts) compute directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from msc.backends.compute import torch_eager
+
+
+def _ctx():
+    from msc.runtime.context import current
+
+    return current()
+
+
+# ---------------------------------------------------------------- attention (with its KV cache)
+@torch.library.custom_op("msc::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int) -> Tensor:
+    """Causal attention of the new tokens over the cache; q [1, nh, T, d], k/v [1, nkv, T, d] -> [1, T, nh, d]."""
+    return _ctx().attention(q, k, v, layer, scaling, sliding_window)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, layer, scaling, sliding_window):
+    b, nh, t, d = q.shape
+    return q.new_empty(b, t, nh, d)
+
+
+# ---------------------------------------------------------------- router
+@torch.library.custom_op("msc::router", mutates_args=())
+def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:
+    """Softmax top-k routing, renormalised: hidden [T, H], weight [E, H] -> (weights [T, K] f32, index [T, K] i64)."""
+    return torch_eager.softmax_topk_router(hidden, weight, top_k)
+
+
+@router.register_fake
+def _router_fake(hidden, weight, top_k, layer):
+    t = hidden.shape[0]
+    return hidden.new_empty(t, top_k, dtype=torch.float32), hidden.new_empty(t, top_k, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- experts
+@torch.library.custom_op("msc::experts", mutates_args=())
+def experts(
+    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, layer: int, first_expert: int
+) -> Tensor:
+    """Weighted sum of the experts this weight slice holds (global ids first_expert..first_expert+E_local-1).
+
+    hidden [T, H], top_k_index/top_k_weights [T, K], gate_up [E_local, 2I, H], down [E_local, H, I] -> [T, H].
+    Ids outside the slice contribute nothing, so partial sums over expert nodes add up to the full layer.
+    """
+    return torch_eager.swiglu_experts(hidden, top_k_index, top_k_weights, gate_up, down, first_expert)
+
+
+@experts.register_fake
+def _experts_fake(hidden, top_k_index, top_k_weights, gate_up, down, layer, first_expert):
+    return torch.empty_like(hidden)
+
+
+# ---------------------------------------------------------------- the cut made by split_roles
+@torch.library.custom_op("msc::remote_experts", mutates_args=())
+def remote_experts(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, layer: int) -> Tensor:
+    """Placeholder left on the attention side by `split_roles`; `insert_dispatch_combine` replaces it."""
+    raise RuntimeError("msc::remote_experts is a compile-time placeholder; run the insert_dispatch_combine pass")
+
+
+@remote_experts.register_fake
+def _remote_experts_fake(hidden, top_k_index, top_k_weights, layer):
+    return torch.empty_like(hidden)
+
+
+# ---------------------------------------------------------------- M2N communication (attention side)
+@torch.library.custom_op("msc::dispatch", mutates_args=())
+def dispatch(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, layer: int, expert_bounds: list[int]) -> Tensor:
+    """Send each token to the expert nodes holding its top-k experts (node j holds ids bounds[j]..bounds[j+1]-1).
+
+    Returns a ticket [1] (int64) that orders the matching `combine` after this send.
+    """
+    return _ctx().dispatch(hidden, top_k_index, top_k_weights, layer, expert_bounds)
+
+
+@dispatch.register_fake
+def _dispatch_fake(hidden, top_k_index, top_k_weights, layer, expert_bounds):
+    return hidden.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("msc::combine", mutates_args=())
+def combine(ticket: Tensor, hidden: Tensor, layer: int) -> Tensor:
+    """Receive the expert nodes' partial outputs for `layer` and sum them per token -> [T, H] like hidden."""
+    return _ctx().combine(ticket, hidden, layer)
+
+
+@combine.register_fake
+def _combine_fake(ticket, hidden, layer):
+    return torch.empty_like(hidden)
+
+
+# ---------------------------------------------------------------- M2N communication (expert side)
+@torch.library.custom_op("msc::expert_recv", mutates_args=())
+def expert_recv(layer: int, hidden_size: int, top_k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather this layer's tokens from every attention node -> (hidden [T, H], index [T, K], weights [T, K])."""
+    return _ctx().expert_recv(layer, hidden_size, top_k, dtype)
+
+
+@expert_recv.register_fake
+def _expert_recv_fake(layer, hidden_size, top_k, dtype):
+    t = torch.library.get_ctx().new_dynamic_size()
+    return (
+        torch.empty(t, hidden_size, dtype=dtype),
+        torch.empty(t, top_k, dtype=torch.int64),
+        torch.empty(t, top_k, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("msc::expert_send", mutates_args=())
+def expert_send(hidden: Tensor, layer: int) -> None:
+    """Send this layer's expert outputs back to the attention nodes the tokens came from."""
+    _ctx().expert_send(hidden, layer)
+
+
+@expert_send.register_fake
+def _expert_send_fake(hidden, layer):
+    return None
+
+
+# NOTE: communication ops have effects that fx cannot see (they talk to peers), so dead-code elimination
+# must keep them even when nothing reads their output.
+SIDE_EFFECT_OPS = (
+    torch.ops.msc.dispatch.default,
+    torch.ops.msc.combine.default,
+    torch.ops.msc.expert_recv.default,
+    torch.ops.msc.expert_send.default,
+    torch.ops.msc.attention.default,
+)
+for _op in SIDE_EFFECT_OPS:
+    torch.fx.node._side_effectful_functions.add(_op)
+
+MSC_OPS = {
+    "attention": torch.ops.msc.attention.default,
+    "router": torch.ops.msc.router.default,
+    "experts": torch.ops.msc.experts.default,
+    "remote_experts": torch.ops.msc.remote_experts.default,
+    "dispatch": torch.ops.msc.dispatch.default,
+    "combine": torch.ops.msc.combine.default,
+    "expert_recv": torch.ops.msc.expert_recv.default,
+    "expert_send": torch.ops.msc.expert_send.default,
+}
+
+
+def is_op(node: torch.fx.Node, name: str) -> bool:
+    """True when `node` calls the msc op `name` (e.g. ``is_op(n, "experts")``)."""
+    return node.op == "call_function" and node.target is MSC_OPS[name]

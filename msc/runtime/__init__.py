@@ -1,0 +1,1 @@
+"""Runs a bundle: the launcher starts role processes; each role executes its lowered program."""

@@ -1,0 +1,39 @@
+"""The runtime context that stateful msc ops (attention, dispatch/combine, expert_recv/send) call into.
+
+A role worker installs one context for the duration of a forward; the ops find it with `current()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Protocol
+
+from torch import Tensor
+
+
+class RuntimeContext(Protocol):
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int) -> Tensor: ...
+    def dispatch(self, hidden: Tensor, idx: Tensor, weights: Tensor, layer: int, bounds: list[int]) -> Tensor: ...
+    def combine(self, ticket: Tensor, hidden: Tensor, layer: int) -> Tensor: ...
+    def expert_recv(self, layer: int, hidden_size: int, top_k: int, dtype) -> tuple[Tensor, Tensor, Tensor]: ...
+    def expert_send(self, hidden: Tensor, layer: int) -> None: ...
+
+
+_local = threading.local()
+
+
+def current() -> RuntimeContext:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("an msc op that needs a runtime (KV cache or peers) ran outside a role worker")
+    return ctx
+
+
+@contextlib.contextmanager
+def use(ctx) -> Iterator[None]:
+    prev = getattr(_local, "ctx", None)
+    _local.ctx = ctx
+    try:
+        yield
+    finally:
+        _local.ctx = prev

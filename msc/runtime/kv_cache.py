@@ -1,0 +1,77 @@
+"""KV cache of the attention role and the attention computation over it (packed-token layout).
+
+One step packs the new tokens of several sequences side by side: sequence i contributes `n_i` tokens
+starting at offset `start_i` of the T axis. Each sequence keeps its own growing K/V per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class StepLayout:
+    """Which sequences the T tokens of this step belong to: seq_ids[i] owns tokens [starts[i], starts[i]+lengths[i])."""
+
+    seq_ids: list[int]
+    lengths: list[int]
+
+    @property
+    def starts(self) -> list[int]:
+        out, acc = [], 0
+        for n in self.lengths:
+            out.append(acc)
+            acc += n
+        return out
+
+
+class KVCache:
+    """Per-sequence, per-layer key/value tensors [nkv, S, d], grown by concatenation."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self._k: dict[int, list[Tensor | None]] = {}
+        self._v: dict[int, list[Tensor | None]] = {}
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._k[seq_id] = [None] * self.num_layers
+        self._v[seq_id] = [None] * self.num_layers
+
+    def drop_sequence(self, seq_id: int) -> None:
+        self._k.pop(seq_id, None)
+        self._v.pop(seq_id, None)
+
+    def append(self, seq_id: int, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k/v [nkv, n, d] for one sequence and layer; return the whole cached k/v [nkv, S, d]."""
+        ks, vs = self._k[seq_id], self._v[seq_id]
+        ks[layer] = k if ks[layer] is None else torch.cat([ks[layer], k], dim=1)
+        vs[layer] = v if vs[layer] is None else torch.cat([vs[layer], v], dim=1)
+        return ks[layer], vs[layer]
+
+    def length(self, seq_id: int, layer: int = 0) -> int:
+        k = self._k[seq_id][layer]
+        return 0 if k is None else k.shape[1]
+
+
+def cached_attention(
+    cache: KVCache, layout: StepLayout, q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int
+) -> Tensor:
+    """q [1, nh, T, d], k/v [1, nkv, T, d] -> [1, T, nh, d], causal per sequence, with the cache as prefix."""
+    _, nh, t, d = q.shape
+    out = q.new_empty(1, t, nh, d)  # [1, T, nh, d]
+    for seq_id, start, n in zip(layout.seq_ids, layout.starts, layout.lengths):
+        k_all, v_all = cache.append(seq_id, layer, k[0, :, start : start + n], v[0, :, start : start + n])  # [nkv, S, d]
+        s = k_all.shape[1]
+        q_pos = torch.arange(s - n, s, device=q.device)[:, None]  # [n, 1]
+        k_pos = torch.arange(s, device=q.device)[None, :]  # [1, S]
+        allowed = k_pos <= q_pos  # [n, S]
+        if sliding_window > 0:
+            allowed &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(
+            q[0, :, start : start + n], k_all, v_all, attn_mask=allowed, scale=scaling, enable_gqa=True
+        )  # [nh, n, d]
+        out[0, start : start + n] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,8 @@
+"""The built-in passes, one a file; importing this package registers them."""
+from msc.passes import (  # noqa: F401
+    annotate_roles,
+    insert_dispatch_combine,
+    lower_roles,
+    place_experts,
+    split_roles,
+)
