@@ -1,0 +1,108 @@
+"""Local launch: start every role of a bundle as its own process on this machine and collect results.
+
+The processes rendezvous exactly as under torchrun (env:// on 127.0.0.1). The launcher watches them:
+a role that exits non-zero stops the run at once with a message naming it; a run that outlives its
+deadline is stopped too. Nothing waits without a bound.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from msc.bundle import Bundle
+from msc.errors import MscError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def run_bundle(
+    bundle_dir: str | Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    dump_logits: bool = False,
+    timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Generate greedily for `prompts` with the bundle's roles; returns {"outputs": [...], "logits": [...]?}."""
+    bundle = Bundle.open(bundle_dir)
+    bundle.checkpoint_dir()  # fails clearly for meta-only bundles
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MscError("every prompt needs at least one token id")
+    vocab = bundle.manifest["model"]["vocab_size"]
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    roles = bundle.roles
+    deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
+    with tempfile.TemporaryDirectory(prefix="msc-run-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits}))
+        base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                    "WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        procs = []
+        try:
+            for r in roles:
+                log = open(tmp / f"{r['name']}.log", "w")
+                cmd = [sys.executable, "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
+                       "--requests", str(tmp / "requests.json"), "--result", str(tmp / "result.{rank}.json")]
+                procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"])}, stdout=log, stderr=subprocess.STDOUT)))
+                log.close()
+            pending = list(procs)
+            while pending:
+                for r, p in list(pending):
+                    try:
+                        rc = p.wait(timeout=0.05)
+                    except subprocess.TimeoutExpired:
+                        continue
+                    pending.remove((r, p))
+                    if rc != 0:
+                        raise MscError(
+                            f"role {r['name']} (rank {r['rank']}) exited with code {rc}: {_tail(tmp / (r['name'] + '.log'))}"
+                        )
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(r["name"] for r, _ in pending)
+                    raise MscError(f"run timed out; still running: {names}")
+        finally:
+            for _, p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
+        outputs: list = [None] * len(prompts)
+        logits: list = [None] * len(prompts)
+        for r in roles:
+            if r["kind"] != "attention":
+                continue
+            res = json.loads((tmp / f"result.{r['rank']}.json").read_text())
+            for i, out in zip(res["indices"], res["outputs"]):
+                outputs[i] = out
+            if dump_logits:
+                f = tmp / f"result.{r['rank']}.safetensors"
+                saved = load_file(str(f)) if f.exists() else {}
+                for i in res["indices"]:
+                    logits[i] = saved.get(f"prompt_{i}", torch.empty(0))
+    result = {"outputs": outputs}
+    if dump_logits:
+        result["logits"] = logits
+    return result

@@ -1,0 +1,103 @@
+"""One role process: `python -m msc.runtime.worker --bundle DIR` (what torchrun or `msc run` starts).
+
+Rendezvous is torch.distributed's env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which torchrun
+sets; the rank picks the role from the bundle's manifest. Attention replicas read the requests file,
+take their share of the prompts (prompt i goes to replica i mod n_a) and write a result file.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from msc.backends.comm.torch_dist import AttentionSideComm, ExpertSideComm
+from msc.bundle import Bundle
+from msc.errors import MscError
+from msc.runtime.roles import AttentionRole, ExpertRole
+
+FAULT_ROLE = "MSC_FAULT_EXIT_ROLE"  # test hook: this role exits abruptly ...
+FAULT_AFTER = "MSC_FAULT_EXIT_AFTER"  # ... after this many forwards
+
+
+def _fault_hook(role_name: str):
+    if os.environ.get(FAULT_ROLE) != role_name:
+        return None
+    after = int(os.environ.get(FAULT_AFTER, "1"))
+
+    def hook(forwards: int) -> None:
+        if forwards >= after:
+            os._exit(17)
+
+    return hook
+
+
+def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> None:
+    bundle = Bundle.open(bundle_dir)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    roles = bundle.roles
+    if world != len(roles):
+        raise MscError(f"WORLD_SIZE={world} but the bundle has {len(roles)} roles")
+    role = roles[rank]
+    device = bundle.manifest["device"]
+    timeout = datetime.timedelta(seconds=bundle.manifest["spec"]["runtime"]["timeout_s"])
+    program = bundle.load_program(role["program"], device)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    try:
+        att_ranks = [r["rank"] for r in roles if r["kind"] == "attention"]
+        exp_ranks = [r["rank"] for r in roles if r["kind"] == "expert"]
+        if role["kind"] == "expert":
+            worker = ExpertRole(program, ExpertSideComm(att_ranks))
+            hook = _fault_hook(role["name"])
+            if hook is not None:
+                serve_forward = worker.program
+
+                def faulty():
+                    serve_forward()
+                    hook(worker.forwards + 1)
+
+                worker.program = faulty
+            worker.serve()
+            return
+        req = json.loads(Path(requests).read_text())
+        replica = att_ranks.index(rank)
+        mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
+        m = bundle.manifest
+        worker = AttentionRole(
+            program, AttentionSideComm(exp_ranks), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
+            m["plan"]["batch_size"], device,
+        )
+        worker.on_forward = _fault_hook(role["name"])
+        outputs, logits = worker.generate([req["prompts"][i] for i in mine], int(req["max_new_tokens"]))
+        out = Path(result.replace("{rank}", str(rank)))
+        if req.get("dump_logits"):
+            save_file({f"prompt_{i}": t.contiguous() for i, t in zip(mine, logits) if t.numel()}, str(out.with_suffix(".safetensors")))
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards}))
+        tmp.replace(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="run one msc role process")
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--requests")
+    ap.add_argument("--result", default="result.{rank}.json")
+    args = ap.parse_args(argv)
+    try:
+        run_worker(args.bundle, args.requests, args.result)
+    except MscError as e:
+        print(f"msc worker rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
