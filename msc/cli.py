@@ -1,0 +1,143 @@
+"""The `msc` command line: compile, run, verify, inspect, demo."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from msc.errors import MscError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="msc: compile Hugging Face MoE models for disaggregated serving.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(e: MscError) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _parse_ids(values: list[str]) -> list[list[int]]:
+    prompts = []
+    for v in values:
+        try:
+            prompts.append([int(x) for x in v.split(",") if x.strip()])
+        except ValueError:
+            raise MscError(f"--input-ids '{v}': expected comma-separated integer token ids, like 5,17,42") from None
+    return prompts
+
+
+@app.command("compile")
+def compile_cmd(
+    spec: Optional[Path] = typer.Argument(None, help="model.yaml; the embedded tiny Mixtral when omitted"),
+    output: Path = typer.Option(..., "-o", "--output", help="bundle directory to write"),
+):
+    """Compile a model spec into a launch bundle."""
+    from msc.compiler import compile_spec
+    from msc.spec import default_spec, load_spec
+
+    try:
+        s = load_spec(spec) if spec is not None else default_spec()
+        with err.status("compiling") as status:
+            bundle = compile_spec(s, output, progress=lambda m: status.update(f"compiling: {m}"))
+    except MscError as e:
+        _fail(e)
+    m = bundle.manifest
+    err.print(
+        f"wrote {bundle.path}: {len(m['roles'])} roles "
+        f"({m['plan']['attention']['replicas']} attention, {m['plan']['experts']['nodes']} expert nodes) "
+        f"in {m['compile_seconds']:.2f}s (capture {m['capture_seconds']:.2f}s)"
+    )
+
+
+@app.command("run")
+def run_cmd(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    input_ids: list[str] = typer.Option(None, "--input-ids", help="one prompt as comma-separated token ids; repeat for more"),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=0),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Start every role as its own process and generate greedily."""
+    from msc.runtime.launcher import run_bundle
+    from msc.verify import default_prompts
+    from msc.bundle import Bundle
+
+    try:
+        prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
+        result = run_bundle(bundle, prompts, max_new_tokens)
+    except MscError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps({"outputs": result["outputs"]}))
+    else:
+        for p, o in zip(prompts, result["outputs"]):
+            out.print(f"{p} -> {o}")
+
+
+@app.command("verify")
+def verify_cmd(
+    bundle: Path = typer.Argument(...),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Compare the bundle's generation with the original Hugging Face model's."""
+    from msc.verify import verify_bundle
+
+    try:
+        r = verify_bundle(bundle, max_new_tokens=max_new_tokens)
+    except MscError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        out.print(f"max |logit error| = {r['max_abs_logit_err']:.3g}; greedy tokens match: {r['tokens_match']}")
+    if not r["tokens_match"]:
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect_cmd(bundle: Path = typer.Argument(...)):
+    """Show what the compiler did: roles, ops, parameters and bytes per role."""
+    from msc.inspect import role_table
+
+    try:
+        rows, manifest = role_table(bundle)
+    except MscError as e:
+        _fail(e)
+    t = Table(title=f"{bundle} ({manifest['model']['model_type']}, {manifest['model']['dtype']})")
+    for col in ("role", "rank", "program", "nodes", "msc ops", "parameters", "bytes"):
+        t.add_column(col, justify="right" if col in ("rank", "nodes", "parameters", "bytes") else "left")
+    for r in rows:
+        t.add_row(r["role"], str(r["rank"]), r["program"], str(r["nodes"]), r["msc_ops"], f"{r['parameters']:,}", r["bytes_h"])
+    out.print(t)
+    out.print("passes: " + " -> ".join(p["name"] for p in manifest["passes"]))
+
+
+@app.command("demo")
+def demo_cmd(output: Path = typer.Option(Path("msc-demo"), "-o", "--output")):
+    """Compile the embedded tiny Mixtral, run it as 3 processes, and verify it against transformers."""
+    compile_cmd(None, output)
+    from msc.verify import verify_bundle
+
+    try:
+        r = verify_bundle(output)
+    except MscError as e:
+        _fail(e)
+    for p, o, ref in zip(r["prompts"], r["outputs"], r["reference_outputs"]):
+        out.print(f"prompt {p}\n  msc          {o}\n  transformers {ref}")
+    out.print(f"max |logit error| = {r['max_abs_logit_err']:.3g}; greedy tokens match: {r['tokens_match']}")
+    if not r["tokens_match"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
