@@ -12,10 +12,18 @@ def known_families() -> list[str]:
     return sorted(t for a in _ADAPTERS for t in a.model_types)
 
 
-def adapter_for(model_type: str) -> FamilyAdapter:
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def adapter_for(model_type: str, config=None) -> FamilyAdapter:
     for a in _ADAPTERS:
         if model_type in a.model_types:
             return a
+    if config is not None and not any(getattr(config, k, None) for k in _EXPERT_COUNT_KEYS):
+        raise MscError(
+            f"model_type '{model_type}' has no MoE layers (its config names no experts): msc compiles "
+            "Mixture-of-Experts models only"
+        )
     raise MscError(
         f"no msc adapter for model_type '{model_type}' (known families: {', '.join(known_families())})"
     )

@@ -14,7 +14,7 @@ from msc.errors import MscError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="msc: compile Hugging Face MoE models for disaggregated serving.")
 err = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _fail(e: MscError) -> None:

@@ -56,7 +56,7 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None
         raise MscError(f"output directory {out_dir} exists and is not an msc bundle; refusing to overwrite it")
     t0 = time.perf_counter()
     hf_config = load_hf_config(spec)
-    adapter = adapter_for(hf_config.model_type)
+    adapter = adapter_for(hf_config.model_type, hf_config)
     moe = adapter.moe_shape(hf_config)
     plan = resolve_plan(spec.plan, moe["num_experts"])
 

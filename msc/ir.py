@@ -158,3 +158,10 @@ def graph_module(source: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule over `graph` whose get_attr targets are taken from `source`."""
     attrs = {t: fetch_attr(source, t) for t in get_attr_targets(graph)}
     return fx.GraphModule(attrs, graph)
+
+
+def bind_device(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
+    """Rewrite every device argument (captured as meta) to `device`, as loading a stored program does."""
+    device = torch.device(device)
+    g = graph_from_json(graph_to_json(gm.graph), device)
+    return fx.GraphModule(gm, g)

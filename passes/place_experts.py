@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from msc.errors import MscError
-from msc.ir import ROLE_EXPERT, graph_meta, node_meta
+from msc.ir import ROLE_EXPERT, fetch_attr, graph_meta, node_meta
 from msc.ops import is_op
 from msc.pass_manager import Pass, PassConfig, PassResult, register_pass, require_ran
 
@@ -37,10 +37,11 @@ class PlaceExperts(Pass):
     def run(self, gm, ctx):
         nodes = ctx.plan.experts.nodes
         table = {}
-        for n in graph_meta(gm)["roles"][ROLE_EXPERT].graph.nodes:
+        expert_gm = graph_meta(gm)["roles"][ROLE_EXPERT]
+        for n in expert_gm.graph.nodes:
             if not is_op(n, "experts"):
                 continue
-            num_experts = n.args[3].meta["val"].shape[0] if "val" in n.args[3].meta else ctx.moe["num_experts"]
+            num_experts = fetch_attr(expert_gm, n.args[3].target).shape[0]
             if nodes > num_experts:
                 raise MscError(
                     f"plan.experts.nodes = {nodes} is more than the {num_experts} experts of layer {n.args[5]}: "

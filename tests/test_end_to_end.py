@@ -1,0 +1,60 @@
+"""The whole path: compile -> separate role processes -> same tokens and logits as transformers."""
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from msc.cli import app
+from msc.compiler import compile_spec
+from msc.errors import MscError
+from msc.runtime.launcher import run_bundle
+from msc.runtime.worker import FAULT_AFTER, FAULT_ROLE
+from msc.spec import parse_spec
+from msc.verify import reference_generate, verify_bundle
+from tests.conftest import tiny_spec_dict
+
+PROMPTS = [[5, 17, 42, 100, 3], [7, 7], [1, 2, 3, 4, 5, 6, 200, 9]]
+
+
+def test_one_attention_two_expert_processes_match_hf_generate(tiny_bundle, tiny_hf):
+    assert [r["name"] for r in tiny_bundle.roles] == ["attention.0", "expert.0", "expert.1"]
+    ours = run_bundle(tiny_bundle.path, PROMPTS, 8)["outputs"]
+    refs = [reference_generate(tiny_hf, p, 8) for p in PROMPTS]
+    assert ours == refs
+    assert all(len(o) == 8 or o[-1] == tiny_hf.config.eos_token_id for o in ours)
+
+
+def test_verify_reports_logits_within_1e_4(tiny_bundle):
+    r = verify_bundle(tiny_bundle.path, PROMPTS, 8)
+    assert r["tokens_match"] is True
+    assert 0 <= r["max_abs_logit_err"] < 1e-4
+
+
+def test_cli_run_json_interface(tiny_bundle, tiny_hf):
+    res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--input-ids", "5,17,42", "--input-ids", "7,7",
+                                   "--max-new-tokens", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    outputs = json.loads(res.stdout)["outputs"]
+    assert outputs == [reference_generate(tiny_hf, [5, 17, 42], 8), reference_generate(tiny_hf, [7, 7], 8)]
+
+
+def test_two_attention_replicas_three_expert_nodes(tmp_path, tiny_hf):
+    spec = parse_spec({**tiny_spec_dict(), "plan": {"attention": {"replicas": 2}, "experts": {"nodes": 3}}})
+    bundle = compile_spec(spec, tmp_path / "b")
+    ours = run_bundle(bundle.path, PROMPTS, 6)["outputs"]
+    assert ours == [reference_generate(tiny_hf, p, 6) for p in PROMPTS]
+
+
+def test_small_batch_size_runs_prompts_in_waves(tmp_path, tiny_hf):
+    bundle = compile_spec(parse_spec({**tiny_spec_dict(), "plan": {"experts": {"nodes": 2}, "batch_size": 2}}), tmp_path / "b")
+    assert run_bundle(bundle.path, PROMPTS, 4)["outputs"] == [reference_generate(tiny_hf, p, 4) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("role", ["expert.1", "attention.0"])
+def test_dead_role_fails_the_run_naming_it(tiny_bundle, role):
+    t0 = time.monotonic()
+    with pytest.raises(MscError, match=f"role {role.replace('.', '[.]')} .*exited with code 17"):
+        run_bundle(tiny_bundle.path, PROMPTS, 8, env={FAULT_ROLE: role, FAULT_AFTER: "2"}, timeout_s=120)
+    assert time.monotonic() - t0 < 60
