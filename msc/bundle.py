@@ -113,13 +113,12 @@ class Bundle:
         wmap = json.loads((self.path / "weights" / f"{name}.json").read_text())
         constants = load_file(str(self.path / "constants.safetensors"))
         reader = CheckpointReader(self.checkpoint_dir())
-        dtype = getattr(torch, self.manifest["model"]["dtype"])
         attrs = {}
         for target, entry in wmap.items():
             t = reader.build(entry["source"], constants)
             if list(t.shape) != entry["shape"]:
                 raise MscError(f"checkpoint tensor for '{target}' has shape {list(t.shape)}, expected {entry['shape']}")
-            want = getattr(torch, entry["dtype"])
-            attrs[target] = t.to(device=device, dtype=want if not t.is_floating_point() or "constant" in entry["source"] else dtype)
+            # the dtype recorded at compile time: the model's dtype for parameters, float32 for rotary tables
+            attrs[target] = t.to(device=device, dtype=getattr(torch, entry["dtype"]))
         reader.close()
         return fx.GraphModule(attrs, graph)

@@ -5,6 +5,7 @@ everything succeeded, so a failed compile leaves nothing half-written.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -118,8 +119,6 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None
         (stage / "graphs").mkdir()
         (stage / "graphs" / "captured.py").write_text(gm.code)
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
-        import json
-
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)

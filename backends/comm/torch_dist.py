@@ -43,7 +43,6 @@ class AttentionSideComm:
         self.expert_ranks = expert_ranks
         self.names = names or {}
         self._pending: dict[int, list[tuple[int, Tensor]]] = {}
-        self._keep: list[Tensor] = []
         self.step = 0
 
     def control(self, code: int) -> None:
@@ -63,7 +62,7 @@ class AttentionSideComm:
             if tok.numel():
                 msgs += [hidden[tok].contiguous(), idx[tok].contiguous(), weights[tok].float().contiguous()]
             works += [dist.isend(m, rank) for m in msgs]
-            keep += msgs
+            keep += msgs  # isend needs its buffers alive until the wait below
             pending.append((rank, tok))
         _wait_all(works, f"dispatch of layer {layer}")
         self._pending[layer] = pending

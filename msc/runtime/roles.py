@@ -93,6 +93,7 @@ class ExpertRole:
     def __init__(self, program: fx.GraphModule, comm):
         self.program, self.comm = program, comm
         self.forwards = 0
+        self.on_forward = None  # fault-injection hook for tests
 
     def expert_recv(self, layer, hidden_size, top_k, dtype):
         return self.comm.expert_recv(layer, hidden_size, top_k, dtype)
@@ -105,4 +106,6 @@ class ExpertRole:
             with context.use(self), torch.no_grad():
                 self.program()
             self.forwards += 1
+            if self.on_forward is not None:
+                self.on_forward(self.forwards)
         return self.forwards

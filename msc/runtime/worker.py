@@ -54,15 +54,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         exp_ranks = [r["rank"] for r in roles if r["kind"] == "expert"]
         if role["kind"] == "expert":
             worker = ExpertRole(program, ExpertSideComm(att_ranks))
-            hook = _fault_hook(role["name"])
-            if hook is not None:
-                serve_forward = worker.program
-
-                def faulty():
-                    serve_forward()
-                    hook(worker.forwards + 1)
-
-                worker.program = faulty
+            worker.on_forward = _fault_hook(role["name"])
             worker.serve()
             return
         req = json.loads(Path(requests).read_text())
