@@ -58,3 +58,17 @@ def test_dead_role_fails_the_run_naming_it(tiny_bundle, role):
     with pytest.raises(MscError, match=f"role {role.replace('.', '[.]')} .*exited with code 17"):
         run_bundle(tiny_bundle.path, PROMPTS, 8, env={FAULT_ROLE: role, FAULT_AFTER: "2"}, timeout_s=120)
     assert time.monotonic() - t0 < 60
+
+
+def test_matches_hf_generate_on_the_left_padded_batch(tiny_bundle, tiny_hf):
+    """transformers' batched generate (left padding) gives the same tokens as msc's packed batch."""
+    width = max(len(p) for p in PROMPTS)
+    pad = tiny_hf.config.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        out = tiny_hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad)
+    refs = []
+    for row in out[:, width:].tolist():
+        refs.append(row[: row.index(pad) + 1] if pad in row else row)
+    assert run_bundle(tiny_bundle.path, PROMPTS, 8)["outputs"] == refs
