@@ -51,10 +51,6 @@ class KVCache:
         vs[layer] = v if vs[layer] is None else torch.cat([vs[layer], v], dim=1)
         return ks[layer], vs[layer]
 
-    def length(self, seq_id: int, layer: int = 0) -> int:
-        k = self._k[seq_id][layer]
-        return 0 if k is None else k.shape[1]
-
 
 def cached_attention(
     cache: KVCache, layout: StepLayout, q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int
