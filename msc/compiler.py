@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from msc.bundle import Bundle, versions, write_bundle
 from msc.capture import DTYPES, capture

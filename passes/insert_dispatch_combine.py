@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from msc.errors import MscError
-from msc.ir import ROLE_ATTENTION, ROLE_EXPERT, graph_meta, node_meta
+from msc.ir import ROLE_ATTENTION, ROLE_EXPERT, graph_meta
 from msc.ops import MSC_OPS, is_op
 from msc.pass_manager import Pass, PassResult, register_pass, require_ran
 

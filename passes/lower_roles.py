@@ -9,9 +9,9 @@ Weight sources are checked against the checkpoint's headers (shape) when a check
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from msc.errors import MscError
@@ -60,7 +60,7 @@ class LowerRoles(Pass):
             exp.recompile()
             programs[expert_program_name(j)] = self._program(expert_program_name(j), exp, rows, ctx, keys)
         meta["programs"] = programs
-        params = {name: sum(_numel(s) for s in p.shapes.values()) for name, p in programs.items()}
+        params = {name: sum(math.prod(s) for s in p.shapes.values()) for name, p in programs.items()}
         return PassResult(gm, {"programs": sorted(programs), "parameters": params})
 
     @staticmethod
@@ -92,10 +92,3 @@ class LowerRoles(Pass):
             weights[target], shapes[target] = src, shape
             dtypes[target] = str(t.dtype).removeprefix("torch.")
         return Program(role, gm, weights, shapes, dtypes)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -1,12 +1,11 @@
 """Every bad input gets one clear message and leaves nothing behind in the output directory."""
-import json
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from msc.cli import app
-from tests.conftest import TINY, tiny_spec_dict
+from tests.conftest import tiny_spec_dict
 
 runner = CliRunner()
 

@@ -39,13 +39,20 @@ def _recv(buf: Tensor, src: int, what: str) -> Tensor:
 class AttentionSideComm:
     """The attention replica's end: send tokens to expert nodes, gather their partial outputs back."""
 
-    def __init__(self, expert_ranks: list[int], names: dict[int, str] | None = None):
+    def __init__(self, expert_ranks: list[int]):
         self.expert_ranks = expert_ranks
-        self.names = names or {}
         self._pending: dict[int, list[tuple[int, Tensor]]] = {}
         self.step = 0
 
-    def control(self, code: int) -> None:
+    def begin_forward(self) -> None:
+        """Tell every expert node that a forward follows."""
+        self._control(CTRL_FORWARD)
+
+    def finish(self) -> None:
+        """Tell every expert node that this replica sends no more forwards."""
+        self._control(CTRL_DONE)
+
+    def _control(self, code: int) -> None:
         msg = torch.tensor([code, self.step], dtype=torch.int64)
         _wait_all([dist.isend(msg, r) for r in self.expert_ranks], "sending control to the expert nodes")
         self.step += 1

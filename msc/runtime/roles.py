@@ -35,7 +35,7 @@ class AttentionRole:
     # ------------------------------------------------------------------ generation
     def _forward(self, ids: list[int], positions: list[int], layout: StepLayout) -> Tensor:
         self.layout = layout
-        self.comm.control(1)
+        self.comm.begin_forward()
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
         with context.use(self), torch.no_grad():
@@ -54,7 +54,7 @@ class AttentionRole:
         for start in range(0, len(prompts), self.batch_size):
             wave = list(range(start, min(start + self.batch_size, len(prompts))))
             self._generate_wave(prompts, wave, max_new_tokens, outputs, step_logits)
-        self.comm.control(0)
+        self.comm.finish()
         return outputs, [torch.stack(s) if s else torch.empty(0) for s in step_logits]
 
     def _generate_wave(self, prompts, wave, max_new_tokens, outputs, step_logits) -> None:
