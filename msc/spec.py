@@ -63,8 +63,11 @@ class PassEntry(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    transport: Literal["torch_dist"] = "torch_dist"
+    # auto: shared memory when every role is on one host (cuda_ipc for GPU roles), tcp across hosts.
+    transport: Literal["auto", "shm", "tcp", "cuda_ipc", "rdma", "torch_dist"] = "auto"
     timeout_s: float = Field(default=60.0, gt=0)
+    # Per-pair receive buffer of the shm / cuda_ipc transports; larger messages stream through it.
+    buffer_bytes: int = Field(default=4 << 20, ge=4096)
 
 
 class Spec(_Strict):

@@ -1,131 +1,142 @@
-"""M2N over torch.distributed point-to-point (gloo on CPU, NCCL on GPU): the baseline transport.
+"""torch.distributed transport: point-to-point send/recv (gloo on CPU, NCCL on GPU), the baseline.
 
-Wire protocol, per forward and per MoE layer (all int64 headers):
-  attention -> each expert node:  control [FORWARD|DONE, step]       once per forward
-  attention -> expert node j:     header [n_j, layer], then hidden [n_j, H], index [n_j, K], weights [n_j, K] (f32)
-  expert node j -> attention:     outputs [n_j, H] (the partial sum over the experts node j holds)
-Only the tokens that picked at least one of node j's experts go to node j (n_j may be 0: header only).
-Every wait is bounded by the process group's timeout; a peer that dies closes its connection, which
-surfaces here as an error naming the peer.
+The same message format as the byte-stream transports (header from `wire.py`, then one tensor per
+part), carried with `dist.isend` / `dist.irecv`: the header goes first so the receiver can allocate
+the parts. Every operation is non-blocking and polled with `Work.is_completed()`, so waits share the
+endpoint's timeout and error reporting. This is what "just use torch.distributed" costs, kept as the
+reference the other transports are measured against.
 """
 from __future__ import annotations
 
+from collections import deque
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from msc.backends.comm import wire
+from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError
 from msc.errors import MscError
 
-CTRL_DONE, CTRL_FORWARD = 0, 1
-MAX_TOKENS = 1 << 24
+
+class _Send(Handle):
+    def __init__(self, endpoint, peer: int, works: list, keep: list[Tensor]):
+        super().__init__(endpoint)
+        self.peer, self.works, self.keep = peer, works, keep
 
 
-def _wait_all(works, what: str) -> None:
-    for w in works:
-        try:
-            w.wait()
-        except RuntimeError as e:
-            raise MscError(f"{what} failed: {str(e).splitlines()[0]}") from None
+class _Recv(Handle):
+    def __init__(self, endpoint, peer: int, tag: int):
+        super().__init__(endpoint)
+        self.peer, self.tag = peer, tag
 
 
-def _recv(buf: Tensor, src: int, what: str) -> Tensor:
+class _Inbound:
+    def __init__(self, device: torch.device):
+        self.header = torch.empty(wire.HEADER_WORDS, dtype=torch.int64, device=device)
+        self.header_work = None
+        self.parts: list[Tensor] | None = None
+        self.part_works: list = []
+        self.tag = 0
+        self.seq = 0
+        self.stash: dict[int, deque[list[Tensor]]] = {}
+        self.waiting: dict[int, deque[_Recv]] = {}
+
+
+def _completed(work, what: str) -> bool:
+    if not work.is_completed():
+        return False
     try:
-        dist.recv(buf, src)
+        work.wait()  # surfaces the error of a failed operation
     except RuntimeError as e:
-        raise MscError(f"receiving {what} from rank {src} failed (peer dead or silent): {str(e).splitlines()[0]}") from None
-    return buf
+        raise PeerError(f"torch_dist: {what} failed: {str(e).splitlines()[0]}") from None
+    return True
 
 
-class AttentionSideComm:
-    """The attention replica's end: send tokens to expert nodes, gather their partial outputs back."""
+class TorchDistEndpoint(Endpoint):
+    transport = "torch_dist"
 
-    def __init__(self, expert_ranks: list[int]):
-        self.expert_ranks = expert_ranks
-        self._pending: dict[int, list[tuple[int, Tensor]]] = {}
-        self.step = 0
+    def __init__(self, rank: int, peers: Sequence[int], device="cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not dist.is_initialized():
+            raise MscError("the torch_dist transport needs torch.distributed initialised (init_process_group)")
+        super().__init__(rank, peers, timeout_s)
+        self.device = torch.device(device)
+        self._sends: list[_Send] = []
+        self._out_seq = {p: 0 for p in self.peers}
+        self._in = {p: _Inbound(self.device) for p in self.peers}
 
-    def begin_forward(self) -> None:
-        """Tell every expert node that a forward follows."""
-        self._control(CTRL_FORWARD)
+    def _check_peer(self, peer: int) -> None:
+        if peer not in self._in:
+            raise MscError(f"rank {self.rank} has no connection to rank {peer}; peers: {self.peers}")
 
-    def finish(self) -> None:
-        """Tell every expert node that this replica sends no more forwards."""
-        self._control(CTRL_DONE)
+    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0) -> Handle:
+        self._check_peer(peer)
+        keep = [t.contiguous() for t in tensors]
+        words = wire.encode_header(self._out_seq[peer], tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
+        self._out_seq[peer] += 1
+        header = torch.from_numpy(words).to(self.device)
+        keep.insert(0, header)
+        works = [dist.isend(t, peer) for t in keep if t.numel()]
+        h = _Send(self, peer, works, keep)
+        self._sends.append(h)
+        return h
 
-    def _control(self, code: int) -> None:
-        msg = torch.tensor([code, self.step], dtype=torch.int64)
-        _wait_all([dist.isend(msg, r) for r in self.expert_ranks], "sending control to the expert nodes")
-        self.step += 1
+    def irecv(self, peer: int, tag: int = 0) -> Handle:
+        self._check_peer(peer)
+        h = _Recv(self, peer, tag)
+        st = self._in[peer]
+        stash = st.stash.get(tag)
+        if stash:
+            h.result, h.done = stash.popleft(), True
+        else:
+            st.waiting.setdefault(tag, deque()).append(h)
+            self._pull(peer, st)
+        return h
 
-    def dispatch(self, hidden: Tensor, idx: Tensor, weights: Tensor, layer: int, bounds: list[int]) -> Tensor:
-        if len(bounds) != len(self.expert_ranks) + 1:
-            raise MscError(f"layer {layer}: placement has {len(bounds) - 1} expert nodes, the run has {len(self.expert_ranks)}")
-        works, keep, pending = [], [], []
-        for j, rank in enumerate(self.expert_ranks):
-            lo, hi = bounds[j], bounds[j + 1]
-            tok = ((idx >= lo) & (idx < hi)).any(dim=-1).nonzero().squeeze(1)  # [n_j]
-            header = torch.tensor([tok.numel(), layer], dtype=torch.int64)
-            msgs = [header]
-            if tok.numel():
-                msgs += [hidden[tok].contiguous(), idx[tok].contiguous(), weights[tok].float().contiguous()]
-            works += [dist.isend(m, rank) for m in msgs]
-            keep += msgs  # isend needs its buffers alive until the wait below
-            pending.append((rank, tok))
-        _wait_all(works, f"dispatch of layer {layer}")
-        self._pending[layer] = pending
-        return torch.tensor([layer], dtype=torch.int64)
+    def _pull(self, peer: int, st: _Inbound) -> bool:
+        moved = False
+        while True:
+            if st.parts is None:
+                if st.header_work is None:
+                    if not any(st.waiting.values()):
+                        return moved
+                    st.header_work = dist.irecv(st.header, peer)
+                if not _completed(st.header_work, f"receiving a header from rank {peer}"):
+                    return moved
+                moved = True
+                st.header_work = None
+                st.tag, specs = wire.decode_header(st.header.cpu().numpy(), st.seq, f"rank {peer} (torch_dist)")
+                st.seq += 1
+                st.parts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs]
+                st.part_works = [dist.irecv(t, peer) for t in st.parts if t.numel()]
+            if not all(_completed(w, f"receiving a message from rank {peer}") for w in st.part_works):
+                return moved
+            moved = True
+            parts, st.parts, st.part_works = st.parts, None, []
+            waiting = st.waiting.get(st.tag)
+            if waiting:
+                h = waiting.popleft()
+                h.result, h.done = parts, True
+            else:
+                st.stash.setdefault(st.tag, deque()).append(parts)
 
-    def combine(self, ticket: Tensor, hidden: Tensor, layer: int) -> Tensor:
-        out = torch.zeros_like(hidden)  # [T, H]
-        for rank, tok in self._pending.pop(layer):
-            if tok.numel():
-                part = _recv(hidden.new_empty(tok.numel(), hidden.shape[1]), rank, f"layer {layer} expert outputs")
-                out.index_add_(0, tok, part)
-        return out
-
-
-class ExpertSideComm:
-    """The expert node's end: gather a layer's tokens from every active attention replica, send results back."""
-
-    def __init__(self, attention_ranks: list[int]):
-        self.active = list(attention_ranks)
-        self._sources: list[tuple[int, int]] = []
-
-    def begin_forward(self) -> bool:
-        """Wait for every active replica's control message; False once all of them are done."""
+    def progress(self) -> bool:
+        moved = False
         still = []
-        for r in self.active:
-            msg = _recv(torch.empty(2, dtype=torch.int64), r, "control")
-            code = int(msg[0])
-            if code == CTRL_FORWARD:
-                still.append(r)
-            elif code != CTRL_DONE:
-                raise MscError(f"corrupted control message from rank {r}: code {code}")
-        self.active = still
-        return bool(still)
+        for h in self._sends:
+            if all(_completed(w, f"sending to rank {h.peer}") for w in h.works):
+                h.done, h.keep, moved = True, None, True
+            else:
+                still.append(h)
+        self._sends = still
+        for peer, st in self._in.items():
+            if st.header_work is not None or st.parts is not None or any(st.waiting.values()):
+                moved |= self._pull(peer, st)
+        return moved
 
-    def expert_recv(self, layer: int, hidden_size: int, top_k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        xs, ids, ws, self._sources = [], [], [], []
-        for r in self.active:
-            n, got_layer = (int(v) for v in _recv(torch.empty(2, dtype=torch.int64), r, f"layer {layer} header"))
-            if got_layer != layer or not 0 <= n <= MAX_TOKENS:
-                raise MscError(f"corrupted header from rank {r}: tokens={n} layer={got_layer}, expected layer {layer}")
-            if n:
-                xs.append(_recv(torch.empty(n, hidden_size, dtype=dtype), r, f"layer {layer} hidden states"))
-                ids.append(_recv(torch.empty(n, top_k, dtype=torch.int64), r, f"layer {layer} expert ids"))
-                ws.append(_recv(torch.empty(n, top_k, dtype=torch.float32), r, f"layer {layer} expert weights"))
-            self._sources.append((r, n))
-        if not xs:
-            return (torch.empty(0, hidden_size, dtype=dtype), torch.empty(0, top_k, dtype=torch.int64),
-                    torch.empty(0, top_k, dtype=torch.float32))
-        return torch.cat(xs), torch.cat(ids), torch.cat(ws)
 
-    def expert_send(self, hidden: Tensor, layer: int) -> None:
-        works, keep, start = [], [], 0
-        for r, n in self._sources:
-            if n:
-                part = hidden[start : start + n].contiguous()
-                keep.append(part)
-                works.append(dist.isend(part, r))
-            start += n
-        _wait_all(works, f"sending layer {layer} expert outputs")
+def connect_torch_dist(rank: int, peers: list[int], *, device="cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TorchDistEndpoint:
+    """An endpoint over the default process group (already initialised by the role worker)."""
+    return TorchDistEndpoint(rank, sorted(peers), device, timeout_s)

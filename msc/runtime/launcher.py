@@ -60,7 +60,7 @@ def run_bundle(
         tmp = Path(tmp)
         (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits}))
         base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                    "WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                    "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         procs = []
         try:
             for r in roles:

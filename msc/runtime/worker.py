@@ -1,7 +1,9 @@
 """One role process: `python -m msc.runtime.worker --bundle DIR` (what torchrun or `msc run` starts).
 
 Rendezvous is torch.distributed's env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which torchrun
-sets; the rank picks the role from the bundle's manifest. Attention replicas read the requests file,
+sets: rank 0 hosts a TCPStore that every role uses to find its peers, and the M2N endpoint of the
+bundle's transport is opened through it (`auto`: shared memory when all roles share a host, which
+LOCAL_WORLD_SIZE == WORLD_SIZE tells, else tcp). The rank picks the role from the bundle's manifest. Attention replicas read the requests file,
 take their share of the prompts (prompt i goes to replica i mod n_a) and write a result file.
 """
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from msc.backends.comm.torch_dist import AttentionSideComm, ExpertSideComm
+from msc.backends.comm import m2n
 from msc.bundle import Bundle
 from msc.errors import MscError
+from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.runtime.roles import AttentionRole, ExpertRole
 
 FAULT_ROLE = "MSC_FAULT_EXIT_ROLE"  # test hook: this role exits abruptly ...
@@ -45,14 +48,25 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         raise MscError(f"WORLD_SIZE={world} but the bundle has {len(roles)} roles")
     role = roles[rank]
     device = bundle.manifest["device"]
-    timeout = datetime.timedelta(seconds=bundle.manifest["spec"]["runtime"]["timeout_s"])
+    runtime = bundle.manifest["spec"]["runtime"]
+    timeout = datetime.timedelta(seconds=runtime["timeout_s"])
     program = bundle.load_program(role["program"], device)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0, timeout=timeout)
+    use_pg = transport == "torch_dist"
+    if use_pg:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    endpoint = None
     try:
         att_ranks = [r["rank"] for r in roles if r["kind"] == "attention"]
         exp_ranks = [r["rank"] for r in roles if r["kind"] == "expert"]
+        peers = att_ranks if role["kind"] == "expert" else exp_ranks
+        host = os.environ.get("MSC_M2N_HOST", "127.0.0.1")
+        endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
+                               buffer_bytes=runtime.get("buffer_bytes", 4 << 20))
         if role["kind"] == "expert":
-            worker = ExpertRole(program, ExpertSideComm(att_ranks))
+            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks))
             worker.on_forward = _fault_hook(role["name"])
             worker.serve()
             return
@@ -61,7 +75,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
         m = bundle.manifest
         worker = AttentionRole(
-            program, AttentionSideComm(exp_ranks), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
+            program, AttentionExchange(endpoint, exp_ranks), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
             m["plan"]["batch_size"], device,
         )
         worker.on_forward = _fault_hook(role["name"])
@@ -73,7 +87,10 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards}))
         tmp.replace(out)
     finally:
-        dist.destroy_process_group()
+        if endpoint is not None:
+            endpoint.close()
+        if use_pg:
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

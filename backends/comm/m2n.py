@@ -1,0 +1,381 @@
+"""msc's M2N library: one interface for the M-to-N (dispatch) and N-to-M (combine) token exchange.
+
+An `Endpoint` is one process's end of a set of persistent connections, one per peer, made once at
+start-up. Messages are a tag plus a list of tensors of any shape; they go out with `isend` and come in
+with `irecv`, both non-blocking and both returning a handle whose `wait(timeout)` finishes them.
+
+    ep = connect("shm", rank, peers, store, timeout_s=30)
+    h = ep.isend(peer, [hidden, idx, weights], tag=layer)     # returns at once
+    r = ep.irecv(peer, tag=layer)
+    hidden, idx, weights = r.wait()                            # MscError naming the peer on timeout
+    ep.wait_all([h]); ep.close()
+
+Byte-stream transports (shared memory, TCP) implement a `Channel` per peer (non-blocking
+`write_some` / `read_some` / `alive`); `StreamEndpoint` turns those into messages. Every message starts
+with the header from `wire.py` (size, sequence number, tag, shapes), so the receiver needs no size
+exchange and detects completion from the stream itself; nothing waits for an acknowledgement.
+
+NOTE: progress is cooperative: any `wait`, `test` or `progress` call on an endpoint moves every pending
+send and receive of that endpoint forward. A send that fits in the channel's free space completes inside
+`isend`, so the common case needs no progress call at all; a large message streams through the channel
+as the receiver drains it. Cooperative progress keeps the library single-threaded (no locks, no GIL
+hand-offs on the hot path) and cannot deadlock two endpoints that send large messages to each other,
+because each side's wait also drains what the other side is sending.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from msc.backends.comm import wire
+from msc.errors import MscError
+
+DEFAULT_TIMEOUT_S = 60.0
+TRANSPORTS = ("shm", "tcp", "cuda_ipc", "rdma", "torch_dist")
+
+
+class PeerError(MscError):
+    """A peer died, closed its end or stayed silent past the timeout."""
+
+
+class Channel(Protocol):
+    """A reliable, ordered, non-blocking byte stream to one peer (both directions)."""
+
+    name: str
+
+    def write_some(self, data: np.ndarray) -> int: ...  # uint8 bytes taken (0 when full); never blocks
+    def read_some(self, into: np.ndarray) -> int: ...  # uint8 bytes read (0 when nothing arrived); never blocks
+    def alive(self) -> bool: ...  # False once the peer is dead or closed and nothing more can be read
+    def flush(self) -> None: ...  # after a burst of writes: signal the peer (doorbell), if the transport has one
+    def close(self) -> None: ...
+
+
+def _as_bytes(t: Tensor) -> np.ndarray:
+    """A flat uint8 view of a contiguous CPU tensor (any dtype, including bfloat16)."""
+    # NOTE: numpy views cost a fraction of torch's per-op overhead, which dominates small messages.
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().reshape(-1).view(np.uint8)
+
+
+class Handle:
+    """A pending operation; `wait` finishes it (with a timeout) and returns its result."""
+
+    def __init__(self, endpoint: "Endpoint"):
+        self.endpoint = endpoint
+        self.done = False
+        self.result = None
+
+    def test(self) -> bool:
+        """Move things forward once; True when this operation has completed."""
+        if not self.done:
+            self.endpoint.progress()
+        return self.done
+
+    def wait(self, timeout: float | None = None):
+        self.endpoint.wait_all([self], timeout)
+        return self.result
+
+
+class Endpoint:
+    """Base class of all transports: bookkeeping of tags, timeouts and waiting."""
+
+    transport = "?"
+
+    def __init__(self, rank: int, peers: Sequence[int], timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.rank = rank
+        self.peers = list(peers)
+        self.timeout_s = timeout_s
+
+    # ---- subclasses provide
+    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0) -> Handle:
+        raise NotImplementedError
+
+    def irecv(self, peer: int, tag: int = 0) -> Handle:
+        raise NotImplementedError
+
+    def progress(self) -> bool:
+        """Advance pending operations once; True if anything moved."""
+        raise NotImplementedError
+
+    def stalled_peer(self, handles: Sequence[Handle]) -> str | None:
+        """Name of a dead peer that one of `handles` depends on, else None."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    # ---- shared behaviour
+    def send(self, peer: int, tensors: Sequence[Tensor], tag: int = 0, timeout: float | None = None) -> None:
+        self.isend(peer, tensors, tag).wait(timeout)
+
+    def recv(self, peer: int, tag: int = 0, timeout: float | None = None) -> list[Tensor]:
+        return self.irecv(peer, tag).wait(timeout)
+
+    def wait_all(self, handles: Sequence[Handle], timeout: float | None = None) -> list:
+        pending = [h for h in handles if not h.done]
+        self._wait(lambda: all(h.done for h in pending), pending, timeout)
+        return [h.result for h in handles]
+
+    def wait_any(self, handles: Sequence[Handle], timeout: float | None = None) -> int:
+        """Index of the first of `handles` to complete (arrival order, not list order)."""
+        if not handles:
+            raise ValueError("wait_any needs at least one handle")
+        found: list[int] = []
+
+        def ready() -> bool:
+            for i, h in enumerate(handles):
+                if h.done:
+                    found.append(i)
+                    return True
+            return False
+
+        if not ready():
+            self._wait(ready, list(handles), timeout)
+        return found[0]
+
+    def idle(self, idle_s: float, budget_s: float) -> None:
+        """Called when nothing moved for `idle_s`; may block up to `budget_s` for the peers to act.
+
+        NOTE: the default spins for 50 us, then yields, then sleeps in 50 us steps, so that a waiting
+        process does not steal the core its peers need (roles often outnumber cores on one host).
+        Transports with a wake-up signal (the shm doorbell) override this and block in the kernel.
+        """
+        if idle_s > 50e-6:
+            time.sleep(0 if idle_s < 2e-3 else min(50e-6, budget_s))
+
+    def _wait(self, ready, handles: Sequence[Handle], timeout: float | None) -> None:
+        timeout = self.timeout_s if timeout is None else timeout
+        start = time.monotonic()
+        last_move = start
+        next_check = start + 0.05
+        while True:
+            moved = self.progress()
+            if ready():
+                return
+            now = time.monotonic()
+            if moved:
+                last_move = now
+            if now >= next_check:
+                next_check = now + 0.05
+                dead = self.stalled_peer(handles)
+                if dead is not None:
+                    raise PeerError(f"{self.transport}: peer {dead} died or closed its end while rank {self.rank} waited on it")
+                if now - start > timeout:
+                    peers = sorted({getattr(h, "peer", "?") for h in handles if not h.done})
+                    raise PeerError(
+                        f"{self.transport}: rank {self.rank} waited {timeout:.1f} s on peer(s) {peers} without a message; "
+                        "the peer is dead or silent"
+                    )
+            self.idle(now - last_move, max(0.0, next_check - now))
+
+
+class _Send(Handle):
+    def __init__(self, endpoint, peer: int, chunks: list[np.ndarray], keep: list[Tensor]):
+        super().__init__(endpoint)
+        self.peer, self.chunks, self.keep, self.offset = peer, chunks, keep, 0
+
+
+class _Recv(Handle):
+    def __init__(self, endpoint, peer: int, tag: int):
+        super().__init__(endpoint)
+        self.peer, self.tag = peer, tag
+
+
+class _Inbound:
+    """Receive state of one peer's stream: the message being read and the messages read but not claimed."""
+
+    def __init__(self):
+        self.header = np.empty(wire.HEADER_WORDS, dtype=np.int64)
+        self.header_got = 0
+        self.parts: list[Tensor] | None = None
+        self.targets: list[np.ndarray] = []
+        self.part_i = 0
+        self.part_got = 0
+        self.tag = 0
+        self.seq = 0
+        self.stash: dict[int, deque[list[Tensor]]] = {}
+        self.waiting: dict[int, deque[_Recv]] = {}
+
+
+class StreamEndpoint(Endpoint):
+    """Messages over one non-blocking byte `Channel` per peer (shared memory, TCP)."""
+
+    def __init__(self, rank: int, channels: dict[int, Channel], timeout_s: float = DEFAULT_TIMEOUT_S):
+        super().__init__(rank, sorted(channels), timeout_s)
+        self.channels = channels
+        self._out: dict[int, deque[_Send]] = {p: deque() for p in channels}
+        self._out_seq = {p: 0 for p in channels}
+        self._in = {p: _Inbound() for p in channels}
+        self._closed = False
+
+    def _channel(self, peer: int) -> Channel:
+        try:
+            return self.channels[peer]
+        except KeyError:
+            raise MscError(f"rank {self.rank} has no connection to rank {peer}; peers: {self.peers}") from None
+
+    # ------------------------------------------------------------------ send
+    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0) -> Handle:
+        ch = self._channel(peer)
+        keep = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        for t in keep:
+            if t.device.type != "cpu" or t.requires_grad:
+                raise MscError(f"{self.transport} carries CPU tensors without grad; got one on {t.device}"
+                               f"{' that requires grad' if t.requires_grad else ''} (use cuda_ipc for GPU tensors)")
+        header = wire.encode_header(self._out_seq[peer], tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
+        self._out_seq[peer] += 1
+        chunks = [header.view(np.uint8)] + [_as_bytes(t) for t in keep if t.numel()]
+        h = _Send(self, peer, chunks, keep)
+        q = self._out[peer]
+        q.append(h)
+        if len(q) == 1:
+            self._push(peer, ch, q)
+        return h
+
+    def _push(self, peer: int, ch: Channel, q: deque) -> bool:
+        moved = False
+        while q:
+            h = q[0]
+            while h.chunks:
+                chunk = h.chunks[0]
+                n = ch.write_some(chunk[h.offset :])
+                if n == 0:
+                    if moved:
+                        ch.flush()
+                    return moved
+                moved = True
+                h.offset += n
+                if h.offset == chunk.nbytes:
+                    h.chunks.pop(0)
+                    h.offset = 0
+            h.done, h.keep = True, None
+            q.popleft()
+        if moved:
+            ch.flush()
+        return moved
+
+    # ------------------------------------------------------------------ receive
+    def irecv(self, peer: int, tag: int = 0) -> Handle:
+        self._channel(peer)
+        h = _Recv(self, peer, tag)
+        st = self._in[peer]
+        stash = st.stash.get(tag)
+        if stash:
+            h.result, h.done = stash.popleft(), True
+        else:
+            st.waiting.setdefault(tag, deque()).append(h)
+            self._pull(peer, self.channels[peer], st)
+        return h
+
+    def _pull(self, peer: int, ch: Channel, st: _Inbound) -> bool:
+        moved = False
+        while True:
+            if st.parts is None:  # reading a header
+                view = st.header.view(np.uint8)[st.header_got :]
+                n = ch.read_some(view)
+                if n == 0:
+                    return moved
+                moved = True
+                st.header_got += n
+                if st.header_got < wire.HEADER_BYTES:
+                    continue
+                st.header_got = 0
+                st.tag, specs = wire.decode_header(st.header, st.seq, f"rank {peer} ({ch.name})")
+                st.seq += 1
+                st.parts = [torch.empty(s.shape, dtype=s.dtype) for s in specs]
+                st.targets = [_as_bytes(t) for t in st.parts if t.numel()]
+                st.part_i = st.part_got = 0
+            while st.part_i < len(st.targets):
+                target = st.targets[st.part_i]
+                n = ch.read_some(target[st.part_got :])
+                if n == 0:
+                    return moved
+                moved = True
+                st.part_got += n
+                if st.part_got == target.nbytes:
+                    st.part_i += 1
+                    st.part_got = 0
+            self._deliver(st, st.tag, st.parts)
+            st.parts, st.targets = None, []
+
+    @staticmethod
+    def _deliver(st: _Inbound, tag: int, parts: list[Tensor]) -> None:
+        waiting = st.waiting.get(tag)
+        if waiting:
+            h = waiting.popleft()
+            h.result, h.done = parts, True
+        else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
+            st.stash.setdefault(tag, deque()).append(parts)
+
+    # ------------------------------------------------------------------ progress
+    def progress(self) -> bool:
+        moved = False
+        for peer, ch in self.channels.items():
+            q = self._out[peer]
+            if q:
+                moved |= self._push(peer, ch, q)
+            st = self._in[peer]
+            if st.waiting and any(st.waiting.values()) or st.parts is not None or st.header_got:
+                moved |= self._pull(peer, ch, st)
+        return moved
+
+    def stalled_peer(self, handles: Sequence[Handle]) -> str | None:
+        for h in handles:
+            if not h.done and not self.channels[h.peer].alive():
+                return f"rank {h.peer} ({self.channels[h.peer].name})"
+        return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ch in self.channels.values():
+            ch.close()
+
+
+def resolve_transport(transport: str, *, device: str, one_host: bool) -> str:
+    """The concrete transport for `auto` (and a check that an explicit choice can work here)."""
+    if transport == "auto":
+        if device == "cuda":
+            return "cuda_ipc" if one_host else "torch_dist"
+        return "shm" if one_host else "tcp"
+    if transport in ("shm", "cuda_ipc") and not one_host:
+        raise MscError(f"transport {transport} needs every role on one host; this deployment spans hosts (use tcp or rdma)")
+    if transport == "cuda_ipc" and device != "cuda":
+        raise MscError("transport cuda_ipc carries GPU tensors; this bundle runs on the CPU (use shm)")
+    if transport not in TRANSPORTS:
+        raise MscError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)} or auto")
+    return transport
+
+
+def connect(transport: str, rank: int, peers: Sequence[int], store=None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+            device: str = "cpu", host: str = "127.0.0.1", prefix: str = "m2n", buffer_bytes: int = 4 << 20) -> Endpoint:
+    """Open this rank's endpoint of `transport` to `peers`, rendezvousing through `store` (a torch Store)."""
+    peers = sorted(peers)
+    if transport == "shm":
+        from msc.backends.comm.shm import connect_shm
+
+        return connect_shm(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes)
+    if transport == "tcp":
+        from msc.backends.comm.tcp import connect_tcp
+
+        return connect_tcp(rank, peers, store, host=host, prefix=prefix, timeout_s=timeout_s)
+    if transport == "torch_dist":
+        from msc.backends.comm.torch_dist import connect_torch_dist
+
+        return connect_torch_dist(rank, peers, device=device, timeout_s=timeout_s)
+    if transport == "cuda_ipc":
+        from msc.backends.comm.cuda_ipc import connect_cuda_ipc
+
+        return connect_cuda_ipc(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes)
+    if transport == "rdma":
+        from msc.backends.comm.rdma import connect_rdma
+
+        return connect_rdma(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes)
+    raise MscError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
