@@ -200,6 +200,7 @@ class _Inbound:
         self.tag = 0
         self.seq = 0
         self.stash: dict[int, deque[list[Tensor]]] = {}
+        self.broken: Exception | None = None
         self.waiting: dict[int, deque[_Recv]] = {}
 
 
@@ -265,6 +266,8 @@ class StreamEndpoint(Endpoint):
         self._channel(peer)
         h = _Recv(self, peer, tag)
         st = self._in[peer]
+        if st.broken is not None:
+            raise st.broken
         stash = st.stash.get(tag)
         if stash:
             h.result, h.done = stash.popleft(), True
@@ -286,7 +289,11 @@ class StreamEndpoint(Endpoint):
                 if st.header_got < wire.HEADER_BYTES:
                     continue
                 st.header_got = 0
-                st.tag, specs = wire.decode_header(st.header, st.seq, f"rank {peer} ({ch.name})")
+                try:
+                    st.tag, specs = wire.decode_header(st.header, st.seq, f"rank {peer} ({ch.name})")
+                except wire.CorruptMessage as e:
+                    st.broken, st.waiting = e, {}  # the stream from this peer can no longer be trusted
+                    raise
                 st.seq += 1
                 st.parts = [torch.empty(s.shape, dtype=s.dtype) for s in specs]
                 st.targets = [_as_bytes(t) for t in st.parts if t.numel()]

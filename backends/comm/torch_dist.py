@@ -2,13 +2,20 @@
 
 The same message format as the byte-stream transports (header from `wire.py`, then one tensor per
 part), carried with `dist.isend` / `dist.irecv`: the header goes first so the receiver can allocate
-the parts. Every operation is non-blocking and polled with `Work.is_completed()`, so waits share the
-endpoint's timeout and error reporting. This is what "just use torch.distributed" costs, kept as the
-reference the other transports are measured against.
+the parts. This is what "just use torch.distributed" costs, kept as the reference the other
+transports are measured against.
+
+NOTE: gloo's point-to-point works only complete inside `Work.wait()` (`is_completed()` stays False
+until then), so this endpoint cannot poll: progress blocks on the oldest receive someone waits for,
+and on sends only when no receive is wanted, each wait bounded by the endpoint's timeout. Receives
+are posted as soon as they are asked for, so the usual exchange patterns (send to all, then receive
+from all) cannot deadlock; two peers that both wait on large sends before either receives can, until
+the timeout: one of the reasons the M2N transports exist.
 """
 from __future__ import annotations
 
 from collections import deque
+from datetime import timedelta
 from typing import Sequence
 
 import numpy as np
@@ -37,22 +44,17 @@ class _Inbound:
     def __init__(self, device: torch.device):
         self.header = torch.empty(wire.HEADER_WORDS, dtype=torch.int64, device=device)
         self.header_work = None
-        self.parts: list[Tensor] | None = None
-        self.part_works: list = []
-        self.tag = 0
         self.seq = 0
         self.stash: dict[int, deque[list[Tensor]]] = {}
+        self.broken: Exception | None = None
         self.waiting: dict[int, deque[_Recv]] = {}
 
 
-def _completed(work, what: str) -> bool:
-    if not work.is_completed():
-        return False
+def _finish(work, what: str, timeout_s: float) -> None:
     try:
-        work.wait()  # surfaces the error of a failed operation
-    except RuntimeError as e:
-        raise PeerError(f"torch_dist: {what} failed: {str(e).splitlines()[0]}") from None
-    return True
+        work.wait(timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # gloo reports a closed connection or its own timeout this way
+        raise PeerError(f"torch_dist: {what} failed (peer dead or silent): {str(e).splitlines()[0]}") from None
 
 
 class TorchDistEndpoint(Endpoint):
@@ -83,57 +85,57 @@ class TorchDistEndpoint(Endpoint):
         self._sends.append(h)
         return h
 
+    def _pull(self, peer: int, st: _Inbound) -> bool:
+        """Read whole messages from `peer` (blocking) while someone waits for one that has not come."""
+        moved = False
+        while any(st.waiting.values()):
+            if st.header_work is None:
+                st.header_work = dist.irecv(st.header, peer)
+            _finish(st.header_work, f"receiving a header from rank {peer}", self.timeout_s)
+            st.header_work = None
+            try:
+                tag, specs = wire.decode_header(st.header.cpu().numpy(), st.seq, f"rank {peer} (torch_dist)")
+            except wire.CorruptMessage as e:
+                st.broken, st.waiting = e, {}  # the stream from this peer can no longer be trusted
+                raise
+            st.seq += 1
+            parts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs]
+            for w in [dist.irecv(t, peer) for t in parts if t.numel()]:
+                _finish(w, f"receiving a message from rank {peer}", self.timeout_s)
+            moved = True
+            waiting = st.waiting.get(tag)
+            if waiting:
+                h = waiting.popleft()
+                h.result, h.done = parts, True
+            else:
+                st.stash.setdefault(tag, deque()).append(parts)
+        return moved
+
     def irecv(self, peer: int, tag: int = 0) -> Handle:
         self._check_peer(peer)
         h = _Recv(self, peer, tag)
         st = self._in[peer]
+        if st.broken is not None:
+            raise st.broken
         stash = st.stash.get(tag)
         if stash:
             h.result, h.done = stash.popleft(), True
         else:
             st.waiting.setdefault(tag, deque()).append(h)
-            self._pull(peer, st)
+            if st.header_work is None:  # post the header receive now; it completes in a later wait
+                st.header_work = dist.irecv(st.header, peer)
         return h
-
-    def _pull(self, peer: int, st: _Inbound) -> bool:
-        moved = False
-        while True:
-            if st.parts is None:
-                if st.header_work is None:
-                    if not any(st.waiting.values()):
-                        return moved
-                    st.header_work = dist.irecv(st.header, peer)
-                if not _completed(st.header_work, f"receiving a header from rank {peer}"):
-                    return moved
-                moved = True
-                st.header_work = None
-                st.tag, specs = wire.decode_header(st.header.cpu().numpy(), st.seq, f"rank {peer} (torch_dist)")
-                st.seq += 1
-                st.parts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs]
-                st.part_works = [dist.irecv(t, peer) for t in st.parts if t.numel()]
-            if not all(_completed(w, f"receiving a message from rank {peer}") for w in st.part_works):
-                return moved
-            moved = True
-            parts, st.parts, st.part_works = st.parts, None, []
-            waiting = st.waiting.get(st.tag)
-            if waiting:
-                h = waiting.popleft()
-                h.result, h.done = parts, True
-            else:
-                st.stash.setdefault(st.tag, deque()).append(parts)
 
     def progress(self) -> bool:
         moved = False
-        still = []
-        for h in self._sends:
-            if all(_completed(w, f"sending to rank {h.peer}") for w in h.works):
-                h.done, h.keep, moved = True, None, True
-            else:
-                still.append(h)
-        self._sends = still
         for peer, st in self._in.items():
-            if st.header_work is not None or st.parts is not None or any(st.waiting.values()):
-                moved |= self._pull(peer, st)
+            moved |= self._pull(peer, st)
+        if not moved and self._sends:
+            for h in self._sends:
+                for w in h.works:
+                    _finish(w, f"sending to rank {h.peer}", self.timeout_s)
+                h.done, h.keep = True, None
+            self._sends, moved = [], True
         return moved
 
 
