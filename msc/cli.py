@@ -135,6 +135,73 @@ def demo_cmd(output: Path = typer.Option(Path("msc-demo"), "-o", "--output")):
         raise typer.Exit(1)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, write JSON (and a plot).")
+app.add_typer(bench_app, name="bench")
+
+
+def _size_list(text: str) -> list[int]:
+    units = {"b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20}
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        num = item.rstrip("kmb")
+        unit = item[len(num):] or "b"
+        if not num.isdigit() or unit not in units:
+            raise MscError(f"--sizes item '{item}': expected a byte count like 2048, 2KB or 8MB")
+        sizes.append(int(num) * units[unit])
+    return sizes
+
+
+@bench_app.command("m2n")
+def bench_m2n_cmd(
+    transports: str = typer.Option("shm,tcp,torch_dist", help="comma-separated transports; torch_dist (gloo) is the baseline"),
+    sizes: str = typer.Option("2KB,4KB,8KB,16KB,32KB,64KB,128KB,256KB,512KB,1MB,2MB,4MB,8MB", help="message sizes"),
+    mn: str = typer.Option("1,2,4,8", help="M = N values (each runs 2·M processes)"),
+    scale: float = typer.Option(1.0, help="multiply the iteration counts"),
+    output: Path = typer.Option(Path("m2n-bench.json"), "-o", "--output", help="JSON result"),
+    plot_path: Optional[Path] = typer.Option(Path("m2n-bench.png"), "--plot", help="latency/throughput plot ('' for none)"),
+):
+    """M2N latency (p50/p99) and throughput of each transport against torch.distributed, side by side."""
+    from rich.progress import Progress
+
+    from msc.bench import m2n
+
+    try:
+        mn_list = [int(x) for x in mn.split(",")]
+        if any(v < 1 for v in mn_list):
+            raise ValueError
+    except ValueError:
+        _fail(MscError(f"--mn '{mn}': expected comma-separated positive integers, like 1,2,4"))
+    try:
+        size_list = _size_list(sizes)
+        tlist = [t.strip() for t in transports.split(",") if t.strip()]
+        if "torch_dist" not in tlist:
+            tlist.append("torch_dist")
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task(f"M = N in {mn_list}", total=len(mn_list))
+            result = m2n.run(tlist, size_list, mn_list, scale=scale, progress=lambda _: bar.advance(task))
+    except MscError as e:
+        _fail(e)
+    table = Table(title=f"M2N round trip (dispatch + combine) on {result['machine']['cores']} cores")
+    for col in ("M=N", "size", "transport", "p50 µs", "p99 µs", "GB/s", "p50 / gloo", "p99 / gloo"):
+        table.add_column(col, justify="right")
+    base = {(r["mn"], r["size"]): r for r in result["rows"] if r["transport"] == "torch_dist"}
+    for r in result["rows"]:
+        b = base[(r["mn"], r["size"])]
+        size = f"{r['size'] >> 20} MB" if r["size"] >= 1 << 20 else f"{r['size'] >> 10} KB"
+        table.add_row(str(r["mn"]), size, r["transport"], f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['gbps']:.3f}",
+                      f"{r['p50_us'] / b['p50_us']:.2f}", f"{r['p99_us'] / b['p99_us']:.2f}")
+    out.print(table)
+    result["ratios_vs_torch_dist"] = m2n.ratios(result)
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(output)
+    out.print(f"wrote {output}")
+    if plot_path and str(plot_path):
+        m2n.plot(result, str(plot_path))
+        out.print(f"wrote {plot_path}")
+
+
 def main() -> None:
     app()
 

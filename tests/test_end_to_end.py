@@ -20,10 +20,20 @@ PROMPTS = [[5, 17, 42, 100, 3], [7, 7], [1, 2, 3, 4, 5, 6, 200, 9]]
 
 def test_one_attention_two_expert_processes_match_hf_generate(tiny_bundle, tiny_hf):
     assert [r["name"] for r in tiny_bundle.roles] == ["attention.0", "expert.0", "expert.1"]
-    ours = run_bundle(tiny_bundle.path, PROMPTS, 8)["outputs"]
+    res = run_bundle(tiny_bundle.path, PROMPTS, 8)
+    assert res["transport"] == "shm"  # the default for roles on one host
     refs = [reference_generate(tiny_hf, p, 8) for p in PROMPTS]
-    assert ours == refs
-    assert all(len(o) == 8 or o[-1] == tiny_hf.config.eos_token_id for o in ours)
+    assert res["outputs"] == refs
+    assert all(len(o) == 8 or o[-1] == tiny_hf.config.eos_token_id for o in res["outputs"])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "torch_dist"])
+def test_every_cpu_transport_gives_the_reference_tokens(tmp_path, tiny_hf, transport):
+    spec = parse_spec({**tiny_spec_dict(), "plan": {"attention": {"replicas": 2}, "experts": {"nodes": 2}},
+                       "runtime": {"transport": transport}})
+    res = run_bundle(compile_spec(spec, tmp_path / "b").path, PROMPTS, 6)
+    assert res["transport"] == transport
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 6) for p in PROMPTS]
 
 
 def test_verify_reports_logits_within_1e_4(tiny_bundle):

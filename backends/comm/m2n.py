@@ -93,8 +93,14 @@ class Endpoint:
         self.timeout_s = timeout_s
 
     # ---- subclasses provide
-    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0) -> Handle:
+    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0, *, flush: bool = True) -> Handle:
+        """Start sending `tensors` to `peer` under `tag`. With flush=False the peer is not signalled
+        yet (its doorbell rings at the next `flush`, `progress` or wait): a burst of sends then costs
+        one wake-up per peer instead of one per message."""
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Signal every peer that has unsignalled data from us."""
 
     def irecv(self, peer: int, tag: int = 0) -> Handle:
         raise NotImplementedError
@@ -191,7 +197,7 @@ class _Inbound:
     """Receive state of one peer's stream: the message being read and the messages read but not claimed."""
 
     def __init__(self):
-        self.header = np.empty(wire.HEADER_WORDS, dtype=np.int64)
+        self.header = np.empty(wire.HEADER_BYTES, dtype=np.uint8)
         self.header_got = 0
         self.parts: list[Tensor] | None = None
         self.targets: list[np.ndarray] = []
@@ -213,6 +219,7 @@ class StreamEndpoint(Endpoint):
         self._out: dict[int, deque[_Send]] = {p: deque() for p in channels}
         self._out_seq = {p: 0 for p in channels}
         self._in = {p: _Inbound() for p in channels}
+        self._dirty: set[int] = set()  # peers with data written but not yet signalled
         self._closed = False
 
     def _channel(self, peer: int) -> Channel:
@@ -222,7 +229,7 @@ class StreamEndpoint(Endpoint):
             raise MscError(f"rank {self.rank} has no connection to rank {peer}; peers: {self.peers}") from None
 
     # ------------------------------------------------------------------ send
-    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0) -> Handle:
+    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0, *, flush: bool = True) -> Handle:
         ch = self._channel(peer)
         keep = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         for t in keep:
@@ -231,12 +238,14 @@ class StreamEndpoint(Endpoint):
                                f"{' that requires grad' if t.requires_grad else ''} (use cuda_ipc for GPU tensors)")
         header = wire.encode_header(self._out_seq[peer], tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
         self._out_seq[peer] += 1
-        chunks = [header.view(np.uint8)] + [_as_bytes(t) for t in keep if t.numel()]
+        chunks = [header] + [_as_bytes(t) for t in keep if t.numel()]
         h = _Send(self, peer, chunks, keep)
         q = self._out[peer]
         q.append(h)
         if len(q) == 1:
             self._push(peer, ch, q)
+        if flush:
+            self.flush()
         return h
 
     def _push(self, peer: int, ch: Channel, q: deque) -> bool:
@@ -247,18 +256,15 @@ class StreamEndpoint(Endpoint):
                 chunk = h.chunks[0]
                 n = ch.write_some(chunk[h.offset :])
                 if n == 0:
-                    if moved:
-                        ch.flush()
                     return moved
                 moved = True
+                self._dirty.add(peer)
                 h.offset += n
                 if h.offset == chunk.nbytes:
                     h.chunks.pop(0)
                     h.offset = 0
             h.done, h.keep = True, None
             q.popleft()
-        if moved:
-            ch.flush()
         return moved
 
     # ------------------------------------------------------------------ receive
@@ -280,7 +286,7 @@ class StreamEndpoint(Endpoint):
         moved = False
         while True:
             if st.parts is None:  # reading a header
-                view = st.header.view(np.uint8)[st.header_got :]
+                view = st.header[st.header_got :]
                 n = ch.read_some(view)
                 if n == 0:
                     return moved
@@ -321,8 +327,15 @@ class StreamEndpoint(Endpoint):
             st.stash.setdefault(tag, deque()).append(parts)
 
     # ------------------------------------------------------------------ progress
+    def flush(self) -> None:
+        if self._dirty:
+            for peer in self._dirty:
+                self.channels[peer].flush()
+            self._dirty.clear()
+
     def progress(self) -> bool:
         moved = False
+        self.flush()
         for peer, ch in self.channels.items():
             q = self._out[peer]
             if q:

@@ -9,6 +9,7 @@ once it has read everything the peer sent; that is reported as a dead peer, neve
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -82,8 +83,10 @@ class TcpEndpoint(StreamEndpoint):
     transport = "tcp"
 
     def idle(self, idle_s: float, budget_s: float) -> None:
-        # Spin briefly, then sleep in select() until any of our sockets is readable (the kernel's wake-up).
-        if idle_s < 30e-6:
+        # As shm does: poll and yield the core for a short window, then sleep in select() until any of
+        # our sockets is readable (or writable, if we have bytes queued): the kernel's wake-up.
+        if idle_s < 300e-6:
+            os.sched_yield()
             return
         socks = [ch.sock for ch in self.channels.values() if not ch._dead]
         wants_write = [self.channels[p].sock for p, q in self._out.items() if q and not self.channels[p]._dead]

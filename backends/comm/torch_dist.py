@@ -42,7 +42,7 @@ class _Recv(Handle):
 
 class _Inbound:
     def __init__(self, device: torch.device):
-        self.header = torch.empty(wire.HEADER_WORDS, dtype=torch.int64, device=device)
+        self.header = torch.empty(wire.HEADER_BYTES, dtype=torch.uint8, device=device)
         self.header_work = None
         self.seq = 0
         self.stash: dict[int, deque[list[Tensor]]] = {}
@@ -73,12 +73,12 @@ class TorchDistEndpoint(Endpoint):
         if peer not in self._in:
             raise MscError(f"rank {self.rank} has no connection to rank {peer}; peers: {self.peers}")
 
-    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0) -> Handle:
+    def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0, *, flush: bool = True) -> Handle:
         self._check_peer(peer)
         keep = [t.contiguous() for t in tensors]
         words = wire.encode_header(self._out_seq[peer], tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
         self._out_seq[peer] += 1
-        header = torch.from_numpy(words).to(self.device)
+        header = torch.from_numpy(words).to(self.device)  # uint8 [HEADER_BYTES]
         keep.insert(0, header)
         works = [dist.isend(t, peer) for t in keep if t.numel()]
         h = _Send(self, peer, works, keep)

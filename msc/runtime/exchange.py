@@ -41,7 +41,8 @@ class AttentionExchange:
     def _control(self, code: int) -> None:
         msg = torch.tensor([code, self.step], dtype=torch.int64)
         self._sends = [h for h in self._sends if not h.done]
-        self._sends += [self.ep.isend(r, [msg], CONTROL_TAG) for r in self.expert_ranks]
+        self._sends += [self.ep.isend(r, [msg], CONTROL_TAG, flush=False) for r in self.expert_ranks]
+        self.ep.flush()
         self.step += 1
 
     def dispatch(self, hidden: Tensor, idx: Tensor, weights: Tensor, layer: int, bounds: list[int]) -> Tensor:
@@ -51,9 +52,10 @@ class AttentionExchange:
         for j, rank in enumerate(self.expert_ranks):
             lo, hi = bounds[j], bounds[j + 1]
             tok = ((idx >= lo) & (idx < hi)).any(dim=-1).nonzero().squeeze(1)  # [n_j]
-            self._sends.append(self.ep.isend(rank, [hidden[tok], idx[tok], weights[tok].float()], layer))
+            self._sends.append(self.ep.isend(rank, [hidden[tok], idx[tok], weights[tok].float()], layer, flush=False))
             # Post the receive now: the results may arrive in any order relative to other layers' traffic.
             pending.append((tok, self.ep.irecv(rank, layer)))
+        self.ep.flush()  # one doorbell per expert node, after all of this layer's tokens are written
         self._pending[layer] = pending
         return torch.tensor([layer], dtype=torch.int64)
 
@@ -113,5 +115,6 @@ class ExpertExchange:
         self._sends = [h for h in self._sends if not h.done]
         start = 0
         for r, n in self._sources:
-            self._sends.append(self.ep.isend(r, [hidden[start : start + n]], layer))
+            self._sends.append(self.ep.isend(r, [hidden[start : start + n]], layer, flush=False))
             start += n
+        self.ep.flush()

@@ -91,10 +91,12 @@ def run_bundle(
                     p.wait(timeout=10)
         outputs: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
+        transport = None
         for r in roles:
             if r["kind"] != "attention":
                 continue
             res = json.loads((tmp / f"result.{r['rank']}.json").read_text())
+            transport = res.get("transport")
             for i, out in zip(res["indices"], res["outputs"]):
                 outputs[i] = out
             if dump_logits:
@@ -102,7 +104,7 @@ def run_bundle(
                 saved = load_file(str(f)) if f.exists() else {}
                 for i in res["indices"]:
                     logits[i] = saved.get(f"prompt_{i}", torch.empty(0))
-    result = {"outputs": outputs}
+    result = {"outputs": outputs, "transport": transport}
     if dump_logits:
         result["logits"] = logits
     return result

@@ -84,7 +84,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         if req.get("dump_logits"):
             save_file({f"prompt_{i}": t.contiguous() for i, t in zip(mine, logits) if t.numel()}, str(out.with_suffix(".safetensors")))
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards}))
+        tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards, "transport": transport}))
         tmp.replace(out)
     finally:
         if endpoint is not None:

@@ -5,6 +5,7 @@ import os
 import time
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -115,7 +116,7 @@ def corrupt_header(rank: int, world: int, store, args: dict) -> dict:
 
         def garbled(seq, tag, parts):
             words = real(seq, tag, parts)
-            words[wire.FIXED_WORDS + 2] += 1000  # first dim of part 0, after the checksum was computed
+            words.view(np.int64)[wire.FIXED_WORDS + 2] += 1000  # first dim of part 0, after the checksum was computed
             return words
 
         wire.encode_header = garbled

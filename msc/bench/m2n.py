@@ -1,0 +1,221 @@
+"""`msc bench m2n`: latency and throughput of the M2N transports against torch.distributed, side by side.
+
+Pattern (one decode layer's traffic): M attention ranks each send S bytes to each of N expert ranks;
+each expert rank, once it has all M messages, sends S bytes back to each attention rank. An iteration's
+latency is measured at each attention rank from its first send to its last reply (a dispatch plus a
+combine). Throughput is the bytes moved per iteration (2·M·N·S) over the median latency.
+
+All transports run in the same processes, interleaved size by size, so they see the same machine
+state. torch.distributed is measured the way a user would call it (raw `isend`/`irecv` of preallocated
+tensors, no framing); msc's transports carry their full message header.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from msc.errors import MscError
+
+DEFAULT_SIZES = [2 << 10 << i for i in range(13)]  # 2 KB .. 8 MB
+DEFAULT_MN = [1, 2, 4, 8]
+DEFAULT_TRANSPORTS = ["shm", "tcp", "torch_dist"]
+
+
+def _iters(size: int, mn: int, scale: float) -> tuple[int, int]:
+    """(warm-up, measured) iterations: many for small messages, fewer for large ones and many ranks."""
+    n = 300 if size <= 256 << 10 else 100 if size <= 1 << 20 else 30
+    n = max(10, int(n * scale / max(1, mn // 2)))
+    return max(3, n // 10), n
+
+
+def _barrier(store, key: str, world: int, timeout_s: float = 120.0) -> None:
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world:
+        if time.monotonic() > deadline:
+            raise MscError(f"benchmark barrier {key} timed out")
+        time.sleep(1e-3)
+
+
+def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
+    """One rank of one M = N = mn run: every transport, every size."""
+    from msc.backends.comm import m2n
+
+    world = 2 * mn
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=120))
+    attention = rank < mn
+    peers = list(range(mn, world)) if attention else list(range(mn))
+    endpoints = {}
+    for t in cfg["transports"]:
+        if t == "torch_dist":
+            dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=120))
+        else:
+            endpoints[t] = m2n.connect(t, rank, peers, store, prefix=f"bench/{t}", timeout_s=120.0,
+                                       buffer_bytes=cfg["buffer_bytes"])
+    out: dict[str, dict[int, list[float]]] = {t: {} for t in cfg["transports"]}
+    for size in cfg["sizes"]:
+        x = torch.empty(size, dtype=torch.uint8).random_(0, 255)  # [S] bytes
+        back = {p: torch.empty(size, dtype=torch.uint8) for p in peers}
+        warm, iters = _iters(size, mn, cfg["scale"])
+        for t in cfg["transports"]:
+            _barrier(store, f"b/{size}/{t}", world)
+            lat = []
+            for it in range(warm + iters):
+                t0 = time.perf_counter()
+                if t == "torch_dist":
+                    if attention:
+                        works = [dist.isend(x, p) for p in peers] + [dist.irecv(back[p], p) for p in peers]
+                        for w in works:
+                            w.wait()
+                    else:
+                        for w in [dist.irecv(back[p], p) for p in peers]:
+                            w.wait()
+                        for w in [dist.isend(x, p) for p in peers]:
+                            w.wait()
+                else:
+                    ep = endpoints[t]
+                    if attention:
+                        sends = [ep.isend(p, [x], it, flush=False) for p in peers]
+                        ep.wait_all([ep.irecv(p, it) for p in peers] + sends)  # the wait rings the doorbells
+                    else:
+                        ep.wait_all([ep.irecv(p, it) for p in peers])
+                        ep.wait_all([ep.isend(p, [x], it, flush=False) for p in peers])
+                if attention and it >= warm:
+                    lat.append(time.perf_counter() - t0)
+            out[t][size] = lat
+    for ep in endpoints.values():
+        ep.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out
+
+
+def _stats(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
+    return {"p50_us": q(0.5) * 1e6, "p99_us": q(0.99) * 1e6, "mean_us": sum(s) / len(s) * 1e6, "samples": len(s)}
+
+
+def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer_bytes: int = 16 << 20,
+        timeout_s: float = 1800.0, progress=None) -> dict:
+    """Run the benchmark grid on this machine; returns the JSON-able result."""
+    transports = list(transports or DEFAULT_TRANSPORTS)
+    sizes, mn_list = list(sizes or DEFAULT_SIZES), list(mn_list or DEFAULT_MN)
+    bad = [t for t in transports if t not in ("shm", "tcp", "torch_dist", "rdma")]
+    if bad:
+        raise MscError(f"msc bench m2n runs CPU transports shm, tcp, torch_dist (and rdma where present); got {bad}")
+    cfg = {"transports": transports, "sizes": sizes, "scale": scale, "buffer_bytes": buffer_bytes}
+    rows = []
+    for mn in mn_list:
+        world = 2 * mn
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
+        with tempfile.TemporaryDirectory(prefix="msc-bench-") as tmp:
+            procs = []
+            for r in range(world):
+                cmd = [sys.executable, "-m", "msc.bench.m2n", "--rank", str(r), "--mn", str(mn), "--port", str(store.port),
+                       "--cfg", json.dumps(cfg), "--out", f"{tmp}/r{r}.json"]
+                procs.append(subprocess.Popen(cmd, stdout=open(f"{tmp}/log{r}", "w"), stderr=subprocess.STDOUT,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            deadline = time.monotonic() + timeout_s
+            try:
+                for r, p in enumerate(procs):
+                    rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                    if rc != 0:
+                        raise MscError(f"benchmark rank {r} (M=N={mn}) failed: {Path(f'{tmp}/log{r}').read_text()[-2000:]}")
+            except subprocess.TimeoutExpired:
+                raise MscError(f"benchmark M=N={mn} did not finish within {timeout_s:.0f} s") from None
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            per_rank = [json.loads(Path(f"{tmp}/r{r}.json").read_text()) for r in range(mn)]
+        for size in sizes:
+            for t in transports:
+                samples = [v for res in per_rank for v in res[t][str(size)]]
+                st = _stats(samples)
+                st.update(transport=t, mn=mn, size=size, gbps=2 * mn * mn * size / (st["p50_us"] * 1e-6) / 1e9)
+                rows.append(st)
+        if progress:
+            progress(mn)
+    return {
+        "benchmark": "m2n", "pattern": "M attention ranks -> N expert ranks -> back; latency per iteration at the attention ranks",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "platform": platform.platform()},
+        "config": cfg, "mn": mn_list, "rows": rows,
+    }
+
+
+def ratios(result: dict, baseline: str = "torch_dist") -> list[dict]:
+    """Per (transport, M=N, size): p50 and p99 as a fraction of the baseline's, and throughput gain."""
+    base = {(r["mn"], r["size"]): r for r in result["rows"] if r["transport"] == baseline}
+    out = []
+    for r in result["rows"]:
+        b = base.get((r["mn"], r["size"]))
+        if r["transport"] == baseline or b is None:
+            continue
+        out.append({"transport": r["transport"], "mn": r["mn"], "size": r["size"], "p50_ratio": r["p50_us"] / b["p50_us"],
+                    "p99_ratio": r["p99_us"] / b["p99_us"], "throughput_gain": r["gbps"] / b["gbps"]})
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mns = result["mn"]
+    fig, axes = plt.subplots(2, len(mns), figsize=(4 * len(mns), 7), squeeze=False)
+    for j, mn in enumerate(mns):
+        for t in result["config"]["transports"]:
+            rows = [r for r in result["rows"] if r["mn"] == mn and r["transport"] == t]
+            xs = [r["size"] / 1024 for r in rows]
+            axes[0][j].plot(xs, [r["p50_us"] for r in rows], marker="o", label=f"{t} p50")
+            axes[0][j].plot(xs, [r["p99_us"] for r in rows], linestyle="--", label=f"{t} p99")
+            axes[1][j].plot(xs, [r["gbps"] for r in rows], marker="o", label=t)
+        axes[0][j].set(xscale="log", yscale="log", title=f"M = N = {mn}: latency", xlabel="message KB", ylabel="µs")
+        axes[1][j].set(xscale="log", title=f"M = N = {mn}: throughput", xlabel="message KB", ylabel="GB/s")
+        axes[0][j].grid(True, which="both", alpha=0.3)
+        axes[1][j].grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
+    fig.suptitle(f"msc M2N on {result['machine']['cores']} cores ({result['machine']['platform']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--mn", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--cfg", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    if os.environ.get("MSC_BENCH_PROFILE"):
+        import cProfile
+        prof = cProfile.Profile()
+        res = prof.runcall(_rank_main, a.rank, a.mn, a.port, json.loads(a.cfg))
+        prof.dump_stats(f"{os.environ['MSC_BENCH_PROFILE']}.{a.rank}")
+    else:
+        res = _rank_main(a.rank, a.mn, a.port, json.loads(a.cfg))
+    Path(a.out).write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
