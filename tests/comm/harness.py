@@ -29,15 +29,26 @@ class RankFailure(AssertionError):
 
 
 def run_ranks(target: str, world: int, args: dict | None = None, *, timeout_s: float = 120.0,
-              env: dict[str, str] | None = None, expect_fail: set[int] | None = None) -> list:
-    """Results of `target` on each rank; ranks in `expect_fail` may fail (their result is their log)."""
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+              env: dict[str, str] | None = None, expect_fail: set[int] | None = None,
+              netns: list[str] | None = None) -> list:
+    """Results of `target` on each rank; ranks in `expect_fail` may fail (their result is their log).
+
+    With `netns`, rank r runs inside network namespace netns[r] (a separate network stack: another
+    "host"); the ranks then rendezvous through a FileStore, since no TCP port is reachable from all.
+    """
     expect_fail = expect_fail or set()
     with tempfile.TemporaryDirectory(prefix="msc-ranks-") as tmp:
+        if netns:
+            store_arg = f"file:{tmp}/store"
+        else:
+            store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            store_arg = f"tcp:{store.port}"
         procs = []
         for r in range(world):
             cmd = [sys.executable, "-m", "tests.comm.rank_main", "--target", target, "--rank", str(r), "--world", str(world),
-                   "--port", str(store.port), "--args", json.dumps(args or {}), "--out", f"{tmp}/result.{r}.json"]
+                   "--store", store_arg, "--args", json.dumps(args or {}), "--out", f"{tmp}/result.{r}.json"]
+            if netns:
+                cmd = ["ip", "netns", "exec", netns[r], *cmd]
             log = open(f"{tmp}/log.{r}", "w")
             penv = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=penv, stdout=log, stderr=subprocess.STDOUT))

@@ -23,8 +23,9 @@ def payload(src: int, dst: int, tag: int, nbytes: int, device="cpu") -> list[tor
 
 
 def _endpoint(transport: str, rank: int, peers: list[int], store, prefix: str, args: dict) -> m2n.Endpoint:
+    host = args["hosts"][rank] if "hosts" in args else "127.0.0.1"  # tcp across network namespaces
     return m2n.connect(transport, rank, peers, store, timeout_s=args.get("timeout_s", 20.0), prefix=prefix,
-                       device=args.get("device", "cpu"), buffer_bytes=args.get("buffer_bytes", 1 << 20))
+                       device=args.get("device", "cpu"), buffer_bytes=args.get("buffer_bytes", 1 << 20), host=host)
 
 
 def _maybe_init_pg(transport: str, rank: int, world: int, store) -> None:

@@ -48,3 +48,35 @@ def test_silent_peer_times_out_with_a_clear_error(transport):
 def test_corrupted_header_is_a_clear_error(transport):
     res = run_ranks("tests.comm.scenarios:corrupt_header", 2, {"transport": transport, "timeout_s": 20.0}, timeout_s=90)
     assert res[1]["error"] is not None and "corrupted header from rank 0" in res[1]["error"]
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: separate network stacks, as two hosts would have."""
+    import os
+    import subprocess
+
+    tag = f"msc{os.getpid() % 100000}"
+    ns, links = [f"{tag}a", f"{tag}b"], [f"{tag}va", f"{tag}vb"]
+    ips = ["10.77.0.1", "10.77.0.2"]
+    steps = [["ip", "netns", "add", ns[0]], ["ip", "netns", "add", ns[1]],
+             ["ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1]]]
+    for i in range(2):
+        steps += [["ip", "link", "set", links[i], "netns", ns[i]], ["ip", "-n", ns[i], "addr", "add", f"{ips[i]}/24", "dev", links[i]],
+                  ["ip", "-n", ns[i], "link", "set", links[i], "up"], ["ip", "-n", ns[i], "link", "set", "lo", "up"]]
+    try:
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make network namespaces here ({' '.join(cmd)}: {r.stderr.strip()}); tcp is tested over loopback")
+        yield ns, ips
+    finally:
+        for n in ns:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def test_tcp_between_two_network_namespaces(two_hosts):
+    ns, ips = two_hosts
+    res = run_ranks("tests.comm.scenarios:exchange", 2,
+                    {"transport": "tcp", "shapes": [(1, 1)], "sizes": SIZES, "hosts": ips}, timeout_s=120, netns=ns)
+    assert [r["checked"] for r in res] == [len(SIZES), len(SIZES)]
