@@ -197,7 +197,7 @@ def bench_m2n_cmd(
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(output)
     out.print(f"wrote {output}")
-    if plot_path and str(plot_path):
+    if plot_path and str(plot_path) not in ("", "."):
         m2n.plot(result, str(plot_path))
         out.print(f"wrote {plot_path}")
 

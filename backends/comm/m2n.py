@@ -55,6 +55,25 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
+def _views(buf: np.ndarray, specs: list) -> list[Tensor]:
+    """Tensors of the given specs laid out back to back in `buf` (uint8), without copying."""
+    out, at = [], 0
+    for s in specs:
+        n = s.nbytes
+        if n == 0:
+            out.append(torch.empty(s.shape, dtype=s.dtype))
+            continue
+        raw = buf[at : at + n]
+        if at % s.dtype.itemsize == 0 and raw.ctypes.data % s.dtype.itemsize == 0:
+            out.append(torch.from_numpy(raw).view(s.dtype).view(s.shape))
+        else:  # misaligned for its dtype (after an odd-sized part): this part is copied
+            t = torch.empty(s.shape, dtype=s.dtype)
+            _as_bytes(t)[:] = raw
+            out.append(t)
+        at += n
+    return out
+
+
 def _as_bytes(t: Tensor) -> np.ndarray:
     """A flat uint8 view of a contiguous CPU tensor (any dtype, including bfloat16)."""
     # NOTE: numpy views cost a fraction of torch's per-op overhead, which dominates small messages.
@@ -80,6 +99,9 @@ class Handle:
     def wait(self, timeout: float | None = None):
         self.endpoint.wait_all([self], timeout)
         return self.result
+
+    def release(self) -> None:
+        """Give a received message's buffer space back (see `borrow`); a no-op for copied messages."""
 
 
 class Endpoint:
@@ -191,6 +213,14 @@ class _Recv(Handle):
     def __init__(self, endpoint, peer: int, tag: int):
         super().__init__(endpoint)
         self.peer, self.tag = peer, tag
+        self.holds: list = []
+
+    def release(self) -> None:
+        if self.holds:
+            ch = self.endpoint.channels[self.peer]
+            for hold in self.holds:
+                ch.release(hold)
+            self.holds = []
 
 
 class _Inbound:
@@ -199,23 +229,36 @@ class _Inbound:
     def __init__(self):
         self.header = np.empty(wire.HEADER_BYTES, dtype=np.uint8)
         self.header_got = 0
+        self.specs: list[wire.PartSpec] | None = None  # of the message whose payload comes next
         self.parts: list[Tensor] | None = None
         self.targets: list[np.ndarray] = []
         self.part_i = 0
         self.part_got = 0
         self.tag = 0
         self.seq = 0
-        self.stash: dict[int, deque[list[Tensor]]] = {}
+        self.stash: dict[int, deque[tuple[list[Tensor], list]]] = {}
         self.broken: Exception | None = None
         self.waiting: dict[int, deque[_Recv]] = {}
 
 
-class StreamEndpoint(Endpoint):
-    """Messages over one non-blocking byte `Channel` per peer (shared memory, TCP)."""
+_WAIT = object()  # Channel.borrow: "the bytes are not all here yet, but will be readable in place"
 
-    def __init__(self, rank: int, channels: dict[int, Channel], timeout_s: float = DEFAULT_TIMEOUT_S):
+
+class StreamEndpoint(Endpoint):
+    """Messages over one non-blocking byte `Channel` per peer (shared memory, TCP).
+
+    NOTE: with `borrow=True` (channels that support it: shm), a received message's tensors are views
+    of the receive ring itself, not copies: the sender's copy into our ring is the only copy, as with
+    RDMA. The ring space stays taken until the handle's `release()`; a receiver that never releases
+    eventually stalls its sender (reported as a silent peer, after the timeout). Messages that would
+    wrap around the ring's end, or are larger than it, are copied as usual.
+    """
+
+    def __init__(self, rank: int, channels: dict[int, Channel], timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 borrow: bool = False):
         super().__init__(rank, sorted(channels), timeout_s)
         self.channels = channels
+        self.borrow = borrow and all(hasattr(ch, "borrow") for ch in channels.values())
         self._out: dict[int, deque[_Send]] = {p: deque() for p in channels}
         self._out_seq = {p: 0 for p in channels}
         self._in = {p: _Inbound() for p in channels}
@@ -276,7 +319,7 @@ class StreamEndpoint(Endpoint):
             raise st.broken
         stash = st.stash.get(tag)
         if stash:
-            h.result, h.done = stash.popleft(), True
+            (h.result, h.holds), h.done = stash.popleft(), True
         else:
             st.waiting.setdefault(tag, deque()).append(h)
             self._pull(peer, self.channels[peer], st)
@@ -285,7 +328,7 @@ class StreamEndpoint(Endpoint):
     def _pull(self, peer: int, ch: Channel, st: _Inbound) -> bool:
         moved = False
         while True:
-            if st.parts is None:  # reading a header
+            if st.specs is None:  # reading a header
                 view = st.header[st.header_got :]
                 n = ch.read_some(view)
                 if n == 0:
@@ -301,9 +344,21 @@ class StreamEndpoint(Endpoint):
                     st.broken, st.waiting = e, {}  # the stream from this peer can no longer be trusted
                     raise
                 st.seq += 1
-                st.parts = [torch.empty(s.shape, dtype=s.dtype) for s in specs]
-                st.targets = [_as_bytes(t) for t in st.parts if t.numel()]
-                st.part_i = st.part_got = 0
+                st.specs = specs
+                if not self.borrow:
+                    self._start_copy(st)
+            if st.parts is None:  # borrow: take the payload in place once all of it has arrived
+                total = sum(s.nbytes for s in st.specs)
+                got = ch.borrow(total) if total else (np.empty(0, dtype=np.uint8), None)
+                if got is _WAIT:
+                    return moved
+                if got is None:
+                    self._start_copy(st)
+                else:
+                    view, hold = got
+                    self._deliver(st, st.tag, _views(view, st.specs), [hold] if hold is not None else [])
+                    moved = True
+                    continue
             while st.part_i < len(st.targets):
                 target = st.targets[st.part_i]
                 n = ch.read_some(target[st.part_got :])
@@ -314,17 +369,23 @@ class StreamEndpoint(Endpoint):
                 if st.part_got == target.nbytes:
                     st.part_i += 1
                     st.part_got = 0
-            self._deliver(st, st.tag, st.parts)
-            st.parts, st.targets = None, []
+            self._deliver(st, st.tag, st.parts, [])
 
     @staticmethod
-    def _deliver(st: _Inbound, tag: int, parts: list[Tensor]) -> None:
+    def _start_copy(st: _Inbound) -> None:
+        st.parts = [torch.empty(s.shape, dtype=s.dtype) for s in st.specs]
+        st.targets = [_as_bytes(t) for t in st.parts if t.numel()]
+        st.part_i = st.part_got = 0
+
+    @staticmethod
+    def _deliver(st: _Inbound, tag: int, parts: list[Tensor], holds: list) -> None:
+        st.parts, st.targets, st.specs = None, [], None
         waiting = st.waiting.get(tag)
         if waiting:
             h = waiting.popleft()
-            h.result, h.done = parts, True
+            h.result, h.holds, h.done = parts, holds, True
         else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
-            st.stash.setdefault(tag, deque()).append(parts)
+            st.stash.setdefault(tag, deque()).append((parts, holds))
 
     # ------------------------------------------------------------------ progress
     def flush(self) -> None:
@@ -341,7 +402,7 @@ class StreamEndpoint(Endpoint):
             if q:
                 moved |= self._push(peer, ch, q)
             st = self._in[peer]
-            if st.waiting and any(st.waiting.values()) or st.parts is not None or st.header_got:
+            if st.waiting and any(st.waiting.values()) or st.specs is not None or st.header_got:
                 moved |= self._pull(peer, ch, st)
         return moved
 
@@ -375,13 +436,18 @@ def resolve_transport(transport: str, *, device: str, one_host: bool) -> str:
 
 
 def connect(transport: str, rank: int, peers: Sequence[int], store=None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-            device: str = "cpu", host: str = "127.0.0.1", prefix: str = "m2n", buffer_bytes: int = 4 << 20) -> Endpoint:
-    """Open this rank's endpoint of `transport` to `peers`, rendezvousing through `store` (a torch Store)."""
+            device: str = "cpu", host: str = "127.0.0.1", prefix: str = "m2n", buffer_bytes: int = 4 << 20,
+            borrow: bool = False) -> Endpoint:
+    """Open this rank's endpoint of `transport` to `peers`, rendezvousing through `store` (a torch Store).
+
+    borrow: received tensors may be views of the receive buffer, valid until their handle's
+    `release()` (shm only; other transports copy and ignore it).
+    """
     peers = sorted(peers)
     if transport == "shm":
         from msc.backends.comm.shm import connect_shm
 
-        return connect_shm(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes)
+        return connect_shm(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes, borrow=borrow)
     if transport == "tcp":
         from msc.backends.comm.tcp import connect_tcp
 

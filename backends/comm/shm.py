@@ -35,14 +35,16 @@ import platform
 import secrets
 from datetime import timedelta
 
+from collections import deque
+
 import numpy as np
 
-from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, StreamEndpoint
+from msc.backends.comm.m2n import _WAIT, DEFAULT_TIMEOUT_S, StreamEndpoint
 from msc.errors import MscError
 
 SHM_DIR = "/dev/shm"
 DEFAULT_CAPACITY = 4 << 20
-DEFAULT_SPIN_S = 300e-6
+DEFAULT_SPIN_S = float(os.environ.get("MSC_SHM_SPIN_US", "300")) * 1e-6  # tuning knob, see ShmEndpoint.idle
 PAGE = 4096
 _MAGIC = 0x52494E474D534331  # "RINGMSC1"
 W_POS, W_PID, W_CLOSED, W_WANTS_SPACE, R_POS, R_CLOSED, MAGIC_W, CAP_W = 0, 1, 2, 3, 8, 10, 16, 17
@@ -112,6 +114,10 @@ class Ring:
             raise MscError("shared-memory mailbox does not hold an msc ring where expected")
         self.capacity = capacity
         self.data = np.frombuffer(mm, dtype=np.uint8, offset=offset + PAGE, count=capacity)
+        # Receiver-side state: `cursor` is how far we have read; R_POS (what the sender sees as free)
+        # stops at the oldest byte still lent out by `borrow`.
+        self.cursor = int(self.ctrl[R_POS])
+        self.holds: deque[list] = deque()  # [start, end, released]
 
     def write_some(self, src: np.ndarray) -> int:
         ctrl, cap = self.ctrl, self.capacity
@@ -129,9 +135,8 @@ class Ring:
         return n
 
     def read_some(self, dst: np.ndarray) -> int:
-        ctrl, cap = self.ctrl, self.capacity
-        r = int(ctrl[R_POS])
-        n = min(int(ctrl[W_POS]) - r, dst.nbytes)
+        cap, r = self.capacity, self.cursor
+        n = min(int(self.ctrl[W_POS]) - r, dst.nbytes)
         if n <= 0:
             return 0
         at = r % cap
@@ -139,11 +144,36 @@ class Ring:
         dst[:first] = self.data[at : at + first]
         if n > first:
             dst[first:n] = self.data[: n - first]
-        ctrl[R_POS] = r + n
+        self.cursor = r + n
+        self._advance()
         return n
 
+    def borrow(self, n: int):
+        """(view of the next n bytes in place, hold) once all n have arrived; _WAIT until then; None
+        when they cannot be lent (they wrap around the ring's end, or waiting could deadlock)."""
+        at = self.cursor % self.capacity
+        if at + n > self.capacity:
+            return None
+        if int(self.ctrl[W_POS]) - self.cursor < n:
+            # Waiting is safe only while nothing else is lent out: then the sender always gets room.
+            return _WAIT if not self.holds else None
+        hold = [self.cursor, self.cursor + n, False]
+        self.holds.append(hold)
+        self.cursor += n
+        return self.data[at : at + n], hold
+
+    def release(self, hold: list) -> None:
+        hold[2] = True
+        self._advance()
+
+    def _advance(self) -> None:
+        holds = self.holds
+        while holds and holds[0][2]:
+            holds.popleft()
+        self.ctrl[R_POS] = holds[0][0] if holds else self.cursor
+
     def unread(self) -> int:
-        return int(self.ctrl[W_POS]) - int(self.ctrl[R_POS])
+        return int(self.ctrl[W_POS]) - self.cursor
 
 
 class Mailbox:
@@ -198,10 +228,21 @@ class ShmChannel:
 
     def read_some(self, into: np.ndarray) -> int:
         n = self.inbound.read_some(into)
-        if n and int(self.inbound.ctrl[W_WANTS_SPACE]):
+        if n:
+            self._room_freed()
+        return n
+
+    def borrow(self, n: int):
+        return self.inbound.borrow(n)
+
+    def release(self, hold: list) -> None:
+        self.inbound.release(hold)
+        self._room_freed()
+
+    def _room_freed(self) -> None:
+        if int(self.inbound.ctrl[W_WANTS_SPACE]):
             self.inbound.ctrl[W_WANTS_SPACE] = 0
             self.peer_bell.ring(self._stamp | 0xFFFFFF)  # the sender waits for room: tell it there is some
-        return n
 
     def alive(self) -> bool:
         if self.inbound.unread() > 0:
@@ -219,8 +260,9 @@ class ShmChannel:
 class ShmEndpoint(StreamEndpoint):
     transport = "shm"
 
-    def __init__(self, rank, channels, mailbox: Mailbox, peer_boxes: list[Mailbox], timeout_s, spin_s: float = DEFAULT_SPIN_S):
-        super().__init__(rank, channels, timeout_s)
+    def __init__(self, rank, channels, mailbox: Mailbox, peer_boxes: list[Mailbox], timeout_s, spin_s: float = DEFAULT_SPIN_S,
+                 borrow: bool = False):
+        super().__init__(rank, channels, timeout_s, borrow=borrow)
         self.mailbox, self._peer_boxes, self.spin_s = mailbox, peer_boxes, spin_s
 
     def idle(self, idle_s: float, budget_s: float) -> None:
@@ -251,7 +293,7 @@ class ShmEndpoint(StreamEndpoint):
 
 
 def connect_shm(rank: int, peers: list[int], store, *, prefix: str = "m2n", timeout_s: float = DEFAULT_TIMEOUT_S,
-                capacity: int = DEFAULT_CAPACITY, spin_s: float = DEFAULT_SPIN_S) -> ShmEndpoint:
+                capacity: int = DEFAULT_CAPACITY, spin_s: float = DEFAULT_SPIN_S, borrow: bool = False) -> ShmEndpoint:
     """Create this rank's mailbox, publish it in `store`, map the peers' mailboxes; return the endpoint.
 
     `store` is a torch.distributed Store (TCPStore under torchrun / msc run) shared by all the ranks.
@@ -288,4 +330,4 @@ def connect_shm(rank: int, peers: list[int], store, *, prefix: str = "m2n", time
             pass
         raise
     channels = {p: ShmChannel(rank, p, mine, theirs[p]) for p in peers}
-    return ShmEndpoint(rank, channels, mine, list(theirs.values()), timeout_s, spin_s)
+    return ShmEndpoint(rank, channels, mine, list(theirs.values()), timeout_s, spin_s, borrow)

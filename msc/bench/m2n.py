@@ -61,8 +61,9 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
             dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
                                     timeout=timedelta(seconds=120))
         else:
+            # shm lends received tensors in place (borrow), as the runtime does; the others copy.
             endpoints[t] = m2n.connect(t, rank, peers, store, prefix=f"bench/{t}", timeout_s=120.0,
-                                       buffer_bytes=cfg["buffer_bytes"])
+                                       buffer_bytes=cfg["buffer_bytes"], borrow=True)
     out: dict[str, dict[int, list[float]]] = {t: {} for t in cfg["transports"]}
     for size in cfg["sizes"]:
         x = torch.empty(size, dtype=torch.uint8).random_(0, 255)  # [S] bytes
@@ -72,6 +73,8 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
             _barrier(store, f"b/{size}/{t}", world)
             lat = []
             for it in range(warm + iters):
+                if it == warm:
+                    cpu0 = time.process_time()
                 t0 = time.perf_counter()
                 if t == "torch_dist":
                     if attention:
@@ -85,15 +88,18 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
                             w.wait()
                 else:
                     ep = endpoints[t]
+                    recvs = [ep.irecv(p, it) for p in peers]
                     if attention:
                         sends = [ep.isend(p, [x], it, flush=False) for p in peers]
-                        ep.wait_all([ep.irecv(p, it) for p in peers] + sends)  # the wait rings the doorbells
+                        ep.wait_all(recvs + sends)  # the wait rings the doorbells
                     else:
-                        ep.wait_all([ep.irecv(p, it) for p in peers])
+                        ep.wait_all(recvs)
                         ep.wait_all([ep.isend(p, [x], it, flush=False) for p in peers])
+                    for h in recvs:
+                        h.release()
                 if attention and it >= warm:
                     lat.append(time.perf_counter() - t0)
-            out[t][size] = lat
+            out[t][size] = {"lat": lat, "cpu_us": (time.process_time() - cpu0) / iters * 1e6}
     for ep in endpoints.values():
         ep.close()
     if dist.is_initialized():
@@ -139,11 +145,14 @@ def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
-            per_rank = [json.loads(Path(f"{tmp}/r{r}.json").read_text()) for r in range(mn)]
+            per_rank_all = [json.loads(Path(f"{tmp}/r{r}.json").read_text()) for r in range(world)]
+            per_rank = per_rank_all[:mn]  # latency is measured at the attention ranks
         for size in sizes:
             for t in transports:
-                samples = [v for res in per_rank for v in res[t][str(size)]]
+                samples = [v for res in per_rank for v in res[t][str(size)]["lat"]]
                 st = _stats(samples)
+                # CPU time per iteration summed over all 2·M ranks (the cores' real cost of one exchange)
+                st["cpu_us_per_iter"] = sum(res[t][str(size)]["cpu_us"] for res in per_rank_all)
                 st.update(transport=t, mn=mn, size=size, gbps=2 * mn * mn * size / (st["p50_us"] * 1e-6) / 1e9)
                 rows.append(st)
         if progress:

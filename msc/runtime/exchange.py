@@ -22,8 +22,8 @@ CONTROL_TAG = -1
 class AttentionExchange:
     """The attention replica's end: send tokens to expert nodes, gather their partial outputs back."""
 
-    def __init__(self, endpoint: Endpoint, expert_ranks: list[int]):
-        self.ep, self.expert_ranks = endpoint, expert_ranks
+    def __init__(self, endpoint: Endpoint, expert_ranks: list[int], device="cpu"):
+        self.ep, self.expert_ranks, self.device = endpoint, expert_ranks, torch.device(device)
         self._pending: dict[int, list] = {}
         self._sends: list = []
         self.step = 0
@@ -39,7 +39,7 @@ class AttentionExchange:
         self._sends = []
 
     def _control(self, code: int) -> None:
-        msg = torch.tensor([code, self.step], dtype=torch.int64)
+        msg = torch.tensor([code, self.step], dtype=torch.int64, device=self.device)
         self._sends = [h for h in self._sends if not h.done]
         self._sends += [self.ep.isend(r, [msg], CONTROL_TAG, flush=False) for r in self.expert_ranks]
         self.ep.flush()
@@ -69,6 +69,7 @@ class AttentionExchange:
                 raise MscError(f"layer {layer}: an expert node returned {tuple(part.shape)}, expected {(tok.numel(), hidden.shape[1])}")
             if tok.numel():
                 out.index_add_(0, tok, part.to(hidden.dtype))
+            h.release()  # the partial sums were read (possibly in place in the receive buffer): give it back
         self._sends = [h for h in self._sends if not h.done]
         return out
 
@@ -76,18 +77,20 @@ class AttentionExchange:
 class ExpertExchange:
     """The expert node's end: gather a layer's tokens from every active attention replica, send results back."""
 
-    def __init__(self, endpoint: Endpoint, attention_ranks: list[int]):
-        self.ep = endpoint
+    def __init__(self, endpoint: Endpoint, attention_ranks: list[int], device="cpu"):
+        self.ep, self.device = endpoint, torch.device(device)
         self.active = list(attention_ranks)
         self._sources: list[tuple[int, int]] = []
         self._sends: list = []
 
     def begin_forward(self) -> bool:
         """Wait for every active replica's control message; False once all of them are done."""
-        msgs = self.ep.wait_all([self.ep.irecv(r, CONTROL_TAG) for r in self.active])
+        handles = [self.ep.irecv(r, CONTROL_TAG) for r in self.active]
+        msgs = self.ep.wait_all(handles)
         still = []
-        for r, (msg,) in zip(self.active, msgs):
+        for r, (msg,), h in zip(self.active, msgs, handles):
             code = int(msg[0]) if msg.numel() == 2 else -1
+            h.release()
             if code == CTRL_FORWARD:
                 still.append(r)
             elif code != CTRL_DONE:
@@ -98,7 +101,8 @@ class ExpertExchange:
         return bool(still)
 
     def expert_recv(self, layer: int, hidden_size: int, top_k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        msgs = self.ep.wait_all([self.ep.irecv(r, layer) for r in self.active])
+        handles = [self.ep.irecv(r, layer) for r in self.active]
+        msgs = self.ep.wait_all(handles)
         self._sources = []
         for r, parts in zip(self.active, msgs):
             x, ids, w = parts
@@ -109,7 +113,10 @@ class ExpertExchange:
                     f"{tuple(w.shape)}; expected [n, {hidden_size}] {dtype} and [n, {top_k}]"
                 )
             self._sources.append((r, n))
-        return torch.cat([m[0] for m in msgs]), torch.cat([m[1] for m in msgs]), torch.cat([m[2] for m in msgs])
+        batch = torch.cat([m[0] for m in msgs]), torch.cat([m[1] for m in msgs]), torch.cat([m[2] for m in msgs])
+        for h in handles:  # the batch above is a copy: the receive buffers can be reused
+            h.release()
+        return batch
 
     def expert_send(self, hidden: Tensor, layer: int) -> None:
         self._sends = [h for h in self._sends if not h.done]

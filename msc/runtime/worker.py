@@ -64,9 +64,9 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         peers = att_ranks if role["kind"] == "expert" else exp_ranks
         host = os.environ.get("MSC_M2N_HOST", "127.0.0.1")
         endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
-                               buffer_bytes=runtime.get("buffer_bytes", 4 << 20))
+                               buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
         if role["kind"] == "expert":
-            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks))
+            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, device))
             worker.on_forward = _fault_hook(role["name"])
             worker.serve()
             return
@@ -75,7 +75,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
         m = bundle.manifest
         worker = AttentionRole(
-            program, AttentionExchange(endpoint, exp_ranks), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
+            program, AttentionExchange(endpoint, exp_ranks, device), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
             m["plan"]["batch_size"], device,
         )
         worker.on_forward = _fault_hook(role["name"])

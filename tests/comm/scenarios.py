@@ -25,7 +25,8 @@ def payload(src: int, dst: int, tag: int, nbytes: int, device="cpu") -> list[tor
 def _endpoint(transport: str, rank: int, peers: list[int], store, prefix: str, args: dict) -> m2n.Endpoint:
     host = args["hosts"][rank] if "hosts" in args else "127.0.0.1"  # tcp across network namespaces
     return m2n.connect(transport, rank, peers, store, timeout_s=args.get("timeout_s", 20.0), prefix=prefix,
-                       device=args.get("device", "cpu"), buffer_bytes=args.get("buffer_bytes", 1 << 20), host=host)
+                       device=args.get("device", "cpu"), buffer_bytes=args.get("buffer_bytes", 1 << 20), host=host,
+                       borrow=args.get("borrow", False))
 
 
 def _maybe_init_pg(transport: str, rank: int, world: int, store) -> None:
@@ -57,12 +58,14 @@ def exchange(rank: int, world: int, store, args: dict) -> dict:
         else:
             for t in tags:  # ask in tag order; they were sent in reverse
                 for s in senders:
-                    got = ep.recv(s, t)
+                    h = ep.irecv(s, t)
+                    got = h.wait()
                     want = payload(s, rank, t, args["sizes"][t], device)
                     assert len(got) == len(want) and all(
                         a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want)
                     ), f"message from {s} tag {t} ({args['sizes'][t]} bytes) differs"
                     ep.send(s, [got[0].float().sum(dim=-1) * (rank + 1)], t)
+                    h.release()  # borrowed views (shm with borrow=True) give their ring space back here
                     checked += 1
         ep.close()
     return {"checked": checked}
