@@ -22,10 +22,11 @@ and applies the offset. Sharing puts the exporter's block behind a reference cou
 peer still maps it, it waits in torch's "limbo" rather than being reused (an exporter that exits first
 logs "Producer process has been terminated before all shared CUDA tensors released": harmless here).
 
-Verified only where it was run: written without a GPU; there, the import, the no-CUDA error and the
-protocol (positions, wrap-around, streaming, credit, tags, 8 parts, dead peer) ran with CPU stand-ins
-for the CUDA calls. The CUDA calls themselves (IPC mapping, streams, events) are exercised only by
-tests/comm/test_cuda_ipc.py (-m gpu) and benchmarks/cuda_ipc_smoke.py on a GPU host.
+Verified where it was run: written without a GPU, where the import, the no-CUDA error and the protocol
+(positions, wrap-around, streaming, credit, tags, 8 parts, dead peer) ran with CPU stand-ins for the
+CUDA calls; then on one NVIDIA H200 (torch 2.11.0+cu130, several processes sharing the GPU):
+tests/comm/test_cuda_ipc.py -m gpu (exchange on one GPU, dead peer, corrupted header) and
+benchmarks/cuda_ipc_smoke.py passed. Not yet run: the exchange across two GPUs (peer access).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from msc.backends.comm import wire
-from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError, StreamEndpoint, _Recv
+from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError, _Recv
 from msc.errors import MscError
 
 DEFAULT_CAPACITY = 4 << 20
@@ -253,13 +254,24 @@ class CudaIpcEndpoint(Endpoint):
             st.cur = None
         st.pending.append((ev, n, (cur[0], cur[1]) if cur[4] == 0 else None))
 
+    @staticmethod
+    def _deliver(st: _In, tag: int, parts: list[Tensor]) -> None:
+        # NOTE: our own, not StreamEndpoint._deliver: that one keeps (parts, ring holds) pairs for shm's
+        # borrowed receives; here every message is a copy, so waiters and the stash take the parts alone.
+        waiting = st.waiting.get(tag)
+        if waiting:
+            h = waiting.popleft()
+            h.result, h.done = parts, True
+        else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
+            st.stash.setdefault(tag, deque()).append(parts)
+
     def _finish_recvs(self, peer: int, st: _In) -> bool:
         moved = False
         while st.pending and self._complete(st.pending[0][0]):
             _, n, msg = st.pending.popleft()
             st.freed, moved = st.freed + n, True
             if msg is not None:
-                StreamEndpoint._deliver(st, msg[0], msg[1])
+                self._deliver(st, msg[0], msg[1])
         if st.freed - st.reported >= st.cap // 4:  # NOTE: credit in quarter rings: fewer control messages
             self.inner.isend(peer, [torch.tensor([st.freed], dtype=torch.int64)], _T_CREDIT, flush=False)
             st.reported = st.freed

@@ -55,6 +55,11 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+             torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
+             torch.bfloat16: np.int16}  # bfloat16 travels as int16 through numpy, then is viewed back
+
+
 def _views(buf: np.ndarray, specs: list) -> list[Tensor]:
     """Tensors of the given specs laid out back to back in `buf` (uint8), without copying."""
     out, at = [], 0
@@ -64,8 +69,10 @@ def _views(buf: np.ndarray, specs: list) -> list[Tensor]:
             out.append(torch.empty(s.shape, dtype=s.dtype))
             continue
         raw = buf[at : at + n]
-        if at % s.dtype.itemsize == 0 and raw.ctypes.data % s.dtype.itemsize == 0:
-            out.append(torch.from_numpy(raw).view(s.dtype).view(s.shape))
+        np_dtype = _NP_DTYPE.get(s.dtype)
+        if np_dtype is not None and raw.ctypes.data % s.dtype.itemsize == 0:
+            t = torch.from_numpy(raw.view(np_dtype).reshape(s.shape))
+            out.append(t.view(torch.bfloat16) if s.dtype == torch.bfloat16 else t)
         else:  # misaligned for its dtype (after an odd-sized part): this part is copied
             t = torch.empty(s.shape, dtype=s.dtype)
             _as_bytes(t)[:] = raw
@@ -279,7 +286,7 @@ class StreamEndpoint(Endpoint):
             if t.device.type != "cpu" or t.requires_grad:
                 raise MscError(f"{self.transport} carries CPU tensors without grad; got one on {t.device}"
                                f"{' that requires grad' if t.requires_grad else ''} (use cuda_ipc for GPU tensors)")
-        header = wire.encode_header(self._out_seq[peer], tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
+        header = wire.encode_header_for(self._out_seq[peer], tag, tuple((t.dtype, tuple(t.shape)) for t in keep))
         self._out_seq[peer] += 1
         chunks = [header] + [_as_bytes(t) for t in keep if t.numel()]
         h = _Send(self, peer, chunks, keep)

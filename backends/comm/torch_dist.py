@@ -76,7 +76,7 @@ class TorchDistEndpoint(Endpoint):
     def isend(self, peer: int, tensors: Sequence[Tensor], tag: int = 0, *, flush: bool = True) -> Handle:
         self._check_peer(peer)
         keep = [t.contiguous() for t in tensors]
-        words = wire.encode_header(self._out_seq[peer], tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
+        words = wire.encode_header_for(self._out_seq[peer], tag, tuple((t.dtype, tuple(t.shape)) for t in keep))
         self._out_seq[peer] += 1
         header = torch.from_numpy(words).to(self.device)  # uint8 [HEADER_BYTES]
         keep.insert(0, header)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +29,6 @@ FIXED_WORDS = 8
 HEADER_WORDS = FIXED_WORDS + MAX_PARTS * PART_WORDS  # 56 words
 HEADER_BYTES = HEADER_WORDS * 8
 MAX_PAYLOAD = 1 << 40
-_HEADER = struct.Struct(f"<{HEADER_WORDS}q")
 _CHECK_AT = 5 * 8  # byte offset of the checksum word
 _ZERO8 = bytes(8)
 
@@ -45,17 +43,33 @@ class CorruptMessage(MscError):
     """A header that fails its checks: the stream from that peer can no longer be trusted."""
 
 
-@dataclass(frozen=True)
 class PartSpec:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+    """One tensor of a message: dtype, shape and its byte count."""
 
-    @property
-    def nbytes(self) -> int:
-        n = 1
+    __slots__ = ("dtype", "shape", "nbytes")
+
+    def __init__(self, dtype: torch.dtype, shape):
+        self.dtype, self.shape = dtype, tuple(shape)
+        n = dtype.itemsize
         for d in self.shape:
             n *= d
-        return n * self.dtype.itemsize
+        self.nbytes = n
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PartSpec) and (self.dtype, self.shape) == (other.dtype, other.shape)
+
+    def __repr__(self) -> str:
+        return f"PartSpec({self.dtype}, {self.shape})"
+
+
+_FIXED = struct.Struct("<8q")
+_PART_BYTES = HEADER_BYTES - FIXED_WORDS * 8
+# NOTE: the part descriptions of a message repeat from step to step (same shapes, same dtypes), so
+# both ends cache them: the sender keyed by (dtype, shape) pairs, the receiver by their packed bytes.
+# The hot path is then one struct pack or unpack and one CRC: a few microseconds in CPython.
+_CACHE_LIMIT = 4096
+_encode_cache: dict[tuple, tuple[bytes, int]] = {}
+_decode_cache: dict[bytes, tuple[list[PartSpec], int] | str] = {}
 
 
 def _crc(buf) -> int:
@@ -64,49 +78,81 @@ def _crc(buf) -> int:
     return zlib.crc32(mv[_CHECK_AT + 8 :], zlib.crc32(_ZERO8, zlib.crc32(mv[:_CHECK_AT])))
 
 
-def encode_header(seq: int, tag: int, parts: list[PartSpec]) -> np.ndarray:
-    """The header bytes (uint8 [HEADER_BYTES]) for a message; raises on what the format cannot carry."""
-    if len(parts) > MAX_PARTS:
-        raise MscError(f"an M2N message carries at most {MAX_PARTS} tensors, got {len(parts)}")
-    words = [MAGIC, seq, tag, len(parts), sum(p.nbytes for p in parts), 0, 0, 0]
-    for p in parts:
-        code = _CODE.get(p.dtype)
+def _pack_parts(key: tuple) -> tuple[bytes, int]:
+    if len(key) > MAX_PARTS:
+        raise MscError(f"an M2N message carries at most {MAX_PARTS} tensors, got {len(key)}")
+    words, total = [], 0
+    for dtype, shape in key:
+        code = _CODE.get(dtype)
         if code is None:
-            raise MscError(f"an M2N message cannot carry dtype {p.dtype}; supported: {[str(d) for d in DTYPES]}")
-        if len(p.shape) > MAX_DIMS:
-            raise MscError(f"an M2N message carries tensors of at most {MAX_DIMS} dims, got shape {tuple(p.shape)}")
-        words += [code, len(p.shape), *p.shape, *([0] * (MAX_DIMS - len(p.shape)))]
-    words += [0] * (HEADER_WORDS - len(words))
-    buf = bytearray(_HEADER.pack(*words))
+            raise MscError(f"an M2N message cannot carry dtype {dtype}; supported: {[str(d) for d in DTYPES]}")
+        if len(shape) > MAX_DIMS:
+            raise MscError(f"an M2N message carries tensors of at most {MAX_DIMS} dims, got shape {tuple(shape)}")
+        words += [code, len(shape), *shape, *([0] * (MAX_DIMS - len(shape)))]
+        total += PartSpec(dtype, shape).nbytes
+    words += [0] * (MAX_PARTS * PART_WORDS - len(words))
+    return struct.pack(f"<{len(words)}q", *words), total
+
+
+def encode_header_for(seq: int, tag: int, key: tuple) -> np.ndarray:
+    """Header bytes (uint8 [HEADER_BYTES]) for a message whose parts are `key`: ((dtype, shape), ...)."""
+    packed = _encode_cache.get(key)
+    if packed is None:
+        packed = _pack_parts(key)
+        if len(_encode_cache) >= _CACHE_LIMIT:
+            _encode_cache.clear()
+        _encode_cache[key] = packed
+    parts, total = packed
+    buf = bytearray(_FIXED.pack(MAGIC, seq, tag, len(key), total, 0, 0, 0) + parts)
     struct.pack_into("<q", buf, _CHECK_AT, _crc(buf))
     return np.frombuffer(buf, dtype=np.uint8)
+
+
+def encode_header(seq: int, tag: int, parts: list[PartSpec]) -> np.ndarray:
+    """The header bytes (uint8 [HEADER_BYTES]) for a message; raises on what the format cannot carry."""
+    return encode_header_for(seq, tag, tuple((p.dtype, tuple(p.shape)) for p in parts))
+
+
+def _unpack_parts(raw: bytes, nparts: int) -> tuple[list[PartSpec], int] | str:
+    """The parts described by `raw`, or what is wrong with them."""
+    w = struct.unpack(f"<{MAX_PARTS * PART_WORDS}q", raw)
+    parts, size = [], 0
+    for i in range(nparts):
+        base = i * PART_WORDS
+        code, ndim = w[base], w[base + 1]
+        if not 0 <= code < len(DTYPES) or not 0 <= ndim <= MAX_DIMS:
+            return f"part {i} has dtype code {code}, {ndim} dims"
+        shape = w[base + 2 : base + 2 + ndim]
+        if any(d < 0 for d in shape):
+            return f"part {i} has shape {shape}"
+        part = PartSpec(DTYPES[code], shape)
+        size += part.nbytes
+        parts.append(part)
+    return parts, size
 
 
 def decode_header(buf, expected_seq: int, peer: str) -> tuple[int, list[PartSpec]]:
     """(tag, parts) of a received header (HEADER_BYTES bytes); CorruptMessage naming `peer` if a check fails."""
     buf = memoryview(buf).cast("B")  # any contiguous buffer: bytes, uint8 or int64 arrays
-    w = _HEADER.unpack(buf)
-    if w[0] != MAGIC:
-        raise CorruptMessage(f"corrupted header from {peer}: bad magic {w[0]:#x}")
-    if w[5] != _crc(buf):
+    magic, seq, tag, nparts, total, check = _FIXED.unpack_from(buf)[:6]
+    if magic != MAGIC:
+        raise CorruptMessage(f"corrupted header from {peer}: bad magic {magic:#x}")
+    if check != _crc(buf):
         raise CorruptMessage(f"corrupted header from {peer}: checksum mismatch")
-    seq, tag, nparts, total = w[1:5]
     if seq != expected_seq:
         raise CorruptMessage(f"corrupted stream from {peer}: message #{seq} arrived, expected #{expected_seq}")
     if not 0 <= nparts <= MAX_PARTS or not 0 <= total <= MAX_PAYLOAD:
         raise CorruptMessage(f"corrupted header from {peer}: {nparts} parts, {total} bytes")
-    parts, size = [], 0
-    for i in range(nparts):
-        base = FIXED_WORDS + i * PART_WORDS
-        code, ndim = w[base], w[base + 1]
-        if not 0 <= code < len(DTYPES) or not 0 <= ndim <= MAX_DIMS:
-            raise CorruptMessage(f"corrupted header from {peer}: part {i} has dtype code {code}, {ndim} dims")
-        shape = w[base + 2 : base + 2 + ndim]
-        if any(d < 0 for d in shape):
-            raise CorruptMessage(f"corrupted header from {peer}: part {i} has shape {shape}")
-        part = PartSpec(DTYPES[code], shape)
-        size += part.nbytes
-        parts.append(part)
+    raw = bytes(buf[FIXED_WORDS * 8 :]) + bytes([nparts])
+    got = _decode_cache.get(raw)
+    if got is None:
+        got = _unpack_parts(raw[:-1], nparts)
+        if len(_decode_cache) >= _CACHE_LIMIT:
+            _decode_cache.clear()
+        _decode_cache[raw] = got
+    if isinstance(got, str):
+        raise CorruptMessage(f"corrupted header from {peer}: {got}")
+    parts, size = got
     if size != total:
         raise CorruptMessage(f"corrupted header from {peer}: part sizes do not add up to {total} bytes")
-    return tag, parts
+    return tag, list(parts)

@@ -53,16 +53,16 @@ def corrupt_header(rank: int, world: int, store, args: dict) -> dict:
     """Rank 0 garbles the shape field of a header after its checksum; rank 1 must raise CorruptMessage."""
     ep = _endpoint(rank, store, "corrupt", args)
     if rank == 0:
-        real = wire.encode_header
+        real = wire.encode_header_for
 
-        def garbled(seq, tag, parts):
-            header = np.array(real(seq, tag, parts))  # a writable copy, whatever encode_header returns
+        def garbled(seq, tag, key):
+            header = np.array(real(seq, tag, key))  # a writable copy, whatever encode_header_for returns
             header.view(np.int64)[wire.FIXED_WORDS + 2] += 1000  # first dim of part 0
             return header
 
-        wire.encode_header = garbled
+        wire.encode_header_for = garbled
         ep.send(1, [torch.ones(4, 4, device="cuda")], 0)
-        wire.encode_header = real
+        wire.encode_header_for = real
         ep.recv(1, 9, timeout=args["timeout_s"] * 4)  # rank 1's "done" note: the other direction is intact
         return {}
     try:

@@ -116,16 +116,16 @@ def corrupt_header(rank: int, world: int, store, args: dict) -> dict:
     _maybe_init_pg(transport, rank, world, store)
     ep = _endpoint(transport, rank, [1 - rank], store, "corrupt", args)
     if rank == 0:
-        real = wire.encode_header
+        real = wire.encode_header_for
 
-        def garbled(seq, tag, parts):
-            words = real(seq, tag, parts)
+        def garbled(seq, tag, key):
+            words = real(seq, tag, key)
             words.view(np.int64)[wire.FIXED_WORDS + 2] += 1000  # first dim of part 0, after the checksum was computed
             return words
 
-        wire.encode_header = garbled
+        wire.encode_header_for = garbled
         ep.isend(1, [torch.ones(4, 4)], 0)  # not waited: a torch_dist send completes only once received
-        wire.encode_header = real
+        wire.encode_header_for = real
         ep.recv(1, 9, timeout=args["timeout_s"] * 4)  # rank 1's "done" note: the other direction is intact
         return {}
     try:
