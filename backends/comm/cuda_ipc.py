@@ -35,7 +35,6 @@ import json
 import os
 import re
 from collections import deque
-from datetime import timedelta
 from typing import Sequence
 
 import numpy as np
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 
 from msc.backends.comm import wire
-from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError, _Recv
+from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError, TagMatch, _Recv, fetch_key
 from msc.errors import MscError
 
 DEFAULT_CAPACITY = 4 << 20
@@ -77,8 +76,7 @@ class _In:
         self.read = self.freed = self.reported = self.seq = 0  # ring position; bytes copied out / credited
         self.cur = None  # the message being assembled: [tag, parts, byte views, cursor, bytes left]
         self.pending: deque = deque()  # (event | None, nbytes, (tag, parts) | None), in copy order
-        self.stash: dict[int, deque[list[Tensor]]] = {}
-        self.waiting: dict[int, deque[_Recv]] = {}
+        self.match = TagMatch()
 
 
 def _bytes(t: Tensor) -> Tensor:
@@ -219,11 +217,8 @@ class CudaIpcEndpoint(Endpoint):
     # ------------------------------------------------------------------ receive
     def irecv(self, peer: int, tag: int = 0) -> Handle:
         st = self._state(self._in, peer)
-        h, stash = _Recv(self, peer, tag), st.stash.get(tag)
-        if stash:
-            h.result, h.done = stash.popleft(), True
-        else:
-            st.waiting.setdefault(tag, deque()).append(h)
+        h = _Recv(self, peer, tag)
+        st.match.claim(h)
         return h
 
     def _on_control(self, peer: int, st: _In, w: np.ndarray) -> None:
@@ -254,24 +249,13 @@ class CudaIpcEndpoint(Endpoint):
             st.cur = None
         st.pending.append((ev, n, (cur[0], cur[1]) if cur[4] == 0 else None))
 
-    @staticmethod
-    def _deliver(st: _In, tag: int, parts: list[Tensor]) -> None:
-        # NOTE: our own, not StreamEndpoint._deliver: that one keeps (parts, ring holds) pairs for shm's
-        # borrowed receives; here every message is a copy, so waiters and the stash take the parts alone.
-        waiting = st.waiting.get(tag)
-        if waiting:
-            h = waiting.popleft()
-            h.result, h.done = parts, True
-        else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
-            st.stash.setdefault(tag, deque()).append(parts)
-
     def _finish_recvs(self, peer: int, st: _In) -> bool:
         moved = False
         while st.pending and self._complete(st.pending[0][0]):
             _, n, msg = st.pending.popleft()
             st.freed, moved = st.freed + n, True
             if msg is not None:
-                self._deliver(st, msg[0], msg[1])
+                st.match.deliver(msg[0], msg[1])
         if st.freed - st.reported >= st.cap // 4:  # NOTE: credit in quarter rings: fewer control messages
             self.inner.isend(peer, [torch.tensor([st.freed], dtype=torch.int64)], _T_CREDIT, flush=False)
             st.reported = st.freed
@@ -408,11 +392,8 @@ def connect_cuda_ipc(rank: int, peers: list[int], store, *, prefix: str = "m2n",
         mapped = {}
         for p in peers:
             key = f"{prefix}/cuda_ipc/ring/{p}/{rank}"
-            try:
-                store.wait([key], timedelta(seconds=timeout_s))
-            except Exception as e:  # the store raises its own timeout types
-                raise MscError(f"cuda_ipc: rank {p} did not publish its ring within {timeout_s:.0f} s ({e})") from None
-            mapped[p] = _import(store.get(key).decode(), device, capacity, rank, p)
+            mapped[p] = _import(fetch_key(store, key, timeout_s, f"cuda_ipc: rank {p} did not publish its ring"),
+                                device, capacity, rank, p)
         return CudaIpcEndpoint(rank, peers, inner, rings, mapped, device, timeout_s)
     except BaseException:
         inner.close()

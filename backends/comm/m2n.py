@@ -25,6 +25,7 @@ because each side's wait also drains what the other side is sending.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from collections import deque
 from typing import Protocol, Sequence
 
@@ -230,6 +231,39 @@ class _Recv(Handle):
             self.holds = []
 
 
+class TagMatch:
+    """Matches one peer's messages to receives by tag: a message nobody has asked for yet waits in
+    the stash, a receive posted before its message waits in `waiting` (both first in, first out)."""
+
+    def __init__(self):
+        self.stash: dict[int, deque[tuple[list[Tensor], list]]] = {}
+        self.waiting: dict[int, deque[_Recv]] = {}
+
+    def claim(self, h: "_Recv") -> None:
+        """Complete `h` from the stash if its message came already, else queue it."""
+        stash = self.stash.get(h.tag)
+        if stash:
+            (h.result, h.holds), h.done = stash.popleft(), True
+        else:
+            self.waiting.setdefault(h.tag, deque()).append(h)
+
+    def deliver(self, tag: int, parts: list[Tensor], holds: list | None = None) -> None:
+        waiting = self.waiting.get(tag)
+        if waiting:
+            h = waiting.popleft()
+            h.result, h.holds, h.done = parts, holds or [], True
+        else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
+            self.stash.setdefault(tag, deque()).append((parts, holds or []))
+
+    def wanted(self) -> bool:
+        """True while some receive waits for a message."""
+        return any(self.waiting.values())
+
+    def abandon(self) -> None:
+        """Forget the waiting receives (the stream they waited on is broken)."""
+        self.waiting = {}
+
+
 class _Inbound:
     """Receive state of one peer's stream: the message being read and the messages read but not claimed."""
 
@@ -243,9 +277,8 @@ class _Inbound:
         self.part_got = 0
         self.tag = 0
         self.seq = 0
-        self.stash: dict[int, deque[tuple[list[Tensor], list]]] = {}
+        self.match = TagMatch()
         self.broken: Exception | None = None
-        self.waiting: dict[int, deque[_Recv]] = {}
 
 
 _WAIT = object()  # Channel.borrow: "the bytes are not all here yet, but will be readable in place"
@@ -324,11 +357,8 @@ class StreamEndpoint(Endpoint):
         st = self._in[peer]
         if st.broken is not None:
             raise st.broken
-        stash = st.stash.get(tag)
-        if stash:
-            (h.result, h.holds), h.done = stash.popleft(), True
-        else:
-            st.waiting.setdefault(tag, deque()).append(h)
+        st.match.claim(h)
+        if not h.done:
             self._pull(peer, self.channels[peer], st)
         return h
 
@@ -348,7 +378,8 @@ class StreamEndpoint(Endpoint):
                 try:
                     st.tag, specs = wire.decode_header(st.header, st.seq, f"rank {peer} ({ch.name})")
                 except wire.CorruptMessage as e:
-                    st.broken, st.waiting = e, {}  # the stream from this peer can no longer be trusted
+                    st.broken = e  # the stream from this peer can no longer be trusted
+                    st.match.abandon()
                     raise
                 st.seq += 1
                 st.specs = specs
@@ -387,12 +418,7 @@ class StreamEndpoint(Endpoint):
     @staticmethod
     def _deliver(st: _Inbound, tag: int, parts: list[Tensor], holds: list) -> None:
         st.parts, st.targets, st.specs = None, [], None
-        waiting = st.waiting.get(tag)
-        if waiting:
-            h = waiting.popleft()
-            h.result, h.holds, h.done = parts, holds, True
-        else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
-            st.stash.setdefault(tag, deque()).append((parts, holds))
+        st.match.deliver(tag, parts, holds)
 
     # ------------------------------------------------------------------ progress
     def flush(self) -> None:
@@ -409,7 +435,7 @@ class StreamEndpoint(Endpoint):
             if q:
                 moved |= self._push(peer, ch, q)
             st = self._in[peer]
-            if st.waiting and any(st.waiting.values()) or st.specs is not None or st.header_got:
+            if st.match.wanted() or st.specs is not None or st.header_got:
                 moved |= self._pull(peer, ch, st)
         return moved
 
@@ -425,6 +451,16 @@ class StreamEndpoint(Endpoint):
         self._closed = True
         for ch in self.channels.values():
             ch.close()
+
+
+def fetch_key(store, key: str, timeout_s: float, what: str) -> str:
+    """What a peer published under `key` in the rendezvous store, waiting at most `timeout_s` (at
+    least 1 s); MscError "`what` within N s" when it never came."""
+    try:
+        store.wait([key], timedelta(seconds=max(1.0, timeout_s)))
+    except Exception as e:  # the store raises its own timeout types
+        raise MscError(f"{what} within {timeout_s:.0f} s ({e})") from None
+    return store.get(key).decode()
 
 
 def resolve_transport(transport: str, *, device: str, one_host: bool) -> str:

@@ -38,12 +38,11 @@ import random
 import socket
 import time
 from collections import deque
-from datetime import timedelta
 from types import SimpleNamespace
 
 import numpy as np
 
-from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, StreamEndpoint
+from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
 
 DEFAULT_CAPACITY = 4 << 20
@@ -362,11 +361,7 @@ def _pick_gid(v: SimpleNamespace, ctx, port: int) -> int:
 
 
 def _fetch(store, key: str, deadline: float, what: str) -> str:
-    try:
-        store.wait([key], timedelta(seconds=max(1.0, deadline - time.monotonic())))
-    except Exception as err:  # the store raises its own timeout types
-        raise MscError(f"rdma: {what} ({err})") from None
-    return store.get(key).decode()
+    return fetch_key(store, key, deadline - time.monotonic(), f"rdma: {what}")
 
 
 def connect_rdma(rank: int, peers: list[int], store, *, prefix: str = "m2n", timeout_s: float = DEFAULT_TIMEOUT_S,

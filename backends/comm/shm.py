@@ -33,13 +33,12 @@ import mmap
 import os
 import platform
 import secrets
-from datetime import timedelta
 
 from collections import deque
 
 import numpy as np
 
-from msc.backends.comm.m2n import _WAIT, DEFAULT_TIMEOUT_S, StreamEndpoint
+from msc.backends.comm.m2n import _WAIT, DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
 
 SHM_DIR = "/dev/shm"
@@ -311,11 +310,7 @@ def connect_shm(rank: int, peers: list[int], store, *, prefix: str = "m2n", time
         store.set(f"{prefix}/shm/box/{rank}", f"{mine.path}\n{','.join(map(str, peers))}")
         for p in peers:
             key = f"{prefix}/shm/box/{p}"
-            try:
-                store.wait([key], timedelta(seconds=timeout_s))
-            except Exception as e:  # the store raises its own timeout types
-                raise MscError(f"shm: rank {p} did not publish its mailbox within {timeout_s:.0f} s ({e})") from None
-            path, senders = store.get(key).decode().split("\n")
+            path, senders = fetch_key(store, key, timeout_s, f"shm: rank {p} did not publish its mailbox").split("\n")
             senders = [int(s) for s in senders.split(",") if s]
             if rank not in senders:
                 raise MscError(f"shm: rank {p} does not expect messages from rank {rank} (its peers: {senders})")

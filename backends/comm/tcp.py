@@ -14,11 +14,10 @@ import select
 import socket
 import struct
 import time
-from datetime import timedelta
 
 import numpy as np
 
-from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, StreamEndpoint
+from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
 
 _HELLO = struct.Struct("<8sq")
@@ -128,11 +127,8 @@ def connect_tcp(rank: int, peers: list[int], store, *, host: str = "127.0.0.1", 
         store.set(f"{prefix}/tcp/{rank}", f"{host}:{listener.getsockname()[1]}")
         for p in (p for p in peers if p > rank):  # we dial the higher ranks ...
             key = f"{prefix}/tcp/{p}"
-            try:
-                store.wait([key], timedelta(seconds=max(1.0, deadline - time.monotonic())))
-            except Exception as e:
-                raise MscError(f"tcp: rank {p} did not publish its address within {timeout_s:.0f} s ({e})") from None
-            addr, port = store.get(key).decode().rsplit(":", 1)
+            addr, port = fetch_key(store, key, deadline - time.monotonic(),
+                                   f"tcp: rank {p} did not publish its address").rsplit(":", 1)
             s = socket.create_connection((addr, int(port)), timeout=max(1.0, deadline - time.monotonic()))
             s.sendall(_HELLO.pack(_HELLO_MAGIC, rank))
             socks[p] = s

@@ -14,17 +14,15 @@ the timeout: one of the reasons the M2N transports exist.
 """
 from __future__ import annotations
 
-from collections import deque
 from datetime import timedelta
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from msc.backends.comm import wire
-from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError
+from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, Endpoint, Handle, PeerError, TagMatch, _Recv
 from msc.errors import MscError
 
 
@@ -34,20 +32,13 @@ class _Send(Handle):
         self.peer, self.works, self.keep = peer, works, keep
 
 
-class _Recv(Handle):
-    def __init__(self, endpoint, peer: int, tag: int):
-        super().__init__(endpoint)
-        self.peer, self.tag = peer, tag
-
-
 class _Inbound:
     def __init__(self, device: torch.device):
         self.header = torch.empty(wire.HEADER_BYTES, dtype=torch.uint8, device=device)
         self.header_work = None
         self.seq = 0
-        self.stash: dict[int, deque[list[Tensor]]] = {}
+        self.match = TagMatch()
         self.broken: Exception | None = None
-        self.waiting: dict[int, deque[_Recv]] = {}
 
 
 def _finish(work, what: str, timeout_s: float) -> None:
@@ -88,7 +79,7 @@ class TorchDistEndpoint(Endpoint):
     def _pull(self, peer: int, st: _Inbound) -> bool:
         """Read whole messages from `peer` (blocking) while someone waits for one that has not come."""
         moved = False
-        while any(st.waiting.values()):
+        while st.match.wanted():
             if st.header_work is None:
                 st.header_work = dist.irecv(st.header, peer)
             _finish(st.header_work, f"receiving a header from rank {peer}", self.timeout_s)
@@ -96,19 +87,15 @@ class TorchDistEndpoint(Endpoint):
             try:
                 tag, specs = wire.decode_header(st.header.cpu().numpy(), st.seq, f"rank {peer} (torch_dist)")
             except wire.CorruptMessage as e:
-                st.broken, st.waiting = e, {}  # the stream from this peer can no longer be trusted
+                st.broken = e  # the stream from this peer can no longer be trusted
+                st.match.abandon()
                 raise
             st.seq += 1
             parts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs]
             for w in [dist.irecv(t, peer) for t in parts if t.numel()]:
                 _finish(w, f"receiving a message from rank {peer}", self.timeout_s)
             moved = True
-            waiting = st.waiting.get(tag)
-            if waiting:
-                h = waiting.popleft()
-                h.result, h.done = parts, True
-            else:
-                st.stash.setdefault(tag, deque()).append(parts)
+            st.match.deliver(tag, parts)
         return moved
 
     def irecv(self, peer: int, tag: int = 0) -> Handle:
@@ -117,11 +104,8 @@ class TorchDistEndpoint(Endpoint):
         st = self._in[peer]
         if st.broken is not None:
             raise st.broken
-        stash = st.stash.get(tag)
-        if stash:
-            h.result, h.done = stash.popleft(), True
-        else:
-            st.waiting.setdefault(tag, deque()).append(h)
+        st.match.claim(h)
+        if not h.done:
             if st.header_work is None:  # post the header receive now; it completes in a later wait
                 st.header_work = dist.irecv(st.header, peer)
         return h
