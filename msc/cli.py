@@ -61,6 +61,9 @@ def run_cmd(
     input_ids: list[str] = typer.Option(None, "--input-ids", help="one prompt as comma-separated token ids; repeat for more"),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=0),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
+    delay_ms: Optional[str] = typer.Option(None, "--delay-ms", help="injected compute per layer, e.g. attention=20,expert=20"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="write the roles' timeline here (Chrome / Perfetto JSON)"),
 ):
     """Start every role as its own process and generate greedily."""
     from msc.runtime.launcher import run_bundle
@@ -69,14 +72,64 @@ def run_cmd(
 
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
-        result = run_bundle(bundle, prompts, max_new_tokens)
+        delays = _parse_delays(delay_ms) if delay_ms else None
+        result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace)
     except MscError as e:
         _fail(e)
+    steps = result["step_times"][0] if result["step_times"] else []
     if as_json:
-        print(json.dumps({"outputs": result["outputs"]}))
+        print(json.dumps({"outputs": result["outputs"], "microbatches": result["microbatches"], "step_times": result["step_times"]}))
     else:
         for p, o in zip(prompts, result["outputs"]):
             out.print(f"{p} -> {o}")
+        if len(steps) > 1:
+            decode = sorted(steps[1:])
+            err.print(f"m = {result['microbatches']}: prefill {steps[0] * 1e3:.1f} ms, median decode step "
+                      f"{decode[len(decode) // 2] * 1e3:.1f} ms over {len(decode)} steps")
+    if trace:
+        err.print(f"trace: {trace} (open in ui.perfetto.dev, or draw it: msc trace-plot {trace} -o timeline.png)")
+
+
+def _parse_delays(text: str) -> dict[str, float]:
+    delays = {}
+    for part in text.split(","):
+        side, _, value = part.partition("=")
+        side = side.strip()
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if side not in ("attention", "expert") or ms < 0:
+            raise MscError(f"--delay-ms '{text}': expected side=milliseconds pairs with sides attention and expert, "
+                           "like attention=20,expert=20")
+        delays[side] = ms
+    return delays
+
+
+@app.command("trace-plot")
+def trace_plot_cmd(
+    trace: Path = typer.Argument(..., help="a trace written by msc run --trace"),
+    output: Path = typer.Option(Path("timeline.png"), "-o", "--output", help="PNG to write"),
+    steps: Optional[str] = typer.Option(None, "--steps", help="comma-separated steps to draw (default: the decode steps)"),
+    title: Optional[str] = typer.Option(None, "--title"),
+):
+    """Draw a run's timeline: one lane per role, coloured by compute / send / recv / wait."""
+    from msc.trace_plot import load_trace, plot_trace, summarize
+
+    try:
+        chosen = [int(x) for x in steps.split(",")] if steps else None
+    except ValueError:
+        _fail(MscError(f"--steps '{steps}': expected comma-separated step numbers, like 1,2,3"))
+    try:
+        t = load_trace(trace)
+        summary = summarize(t, chosen)
+        plot_trace(t, output, steps=chosen, title=title)
+    except MscError as e:
+        _fail(e)
+    for side, idle in summary["sides"].items():
+        if idle is not None:
+            out.print(f"{side}: idle {idle:.0%}")
+    err.print(f"wrote {output}")
 
 
 @app.command("verify")

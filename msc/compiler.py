@@ -87,6 +87,9 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None
         if not programs:
             raise MscError("the pass pipeline produced no role programs; it must end with lower_roles")
 
+        if plan.microbatches > 1 and "pipeline" not in graph_meta(gm):
+            raise MscError(f"plan.microbatches = {plan.microbatches} needs the pipeline_microbatches pass, "
+                           "which the spec's passes: list leaves out")
         roles = [{"name": f"attention.{i}", "program": "attention", "kind": "attention", "rank": i} for i in range(plan.attention.replicas)]
         roles += [
             {"name": name, "program": name, "kind": "expert", "rank": plan.attention.replicas + j}
@@ -111,6 +114,7 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None
             "roles": roles,
             "placement": {str(k): v for k, v in graph_meta(gm)["placement"]["bounds"].items()},
             "passes": graph_meta(gm)["passes"],
+            "pipeline": graph_meta(gm).get("pipeline"),
             "capture_seconds": round(captured.seconds, 3),
         }
         say("writing bundle")

@@ -58,7 +58,7 @@ class Pass:
 
 PASSES: dict[str, type[Pass]] = {}
 
-DEFAULT_PIPELINE = ["annotate_roles", "split_roles", "place_experts", "insert_dispatch_combine", "lower_roles"]
+DEFAULT_PIPELINE = ["annotate_roles", "split_roles", "place_experts", "insert_dispatch_combine", "lower_roles", "pipeline_microbatches"]
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:

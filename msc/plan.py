@@ -52,8 +52,4 @@ def resolve_plan(spec: PlanSpec, num_experts: int) -> Plan:
     for key, value in (("plan.attention.tp", plan.attention.tp), ("plan.experts.tp", plan.experts.tp)):
         if value != 1:
             raise MscError(f"{key} = {value}: tensor parallelism inside a role is not implemented yet; use 1")
-    if plan.microbatches != 1:
-        raise MscError(
-            f"plan.microbatches = {plan.microbatches}: the ping-pong micro-batch pipeline is not implemented yet; use 1"
-        )
     return plan

@@ -62,12 +62,23 @@ class PassEntry(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class DelaySpec(_Strict):
+    """Simulated compute per layer and step, for tests and demos of the pipeline on slow hardware: each
+    micro-batch of a step waits its even share (a step split into m micro-batches waits delay/m per
+    micro-batch and layer, as real compute time splits with the batch)."""
+
+    attention: float = Field(default=0.0, ge=0)
+    expert: float = Field(default=0.0, ge=0)
+
+
 class RuntimeSpec(_Strict):
     # auto: shared memory when every role is on one host (cuda_ipc for GPU roles), tcp across hosts.
     transport: Literal["auto", "shm", "tcp", "cuda_ipc", "rdma", "torch_dist"] = "auto"
     timeout_s: float = Field(default=60.0, gt=0)
     # Per-pair receive buffer of the shm / cuda_ipc transports; larger messages stream through it.
     buffer_bytes: int = Field(default=4 << 20, ge=4096)
+    # Injected delay in milliseconds per layer (see DelaySpec); zero in real deployments.
+    delay_ms: DelaySpec = Field(default_factory=DelaySpec)
 
 
 class Spec(_Strict):

@@ -3,6 +3,7 @@ from msc.passes import (  # noqa: F401
     annotate_roles,
     insert_dispatch_combine,
     lower_roles,
+    pipeline_microbatches,
     place_experts,
     split_roles,
 )

@@ -175,6 +175,25 @@ class Endpoint:
             self._wait(ready, list(handles), timeout)
         return found[0]
 
+    def wait_any_group(self, groups: Sequence[Sequence[Handle]], timeout: float | None = None) -> int:
+        """Index of the first of `groups` whose handles have all completed (the lowest index when several
+        have). The ping-pong expert uses it to start on whichever micro-batch has arrived from every
+        attention replica. An empty group counts as complete."""
+        if not groups:
+            raise ValueError("wait_any_group needs at least one group")
+        found: list[int] = []
+
+        def ready() -> bool:
+            for i, g in enumerate(groups):
+                if all(h.done for h in g):
+                    found.append(i)
+                    return True
+            return False
+
+        if not ready():
+            self._wait(ready, [h for g in groups for h in g], timeout)
+        return found[0]
+
     def idle(self, idle_s: float, budget_s: float) -> None:
         """Called when nothing moved for `idle_s`; may block up to `budget_s` for the peers to act.
 

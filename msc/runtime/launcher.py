@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from msc.bundle import Bundle
 from msc.errors import MscError
+from msc.runtime.trace import merge_traces
 
 
 def _free_port() -> int:
@@ -44,8 +45,16 @@ def run_bundle(
     dump_logits: bool = False,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
+    microbatches: int | None = None,
+    delay_ms: dict[str, float] | None = None,
+    trace: str | Path | None = None,
 ) -> dict:
-    """Generate greedily for `prompts` with the bundle's roles; returns {"outputs": [...], "logits": [...]?}."""
+    """Generate greedily for `prompts` with the bundle's roles.
+
+    Returns {"outputs", "transport", "microbatches", "step_times" (seconds per forward, per attention
+    replica), "logits"?}. `microbatches` and `delay_ms` override the bundle's plan and spec for this run;
+    `trace` writes the roles' merged timeline there (Chrome / Perfetto JSON).
+    """
     bundle = Bundle.open(bundle_dir)
     bundle.checkpoint_dir()  # fails clearly for meta-only bundles
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -54,11 +63,15 @@ def run_bundle(
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    if trace is not None and not Path(trace).parent.resolve().is_dir():
+        raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
     roles = bundle.roles
     deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
     with tempfile.TemporaryDirectory(prefix="msc-run-") as tmp:
         tmp = Path(tmp)
         (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits}))
+        run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "trace_dir": str(tmp) if trace else None}
+        (tmp / "run-config.json").write_text(json.dumps(run_config))
         base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                     "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         procs = []
@@ -66,7 +79,8 @@ def run_bundle(
             for r in roles:
                 log = open(tmp / f"{r['name']}.log", "w")
                 cmd = [sys.executable, "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
-                       "--requests", str(tmp / "requests.json"), "--result", str(tmp / "result.{rank}.json")]
+                       "--requests", str(tmp / "requests.json"), "--result", str(tmp / "result.{rank}.json"),
+                       "--run-config", str(tmp / "run-config.json")]
                 procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"])}, stdout=log, stderr=subprocess.STDOUT)))
                 log.close()
             pending = list(procs)
@@ -91,12 +105,13 @@ def run_bundle(
                     p.wait(timeout=10)
         outputs: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
-        transport = None
+        transport, used_m, step_times = None, None, []
         for r in roles:
             if r["kind"] != "attention":
                 continue
             res = json.loads((tmp / f"result.{r['rank']}.json").read_text())
-            transport = res.get("transport")
+            transport, used_m = res.get("transport"), res.get("microbatches")
+            step_times.append(res.get("step_times", []))
             for i, out in zip(res["indices"], res["outputs"]):
                 outputs[i] = out
             if dump_logits:
@@ -104,7 +119,13 @@ def run_bundle(
                 saved = load_file(str(f)) if f.exists() else {}
                 for i in res["indices"]:
                     logits[i] = saved.get(f"prompt_{i}", torch.empty(0))
-    result = {"outputs": outputs, "transport": transport}
+        if trace:
+            spec_delay = bundle.manifest["spec"]["runtime"].get("delay_ms") or {}
+            meta = {"bundle": str(bundle.path), "microbatches": used_m, "delay_ms": {**spec_delay, **(delay_ms or {})},
+                    "model": bundle.manifest["model"]["model_type"], "layers": bundle.manifest["model"]["num_hidden_layers"],
+                    "roles": [r["name"] for r in roles], "transport": transport}
+            merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
+    result = {"outputs": outputs, "transport": transport, "microbatches": used_m, "step_times": step_times}
     if dump_logits:
         result["logits"] = logits
     return result

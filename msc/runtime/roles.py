@@ -1,5 +1,13 @@
-"""What each role process does with its program: the attention replica generates, an expert node serves."""
+"""What each role process does with its program: the attention replica generates, an expert node serves.
+
+Both run their program as stages (msc/runtime/staged.py), one micro-batch at a time: the attention
+replica splits each step's sequences into up to m micro-batches and runs them ping-pong, so that one
+micro-batch's attention runs while another's tokens are at the experts; an expert node runs the layer
+of whichever micro-batch has arrived from every replica first.
+"""
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.fx as fx
@@ -7,23 +15,39 @@ from torch import Tensor
 
 from msc.runtime import context
 from msc.runtime.kv_cache import KVCache, StepLayout, cached_attention
+from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
+from msc.runtime.trace import Trace
+
+
+def _injected_delay(trace: Trace, seconds: float, layer, mb) -> None:
+    """Stand-in compute for demos and tests of the pipeline (spec runtime.delay_ms); 0 does nothing."""
+    if seconds > 0:
+        with trace.span("compute", "injected delay", layer, mb, injected=True):
+            time.sleep(seconds)
 
 
 class AttentionRole:
     """Runs the attention program: prefill + greedy decode with a KV cache, experts reached via `comm`."""
 
-    def __init__(self, program: fx.GraphModule, comm, num_layers: int, eos_token_id, batch_size: int, device="cpu"):
-        self.program, self.comm, self.num_layers = program, comm, num_layers
+    def __init__(self, program: fx.GraphModule, comm, num_layers: int, eos_token_id, batch_size: int, device="cpu", *,
+                 microbatches: int = 1, delay_s: float = 0.0, trace: Trace | None = None):
+        self.program, self.comm, self.num_layers = StagedProgram(program), comm, num_layers
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         self.eos = {e for e in eos if e is not None}
         self.batch_size, self.device = batch_size, torch.device(device)
+        self.microbatches, self.delay_s = microbatches, delay_s
+        self.trace = trace or Trace("attention", 0, enabled=False)
+        comm.trace = self.trace
         self.cache: KVCache | None = None
         self.layout: StepLayout | None = None
+        self.mb, self.step_microbatches = 0, 1
         self.forwards = 0
+        self.step_times: list[float] = []  # seconds per forward (prefill first)
         self.on_forward = None  # fault-injection hook for tests
 
     # ------------------------------------------------------------------ RuntimeContext
     def attention(self, q, k, v, layer, scaling, sliding_window):
+        _injected_delay(self.trace, self.delay_s / self.step_microbatches, layer, self.mb)
         return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, sliding_window)
 
     def dispatch(self, hidden, idx, weights, layer, bounds):
@@ -34,18 +58,41 @@ class AttentionRole:
 
     # ------------------------------------------------------------------ generation
     def _forward(self, ids: list[int], positions: list[int], layout: StepLayout) -> Tensor:
-        self.layout = layout
-        self.comm.begin_forward()
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, T]
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
+        """One step of every active sequence, as up to m micro-batches run ping-pong; logits [B, V]."""
+        t0 = time.time_ns()
+        groups = split_microbatches(layout.lengths, self.microbatches)
+        self.step_microbatches = len(groups)
+        self.comm.begin_forward(len(groups))
+        starts = layout.starts
+        layouts, envs = [], []
+        for g in groups:
+            lo, hi = starts[g.start], starts[g.stop - 1] + layout.lengths[g.stop - 1]  # this group's tokens
+            layouts.append(StepLayout([layout.seq_ids[i] for i in g], [layout.lengths[i] for i in g]))
+            input_ids = torch.tensor([ids[lo:hi]], dtype=torch.long, device=self.device)  # [1, T_mb]
+            position_ids = torch.tensor([positions[lo:hi]], dtype=torch.long, device=self.device)  # [1, T_mb]
+            envs.append(self.program.start(input_ids, position_ids))
+        stage_layers = self.program.stage_layers
         with context.use(self), torch.no_grad():
-            out = self.program(input_ids, position_ids)
-        logits = out[0] if isinstance(out, (tuple, list)) else out  # [1, T, V]
+            for stage, mb in ping_pong(self.program.num_stages, len(groups)):
+                self.mb = self.comm.mb = mb
+                self.layout = layouts[mb]
+                layer = stage_layers[stage][-1] if stage_layers[stage] else None
+                with self.trace.span("compute", f"attention stage {stage}", layer, mb):
+                    self.program.run_stage(stage, envs[mb])
+        rows = []
+        for env, lay in zip(envs, layouts):
+            out = self.program.output(env)
+            logits = out[0] if isinstance(out, (tuple, list)) else out  # [1, T_mb, V]
+            ends = torch.tensor(lay.starts) + torch.tensor(lay.lengths) - 1
+            rows.append(logits[0, ends].float())  # [B_mb, V] logits of each sequence's last token
+        t1 = time.time_ns()
+        self.step_times.append((t1 - t0) / 1e9)
+        self.trace.mark_step(t0, t1, len(ids), len(groups))
+        self.trace.step += 1
         self.forwards += 1
         if self.on_forward is not None:
             self.on_forward(self.forwards)
-        ends = torch.tensor(layout.starts) + torch.tensor(layout.lengths) - 1
-        return logits[0, ends].float()  # [B, V] logits of each sequence's last token
+        return torch.cat(rows)  # [B, V]
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[Tensor]]:
         """Greedy generation; returns new tokens per prompt and, per prompt, logits [steps, V] of each step."""
@@ -90,21 +137,47 @@ class AttentionRole:
 class ExpertRole:
     """Runs the expert program once per forward of the attention replicas, until all of them are done."""
 
-    def __init__(self, program: fx.GraphModule, comm):
-        self.program, self.comm = program, comm
+    def __init__(self, program: fx.GraphModule, comm, *, delay_s: float = 0.0, trace: Trace | None = None):
+        self.program, self.comm = StagedProgram(program), comm
+        self.delay_s = delay_s
+        self.trace = trace or Trace("expert", 0, enabled=False)
+        comm.trace = self.trace
         self.forwards = 0
         self.on_forward = None  # fault-injection hook for tests
 
     def expert_recv(self, layer, hidden_size, top_k, dtype):
-        return self.comm.expert_recv(layer, hidden_size, top_k, dtype)
+        batch = self.comm.expert_recv(layer, hidden_size, top_k, dtype)
+        _injected_delay(self.trace, self.delay_s / self.comm.microbatches, layer, self.comm.mb)  # the experts' stand-in compute
+        return batch
 
     def expert_send(self, hidden, layer):
         self.comm.expert_send(hidden, layer)
 
     def serve(self) -> int:
-        while self.comm.begin_forward():
+        """Serve forwards until every attention replica is done; returns how many."""
+        prog, layers = self.program, self.program.stage_layers
+        while True:
+            with self.trace.span("wait", "wait for a forward"):
+                if not self.comm.begin_forward():
+                    break
+            m = self.comm.microbatches
+            envs = [prog.start() for _ in range(m)]
+            next_stage = {mb: 0 for mb in range(m)}  # per micro-batch: its next layer's stage
             with context.use(self), torch.no_grad():
-                self.program()
+                while next_stage:
+                    # NOTE: data-driven order: run whichever micro-batch's next layer has arrived from every
+                    # replica (lowest micro-batch first among those that have), not a fixed ping-pong list.
+                    items = [(layers[s][0], mb) for mb, s in next_stage.items()]
+                    with self.trace.span("wait", "wait for tokens"):
+                        layer, mb = items[self.comm.wait_ready(items)]
+                    stage = next_stage[mb]
+                    self.comm.mb = mb
+                    with self.trace.span("compute", f"experts L{layer}", layer, mb):
+                        prog.run_stage(stage, envs[mb])
+                    next_stage[mb] += 1
+                    if next_stage[mb] == prog.num_stages:
+                        del next_stage[mb]
+            self.trace.step += 1
             self.forwards += 1
             if self.on_forward is not None:
                 self.on_forward(self.forwards)

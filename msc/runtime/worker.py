@@ -5,6 +5,10 @@ sets: rank 0 hosts a TCPStore that every role uses to find its peers, and the M2
 bundle's transport is opened through it (`auto`: shared memory when all roles share a host, which
 LOCAL_WORLD_SIZE == WORLD_SIZE tells, else tcp). The rank picks the role from the bundle's manifest. Attention replicas read the requests file,
 take their share of the prompts (prompt i goes to replica i mod n_a) and write a result file.
+
+`--run-config FILE` (JSON, every key optional) overrides the bundle for this run: `microbatches` (the
+plan's m), `delay_ms` ({"attention": ms, "expert": ms}, the spec's runtime.delay_ms) and `trace_dir`
+(each role writes its timeline there as trace.RANK.json).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from msc.bundle import Bundle
 from msc.errors import MscError
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.runtime.roles import AttentionRole, ExpertRole
+from msc.runtime.trace import Trace
 
 FAULT_ROLE = "MSC_FAULT_EXIT_ROLE"  # test hook: this role exits abruptly ...
 FAULT_AFTER = "MSC_FAULT_EXIT_AFTER"  # ... after this many forwards
@@ -40,7 +45,30 @@ def _fault_hook(role_name: str):
     return hook
 
 
-def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> None:
+def load_run_config(path: str | None, manifest: dict) -> dict:
+    """The bundle's run settings with the overrides of `path` applied."""
+    spec_delay = manifest["spec"]["runtime"].get("delay_ms") or {}
+    cfg = {"microbatches": manifest["plan"]["microbatches"], "trace_dir": None,
+           "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)}}
+    if path:
+        over = json.loads(Path(path).read_text())
+        unknown = set(over) - set(cfg)
+        if unknown:
+            raise MscError(f"run config {path}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
+        cfg.update({k: v for k, v in over.items() if k != "delay_ms" and v is not None})
+        delay = over.get("delay_ms") or {}
+        if set(delay) - {"attention", "expert"}:
+            raise MscError(f"run config {path}: delay_ms takes the keys attention and expert, got {sorted(delay)}")
+        cfg["delay_ms"].update(delay)
+    m = cfg["microbatches"]
+    if not isinstance(m, int) or not 1 <= m <= 8:
+        raise MscError(f"microbatches must be an integer from 1 to 8, got {m!r}")
+    if any(not isinstance(v, (int, float)) or v < 0 for v in cfg["delay_ms"].values()):
+        raise MscError(f"delay_ms values must be milliseconds >= 0, got {cfg['delay_ms']}")
+    return cfg
+
+
+def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_config: str | None = None) -> None:
     bundle = Bundle.open(bundle_dir)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     roles = bundle.roles
@@ -50,6 +78,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
     device = bundle.manifest["device"]
     runtime = bundle.manifest["spec"]["runtime"]
     timeout = datetime.timedelta(seconds=runtime["timeout_s"])
+    cfg = load_run_config(run_config, bundle.manifest)
+    trace = Trace(role["name"], rank, enabled=cfg["trace_dir"] is not None)
     program = bundle.load_program(role["program"], device)
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
@@ -66,7 +96,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
         if role["kind"] == "expert":
-            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, device))
+            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, device),
+                                delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
             worker.on_forward = _fault_hook(role["name"])
             worker.serve()
             return
@@ -76,7 +107,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         m = bundle.manifest
         worker = AttentionRole(
             program, AttentionExchange(endpoint, exp_ranks, device), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
-            m["plan"]["batch_size"], device,
+            m["plan"]["batch_size"], device, microbatches=cfg["microbatches"], delay_s=cfg["delay_ms"]["attention"] / 1e3,
+            trace=trace,
         )
         worker.on_forward = _fault_hook(role["name"])
         outputs, logits = worker.generate([req["prompts"][i] for i in mine], int(req["max_new_tokens"]))
@@ -84,9 +116,12 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None) -> Non
         if req.get("dump_logits"):
             save_file({f"prompt_{i}": t.contiguous() for i, t in zip(mine, logits) if t.numel()}, str(out.with_suffix(".safetensors")))
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards, "transport": transport}))
+        tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards, "transport": transport,
+                                   "step_times": worker.step_times, "microbatches": cfg["microbatches"]}))
         tmp.replace(out)
     finally:
+        if trace.enabled:
+            trace.write(Path(cfg["trace_dir"]) / f"trace.{rank}.json")
         if endpoint is not None:
             endpoint.close()
         if use_pg:
@@ -98,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--requests")
     ap.add_argument("--result", default="result.{rank}.json")
+    ap.add_argument("--run-config", help="JSON overrides for this run: microbatches, delay_ms, trace_dir")
     args = ap.parse_args(argv)
     try:
-        run_worker(args.bundle, args.requests, args.result)
+        run_worker(args.bundle, args.requests, args.result, args.run_config)
     except MscError as e:
         print(f"msc worker rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
         return 1
