@@ -22,6 +22,20 @@ def reference_generate(model, prompt: list[int], max_new_tokens: int) -> list[in
     return out[0, len(prompt):].tolist()
 
 
+def max_logit_error(model, prompts: list[list[int]], outputs: list[list[int]], logits: list[torch.Tensor]) -> float:
+    """Largest |logit difference| between msc's per-step logits and the model's own forward over the
+    same tokens (teacher forcing on msc's outputs)."""
+    max_err = 0.0
+    with torch.no_grad():
+        for prompt, out, ours in zip(prompts, outputs, logits):
+            if not out:
+                continue
+            seq = torch.tensor([prompt + out[:-1]])
+            ref_logits = model(seq).logits[0, len(prompt) - 1 :].float()  # [steps, V]
+            max_err = max(max_err, (ref_logits - ours).abs().max().item())
+    return max_err
+
+
 def verify_bundle(bundle_dir, prompts: list[list[int]] | None = None, max_new_tokens: int = 8) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -30,15 +44,8 @@ def verify_bundle(bundle_dir, prompts: list[list[int]] | None = None, max_new_to
     ours = run_bundle(bundle.path, prompts, max_new_tokens, dump_logits=True)
     dtype = getattr(torch, bundle.manifest["model"]["dtype"])
     model = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=dtype).eval()
-    max_err, refs = 0.0, []
-    with torch.no_grad():
-        for prompt, out, logits in zip(prompts, ours["outputs"], ours["logits"]):
-            refs.append(reference_generate(model, prompt, max_new_tokens))
-            if not out:
-                continue
-            seq = torch.tensor([prompt + out[:-1]])
-            ref_logits = model(seq).logits[0, len(prompt) - 1 :].float()  # [steps, V]
-            max_err = max(max_err, (ref_logits - logits).abs().max().item())
+    refs = [reference_generate(model, prompt, max_new_tokens) for prompt in prompts]
+    max_err = max_logit_error(model, prompts, ours["outputs"], ours["logits"])
     return {
         "max_abs_logit_err": max_err,
         "tokens_match": refs == ours["outputs"],

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from msc.bundle import Bundle
 from msc.errors import MscError
 from msc.runtime.trace import merge_traces
+from msc.runtime.worker import resolve_run_config
 
 
 def _free_port() -> int:
@@ -65,12 +66,14 @@ def run_bundle(
         raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
+    run_config = {"microbatches": microbatches, "delay_ms": delay_ms}
+    resolve_run_config(run_config, bundle.manifest)  # bad overrides fail here, before any process starts
     roles = bundle.roles
     deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
     with tempfile.TemporaryDirectory(prefix="msc-run-") as tmp:
         tmp = Path(tmp)
         (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits}))
-        run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "trace_dir": str(tmp) if trace else None}
+        run_config["trace_dir"] = str(tmp) if trace else None
         (tmp / "run-config.json").write_text(json.dumps(run_config))
         base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                     "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -46,25 +46,28 @@ def _fault_hook(role_name: str):
 
 
 def load_run_config(path: str | None, manifest: dict) -> dict:
-    """The bundle's run settings with the overrides of `path` applied."""
+    """The bundle's run settings with the overrides in JSON file `path` applied."""
+    return resolve_run_config(json.loads(Path(path).read_text()) if path else {}, manifest, f"run config {path}")
+
+
+def resolve_run_config(over: dict, manifest: dict, source: str = "run options") -> dict:
+    """The bundle's run settings (plan's m, spec's delays, no trace) with `over` applied and checked."""
     spec_delay = manifest["spec"]["runtime"].get("delay_ms") or {}
     cfg = {"microbatches": manifest["plan"]["microbatches"], "trace_dir": None,
            "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)}}
-    if path:
-        over = json.loads(Path(path).read_text())
-        unknown = set(over) - set(cfg)
-        if unknown:
-            raise MscError(f"run config {path}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
-        cfg.update({k: v for k, v in over.items() if k != "delay_ms" and v is not None})
-        delay = over.get("delay_ms") or {}
-        if set(delay) - {"attention", "expert"}:
-            raise MscError(f"run config {path}: delay_ms takes the keys attention and expert, got {sorted(delay)}")
-        cfg["delay_ms"].update(delay)
+    unknown = set(over) - set(cfg)
+    if unknown:
+        raise MscError(f"{source}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
+    cfg.update({k: v for k, v in over.items() if k != "delay_ms" and v is not None})
+    delay = over.get("delay_ms") or {}
+    if set(delay) - {"attention", "expert"}:
+        raise MscError(f"{source}: delay_ms takes the keys attention and expert, got {sorted(delay)}")
+    cfg["delay_ms"].update(delay)
     m = cfg["microbatches"]
-    if not isinstance(m, int) or not 1 <= m <= 8:
-        raise MscError(f"microbatches must be an integer from 1 to 8, got {m!r}")
+    if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 8:
+        raise MscError(f"{source}: microbatches must be an integer from 1 to 8, got {m!r}")
     if any(not isinstance(v, (int, float)) or v < 0 for v in cfg["delay_ms"].values()):
-        raise MscError(f"delay_ms values must be milliseconds >= 0, got {cfg['delay_ms']}")
+        raise MscError(f"{source}: delay_ms values must be milliseconds >= 0, got {cfg['delay_ms']}")
     return cfg
 
 
