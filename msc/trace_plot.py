@@ -372,6 +372,9 @@ def ideal_step_time(t_a: float, t_e: float, t_c: float, m: int, layers: int) -> 
     communication time; m: micro-batches; layers: L. Times in any one unit; the result is in that unit.
     The first micro-batch pays the full attention → send → experts → send latency once; afterwards the
     slower side sets the pace for the remaining m*L - 1 (micro-batch, layer) slots.
+
+    NOTE: the formula assumes a full pipeline, m >= 2 * (1 + T_c / T_f). With fewer micro-batches a side
+    waits for the other: at m = 1 a step takes L * (T_a + T_e + 2 * T_c), more than this returns.
     """
     if m < 1 or layers < 1:
         raise MscError(f"ideal_step_time needs m >= 1 and layers >= 1 (got m={m}, layers={layers})")
