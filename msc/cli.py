@@ -163,12 +163,16 @@ def inspect_cmd(bundle: Path = typer.Argument(...)):
     except MscError as e:
         _fail(e)
     t = Table(title=f"{bundle} ({manifest['model']['model_type']}, {manifest['model']['dtype']})")
-    for col in ("role", "rank", "program", "nodes", "msc ops", "parameters", "bytes"):
-        t.add_column(col, justify="right" if col in ("rank", "nodes", "parameters", "bytes") else "left")
+    for col in ("role", "rank", "program", "nodes", "stages", "msc ops", "parameters", "bytes"):
+        t.add_column(col, justify="right" if col in ("rank", "nodes", "stages", "parameters", "bytes") else "left")
     for r in rows:
-        t.add_row(r["role"], str(r["rank"]), r["program"], str(r["nodes"]), r["msc_ops"], f"{r['parameters']:,}", r["bytes_h"])
+        t.add_row(r["role"], str(r["rank"]), r["program"], str(r["nodes"]), str(r["stages"]), r["msc_ops"],
+                  f"{r['parameters']:,}", r["bytes_h"])
     out.print(t)
     out.print("passes: " + " -> ".join(p["name"] for p in manifest["passes"]))
+    pipe = manifest.get("pipeline")
+    if pipe:
+        out.print(f"pipeline: {pipe['microbatches']} micro-batch(es) per step, {pipe['schedule']}")
 
 
 @app.command("demo")

@@ -30,8 +30,10 @@ def role_table(bundle_dir) -> tuple[list[dict], dict]:
         numels = [(math.prod(e["shape"]), e["dtype"]) for e in wmap.values()]
         params = sum(n for n, _ in numels)
         nbytes = sum(n * _BYTES[dt] for n, dt in numels)
+        stages = {n["meta"]["msc"]["stage"] for n in prog["nodes"] if "stage" in n.get("meta", {}).get("msc", {})}
         rows.append({
             "role": role["name"], "rank": role["rank"], "program": role["program"], "nodes": len(prog["nodes"]),
+            "stages": len(stages),
             "msc_ops": ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())), "parameters": params, "bytes": nbytes,
             "bytes_h": human_bytes(nbytes),
         })

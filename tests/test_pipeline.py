@@ -98,3 +98,11 @@ def test_pipeline_overlaps_the_sides_and_reaches_the_ideal_step_time(tiny_bundle
     res = CliRunner().invoke(app, ["trace-plot", str(tmp_path / "trace3.json"), "-o", str(tmp_path / "t.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_microbatches_without_the_pipeline_pass_is_refused_and_nothing_written(tmp_path):
+    passes = [{"name": n} for n in ["annotate_roles", "split_roles", "place_experts", "insert_dispatch_combine", "lower_roles"]]
+    spec = parse_spec({**tiny_spec_dict(microbatches=2), "passes": passes})
+    with pytest.raises(MscError, match="needs the pipeline_microbatches pass"):
+        compile_spec(spec, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
