@@ -22,8 +22,11 @@ def _msc_attention(module, query, key, value, attention_mask, scaling=None, drop
     """transformers attention interface -> msc::attention (the runtime owns the KV cache and the mask)."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if kwargs.get("softcap") is not None:
+        raise MscError(f"{type(module).__name__} uses attention logit soft-capping, which msc::attention does not implement yet")
     window = -1 if sliding_window is None else int(sliding_window)
-    out = torch.ops.msc.attention(query, key, value, int(module.layer_idx), float(scaling), window)  # [1, T, nh, d]
+    sinks = kwargs.get("s_aux")  # [nh] per-head sink logits (GPT-OSS)
+    out = torch.ops.msc.attention(query, key, value, int(module.layer_idx), float(scaling), window, sinks)  # [1, T, nh, dv]
     return out, None
 
 
@@ -35,9 +38,61 @@ def _no_mask(*args, **kwargs):
 
 def _msc_experts(self, hidden_states, top_k_index, top_k_weights):
     """transformers experts interface -> msc::experts (all experts of the layer, first id 0)."""
+    has_bias = getattr(self, "has_bias", False)
     return torch.ops.msc.experts(
-        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, int(self._msc_layer), 0
+        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, int(self._msc_layer), 0,
+        self.gate_up_proj_bias if has_bias else None, self.down_proj_bias if has_bias else None,
+        getattr(self, "_msc_act", "silu"), getattr(self, "_msc_layout", ""),
     )
+
+
+def _gpt_oss_gate(module) -> tuple[str, list[str]]:
+    return f"gpt_oss:{float(module.alpha)!r}:{float(module.limit)!r}", ["interleaved"]
+
+
+# NOTE: an experts class that overrides transformers' `_apply_gate` computes its own activation; msc
+# recognises the ones it has an implementation for (by qualified name) and refuses the others by name,
+# rather than silently computing something else.
+KNOWN_GATES = {"GptOssExperts._apply_gate": _gpt_oss_gate}
+
+
+def describe_experts(experts: nn.Module, where: str) -> tuple[str, str]:
+    """(act, layout) of msc::experts for an experts module using transformers' experts interface; MscError
+    naming the module `where` and the reason when msc cannot compute what it computes."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    cls = type(experts).__name__
+    if not hasattr(experts, "has_gate"):
+        raise MscError(f"{where} ({cls}) does not use transformers' experts interface (use_experts_implementation): "
+                       "msc cannot see its weights; write a family adapter for it")
+    if not experts.has_gate:
+        raise MscError(f"{where} ({cls}) has experts without a gate projection (up only), which msc does not implement yet")
+    if getattr(experts, "has_post_expert_norm", False):
+        raise MscError(f"{where} ({cls}) normalises each expert's output, which msc does not implement yet")
+    for name in ("gate_up_proj", "down_proj"):
+        if not isinstance(getattr(experts, name, None), torch.Tensor):
+            raise MscError(f"{where} ({cls}) has no '{name}' parameter; msc expects stacked [E, ...] expert weights")
+    layout = []
+    if experts.is_transposed:
+        layout += ["gate_up_t", "down_t"]
+    gate = type(experts)._apply_gate
+    if gate is _default_apply_gate:
+        act = getattr(getattr(experts, "config", None), "hidden_act", None)
+        if not isinstance(act, str):
+            raise MscError(f"{where} ({cls}): cannot tell its activation (config.hidden_act is {act!r})")
+        if not experts.is_concatenated:
+            raise MscError(f"{where} ({cls}) stores gate and up interleaved but uses the default gate, which splits them in halves")
+    else:
+        known = KNOWN_GATES.get(gate.__qualname__)
+        if known is None:
+            raise MscError(f"{where} ({cls}) computes its own gate activation ({gate.__qualname__}), which msc does not "
+                           f"implement (known: {', '.join(KNOWN_GATES)})")
+        act, extra = known(experts)
+        layout += extra
+    from msc.backends.compute.torch_eager import parse_activation
+
+    parse_activation(act)  # an unknown activation name fails here, at compile time, naming it
+    return act, ",".join(layout)
 
 
 AttentionInterface.register(IMPL, _msc_attention)
@@ -66,7 +121,10 @@ class FamilyAdapter:
                 f"model {type(model).__name__} has no MoE layers (no router + experts block found): msc compiles "
                 "Mixture-of-Experts models only"
             )
+        paths = {id(m): name for name, m in model.named_modules()}
         for layer, block in blocks:
+            where = paths.get(id(block.experts), f"layer {layer} experts")
+            block.experts._msc_act, block.experts._msc_layout = describe_experts(block.experts, where)
             block.experts._msc_layer = layer
             self.swap_router(block, layer)
         return len(blocks)

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from msc.errors import MscError
 from msc.models.base import FamilyAdapter
+from msc.models.dbrx import DbrxAdapter
+from msc.models.deepseek_v3 import DeepseekV3Adapter
+from msc.models.generic import GenericAdapter
+from msc.models.gpt_oss import GptOssAdapter
 from msc.models.mixtral import MixtralAdapter
+from msc.models.qwen_moe import QwenMoeAdapter
 
-_ADAPTERS: list[FamilyAdapter] = [MixtralAdapter()]
+_ADAPTERS: list[FamilyAdapter] = [MixtralAdapter(), QwenMoeAdapter(), DeepseekV3Adapter(), GptOssAdapter(), DbrxAdapter()]
 
 
 def known_families() -> list[str]:
@@ -16,6 +21,8 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "m
 
 
 def adapter_for(model_type: str, config=None) -> FamilyAdapter:
+    """The family's own adapter, else the generic one for any MoE config (it fails at capture, naming the
+    module and the reason, when the family's experts do not use transformers' experts interface)."""
     for a in _ADAPTERS:
         if model_type in a.model_types:
             return a
@@ -24,6 +31,6 @@ def adapter_for(model_type: str, config=None) -> FamilyAdapter:
             f"model_type '{model_type}' has no MoE layers (its config names no experts): msc compiles "
             "Mixture-of-Experts models only"
         )
-    raise MscError(
-        f"no msc adapter for model_type '{model_type}' (known families: {', '.join(known_families())})"
-    )
+    if config is None:
+        raise MscError(f"no msc adapter for model_type '{model_type}' (known families: {', '.join(known_families())})")
+    return GenericAdapter()

@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import save_file
 
 import msc
-from msc.checkpoint import CheckpointReader
+from msc.checkpoint import CheckpointReader, WeightEntry, stream_load
 from msc.errors import MscError
 from msc.ir import graph_from_json, graph_to_json
 
@@ -104,20 +104,27 @@ class Bundle:
         p = Path(ck)
         return p if p.is_absolute() else self.path / p
 
-    def load_program(self, name: str, device: str | torch.device = "cpu") -> fx.GraphModule:
-        """Rebuild a role's GraphModule and read its weights (only its own tensors) from the checkpoint."""
+    def load_program(self, name: str, device: str | torch.device = "cpu", *, reader: CheckpointReader | None = None,
+                     progress: bool | None = None) -> fx.GraphModule:
+        """Rebuild a role's GraphModule and read its weights (only its own tensors) from the checkpoint.
+
+        Weights stream shard by shard onto `device` (see msc.checkpoint.stream_load), so the role's peak
+        memory is about its own bytes. reader: a CheckpointReader of this bundle's checkpoint to use (its
+        counters then say what was read); progress: a bar on stderr (None: when stderr is a terminal).
+        """
         from safetensors.torch import load_file
 
         graph = graph_from_json(json.loads((self.path / "programs" / f"{name}.json").read_text()), device)
         wmap = json.loads((self.path / "weights" / f"{name}.json").read_text())
-        constants = load_file(str(self.path / "constants.safetensors"))
-        reader = CheckpointReader(self.checkpoint_dir())
-        attrs = {}
-        for target, entry in wmap.items():
-            t = reader.build(entry["source"], constants)
-            if list(t.shape) != entry["shape"]:
-                raise MscError(f"checkpoint tensor for '{target}' has shape {list(t.shape)}, expected {entry['shape']}")
-            # the dtype recorded at compile time: the model's dtype for parameters, float32 for rotary tables
-            attrs[target] = t.to(device=device, dtype=getattr(torch, entry["dtype"]))
-        reader.close()
+        # the dtype recorded at compile time: the model's dtype for parameters, float32 for rotary tables
+        entries = [WeightEntry(t, e["source"], e["shape"], getattr(torch, e["dtype"])) for t, e in wmap.items()]
+        needs_constants = any("constant" in e.source for e in entries)
+        constants = load_file(str(self.path / "constants.safetensors")) if needs_constants else {}
+        own = reader is None
+        reader = CheckpointReader(self.checkpoint_dir()) if own else reader
+        try:
+            attrs = stream_load(reader, entries, device, constants=constants, label=f"program '{name}'", progress=progress)
+        finally:
+            if own:
+                reader.close()
         return fx.GraphModule(attrs, graph)

@@ -60,7 +60,8 @@ def _buffers_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     """Non-persistent buffers (not in checkpoints) recomputed on CPU with the model's own initialiser."""
     out = {}
     for mod_name, mod in model.named_modules():
-        own = dict(mod.named_buffers(recurse=False))
+        # persistent buffers (e.g. DeepSeek-V3's router correction bias) are in the checkpoint like weights
+        own = {b: t for b, t in mod.named_buffers(recurse=False) if b in mod._non_persistent_buffers_set}
         if not own:
             continue
         if any(True for _ in mod.parameters(recurse=False)):
@@ -68,7 +69,8 @@ def _buffers_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
         mod.to_empty(device="cpu", recurse=False)
         model._init_weights(mod)
         for b, t in mod.named_buffers(recurse=False):
-            out[f"{mod_name}.{b}" if mod_name else b] = t.detach().clone()
+            if b in own:
+                out[f"{mod_name}.{b}" if mod_name else b] = t.detach().clone()
     return out
 
 
@@ -80,7 +82,10 @@ def capture(config, adapter: FamilyAdapter, dtype: str = "float32") -> Captured:
     tokens = torch.export.Dim("T", min=2, max=1 << 20)
     ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
     try:
-        ep = torch.export.export(wrapper, (ids, ids.clone()), dynamic_shapes=({1: tokens}, {1: tokens}), strict=False)
+        # NOTE: captured for inference: under no_grad, a custom autograd.Function (PhiMoE's sparsemixer
+        # router) is traced through its forward instead of becoming a higher-order op with subgraphs.
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, (ids, ids.clone()), dynamic_shapes=({1: tokens}, {1: tokens}), strict=False)
     except Exception as e:  # export errors are long; keep the first line and name the model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MscError(f"torch.export could not capture {type(model).__name__}: {first}") from e

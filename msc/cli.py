@@ -154,25 +154,47 @@ def verify_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(bundle: Path = typer.Argument(...)):
-    """Show what the compiler did: roles, ops, parameters and bytes per role."""
-    from msc.inspect import role_table
+def inspect_cmd(
+    bundle: Path = typer.Argument(..., help="a compiled bundle directory"),
+    role: str = typer.Option(None, "--role", help="also show this role's layers (e.g. expert.0)"),
+    graph: bool = typer.Option(False, "--graph", help="with --role: print the role's program as Python code"),
+):
+    """Show what the compiler did: the captured graph, then each role's layers, ops, parameters and bytes."""
+    from msc.inspect import human_bytes, role_layers, role_table
 
     try:
         rows, manifest = role_table(bundle)
+        layer_rows = role_layers(bundle, role) if role else None
     except MscError as e:
         _fail(e)
-    t = Table(title=f"{bundle} ({manifest['model']['model_type']}, {manifest['model']['dtype']})")
-    for col in ("role", "rank", "program", "nodes", "stages", "msc ops", "parameters", "bytes"):
+    model = manifest["model"]
+    cap = manifest.get("captured")
+    if cap:
+        top = ", ".join(f"{k}×{v}" for k, v in list(cap["ops"].items())[:8])
+        out.print(f"[bold]captured graph[/bold]: {cap['nodes']:,} nodes, {model['num_hidden_layers']} layers "
+                  f"({model.get('num_moe_layers', '?')} MoE), {cap['parameters']:,} parameters ({human_bytes(cap['bytes'])})")
+        out.print(f"  ops: {top}{' …' if len(cap['ops']) > 8 else ''}")
+    t = Table(title=f"{bundle} ({model['model_type']}, {model['dtype']}): split graph per role")
+    for col in ("role", "rank", "program", "layers", "nodes", "stages", "msc ops", "parameters", "bytes"):
         t.add_column(col, justify="right" if col in ("rank", "nodes", "stages", "parameters", "bytes") else "left")
     for r in rows:
-        t.add_row(r["role"], str(r["rank"]), r["program"], str(r["nodes"]), str(r["stages"]), r["msc_ops"],
+        t.add_row(r["role"], str(r["rank"]), r["program"], r["layers"], str(r["nodes"]), str(r["stages"]), r["msc_ops"],
                   f"{r['parameters']:,}", r["bytes_h"])
     out.print(t)
     out.print("passes: " + " -> ".join(p["name"] for p in manifest["passes"]))
     pipe = manifest.get("pipeline")
     if pipe:
         out.print(f"pipeline: {pipe['microbatches']} micro-batch(es) per step, {pipe['schedule']}")
+    if layer_rows is not None:
+        lt = Table(title=f"role {role}: per layer")
+        for col in ("layer", "tensors", "parameters", "bytes", "msc ops"):
+            lt.add_column(col, justify="left" if col == "msc ops" else "right")
+        for r in layer_rows:
+            lt.add_row(r["layer"], str(r["tensors"]), f"{r['parameters']:,}", r["bytes_h"], r["msc_ops"])
+        out.print(lt)
+        if graph:
+            program = next(r["program"] for r in rows if r["role"] == role)
+            out.print((Path(bundle) / "programs" / f"{program}.py").read_text(), markup=False, highlight=False)
 
 
 @app.command("demo")

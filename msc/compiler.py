@@ -1,7 +1,13 @@
 """The compile driver: spec -> capture -> passes -> bundle on disk.
 
-Output is written to a staging directory next to the target and renamed into place only when
-everything succeeded, so a failed compile leaves nothing half-written.
+Two front ends share one back half. `compile_spec` builds a transformers model from a spec and
+captures it through its family adapter; `msc.api.compile` captures a user's own nn.Module whose
+attention, router and experts are marked with msc's decorators. Both hand a `Lowering` (captured graph,
+plan, MoE shape, weight sources, the manifest's model facts) to `lower_and_write`, which runs the pass
+pipeline, assigns roles to ranks and writes the bundle.
+
+Output is written to a staging directory next to the target (`staged_output`) and renamed into place
+only when everything succeeded, so a failed compile leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -9,18 +15,19 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
+from typing import Any, Callable, Iterator
 
 from msc.bundle import Bundle, versions, write_bundle
-from msc.capture import DTYPES, capture
+from msc.capture import DTYPES, Captured, capture
 from msc.checkpoint import CheckpointReader, materialize_random
 from msc.errors import MscError
 from msc.ir import graph_meta
 from msc.models import adapter_for
 from msc.pass_manager import PassContext, PassManager
-from msc.plan import resolve_plan
+from msc.plan import Plan, resolve_plan
 from msc.spec import Spec
 
 
@@ -48,21 +55,109 @@ def load_hf_config(spec: Spec):
         raise MscError(f"model.config: transformers rejected the config: {e}") from None
 
 
-def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None] | None = None) -> Bundle:
-    """Compile `spec` into a launch bundle at `out_dir` (replaced atomically if it exists)."""
-    say = progress or (lambda msg: None)
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Lowering:
+    """Everything the back half of a compile needs, whichever front end captured the model."""
+
+    spec: Spec
+    plan: Plan
+    moe: dict[str, int]  # num_experts, top_k, hidden_size, intermediate_size
+    model: dict[str, Any]  # the manifest's "model" entry (model_type, dtype, checkpoint, layers, vocab, eos, moe keys)
+    captured: Captured
+    adapter: Any  # has checkpoint_source(param, keys, config, rows) (models/base.py FamilyAdapter, or msc.api's)
+    hf_config: Any = None  # passed through to adapter.checkpoint_source
+    checkpoint: CheckpointReader | None = None  # None: meta compile, weight sources not checked
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The resolved output directory; MscError when it exists and is something other than a bundle."""
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise MscError(f"output directory {out_dir} exists and is not an msc bundle; refusing to overwrite it")
+    return out_dir
+
+
+@contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """A fresh staging directory beside `out_dir`, renamed onto it when the block succeeds, removed otherwise."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        yield stage
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> None:
+    """Passes -> role programs -> ranks -> manifest; write the bundle into `stage` (checkpoint already there)."""
+    spec, plan, captured = job.spec, job.plan, job.captured
+    gm = captured.gm
+    from msc.inspect import graph_summary
+
+    captured_summary = graph_summary(gm, set(captured.constants))  # before the passes rewrite it
+    graph_meta(gm).update({"spec": spec.model_dump(), "plan": plan.model_dump()})
+    ctx = PassContext(
+        plan=plan, moe=job.moe, adapter=job.adapter, hf_config=job.hf_config, checkpoint=job.checkpoint,
+        constants=captured.constants,
+    )
+    manager = PassManager.from_entries([p.model_dump() for p in spec.passes] if spec.passes is not None else None)
+    gm = manager.run(gm, ctx, progress=lambda name: say(f"pass {name}"))
+    programs = graph_meta(gm).get("programs")
+    if not programs:
+        raise MscError("the pass pipeline produced no role programs; it must end with lower_roles")
+
+    if plan.microbatches > 1 and "pipeline" not in graph_meta(gm):
+        raise MscError(f"plan.microbatches = {plan.microbatches} needs the pipeline_microbatches pass, "
+                       "which the spec's passes: list leaves out")
+    roles = [{"name": f"attention.{i}", "program": "attention", "kind": "attention", "rank": i} for i in range(plan.attention.replicas)]
+    roles += [
+        {"name": name, "program": name, "kind": "expert", "rank": plan.attention.replicas + j}
+        for j, name in enumerate(sorted(n for n in programs if n != "attention"))
+    ]
+    manifest = {
+        "format": 1,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "spec": spec.model_dump(),
+        "plan": plan.model_dump(),
+        "device": spec.device,
+        "model": job.model,
+        "roles": roles,
+        "placement": {str(k): v for k, v in graph_meta(gm)["placement"]["bounds"].items()},
+        "passes": graph_meta(gm)["passes"],
+        "pipeline": graph_meta(gm).get("pipeline"),
+        "capture_seconds": round(captured.seconds, 3),
+        "captured": captured_summary,
+    }
+    say("writing bundle")
+    write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs=programs, constants=captured.constants)
+    (stage / "graphs").mkdir()
+    (stage / "graphs" / "captured.py").write_text(gm.code)
+    manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = None) -> Bundle:
+    """Compile `spec` into a launch bundle at `out_dir` (replaced atomically if it exists)."""
+    say = progress or (lambda msg: None)
+    out_dir = check_out_dir(out_dir)
     t0 = time.perf_counter()
     hf_config = load_hf_config(spec)
     adapter = adapter_for(hf_config.model_type, hf_config)
     moe = adapter.moe_shape(hf_config)
     plan = resolve_plan(spec.plan, moe["num_experts"])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    try:
+    with staged_output(out_dir) as stage:
+        # NOTE: capture first: a model msc cannot handle fails before any weights are made or read.
+        say("capturing with torch.export (meta device)")
+        captured = capture(hf_config, adapter, spec.model.dtype)
         checkpoint_rel: str | None
         if spec.model.path is not None:
             checkpoint_rel = str(Path(spec.model.path).resolve())
@@ -74,59 +169,17 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Callable[[str], None
             materialize_random(hf_config, spec.model.seed, DTYPES[spec.model.dtype], stage / "checkpoint")
             checkpoint_rel, reader = "checkpoint", CheckpointReader(stage / "checkpoint")
 
-        say("capturing with torch.export (meta device)")
-        captured = capture(hf_config, adapter, spec.model.dtype)
-        gm = captured.gm
-        graph_meta(gm).update({"spec": spec.model_dump(), "plan": plan.model_dump()})
-        ctx = PassContext(
-            plan=plan, moe=moe, adapter=adapter, hf_config=hf_config, checkpoint=reader, constants=captured.constants
-        )
-        manager = PassManager.from_entries([p.model_dump() for p in spec.passes] if spec.passes is not None else None)
-        gm = manager.run(gm, ctx, progress=lambda name: say(f"pass {name}"))
-        programs = graph_meta(gm).get("programs")
-        if not programs:
-            raise MscError("the pass pipeline produced no role programs; it must end with lower_roles")
-
-        if plan.microbatches > 1 and "pipeline" not in graph_meta(gm):
-            raise MscError(f"plan.microbatches = {plan.microbatches} needs the pipeline_microbatches pass, "
-                           "which the spec's passes: list leaves out")
-        roles = [{"name": f"attention.{i}", "program": "attention", "kind": "attention", "rank": i} for i in range(plan.attention.replicas)]
-        roles += [
-            {"name": name, "program": name, "kind": "expert", "rank": plan.attention.replicas + j}
-            for j, name in enumerate(sorted(n for n in programs if n != "attention"))
-        ]
-        manifest = {
-            "format": 1,
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "spec": spec.model_dump(),
-            "plan": plan.model_dump(),
-            "device": spec.device,
-            "model": {
-                "model_type": hf_config.model_type,
-                "dtype": spec.model.dtype,
-                "checkpoint": checkpoint_rel,
-                "num_hidden_layers": hf_config.num_hidden_layers,
-                "vocab_size": hf_config.vocab_size,
-                "eos_token_id": hf_config.eos_token_id,
-                **moe,
-            },
-            "roles": roles,
-            "placement": {str(k): v for k, v in graph_meta(gm)["placement"]["bounds"].items()},
-            "passes": graph_meta(gm)["passes"],
-            "pipeline": graph_meta(gm).get("pipeline"),
-            "capture_seconds": round(captured.seconds, 3),
+        model = {
+            "model_type": hf_config.model_type,
+            "dtype": spec.model.dtype,
+            "checkpoint": checkpoint_rel,
+            "num_hidden_layers": hf_config.num_hidden_layers,
+            "num_moe_layers": captured.num_moe_layers,
+            "vocab_size": hf_config.vocab_size,
+            "eos_token_id": hf_config.eos_token_id,
+            **moe,
         }
-        say("writing bundle")
-        write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs=programs, constants=captured.constants)
-        (stage / "graphs").mkdir()
-        (stage / "graphs" / "captured.py").write_text(gm.code)
-        manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
-        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        stage.rename(out_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        job = Lowering(spec=spec, plan=plan, moe=moe, model=model, captured=captured, adapter=adapter,
+                       hf_config=hf_config, checkpoint=reader)
+        lower_and_write(stage, job, say, t0)
     return Bundle.open(out_dir)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+import re
+from collections import Counter, defaultdict
+
+import torch.fx as fx
 
 from msc.bundle import Bundle
 
@@ -18,6 +21,95 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
+# NOTE: a parameter's layer is the first number in its module path (model.layers.7.…, transformer.blocks.7.…);
+# parameters without one (embeddings, final norm, head) are counted under "other".
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(param: str) -> int | None:
+    m = _LAYER.search(param)
+    return int(m.group(1)) if m else None
+
+
+def _op_name(target: str) -> str:
+    """'torch.ops.aten.mm.default' -> 'aten.mm', 'torch.ops.msc.experts.default' -> 'msc.experts'."""
+    parts = target.split(".")
+    return ".".join(parts[2:4]) if target.startswith("torch.ops.") and len(parts) >= 4 else target
+
+
+def _layer_ranges(layers: set[int]) -> str:
+    """{0, 1, 2, 5} -> '0-2, 5'."""
+    out, run = [], []
+    for i in sorted(layers):
+        if run and i != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(i)
+    if run:
+        out.append(run)
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in out) or "-"
+
+
+def graph_summary(gm: fx.GraphModule, constants=()) -> dict:
+    """What the captured graph holds: nodes, ops by name, weights (parameters and persistent buffers, what
+    the checkpoint holds) and their bytes, per layer. `constants`: names of computed buffers (rotary
+    frequencies), not counted. Stored in the manifest at compile time (the captured graph itself is only
+    kept as code)."""
+    ops: Counter = Counter()
+    per_layer: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # layer -> [parameters, bytes]
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            ops[_op_name(str(n.target))] += 1
+        elif n.op == "get_attr" and n.target not in constants:
+            t = _attr(gm, n.target)
+            key = str(layer_of(n.target)) if layer_of(n.target) is not None else "other"
+            per_layer[key][0] += t.numel()
+            per_layer[key][1] += t.numel() * t.element_size()
+    return {
+        "nodes": len(gm.graph.nodes),
+        "ops": dict(ops.most_common()),
+        "parameters": sum(v[0] for v in per_layer.values()),
+        "bytes": sum(v[1] for v in per_layer.values()),
+        "layers": {k: {"parameters": v[0], "bytes": v[1]} for k, v in per_layer.items()},
+    }
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def role_layers(bundle_dir, role: str) -> list[dict]:
+    """Per-layer detail of one role: parameters, bytes and msc ops in each layer ("other" last)."""
+    b = Bundle.open(bundle_dir)
+    by_name = {r["name"]: r for r in b.roles}
+    if role not in by_name:
+        from msc.errors import MscError
+
+        raise MscError(f"bundle has no role '{role}' (roles: {', '.join(by_name)})")
+    prog_name = by_name[role]["program"]
+    prog = json.loads((b.path / "programs" / f"{prog_name}.json").read_text())
+    wmap = json.loads((b.path / "weights" / f"{prog_name}.json").read_text())
+    rows: dict[str, dict] = defaultdict(lambda: {"parameters": 0, "bytes": 0, "tensors": 0, "ops": Counter()})
+    for param, e in wmap.items():
+        if "constant" in e["source"]:
+            continue
+        key = str(layer_of(param)) if layer_of(param) is not None else "other"
+        numel = math.prod(e["shape"])
+        rows[key]["parameters"] += numel
+        rows[key]["bytes"] += numel * _BYTES[e["dtype"]]
+        rows[key]["tensors"] += 1
+    for n in prog["nodes"]:
+        layer = n.get("meta", {}).get("msc", {}).get("layer")
+        if n["op"] == "call_function" and n["target"].startswith("torch.ops.msc.") and layer is not None:
+            rows[str(layer)]["ops"][_op_name(n["target"])] += 1
+    order = sorted((k for k in rows if k != "other"), key=int) + (["other"] if "other" in rows else [])
+    return [{"layer": k, **{f: rows[k][f] for f in ("parameters", "bytes", "tensors")}, "bytes_h": human_bytes(rows[k]["bytes"]),
+             "msc_ops": ", ".join(f"{o}×{c}" for o, c in sorted(rows[k]["ops"].items()))} for k in order]
+
+
 def role_table(bundle_dir) -> tuple[list[dict], dict]:
     b = Bundle.open(bundle_dir)
     rows = []
@@ -27,13 +119,15 @@ def role_table(bundle_dir) -> tuple[list[dict], dict]:
         ops = Counter(
             n["target"].split(".")[3] for n in prog["nodes"] if n["op"] == "call_function" and n["target"].startswith("torch.ops.msc.")
         )
-        numels = [(math.prod(e["shape"]), e["dtype"]) for e in wmap.values()]
+        # computed constants (rotary tables) are not weights of the model
+        numels = [(math.prod(e["shape"]), e["dtype"]) for e in wmap.values() if "constant" not in e["source"]]
         params = sum(n for n, _ in numels)
         nbytes = sum(n * _BYTES[dt] for n, dt in numels)
         stages = {n["meta"]["msc"]["stage"] for n in prog["nodes"] if "stage" in n.get("meta", {}).get("msc", {})}
+        layers = {layer_of(p) for p in wmap} - {None}
         rows.append({
             "role": role["name"], "rank": role["rank"], "program": role["program"], "nodes": len(prog["nodes"]),
-            "stages": len(stages),
+            "stages": len(stages), "layers": _layer_ranges(layers),
             "msc_ops": ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())), "parameters": params, "bytes": nbytes,
             "bytes_h": human_bytes(nbytes),
         })

@@ -13,6 +13,8 @@ transport or cache implementation. Pure ops (router, experts) compute directly.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -27,15 +29,18 @@ def _ctx():
 
 # ---------------------------------------------------------------- attention (with its KV cache)
 @torch.library.custom_op("msc::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int) -> Tensor:
-    """Causal attention of the new tokens over the cache; q [1, nh, T, d], k/v [1, nkv, T, d] -> [1, T, nh, d]."""
-    return _ctx().attention(q, k, v, layer, scaling, sliding_window)
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int, sinks: Optional[Tensor] = None
+) -> Tensor:
+    """Causal attention of the new tokens over the cache; q [1, nh, T, d], k [1, nkv, T, d], v [1, nkv, T, dv]
+    -> [1, T, nh, dv]. `sinks` [nh] (GPT-OSS): one extra logit per head that takes softmax mass and no value."""
+    return _ctx().attention(q, k, v, layer, scaling, sliding_window, sinks)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, layer, scaling, sliding_window):
-    b, nh, t, d = q.shape
-    return q.new_empty(b, t, nh, d)
+def _attention_fake(q, k, v, layer, scaling, sliding_window, sinks=None):
+    b, nh, t, _ = q.shape
+    return q.new_empty(b, t, nh, v.shape[-1])
 
 
 # ---------------------------------------------------------------- router
@@ -54,19 +59,34 @@ def _router_fake(hidden, weight, top_k, layer):
 # ---------------------------------------------------------------- experts
 @torch.library.custom_op("msc::experts", mutates_args=())
 def experts(
-    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, layer: int, first_expert: int
+    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, layer: int, first_expert: int,
+    gate_up_bias: Optional[Tensor] = None, down_bias: Optional[Tensor] = None, act: str = "silu", layout: str = "",
 ) -> Tensor:
     """Weighted sum of the experts this weight slice holds (global ids first_expert..first_expert+E_local-1).
 
-    hidden [T, H], top_k_index/top_k_weights [T, K], gate_up [E_local, 2I, H], down [E_local, H, I] -> [T, H].
-    Ids outside the slice contribute nothing, so partial sums over expert nodes add up to the full layer.
+    hidden [T, H], top_k_index/top_k_weights [T, K], gate_up [E_local, 2I, H], down [E_local, H, I] -> [T, H];
+    optional biases [E_local, 2I] / [E_local, H]; `act` the gate activation (a transformers `hidden_act` name
+    or `gpt_oss:ALPHA:LIMIT`); `layout` flags for other storage orders (gate_up_t, down_t, interleaved; see
+    backends/compute/torch_eager.gated_experts). Ids outside the slice contribute nothing, so partial sums
+    over expert nodes add up to the full layer.
     """
-    return torch_eager.swiglu_experts(hidden, top_k_index, top_k_weights, gate_up, down, first_expert)
+    return torch_eager.gated_experts(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, gate_up_bias,
+                                     down_bias, act, layout)
 
 
 @experts.register_fake
-def _experts_fake(hidden, top_k_index, top_k_weights, gate_up, down, layer, first_expert):
+def _experts_fake(hidden, top_k_index, top_k_weights, gate_up, down, layer, first_expert, gate_up_bias=None,
+                  down_bias=None, act="silu", layout=""):
     return torch.empty_like(hidden)
+
+
+# Positions of the experts op's weight arguments (each a get_attr node in a captured graph, or None).
+EXPERT_WEIGHT_ARGS = (3, 4, 7, 8)
+
+
+def expert_weight_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The weight tensors an experts call reads (gate_up, down and the biases it has), as graph nodes."""
+    return [node.args[i] for i in EXPERT_WEIGHT_ARGS if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)]
 
 
 # ---------------------------------------------------------------- the cut made by split_roles

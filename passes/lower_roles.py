@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from msc.errors import MscError
 from msc.ir import ROLE_ATTENTION, ROLE_EXPERT, fetch_attr, get_attr_targets, graph_meta
-from msc.ops import is_op
+from msc.ops import expert_weight_nodes, is_op
 from msc.pass_manager import Pass, PassResult, register_pass, require_ran
 
 
@@ -56,7 +56,8 @@ class LowerRoles(Pass):
                     args = list(n.args)
                     args[6] = b[j]
                     n.args = tuple(args)
-                    rows[n.args[3].target] = rows[n.args[4].target] = (b[j], b[j + 1])
+                    for wnode in expert_weight_nodes(n):  # gate_up, down and any biases: rows of this node's experts
+                        rows[wnode.target] = (b[j], b[j + 1])
             exp.recompile()
             programs[expert_program_name(j)] = self._program(expert_program_name(j), exp, rows, ctx, keys)
         meta["programs"] = programs

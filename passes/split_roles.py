@@ -4,7 +4,8 @@ Before (one graph):   h -> router -> (w, idx) ; y = experts(h, idx, w, Wgu_l, Wd
 After:
   attention program:  h -> router -> (w, idx) ; y = remote_experts(h, idx, w, l) ; r = add(res, y)
   expert program:     placeholders hidden_l, index_l, weights_l per MoE layer
-                      y_l = experts(hidden_l, index_l, weights_l, Wgu_l, Wd_l, l, 0) ; output (y_0, y_1, ...)
+                      y_l = experts(hidden_l, index_l, weights_l, Wgu_l, Wd_l, l, 0[, biases, act, layout])
+                      output (y_0, y_1, ...)
 The two programs live in gm.meta["msc"]["roles"]; the main graph is left as captured.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.fx as fx
 
 from msc.errors import MscError
 from msc.ir import ROLE_ATTENTION, ROLE_EXPERT, get_attr_targets, graph_meta, graph_module, node_meta
-from msc.ops import MSC_OPS, is_op
+from msc.ops import MSC_OPS, expert_weight_nodes, is_op
 from msc.pass_manager import Pass, PassResult, register_pass, require_ran
 
 
@@ -54,11 +55,13 @@ class SplitRoles(Pass):
             for ph, src in zip((h, i, w), n.args[:3]):
                 if "val" in src.meta:
                     ph.meta["val"] = src.meta["val"]
-            gu = exp_graph.get_attr(n.args[3].target)
-            dn = exp_graph.get_attr(n.args[4].target)
-            y = exp_graph.call_function(MSC_OPS["experts"], (h, i, w, gu, dn, layer, 0))
+            # weights (gate_up, down, biases) become the expert program's own get_attr nodes; scalars stay
+            weights = {a: exp_graph.get_attr(a.target) for a in expert_weight_nodes(n)}
+            args = [h, i, w] + [weights.get(a, a) if isinstance(a, fx.Node) else a for a in n.args[3:]]
+            args[6] = 0  # first_expert: the whole layer until lower_roles slices it per node
+            y = exp_graph.call_function(MSC_OPS["experts"], tuple(args), dict(n.kwargs))
             y.meta.update(n.meta)
-            for node in (h, i, w, gu, dn, y):
+            for node in (h, i, w, *weights.values(), y):
                 node.meta["msc"] = {"role": ROLE_EXPERT, "layer": layer}
             outputs.append(y)
         exp_graph.output(tuple(outputs))

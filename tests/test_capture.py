@@ -35,8 +35,8 @@ class _Colocated:
         for s in layout.seq_ids:
             self.cache.add_sequence(s)
 
-    def attention(self, q, k, v, layer, scaling, window):
-        return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, window)
+    def attention(self, q, k, v, layer, scaling, window, sinks=None):
+        return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, window, sinks)
 
 
 @pytest.mark.parametrize("lengths", [[3], [9], [4, 1, 6]])

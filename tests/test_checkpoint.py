@@ -49,3 +49,38 @@ def test_missing_checkpoint_files_are_reported(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(MscError, match="no model.safetensors"):
         CheckpointReader(tmp_path)
+
+
+def test_single_file_reader_agrees_with_safetensors(tmp_path):
+    """msc parses safetensors headers itself: every dtype, 0-d and empty tensors must read as the library reads them."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(5, 3, generator=g), "bf16": torch.randn(4, 2, 3, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(7, generator=g).half(), "i64": torch.arange(6).view(2, 3), "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ref = load_file(tmp_path / "model.safetensors")
+    r = CheckpointReader(tmp_path)
+    assert r.keys() == set(tensors)
+    for k, t in ref.items():
+        got = r.read(k)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
+    assert torch.equal(r.read("bf16", (1, 3)), ref["bf16"][1:3])
+    assert r.bytes_read == sum(t.numel() * t.element_size() for t in ref.values()) + 2 * 2 * 3 * 2
+    r.close()
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(100, 10)}, tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-400])
+    r = CheckpointReader(tmp_path)
+    assert torch.equal(r.read("w", (0, 50)), torch.ones(50, 10))  # the rows before the cut are still there
+    with pytest.raises(MscError, match="ends inside tensor 'w' \\(truncated checkpoint\\)"):
+        r.read("w")
+    r.close()

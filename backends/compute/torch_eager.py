@@ -1,9 +1,13 @@
 """Reference (eager PyTorch) implementations of the pure msc ops: router and experts."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from msc.errors import MscError
 
 
 def softmax_topk_router(hidden: Tensor, weight: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -15,23 +19,82 @@ def softmax_topk_router(hidden: Tensor, weight: Tensor, top_k: int) -> tuple[Ten
     return top_w, top_i
 
 
-def swiglu_experts(
-    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, first_expert: int
-) -> Tensor:
-    """SiLU-gated experts over the slice [first_expert, first_expert + E_local); other ids are skipped.
+# ---------------------------------------------------------------------------------------------- experts
+# Activations by the names transformers configs use (`hidden_act`), plus GPT-OSS's clamped SwiGLU.
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_fast": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+LAYOUT_FLAGS = frozenset({"gate_up_t", "down_t", "interleaved"})
 
-    hidden [T, H]; gate_up [E_local, 2I, H] (gate rows then up rows); down [E_local, H, I].
+
+@functools.lru_cache(maxsize=64)
+def parse_activation(act: str):
+    """`act` -> gate function g(gate, up) -> [n, I]. Plain names are act(gate) * up; `gpt_oss:ALPHA:LIMIT`
+    is GPT-OSS's clamped form (up + 1) * gate * sigmoid(ALPHA * gate) with gate <= LIMIT, |up| <= LIMIT."""
+    if act.startswith("gpt_oss:"):
+        _, alpha, limit = act.split(":")
+        alpha, limit = float(alpha), float(limit)
+
+        def gpt_oss(gate: Tensor, up: Tensor) -> Tensor:
+            gate = gate.clamp(max=limit)
+            up = up.clamp(min=-limit, max=limit)
+            return (up + 1) * gate * torch.sigmoid(gate * alpha)
+
+        return gpt_oss
+    fn = _ACTIVATIONS.get(act)
+    if fn is None:
+        raise MscError(f"experts activation '{act}' is not supported (known: {', '.join(sorted(_ACTIVATIONS))}, gpt_oss:A:L)")
+    return lambda gate, up: fn(gate) * up
+
+
+@functools.lru_cache(maxsize=64)
+def parse_layout(layout: str) -> frozenset[str]:
+    flags = frozenset(f for f in layout.split(",") if f)
+    if flags - LAYOUT_FLAGS:
+        raise MscError(f"experts layout '{layout}': unknown flags {sorted(flags - LAYOUT_FLAGS)} (known: {sorted(LAYOUT_FLAGS)})")
+    return flags
+
+
+def gated_experts(
+    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, first_expert: int,
+    gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None, act: str = "silu", layout: str = "",
+) -> Tensor:
+    """Gated experts over the slice [first_expert, first_expert + E_local); other ids are skipped.
+
+    hidden [T, H]; top_k_index / top_k_weights [T, K].
+    gate_up [E_local, 2I, H] (gate rows then up rows), or [E_local, H, 2I] with layout flag `gate_up_t`;
+    with `interleaved` the gate and up rows alternate (gate_0, up_0, gate_1, ...).
+    down [E_local, H, I], or [E_local, I, H] with `down_t`. Optional biases [E_local, 2I] and [E_local, H].
     """
+    gate_fn, flags = parse_activation(act), parse_layout(layout)
     out = torch.zeros_like(hidden)  # [T, H]
     local = top_k_index - first_expert  # [T, K]
-    n_local = gate_up.shape[0]
-    for e in range(n_local):
+    for e in range(gate_up.shape[0]):
         token_idx, k_pos = torch.where(local == e)  # [n], [n]
         if token_idx.numel() == 0:
             continue
         x = hidden[token_idx]  # [n, H]
-        gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-        y = F.linear(F.silu(gate) * up, down[e])  # [n, H]
+        gu = x @ gate_up[e] if "gate_up_t" in flags else F.linear(x, gate_up[e])  # [n, 2I]
+        if gate_up_bias is not None:
+            gu = gu + gate_up_bias[e]
+        gate, up = (gu[..., ::2], gu[..., 1::2]) if "interleaved" in flags else gu.chunk(2, dim=-1)  # [n, I] each
+        h = gate_fn(gate, up)  # [n, I]
+        y = h @ down[e] if "down_t" in flags else F.linear(h, down[e])  # [n, H]
+        if down_bias is not None:
+            y = y + down_bias[e]
         y = y * top_k_weights[token_idx, k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def swiglu_experts(
+    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, first_expert: int
+) -> Tensor:
+    """SiLU-gated experts (Mixtral's form): gated_experts with the default activation and layout."""
+    return gated_experts(hidden, top_k_index, top_k_weights, gate_up, down, first_expert)

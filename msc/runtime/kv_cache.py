@@ -53,11 +53,13 @@ class KVCache:
 
 
 def cached_attention(
-    cache: KVCache, layout: StepLayout, q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int
+    cache: KVCache, layout: StepLayout, q: Tensor, k: Tensor, v: Tensor, layer: int, scaling: float, sliding_window: int,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """q [1, nh, T, d], k/v [1, nkv, T, d] -> [1, T, nh, d], causal per sequence, with the cache as prefix."""
-    _, nh, t, d = q.shape
-    out = q.new_empty(1, t, nh, d)  # [1, T, nh, d]
+    """q [1, nh, T, d], k [1, nkv, T, d], v [1, nkv, T, dv] -> [1, T, nh, dv], causal per sequence, with the
+    cache as prefix. `sinks` [nh]: per-head extra logits that share the softmax but carry no value (GPT-OSS)."""
+    _, nh, t, _ = q.shape
+    out = q.new_empty(1, t, nh, v.shape[-1])  # [1, T, nh, dv]
     for seq_id, start, n in zip(layout.seq_ids, layout.starts, layout.lengths):
         k_all, v_all = cache.append(seq_id, layer, k[0, :, start : start + n], v[0, :, start : start + n])  # [nkv, S, d]
         s = k_all.shape[1]
@@ -66,8 +68,21 @@ def cached_attention(
         allowed = k_pos <= q_pos  # [n, S]
         if sliding_window > 0:
             allowed &= k_pos > q_pos - sliding_window
-        o = F.scaled_dot_product_attention(
-            q[0, :, start : start + n], k_all, v_all, attn_mask=allowed, scale=scaling, enable_gqa=True
-        )  # [nh, n, d]
+        qs = q[0, :, start : start + n]  # [nh, n, d]
+        if sinks is None:
+            o = F.scaled_dot_product_attention(qs, k_all, v_all, attn_mask=allowed, scale=scaling, enable_gqa=True)  # [nh, n, dv]
+        else:
+            o = _attention_with_sinks(qs, k_all, v_all, allowed, scaling, sinks)
         out[0, start : start + n] = o.transpose(0, 1)
     return out
+
+
+def _attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scaling: float, sinks: Tensor) -> Tensor:
+    """Softmax over [scores, sink] per head, the sink column dropped: q [nh, n, d], k/v [nkv, S, d] -> [nh, n, dv]."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)  # [nh, S, d]
+    scores = (q @ k.transpose(1, 2)) * scaling  # [nh, n, S]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)  # [nh, n, 1]
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(v.dtype)  # [nh, n, S]
+    return probs @ v

@@ -46,9 +46,9 @@ class AttentionRole:
         self.on_forward = None  # fault-injection hook for tests
 
     # ------------------------------------------------------------------ RuntimeContext
-    def attention(self, q, k, v, layer, scaling, sliding_window):
+    def attention(self, q, k, v, layer, scaling, sliding_window, sinks=None):
         _injected_delay(self.trace, self.delay_s / self.step_microbatches, layer, self.mb)
-        return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, sliding_window)
+        return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, sliding_window, sinks)
 
     def dispatch(self, hidden, idx, weights, layer, bounds):
         return self.comm.dispatch(hidden, idx, weights, layer, bounds)

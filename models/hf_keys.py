@@ -1,0 +1,103 @@
+"""Checkpoint keys → graph parameters, through transformers' own checkpoint conversion mapping.
+
+transformers 5 renames and fuses some tensors when it loads a checkpoint (per-expert `experts.E.gate_proj`
+/ `up_proj` become one stacked `experts.gate_up_proj`; Ernie's `mlp.moe_statics.*` moves under the gate;
+Mixtral's `block_sparse_moe` becomes `mlp`), and writes the original layout back when it saves. A role
+of a compiled bundle reads the checkpoint itself, so it must know which on-disk tensors make each
+parameter of the captured graph.
+
+NOTE: rather than restating each family's renames, msc runs every checkpoint key forward through the
+family's mapping as transformers' loader does (`rename_source_key`) and records which keys land on each
+parameter. A fusing converter is accepted when its operations are the ones msc's checkpoint reader can
+reproduce lazily, row block by row block: `MergeModulelist(dim=0)` (stack the experts) optionally followed by
+`Concatenate(dim=1)` (gate then up in one [2I, H] block). Anything else is refused by name.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from msc.errors import MscError
+
+
+@dataclass
+class _Fused:
+    patterns: list[str]  # the converter's source patterns, in concatenation order
+    ops: list[str]
+    experts: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))  # e -> pattern -> key
+
+
+@dataclass
+class KeyIndex:
+    """For each graph parameter that is not stored under its own name: where it comes from."""
+
+    renamed: dict[str, str]  # param -> checkpoint key
+    fused: dict[str, _Fused]  # param -> per-expert sources
+
+    def source(self, param: str, expert_rows: tuple[int, int] | None) -> dict | None:
+        if param in self.renamed:
+            src = {"key": self.renamed[param]}
+            if expert_rows is not None:
+                src["rows"] = list(expert_rows)
+            return src
+        fused = self.fused.get(param)
+        if fused is None:
+            return None
+        if fused.ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
+            raise MscError(f"checkpoint tensors of '{param}' are fused by transformers with {' + '.join(fused.ops)}, "
+                           "which msc's per-role reader cannot reproduce")
+        n = max(fused.experts) + 1
+        start, stop = expert_rows if expert_rows is not None else (0, n)
+        parts = []
+        for e in range(start, stop):
+            have = fused.experts.get(e, {})
+            missing = [p for p in fused.patterns if p not in have]
+            if missing:
+                raise MscError(f"checkpoint has no tensor for expert {e} of '{param}' (pattern '{missing[0]}')")
+            parts.append([have[p] for p in fused.patterns])
+        return {"stack": parts}
+
+
+def _op_names(converter) -> list[str]:
+    out = []
+    for op in converter.operations:
+        name = type(op).__name__
+        dim = getattr(op, "dim", None)
+        if (name, dim) not in (("MergeModulelist", 0), ("Concatenate", 1)):
+            name = f"{name}(dim={dim})"
+        out.append(name)
+    return out
+
+
+def _expert_index(key: str, pattern: str) -> int:
+    """The number standing for `*` in `pattern` within `key` (`.experts.*.w1.weight` in `...experts.3.w1.weight`)."""
+    rx = re.escape(pattern).replace(r"\*", r"(\d+)")
+    m = re.search(rx, key)
+    if m is None:
+        raise MscError(f"cannot find the expert number of checkpoint key '{key}' (pattern '{pattern}')")
+    return int(m.group(1))
+
+
+def build_key_index(model_type: str, keys: set[str]) -> KeyIndex:
+    """Run every checkpoint key through transformers' conversion mapping for `model_type`."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_checkpoint_conversion_mapping(model_type) or []
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    index = KeyIndex({}, {})
+    if not mapping:
+        return index
+    for key in keys:
+        target, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            if target != key:
+                index.renamed[target] = key
+            continue
+        conv = by_pattern[pattern]
+        fused = index.fused.setdefault(target, _Fused(list(conv.source_patterns), _op_names(conv)))
+        fused.experts[_expert_index(key, pattern)][pattern] = key
+    return index

@@ -1,0 +1,48 @@
+"""Tiny random-weight configs (2–3 layers) of every MoE family msc is tested on.
+
+Each is small enough to compile and run in seconds on a CPU but keeps what makes its family different:
+DeepSeek-V3 keeps a dense first layer, MLA with a value width unlike the key width, and group-limited
+routing; GPT-OSS keeps sliding-window and full layers, sinks and biases; Qwen2-MoE keeps its gated shared
+expert; DBRX keeps its clipped fused QKV.
+"""
+from __future__ import annotations
+
+_COMMON = dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES: dict[str, dict] = {
+    "mixtral": dict(_COMMON, model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(_COMMON, model_type="qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "qwen3_moe": dict(_COMMON, model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                      num_hidden_layers=2, num_experts=6, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True),
+    "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", hidden_size=64, intermediate_size=128,
+                        moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8,
+                        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+                        num_key_value_heads=4),
+    "gpt_oss": dict(_COMMON, model_type="gpt_oss", hidden_size=64, intermediate_size=48, head_dim=16,
+                    num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "dbrx": dict(model_type="dbrx", vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                 attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+                 ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2}),
+}
+
+# Families with no adapter of their own: captured and split by the generic adapter.
+GENERIC_FAMILIES: dict[str, dict] = {
+    "olmoe": dict(_COMMON, model_type="olmoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                  num_experts=6, num_experts_per_tok=2),
+    "glm4_moe": dict(_COMMON, model_type="glm4_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                     num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+                     num_experts_per_tok=2, n_group=2, topk_group=1, head_dim=16, use_qk_norm=True),
+    "ernie4_5_moe": dict(_COMMON, model_type="ernie4_5_moe", hidden_size=64, intermediate_size=128,
+                         moe_intermediate_size=32, num_hidden_layers=2, moe_num_experts=6, moe_k=2,
+                         moe_num_shared_experts=1, moe_layer_start_index=0, head_dim=16),
+    # PhiMoE routes with a custom autograd.Function (sparsemixer); GraniteMoE stores its experts under other names
+    "phimoe": dict(_COMMON, model_type="phimoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                   num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(_COMMON, model_type="granitemoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                       num_local_experts=4, num_experts_per_tok=2),
+}
