@@ -86,7 +86,7 @@ class GenericAdapter(FamilyAdapter):
     def checkpoint_source(self, param, keys, config, expert_rows):
         if keys is None or param in keys:
             return super().checkpoint_source(param, keys, config, expert_rows)
-        src = self._key_index(config.model_type, keys).source(param, expert_rows)
+        src = self._key_index(config.model_type, keys).source(param, expert_rows, self.moe_shape(config)["num_experts"])
         if src is not None:
             return src
         return super().checkpoint_source(param, keys, config, expert_rows)

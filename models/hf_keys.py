@@ -35,7 +35,9 @@ class KeyIndex:
     renamed: dict[str, str]  # param -> checkpoint key
     fused: dict[str, _Fused]  # param -> per-expert sources
 
-    def source(self, param: str, expert_rows: tuple[int, int] | None) -> dict | None:
+    def source(self, param: str, expert_rows: tuple[int, int] | None, num_experts: int | None = None) -> dict | None:
+        """The weight source of `param` (None: not a renamed or fused parameter). num_experts: how many experts
+        a fused parameter has (so a missing last expert is noticed); default: the largest expert number seen."""
         if param in self.renamed:
             src = {"key": self.renamed[param]}
             if expert_rows is not None:
@@ -47,7 +49,7 @@ class KeyIndex:
         if fused.ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
             raise MscError(f"checkpoint tensors of '{param}' are fused by transformers with {' + '.join(fused.ops)}, "
                            "which msc's per-role reader cannot reproduce")
-        n = max(fused.experts) + 1
+        n = num_experts if num_experts is not None else max(fused.experts) + 1
         start, stop = expert_rows if expert_rows is not None else (0, n)
         parts = []
         for e in range(start, stop):

@@ -10,6 +10,7 @@ output: logits [1, T, V].
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from msc.errors import MscError
 from msc.ir import graph_meta, node_meta
 from msc.models.base import IMPL, FamilyAdapter
 from msc.ops import MSC_OPS
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_ARG = {"attention": 3, "router": 3, "experts": 5}
@@ -74,10 +77,28 @@ def _buffers_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def capture(config, adapter: FamilyAdapter, dtype: str = "float32") -> Captured:
+def capture(config, adapter: FamilyAdapter, dtype: str = "float32", template: bool = True) -> Captured:
+    """Capture the model of `config`. template: trace one layer per kind and repeat it (msc.layer_template),
+    falling back to tracing every layer when the graph does not allow it."""
     t0 = time.perf_counter()
     model = build_meta_model(config, DTYPES[dtype]).eval()
     num_moe = adapter.prepare(model)
+    gm = None
+    if template:
+        gm = _capture_by_template(model)
+    if gm is None:
+        gm = _unlift(_export(model))
+    constants = _buffers_on_cpu(model)
+    for n in gm.graph.nodes:
+        for name, op in MSC_OPS.items():
+            if n.op == "call_function" and n.target is op and name in _LAYER_ARG:
+                node_meta(n)["layer"] = int(n.args[_LAYER_ARG[name]])
+    graph_meta(gm)["capture"] = {"model_class": type(model).__name__, "num_moe_layers": num_moe,
+                                 "template": graph_meta(gm).get("template")}
+    return Captured(gm, constants, num_moe, time.perf_counter() - t0)
+
+
+def _export(model: nn.Module) -> torch.export.ExportedProgram:
     wrapper = _LogitsOnly(model)
     tokens = torch.export.Dim("T", min=2, max=1 << 20)
     ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
@@ -85,18 +106,40 @@ def capture(config, adapter: FamilyAdapter, dtype: str = "float32") -> Captured:
         # NOTE: captured for inference: under no_grad, a custom autograd.Function (PhiMoE's sparsemixer
         # router) is traced through its forward instead of becoming a higher-order op with subgraphs.
         with torch.no_grad():
-            ep = torch.export.export(wrapper, (ids, ids.clone()), dynamic_shapes=({1: tokens}, {1: tokens}), strict=False)
+            return torch.export.export(wrapper, (ids, ids.clone()), dynamic_shapes=({1: tokens}, {1: tokens}), strict=False)
     except Exception as e:  # export errors are long; keep the first line and name the model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MscError(f"torch.export could not capture {type(model).__name__}: {first}") from e
-    gm = _unlift(ep)
-    constants = _buffers_on_cpu(model)
-    for n in gm.graph.nodes:
-        for name, op in MSC_OPS.items():
-            if n.op == "call_function" and n.target is op and name in _LAYER_ARG:
-                node_meta(n)["layer"] = int(n.args[_LAYER_ARG[name]])
-    graph_meta(gm)["capture"] = {"model_class": type(model).__name__, "num_moe_layers": num_moe}
-    return Captured(gm, constants, num_moe, time.perf_counter() - t0)
+
+
+def _capture_by_template(model: nn.Module) -> fx.GraphModule | None:
+    """Export with one layer per kind and expand (see msc.layer_template); None when that does not apply."""
+    from msc.layer_template import TemplateError, choose_representatives, expand, layer_signature
+    from msc.models.generic import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except MscError:
+        return None
+    path = next(name for name, mod in model.named_modules() if mod is layers)
+    kinds = [layer_signature(layer) for layer in layers]
+    traced, rep_of = choose_representatives(kinds)
+    if len(traced) >= len(layers):
+        return None
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in traced]))
+    try:
+        traced_gm = _unlift(_export(model))
+    finally:
+        setattr(parent, attr, layers)
+    try:
+        gm = expand(traced_gm, model, path, traced, rep_of, len(layers), _LAYER_ARG)
+    except TemplateError as e:
+        log.info("layer-template capture does not apply (%s); exporting every layer", e)
+        return None
+    graph_meta(gm)["template"] = {"traced_layers": traced, "kinds": len(set(kinds))}
+    return gm
 
 
 def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:

@@ -40,6 +40,13 @@ def verify_bundle(bundle_dir, prompts: list[list[int]] | None = None, max_new_to
     from transformers import AutoModelForCausalLM
 
     bundle = Bundle.open(bundle_dir)
+    model_type = bundle.manifest["model"]["model_type"]
+    if model_type.startswith("custom:"):
+        from msc.errors import MscError
+
+        raise MscError(f"bundle {bundle.path} was compiled from a custom module ({model_type[7:]}), not a transformers "
+                       "model, so there is no reference to verify it against here; run it with `msc run` and compare "
+                       "with your module's own forward (see examples/custom_moe.py)")
     prompts = prompts or default_prompts(bundle.manifest["model"]["vocab_size"])
     ours = run_bundle(bundle.path, prompts, max_new_tokens, dump_logits=True)
     dtype = getattr(torch, bundle.manifest["model"]["dtype"])

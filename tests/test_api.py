@@ -174,3 +174,10 @@ def test_spec_dict_options_and_the_registration_form(tmp_path):
     torch.testing.assert_close(model(ids, pos), before, rtol=0, atol=0)
     with pytest.raises(MscError, match="leave the spec's 'model' key out"):
         msc.compile(model, {"model": {"config": {"model_type": "mixtral"}}}, tmp_path / "c")
+
+
+def test_verify_refuses_a_custom_bundle_with_a_clear_message(bundle):
+    from msc.verify import verify_bundle
+
+    with pytest.raises(MscError, match="compiled from a custom module"):
+        verify_bundle(bundle.path)

@@ -38,8 +38,11 @@ def parse_activation(act: str):
     """`act` -> gate function g(gate, up) -> [n, I]. Plain names are act(gate) * up; `gpt_oss:ALPHA:LIMIT`
     is GPT-OSS's clamped form (up + 1) * gate * sigmoid(ALPHA * gate) with gate <= LIMIT, |up| <= LIMIT."""
     if act.startswith("gpt_oss:"):
-        _, alpha, limit = act.split(":")
-        alpha, limit = float(alpha), float(limit)
+        try:
+            _, alpha, limit = act.split(":")
+            alpha, limit = float(alpha), float(limit)
+        except ValueError:
+            raise MscError(f"experts activation '{act}' is malformed: expected gpt_oss:ALPHA:LIMIT with two numbers") from None
 
         def gpt_oss(gate: Tensor, up: Tensor) -> Tensor:
             gate = gate.clamp(max=limit)

@@ -84,5 +84,8 @@ def _attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scal
     scores = (q @ k.transpose(1, 2)) * scaling  # [nh, n, S]
     scores = scores.masked_fill(~allowed, float("-inf"))
     sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)  # [nh, n, 1]
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(v.dtype)  # [nh, n, S]
+    # the softmax runs in at least float32 (bf16/fp16 logits are upcast, float64 kept)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = torch.softmax(logits, dim=-1)[..., :-1].to(v.dtype)  # [nh, n, S]
     return probs @ v

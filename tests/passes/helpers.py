@@ -12,7 +12,8 @@ from msc.runtime import context
 def run_passes(gm, names, nodes=2, experts=4):
     plan = resolve_plan(PlanSpec.model_validate({"experts": {"nodes": nodes}}), experts)
     ctx = PassContext(plan=plan, moe={"num_experts": experts, "top_k": 2, "hidden_size": 8, "intermediate_size": 16}, adapter=_PlainAdapter())
-    return PassManager.from_entries([{"name": n} for n in names]).run(gm, ctx), ctx
+    entries = [n if isinstance(n, dict) else {"name": n} for n in names]
+    return PassManager.from_entries(entries).run(gm, ctx), ctx
 
 
 class _PlainAdapter:
