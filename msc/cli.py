@@ -197,6 +197,61 @@ def inspect_cmd(
             out.print((Path(bundle) / "programs" / f"{program}.py").read_text(), markup=False, highlight=False)
 
 
+@app.command("plan")
+def plan_cmd(
+    spec: Path = typer.Argument(..., help="model.yaml with hardware: (and optionally workload:, planner:)"),
+    top: int = typer.Option(10, "--top", help="how many plans to print"),
+    as_json: bool = typer.Option(False, "--json", help="print the plans as JSON instead of a table"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the spec with the best plan filled in"),
+):
+    """Search deployment plans: attention/expert parallel sizes, replicas, micro-batches and batch."""
+    import json as _json
+
+    from msc.planner.plan_spec import chosen_spec_dict, plan_spec, write_chosen
+    from msc.spec import load_spec
+
+    try:
+        s = load_spec(spec)
+        with err.status("planning: capturing the model on the meta device") as status:
+            report = plan_spec(s, top=top, progress=lambda i, n: status.update(f"planning: {i}/{n} configurations")
+                               if i % 500 == 0 or i == n else None)
+        if output is not None:
+            write_chosen(s, report, output)
+    except MscError as e:
+        _fail(e)
+    res, pl = report.result, report.planner
+    colo = res.colocated
+    unit = "$·h" if pl.objective == "cost" else "GPU"
+    if as_json:
+        rows = [{"plan": p.describe(), "attention": {"replicas": p.n_a, "tp": p.tp_a}, "experts": {"nodes": p.n_e, "tp": p.tp_e},
+                 "microbatches": p.m, "batch": p.batch, "tpot_ms": p.step_s * 1e3, "tokens_per_s": p.tokens_per_s,
+                 "per_gpu": p.per_gpu, "per_dollar_hour": p.per_dollar_hour, "gain": p.gain, "binding": p.binding,
+                 "gpus": p.gpus, "t_a_ms": p.t_a * 1e3, "t_e_ms": p.t_e * 1e3, "t_c_ms": p.t_c * 1e3} for p in res.plans]
+        out.print_json(_json.dumps({"plans": rows, "colocated": None if colo is None else {
+            "gpus": colo.gpus_per_instance, "batch": colo.batch, "tpot_ms": colo.step_s * 1e3, "per_gpu": colo.per_gpu,
+            "per_dollar_hour": colo.per_dollar_hour}, "evaluated": res.evaluated, "seconds": report.seconds,
+            "chosen": chosen_spec_dict(s, report)["plan"]}))
+        return
+    hw = s.hardware
+    where = (f"{hw.pool.count}× {hw.pool.gpu}" if hw.pool else f"attention {hw.attention.count}× {hw.attention.gpu}, "
+             f"experts {hw.experts.count}× {hw.experts.gpu}")
+    t = Table(title=f"{spec.name}: {where}; TPOT ≤ {s.workload.tpot_ms:g} ms, {s.workload.input_len} in / "
+                    f"{s.workload.output_len} out; ranked by tokens/s per {unit}")
+    for col in ("plan", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "tok/s per $/h", "gain vs colocated", "binding"):
+        t.add_column(col, justify="left" if col in ("plan", "binding") else "right")
+    for p in res.plans:
+        t.add_row(p.describe(), str(p.gpus), f"{p.batch:,}", f"{p.step_s * 1e3:.1f}", f"{p.per_gpu:,.0f}",
+                  f"{p.per_dollar_hour:,.0f}", "-" if p.gain is None else f"{p.gain:.2f}×", p.binding)
+    out.print(t)
+    if colo is not None:
+        out.print(f"colocated baseline: instances of {colo.gpus_per_instance} GPUs, batch {colo.batch:,}, "
+                  f"TPOT {colo.step_s * 1e3:.1f} ms, {colo.per_gpu:,.0f} tok/s/GPU, {colo.per_dollar_hour:,.0f} tok/s per $/h")
+    else:
+        out.print("colocated baseline: no instance size fits the model within the TPOT target")
+    out.print(f"searched {res.evaluated:,} step evaluations in {report.seconds['search']:.2f}s "
+              f"(capture and cost model {report.seconds['capture']:.2f}s)" + (f"; wrote {output}" if output else ""))
+
+
 @app.command("demo")
 def demo_cmd(output: Path = typer.Option(Path("msc-demo"), "-o", "--output")):
     """Compile the embedded tiny Mixtral, run it as 3 processes, and verify it against transformers."""

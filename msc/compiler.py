@@ -152,12 +152,21 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = No
     hf_config = load_hf_config(spec)
     adapter = adapter_for(hf_config.model_type, hf_config)
     moe = adapter.moe_shape(hf_config)
-    plan = resolve_plan(spec.plan, moe["num_experts"])
+    if spec.hardware is None:
+        plan = resolve_plan(spec.plan, moe["num_experts"])
 
     with staged_output(out_dir) as stage:
         # NOTE: capture first: a model msc cannot handle fails before any weights are made or read.
         say("capturing with torch.export (meta device)")
         captured = capture(hf_config, adapter, spec.model.dtype)
+        if spec.hardware is not None:  # the planner fills every plan field the spec leaves unset
+            from msc.planner.cost import model_cost
+            from msc.planner.plan_spec import fill_plan
+
+            say("planning the deployment")
+            plan_spec, _ = fill_plan(spec, model_cost(captured.gm, moe["top_k"], set(captured.constants)))
+            spec = spec.model_copy(update={"plan": plan_spec})
+            plan = resolve_plan(spec.plan, moe["num_experts"])
         checkpoint_rel: str | None
         if spec.model.path is not None:
             checkpoint_rel = str(Path(spec.model.path).resolve())

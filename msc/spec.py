@@ -81,12 +81,39 @@ class RuntimeSpec(_Strict):
     delay_ms: DelaySpec = Field(default_factory=DelaySpec)
 
 
+class PoolSpec(_Strict):
+    """GPUs of one type: `gpu` names a catalogue entry (msc/planner/gpus.yaml or `hardware.catalogue`)."""
+
+    gpu: str
+    count: int = Field(ge=1)
+    per_node: int = Field(default=8, ge=1)
+
+
+class HardwareSpec(_Strict):
+    """The GPUs the planner may use: one pool for both sides (`pool`), or one per side (heterogeneous)."""
+
+    pool: Optional[PoolSpec] = None
+    attention: Optional[PoolSpec] = None
+    experts: Optional[PoolSpec] = None
+    catalogue: Optional[str] = None  # a YAML file adding or replacing GPU types
+    overrides: dict[str, dict[str, float]] = Field(default_factory=dict)  # {"H20": {"price_per_hour": 1.1}}
+
+
+class WorkloadSpec(_Strict):
+    input_len: int = Field(default=571, ge=1)
+    output_len: int = Field(default=159, ge=1)
+    tpot_ms: float = Field(default=150.0, gt=0)
+
+
 class Spec(_Strict):
     model: ModelSpec
     device: Literal["cpu", "cuda", "meta"] = "cpu"
     plan: PlanSpec = Field(default_factory=PlanSpec)
     passes: Optional[list[PassEntry]] = None
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    hardware: Optional[HardwareSpec] = None  # for `msc plan`
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    planner: dict[str, Any] = Field(default_factory=dict)  # Efficiency overrides, objective, profile path
 
 
 def _yaml_lines(text: str) -> dict[tuple, int]:

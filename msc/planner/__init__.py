@@ -1,0 +1,1 @@
+"""The planner: hardware catalogue, cost and performance models, plan search, pipeline simulator."""

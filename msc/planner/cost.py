@@ -1,0 +1,244 @@
+"""Cost model: FLOPs and bytes per token of each layer, read off the captured graph.
+
+Nothing here is typed in per model. The captured graph (msc.capture, on the meta device) says everything:
+- every `aten.linear` / `mm` / `matmul` whose weight is a parameter costs 2·numel(weight) FLOPs per token
+  and reads the weight's bytes once per forward; those outside `msc::experts` run on the attention side
+  (projections, routers, shared experts, dense MLPs, the head);
+- `msc::attention` gives the head counts and widths from its q, k, v shapes ([1, heads, T, d]): the core
+  costs 2·nh·(dk + dv) FLOPs per token per context position, and the KV cache holds nkv·(dk + dv) values per
+  token per layer (msc caches expanded heads, so MLA's cache is that of its expanded heads); a sliding
+  window caps the positions the core reads;
+- `msc::experts` gives the stacked expert weights [E, ...]: each routed token costs 2·(numel(gate_up) +
+  numel(down))/E FLOPs on its expert, and an expert's bytes are read once per forward when any token hits it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from msc.errors import MscError
+
+if TYPE_CHECKING:  # NOTE: torch is imported only when a graph is read, so a cached cost model plans without it
+    import torch.fx as fx
+
+_MATMULS = {"aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.addmm.default"}
+# ops a weight may pass through on its way to a matmul (DeepSeek's router: F.linear(x.float(), w.float()))
+_PASS_THROUGH = {"aten.to.dtype", "aten._to_copy.default", "aten.to.dtype_layout", "aten.t.default",
+                 "aten.transpose.int", "aten.permute.default", "aten.contiguous.default"}
+
+
+def _weight_of(arg):
+    """The get_attr node an operand comes from, through casts and transposes; None for activations."""
+    import torch.fx as fx
+
+    while isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            return arg
+        if arg.op != "call_function" or str(arg.target) not in _PASS_THROUGH:
+            return None
+        arg = arg.args[0]
+    return None
+
+
+@dataclass
+class LayerCost:
+    layer: int
+    attn_weight_bytes: int = 0  # attention-side weights of this layer (projections, norms, router, shared/dense MLP)
+    attn_flops_per_token: float = 0.0  # attention-side matmul FLOPs per token, without the attention core
+    core_flops_per_token_ctx: float = 0.0  # attention core FLOPs per token per context position
+    kv_bytes_per_token: int = 0  # KV-cache bytes this layer keeps per token of context
+    window: int = -1  # sliding window (-1: full attention)
+    experts: int = 0  # routed experts in this layer (0: dense layer, no expert side)
+    expert_weight_bytes: int = 0  # bytes of ONE expert's weights
+    expert_flops_per_token: float = 0.0  # FLOPs of one routed (token, expert) pair
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass
+class ModelCost:
+    """Per-layer costs plus what sits outside the layers (embedding, final norm, head)."""
+
+    layers: list[LayerCost]
+    top_k: int
+    hidden_size: int
+    dtype_bytes: int
+    other_weight_bytes: int = 0
+    other_flops_per_token: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def moe_layers(self) -> list[LayerCost]:
+        return [lc for lc in self.layers if lc.moe]
+
+    @property
+    def num_experts(self) -> int:
+        return max((lc.experts for lc in self.layers), default=0)
+
+    def attention_weight_bytes(self) -> int:
+        return self.other_weight_bytes + sum(lc.attn_weight_bytes for lc in self.layers)
+
+    def expert_weight_bytes(self) -> int:
+        return sum(lc.expert_weight_bytes * lc.experts for lc in self.layers)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per token of context, summed over layers (msc's cache keeps every position)."""
+        return sum(lc.kv_bytes_per_token for lc in self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
+    """Costs of the captured graph `gm` (before the passes). constants: computed buffers, not weights."""
+    import torch.fx as fx
+
+    from msc.inspect import layer_of
+    from msc.ops import is_op
+
+    layers: dict[int, LayerCost] = {}
+    other_bytes, other_flops, dtype_bytes, hidden = 0, 0.0, None, None
+    expert_params: set[str] = set()
+
+    def lc(i: int) -> LayerCost:
+        return layers.setdefault(i, LayerCost(i))
+
+    for n in gm.graph.nodes:
+        if is_op(n, "experts"):
+            gate_up, down = _attr(gm, n.args[3].target), _attr(gm, n.args[4].target)
+            e = gate_up.shape[0]
+            c = lc(int(n.args[5]))
+            c.experts = e
+            per = (gate_up.numel() + down.numel()) // e
+            extra = sum(_attr(gm, a.target).numel() // e for a in n.args[7:9] if isinstance(a, fx.Node))  # biases
+            c.expert_weight_bytes = (per + extra) * gate_up.element_size()
+            c.expert_flops_per_token = 2.0 * per
+            expert_params.update(a.target for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr")
+            hidden = hidden or int(n.args[0].meta["val"].shape[-1])
+        elif is_op(n, "attention"):
+            q, k, v = (a.meta["val"].shape for a in n.args[:3])  # [1, heads, T, d]
+            c = lc(int(n.args[3]))
+            nh, nkv, dk, dv = int(q[1]), int(k[1]), int(k[-1]), int(v[-1])
+            dtype_bytes = n.args[0].meta["val"].element_size()
+            c.core_flops_per_token_ctx = 2.0 * nh * (dk + dv)
+            c.kv_bytes_per_token = nkv * (dk + dv) * dtype_bytes
+            c.window = int(n.args[5])
+        elif is_op(n, "router"):  # Mixtral's swapped router: [T, H] @ [E, H]ᵀ
+            w = n.args[1]
+            lc(int(n.args[3])).attn_flops_per_token += 2.0 * _attr(gm, w.target).numel()
+        elif n.op == "call_function" and str(n.target) in _MATMULS:
+            w = next((w for w in map(_weight_of, n.args[:3]) if w is not None), None)
+            if w is not None:
+                flops = 2.0 * _attr(gm, w.target).numel()
+                i = layer_of(w.target)
+                if i is None:
+                    other_flops += flops
+                else:
+                    lc(i).attn_flops_per_token += flops
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n.target in expert_params or n.target in constants:
+            continue
+        t = _attr(gm, n.target)
+        i = layer_of(n.target)
+        if i is None:
+            other_bytes += _nbytes(t)
+        else:
+            lc(i).attn_weight_bytes += _nbytes(t)
+    if not layers or not any(c.moe for c in layers.values()):
+        raise MscError("the captured graph has no msc::experts node: nothing for the planner to place")
+    if dtype_bytes is None:
+        raise MscError("the captured graph has no msc::attention node: the planner needs the attention's shapes")
+    ordered = [layers[i] for i in sorted(layers)]
+    return ModelCost(ordered, top_k=top_k, hidden_size=hidden, dtype_bytes=dtype_bytes,
+                     other_weight_bytes=other_bytes, other_flops_per_token=other_flops)
+
+
+def _cache_path(spec) -> Path | None:
+    """Where the cost model of this spec's model is cached: keyed by the model's config, its dtype and the
+    versions of msc, torch and transformers (which decide what the captured graph holds)."""
+    if os.environ.get("MSC_NO_CACHE"):
+        return None
+    if spec.model.config is not None:
+        model = spec.model.config
+    else:
+        cfg = Path(spec.model.path) / "config.json"
+        if not cfg.is_file():
+            return None
+        model = json.loads(cfg.read_text())
+    versions = {}
+    for pkg in ("msc", "torch", "transformers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "?"
+    key = json.dumps({"model": model, "dtype": spec.model.dtype, "versions": versions, "format": 1}, sort_keys=True)
+    root = Path(os.environ.get("MSC_CACHE_DIR") or Path.home() / ".cache" / "msc")
+    return root / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _from_dict(d: dict) -> ModelCost:
+    d = dict(d)
+    d["layers"] = [LayerCost(**lc) for lc in d["layers"]]
+    return ModelCost(**d)
+
+
+def cost_of_spec(spec, use_cache: bool = True) -> tuple[ModelCost, dict]:
+    """Capture the spec's model on the meta device and derive its costs; also returns the MoE shape.
+
+    NOTE: the result is cached (MSC_CACHE_DIR, default ~/.cache/msc; MSC_NO_CACHE=1 turns it off): a cost
+    model depends only on the config, dtype and library versions, and capture is most of a plan's time."""
+    path = _cache_path(spec) if use_cache else None
+    if path is not None and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            return _from_dict(d["cost"]), d["moe"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a damaged cache entry is recomputed and rewritten
+    from msc.capture import capture
+    from msc.compiler import load_hf_config
+    from msc.models.registry import adapter_for
+
+    hf_config = load_hf_config(spec)
+    adapter = adapter_for(hf_config.model_type, hf_config)
+    moe = adapter.moe_shape(hf_config)
+    captured = capture(hf_config, adapter, spec.model.dtype)
+    cost = model_cost(captured.gm, moe["top_k"], set(captured.constants))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"cost": cost.to_dict(), "moe": moe}))
+            tmp.replace(path)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return cost, moe
+
+
+def attention_core_positions(ctx: float, window: int) -> float:
+    """Context positions the attention core reads for one token at context length ctx."""
+    return ctx if window is None or window < 0 else min(ctx, float(window))
+
+
+def check_finite(x: float, what: str) -> float:
+    if not math.isfinite(x) or x < 0:
+        raise MscError(f"{what} is {x}: expected a finite, non-negative number")
+    return x

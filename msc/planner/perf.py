@@ -1,0 +1,234 @@
+"""Performance model: time of one layer on each side per micro-batch, and of the whole decode step.
+
+Default: a roofline with efficiency factors. One layer of one micro-batch costs
+max(FLOPs / (tp · peak · eff_flops), bytes / (tp · bandwidth · eff_bw)) + a fixed per-layer overhead
+(kernel launches, synchronisation), plus, for tp > 1, an all-reduce of the layer's activations over
+NVLink. Communication between the sides moves each token's hidden vector once per chosen expert; its time
+is the bytes over the NIC bandwidth times a utilisation curve util(s) = u_max · s / (s + s_half) of the
+message size s (the paper measures such a curve; `s_half` and `u_max` are overridable).
+
+With a measured profile (JSON, below) the attention and expert times come from its linear fits instead,
+as in the paper: T_a ≈ k1·b_a + k2 (at the profile's context length, scaled linearly in context for the
+KV term when `k1_ctx` is given) and T_e ≈ k3·b_e + k4, with b_e the tokens one expert node receives.
+
+Profile format (what `msc profile` will write; every field in seconds, per layer per micro-batch):
+    {"format": 1, "gpu": "H200", "model": "...", "context": 730,
+     "attention": {"k1": 2.1e-6, "k2": 1.8e-4, "k1_ctx": 2.6e-9},   # optional k1_ctx: s per token per position
+     "expert": {"k3": 4.0e-7, "k4": 2.2e-4}}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from msc.errors import MscError
+from msc.planner.cost import LayerCost, ModelCost, attention_core_positions
+
+
+class Efficiency(BaseModel):
+    """Fractions of the datasheet peaks a real step reaches, and fixed costs (all overridable in the spec)."""
+
+    model_config = ConfigDict(extra="forbid")
+    flops: float = Field(0.6, gt=0, le=1)  # matmul efficiency at large batch
+    bandwidth: float = Field(0.8, gt=0, le=1)  # HBM bandwidth efficiency (weights and KV streaming)
+    layer_overhead_s: float = Field(25e-6, ge=0)  # per layer per micro-batch per side: launches, syncs
+    nic_u_max: float = Field(0.9, gt=0, le=1)  # utilisation curve: u_max · s / (s + s_half)
+    nic_s_half: float = Field(128 * 1024, gt=0)  # bytes at which the NIC reaches half of u_max
+    nic_latency_s: float = Field(10e-6, ge=0)  # one message's fixed latency
+    memory_fraction: float = Field(0.9, gt=0, le=1)  # usable part of GPU memory (the rest: runtime, fragmentation)
+
+
+class LinearFit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k1: float = Field(ge=0)
+    k2: float = Field(ge=0)
+    k1_ctx: float = Field(0.0, ge=0)
+
+
+class ExpertFit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k3: float = Field(ge=0)
+    k4: float = Field(ge=0)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int = 1
+    gpu: str
+    model: str = ""
+    context: float = Field(gt=0)
+    attention: LinearFit
+    expert: ExpertFit
+
+
+def load_profile(path: str | Path) -> Profile:
+    try:
+        return Profile.model_validate(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise MscError(f"profile {path} does not exist") from None
+    except (json.JSONDecodeError, ValidationError) as e:
+        raise MscError(f"profile {path} is not a valid msc profile: {str(e).splitlines()[0]}") from None
+
+
+@dataclass(frozen=True)
+class Side:
+    """One GPU group running one side: its GPU figures (SI units) times tp."""
+
+    flops: float
+    mem_bw: float
+    nic_bw: float
+    nvlink_bw: float
+    tp: int
+
+
+def util(size: float, eff: Efficiency) -> float:
+    return eff.nic_u_max * size / (size + eff.nic_s_half) if size > 0 else eff.nic_u_max
+
+
+def _roofline(flops: float, nbytes: float, side: Side, eff: Efficiency) -> float:
+    return max(flops / (side.tp * side.flops * eff.flops), nbytes / (side.tp * side.mem_bw * eff.bandwidth))
+
+
+def _allreduce(nbytes: float, side: Side) -> float:
+    if side.tp == 1:
+        return 0.0
+    return 2.0 * nbytes * (side.tp - 1) / side.tp / side.nvlink_bw + 5e-6
+
+
+def attention_layer_time(lc: LayerCost, b_a: float, ctx: float, side: Side, eff: Efficiency, model: ModelCost,
+                         profile: Profile | None = None) -> float:
+    """One layer's attention side for a micro-batch of b_a sequences (one decode token each) at context ctx."""
+    if profile is not None:
+        p = profile.attention
+        return p.k1 * b_a + p.k2 + p.k1_ctx * b_a * (ctx - profile.context)
+    pos = attention_core_positions(ctx, lc.window)
+    flops = b_a * (lc.attn_flops_per_token + lc.core_flops_per_token_ctx * pos)
+    nbytes = lc.attn_weight_bytes + b_a * pos * lc.kv_bytes_per_token
+    act = b_a * model.hidden_size * model.dtype_bytes
+    return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + 2 * _allreduce(act, side)
+
+
+def head_time(model: ModelCost, b_a: float, side: Side, eff: Efficiency) -> float:
+    """Embedding, final norm and head once per micro-batch (on the attention side)."""
+    return _roofline(b_a * model.other_flops_per_token, model.other_weight_bytes, side, eff)
+
+
+def expected_experts_hit(experts: int, tokens: float, top_k: int) -> float:
+    """Expected number of distinct experts (of `experts`) chosen by `tokens` tokens with uniform top-k routing."""
+    if tokens <= 0:
+        return 0.0
+    miss = (1.0 - top_k / experts) ** tokens if experts > top_k else 0.0
+    return experts * (1.0 - miss)
+
+
+def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int, side: Side, eff: Efficiency,
+                      model: ModelCost, profile: Profile | None = None) -> float:
+    """One layer's expert side on one expert node for a micro-batch of `tokens_global` tokens (all replicas),
+    with uniform routing: the node receives tokens·K·(experts_per_node / E) (token, expert) pairs."""
+    if not lc.moe:
+        return 0.0
+    pairs = tokens_global * model.top_k * experts_per_node / lc.experts
+    if profile is not None:
+        return profile.expert.k3 * pairs + profile.expert.k4
+    hit = expected_experts_hit(lc.experts, tokens_global, model.top_k) * experts_per_node / lc.experts
+    flops = pairs * lc.expert_flops_per_token
+    nbytes = hit * lc.expert_weight_bytes
+    act = pairs * model.hidden_size * model.dtype_bytes
+    return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + _allreduce(act, side)
+
+
+def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: int, att: Side, exp: Side,
+              eff: Efficiency) -> float:
+    """One-way time of one layer's exchange: the replica sends b_a·K hidden vectors, an expert node receives
+    tokens·K / n_e of them (the reference's T_c, with per-message utilisation)."""
+    vec = model.hidden_size * model.dtype_bytes
+    send = b_a * model.top_k * vec
+    recv = tokens_global * model.top_k * vec / expert_nodes
+    msg_a = send / max(1, min(expert_nodes, b_a * model.top_k))  # one message per destination node
+    msg_e = recv / max(1.0, tokens_global / max(b_a, 1e-9))  # one message per source replica
+    t_a = send / (att.tp * att.nic_bw * util(msg_a, eff))
+    t_e = recv / (exp.tp * exp.nic_bw * util(msg_e, eff))
+    return max(t_a, t_e) + eff.nic_latency_s
+
+
+@dataclass
+class StepTimes:
+    t_a: float  # summed over layers, one micro-batch (head included)
+    t_e: float
+    t_c: float
+    total: float  # one decode step (all micro-batches through all layers)
+
+
+def pipeline_total(t_a: list[float], t_e: list[float], t_c: list[float], m: int) -> float:
+    """The reference's T_total = (T_a + T_e + 2·T_c) + T_f·(m·L − 1), written per layer so dense layers
+    (T_e = T_c = 0) and differing layers fit; never below one micro-batch's own serial path plus the
+    others' last slot."""
+    t_f = [max(a, e) for a, e in zip(t_a, t_e)]
+    piped = (t_a[0] + t_e[0] + 2 * t_c[0]) + m * sum(t_f) - t_f[0]
+    serial = sum(a + e + 2 * c for a, e, c in zip(t_a, t_e, t_c)) + (m - 1) * t_f[-1]
+    return max(piped, serial)
+
+
+def layer_groups(model: ModelCost) -> list[tuple[LayerCost, list[int]]]:
+    """Layers with equal costs grouped (a model has few kinds), so a step is computed once per kind."""
+    cached = model.__dict__.get("_groups")
+    if cached is not None and cached[0] == len(model.layers):
+        return cached[1]
+    groups: dict[tuple, tuple[LayerCost, list[int]]] = {}
+    for i, lc in enumerate(model.layers):
+        key = astuple(lc)[1:]  # everything but the layer index
+        groups.setdefault(key, (lc, []))[1].append(i)
+    out = list(groups.values())
+    model.__dict__["_groups"] = (len(model.layers), out)
+    return out
+
+
+def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_nodes: int, ctx: float,
+                       att: Side, exp: Side, eff: Efficiency, profile: Profile | None = None) -> StepTimes:
+    """Decode step of the plan: n_a replicas each with m micro-batches of b_a sequences; the same value as
+    pipeline_total over the per-layer lists, computed once per layer kind."""
+    tokens = b_a * n_a  # one micro-batch across all replicas
+    per_node = model.num_experts // expert_nodes
+    last = len(model.layers) - 1
+    head = head_time(model, b_a, att, eff)
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # t_a, t_e, t_c, t_f, serial
+    first = last_f = None
+    for lc, idx in layer_groups(model):
+        a = attention_layer_time(lc, b_a, ctx, att, eff, model, profile)
+        e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile)
+        c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff) if lc.moe else 0.0
+        n = len(idx)
+        sums[0] += n * a
+        sums[1] += n * e
+        sums[2] += n * c
+        sums[3] += n * max(a, e)
+        sums[4] += n * (a + e + 2 * c)
+        if idx[0] == 0:
+            first = (a + (head if last == 0 else 0.0), e, c)
+        if idx[-1] == last:
+            last_f = max(a + head, e)
+            sums[3] += max(a + head, e) - max(a, e)  # the head runs after the last layer's attention
+            sums[0] += head
+            sums[4] += head
+    t_f0 = max(first[0], first[1])
+    piped = (first[0] + first[1] + 2 * first[2]) + m * sums[3] - t_f0
+    serial = sums[4] + (m - 1) * last_f
+    return StepTimes(sums[0], sums[1], sums[2], max(piped, serial))
+
+
+def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Efficiency) -> float:
+    """Decode step of a colocated instance of side.tp GPUs serving b sequences: attention tensor-parallel,
+    experts expert-parallel over the same GPUs, no overlap between the two (what vLLM does without
+    dual-batch overlap)."""
+    total = head_time(model, b, side, eff)
+    for lc in model.layers:
+        total += attention_layer_time(lc, b, ctx, side, eff, model)
+        if lc.moe:
+            hit = expected_experts_hit(lc.experts, b, model.top_k)
+            flops = b * model.top_k * lc.expert_flops_per_token
+            total += _roofline(flops, hit * lc.expert_weight_bytes, side, eff) + eff.layer_overhead_s
+            total += 2 * _allreduce(b * model.hidden_size * model.dtype_bytes, side)  # dispatch + combine
+    return total

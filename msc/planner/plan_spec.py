@@ -1,0 +1,110 @@
+"""`msc plan`: a spec's model, hardware and workload -> ranked deployment plans, and the chosen one as a spec."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from msc.errors import MscError
+from msc.planner.cost import ModelCost, cost_of_spec
+from msc.planner.hardware import get_gpu, load_catalogue
+from msc.planner.perf import Efficiency, load_profile
+from msc.planner.search import Planner, Pool, SearchResult, Workload, explain_infeasible
+
+
+@dataclass
+class PlanReport:
+    planner: Planner
+    result: SearchResult
+    cost: ModelCost
+    moe: dict
+    seconds: dict  # capture / search
+
+
+def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None) -> Planner:
+    hw = spec.hardware
+    if hw is None or (hw.pool is None and (hw.attention is None or hw.experts is None)):
+        raise MscError("the spec has no hardware for the planner: give hardware.pool {gpu, count} (one pool for both "
+                       "sides) or hardware.attention and hardware.experts (one pool each)")
+    if hw.pool is not None and (hw.attention is not None or hw.experts is not None):
+        raise MscError("hardware: give either pool, or attention and experts, not both")
+    catalogue = load_catalogue(hw.catalogue, hw.overrides or None)
+    opts = dict(spec.planner)
+    objective = opts.pop("objective", "cost" if hw.pool is None else "gpu")
+    if objective not in ("gpu", "cost"):
+        raise MscError(f"planner.objective is '{objective}': expected 'gpu' (tokens/s per GPU) or 'cost' (per dollar)")
+    profile = opts.pop("profile", None)
+    max_m = int(opts.pop("max_microbatches", 8))
+    try:
+        eff = Efficiency.model_validate(opts)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise MscError(f"planner.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    wl = Workload(spec.workload.input_len, spec.workload.output_len, spec.workload.tpot_ms / 1e3)
+
+    def pool(p) -> Pool:
+        return Pool(get_gpu(p.gpu, catalogue), p.count, p.per_node)
+
+    att = pool(hw.pool if hw.pool is not None else hw.attention)
+    exp = None if hw.pool is not None else pool(hw.experts)
+    kw = {} if tp_sizes is None else {"tp_sizes": tp_sizes}
+    return Planner(cost, att, exp, wl, eff, load_profile(profile) if profile else None, objective, max_m, **kw)
+
+
+def plan_spec(spec, top: int = 10, progress=None) -> PlanReport:
+    t0 = time.perf_counter()
+    cost, moe = cost_of_spec(spec)
+    t1 = time.perf_counter()
+    planner = planner_for(spec, cost)
+    result = planner.search(top=top, progress=progress)
+    t2 = time.perf_counter()
+    if not result.plans:
+        raise MscError(explain_infeasible(result, planner))
+    return PlanReport(planner, result, cost, moe, {"capture": t1 - t0, "search": t2 - t1})
+
+
+def chosen_spec_dict(spec, report: PlanReport) -> dict:
+    """The spec with the best plan's fields filled in (what `msc compile` takes)."""
+    best = report.result.plans[0]
+    d = spec.model_dump(exclude_none=True)
+    d["plan"] = {
+        "attention": {"replicas": best.n_a, "tp": best.tp_a},
+        "experts": {"nodes": best.n_e, "tp": best.tp_e},
+        "microbatches": best.m,
+        "batch_size": best.b_a * best.m,
+    }
+    return d
+
+
+def write_chosen(spec, report: PlanReport, out: str | Path) -> Path:
+    import yaml
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("# written by `msc plan`: the best plan filled in\n" + yaml.safe_dump(chosen_spec_dict(spec, report), sort_keys=False))
+    tmp.replace(out)
+    return out
+
+
+def fill_plan(spec, cost: ModelCost):
+    """The spec's plan with every unset field taken from the best plan (what `msc compile` does when the
+    spec names hardware). NOTE: searched with tp = 1 only, the one tensor-parallel size the runtime runs."""
+    from msc.spec import PlanSpec
+
+    planner = planner_for(spec, cost, tp_sizes=(1,))
+    result = planner.search(top=1)
+    if not result.plans:
+        raise MscError(explain_infeasible(result, planner))
+    best = result.plans[0]
+    given = spec.plan.model_dump()
+    planned = {"attention": {"replicas": best.n_a, "tp": best.tp_a}, "experts": {"nodes": best.n_e, "tp": best.tp_e},
+               "microbatches": best.m, "batch_size": best.b_a * best.m}
+    merged = {
+        "attention": {k: given["attention"][k] if given["attention"][k] is not None else v for k, v in planned["attention"].items()},
+        "experts": {k: given["experts"][k] if given["experts"][k] is not None else v for k, v in planned["experts"].items()},
+        "microbatches": given["microbatches"] or planned["microbatches"],
+        "batch_size": given["batch_size"] or planned["batch_size"],
+    }
+    return PlanSpec.model_validate(merged), best

@@ -1,0 +1,306 @@
+"""Deployment-plan search (the reference's Algorithm 1, widened).
+
+Search space (documented in docs/planner.md):
+- attention tensor-parallel size tp_a and expert tensor-parallel size tp_e in {1, 2, 4, 8} (at most the GPUs
+  per node of their pool);
+- expert nodes n_e: every divisor of the expert count E (each node holds E / n_e experts; the paper's plans
+  are n_e = E);
+- attention replicas n_a: 1 up to what the pool's GPUs allow;
+- micro-batches m: 1 to 8 (the paper stops at 4);
+- for each, binary search of the largest micro-batch b_a (sequences per replica per micro-batch) whose decode
+  step meets the time-per-output-token target, capped by memory: a replica holds its attention weights and
+  the KV cache of its m·b_a sequences at the workload's full length, an expert node its experts.
+
+The global batch is B = b_a · m · n_a sequences; a decode step emits one token for each, so throughput is
+B / T_step. Plans are ranked by tokens/s per GPU (or per dollar: `objective="cost"`).
+
+The colocated baseline serves the same model on instances of g GPUs of the attention pool's type (attention
+tensor-parallel, experts expert-parallel on the same GPUs, the two phases one after the other), with g the
+best power of two that fits; each plan states its gain over it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msc.errors import MscError
+from msc.planner.cost import ModelCost
+from msc.planner.perf import Efficiency, Profile, Side, colocated_step, disaggregated_step
+
+TP_SIZES = (1, 2, 4, 8)
+MAX_MICROBATCHES = 8
+MAX_BATCH = 1 << 16
+
+
+@dataclass(frozen=True)
+class Pool:
+    """GPUs of one type available to a side (or to both, when `shared`)."""
+
+    gpu: object  # msc.planner.hardware.GPU
+    count: int
+    per_node: int = 8
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_len: int = 571
+    output_len: int = 159
+    tpot_s: float = 0.150
+
+    @property
+    def mean_context(self) -> float:
+        """Average context length during decoding (prompt plus half the output)."""
+        return self.input_len + self.output_len / 2
+
+    @property
+    def max_context(self) -> int:
+        return self.input_len + self.output_len
+
+
+@dataclass
+class Plan:
+    tp_a: int
+    n_a: int
+    tp_e: int
+    n_e: int
+    m: int
+    b_a: int
+    step_s: float
+    t_a: float  # summed over layers, one micro-batch
+    t_e: float
+    t_c: float
+    binding: str
+    gpus: int
+    cost_per_hour: float
+    attention_mem_bytes: float
+    expert_mem_bytes: float
+    gain: float | None = None  # throughput per GPU (or per cost) over the colocated baseline
+
+    @property
+    def batch(self) -> int:
+        return self.b_a * self.m * self.n_a
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch / self.step_s
+
+    @property
+    def per_gpu(self) -> float:
+        return self.tokens_per_s / self.gpus
+
+    @property
+    def per_dollar_hour(self) -> float:
+        return self.tokens_per_s / self.cost_per_hour
+
+    def key(self) -> tuple:
+        return (self.tp_a, self.n_a, self.tp_e, self.n_e, self.m, self.b_a)
+
+    def describe(self) -> str:
+        return f"{self.n_a}×att(tp{self.tp_a}) + {self.n_e}×exp(tp{self.tp_e}), m={self.m}"
+
+
+@dataclass
+class Colocated:
+    gpus_per_instance: int
+    batch: int
+    step_s: float
+    cost_per_hour: float
+
+    @property
+    def per_gpu(self) -> float:
+        return self.batch / self.step_s / self.gpus_per_instance
+
+    @property
+    def per_dollar_hour(self) -> float:
+        return self.batch / self.step_s / self.cost_per_hour
+
+
+@dataclass
+class SearchResult:
+    plans: list[Plan]  # feasible, best first
+    colocated: Colocated | None
+    evaluated: int
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def side_of(gpu, tp: int) -> Side:
+    return Side(flops=gpu.flops, mem_bw=gpu.mem_bw, nic_bw=gpu.nic_bw, nvlink_bw=gpu.nvlink_bw, tp=tp)
+
+
+def attention_memory(model: ModelCost, b_a: int, m: int, tp_a: int, wl: Workload) -> float:
+    """Bytes per attention GPU: its share of the attention weights and of the KV cache of m·b_a sequences."""
+    kv = m * b_a * wl.max_context * model.kv_bytes_per_token()
+    act = m * b_a * model.hidden_size * model.dtype_bytes * 16  # activations in flight (generous)
+    return (model.attention_weight_bytes() + kv + act) / tp_a
+
+
+def expert_memory(model: ModelCost, n_e: int, tp_e: int) -> float:
+    return model.expert_weight_bytes() / n_e / tp_e
+
+
+def _max_b_by_memory(model: ModelCost, m: int, tp_a: int, wl: Workload, usable: float) -> int:
+    per_seq = (m * wl.max_context * model.kv_bytes_per_token() + m * model.hidden_size * model.dtype_bytes * 16) / tp_a
+    room = usable - model.attention_weight_bytes() / tp_a
+    return int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class Planner:
+    def __init__(self, model: ModelCost, attention: Pool, expert: Pool | None, workload: Workload,
+                 eff: Efficiency | None = None, profile: Profile | None = None,
+                 objective: Literal["gpu", "cost"] = "gpu", max_microbatches: int = MAX_MICROBATCHES,
+                 tp_sizes: tuple[int, ...] = TP_SIZES):
+        self.model, self.att_pool, self.exp_pool = model, attention, expert
+        self.shared = expert is None  # homogeneous: one pool for both sides
+        self.wl, self.eff, self.profile = workload, eff or Efficiency(), profile
+        self.objective = objective
+        self.max_m = max_microbatches
+        self.tp_sizes = tp_sizes
+        self.evaluated = 0
+        for pool in filter(None, (attention, expert)):
+            if pool.count < 1:
+                raise MscError(f"pool of {pool.gpu.name} has {pool.count} GPUs: expected at least 1")
+
+    # ------------------------------------------------------------------ one configuration
+    def step(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int):
+        self.evaluated += 1
+        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
+        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, side_of(self.att_pool.gpu, tp_a),
+                                  side_of(exp_gpu, tp_e), self.eff, self.profile)
+
+    def _fits_gpus(self, tp_a: int, n_a: int, tp_e: int, n_e: int) -> bool:
+        if self.shared:
+            return tp_a * n_a + tp_e * n_e <= self.att_pool.count
+        return tp_a * n_a <= self.att_pool.count and tp_e * n_e <= self.exp_pool.count
+
+    def configurations(self):
+        """Every (tp_a, n_a, tp_e, n_e, m) of the search space that fits the pools' GPU counts."""
+        exp_pool = self.att_pool if self.shared else self.exp_pool
+        experts = self.model.num_experts
+        for tp_e in (t for t in self.tp_sizes if t <= exp_pool.per_node):
+            for n_e in _divisors(experts):
+                for tp_a in (t for t in self.tp_sizes if t <= self.att_pool.per_node):
+                    for n_a in range(1, self.att_pool.count // tp_a + 1):
+                        if not self._fits_gpus(tp_a, n_a, tp_e, n_e):
+                            break
+                        for m in range(1, self.max_m + 1):
+                            yield tp_a, n_a, tp_e, n_e, m
+
+    def best_for(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, rejected: dict | None = None) -> Plan | None:
+        """The plan with the largest b_a meeting the latency and memory limits (binary search)."""
+        rejected = rejected if rejected is not None else {}
+        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
+        usable_e = exp_gpu.mem_bytes * self.eff.memory_fraction
+        if expert_memory(self.model, n_e, tp_e) > usable_e:
+            rejected["expert memory"] = rejected.get("expert memory", 0) + 1
+            return None
+        b_mem = _max_b_by_memory(self.model, m, tp_a, self.wl, self.att_pool.gpu.mem_bytes * self.eff.memory_fraction)
+        if b_mem < 1:
+            rejected["attention memory"] = rejected.get("attention memory", 0) + 1
+            return None
+        lo, hi = 0, b_mem  # invariant: b = lo meets the target (0: trivially), hi + 1 is beyond memory
+        if self.step(tp_a, n_a, tp_e, n_e, m, 1).total > self.wl.tpot_s:
+            rejected["latency"] = rejected.get("latency", 0) + 1
+            return None
+        lo = 1
+        if self.step(tp_a, n_a, tp_e, n_e, m, hi).total <= self.wl.tpot_s:
+            lo = hi
+        else:
+            while hi - lo > 1:  # T_step grows with b_a: lo meets the target, hi does not
+                mid = (lo + hi) // 2
+                if self.step(tp_a, n_a, tp_e, n_e, m, mid).total <= self.wl.tpot_s:
+                    lo = mid
+                else:
+                    hi = mid
+        if lo < b_mem:
+            binding = "latency (TPOT)"
+        else:
+            binding = "batch cap of the search" if b_mem == MAX_BATCH else "memory (KV cache)"
+        return self.make_plan(tp_a, n_a, tp_e, n_e, m, lo, binding)
+
+    def make_plan(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int, binding: str) -> Plan:
+        st = self.step(tp_a, n_a, tp_e, n_e, m, b_a)
+        exp_pool = self.att_pool if self.shared else self.exp_pool
+        return Plan(
+            tp_a=tp_a, n_a=n_a, tp_e=tp_e, n_e=n_e, m=m, b_a=b_a, step_s=st.total,
+            t_a=st.t_a, t_e=st.t_e, t_c=st.t_c, binding=binding,
+            gpus=tp_a * n_a + tp_e * n_e,
+            cost_per_hour=tp_a * n_a * self.att_pool.gpu.price_per_hour + tp_e * n_e * exp_pool.gpu.price_per_hour,
+            attention_mem_bytes=attention_memory(self.model, b_a, m, tp_a, self.wl),
+            expert_mem_bytes=expert_memory(self.model, n_e, tp_e),
+        )
+
+    def score(self, p: Plan | Colocated) -> float:
+        return p.per_dollar_hour if self.objective == "cost" else p.per_gpu
+
+    # ------------------------------------------------------------------ whole search
+    def search(self, top: int = 10, progress=None) -> SearchResult:
+        rejected: dict[str, int] = {}
+        plans = []
+        configs = list(self.configurations())
+        for i, cfg in enumerate(configs):
+            p = self.best_for(*cfg, rejected=rejected)
+            if p is not None:
+                plans.append(p)
+            if progress is not None:
+                progress(i + 1, len(configs))
+        plans.sort(key=lambda p: (-self.score(p), p.gpus, p.key()))
+        colo = self.colocated()
+        if colo is not None:
+            for p in plans:
+                p.gain = self.score(p) / self.score(colo)
+        return SearchResult(plans[:top] if top else plans, colo, self.evaluated, rejected)
+
+    def colocated(self) -> Colocated | None:
+        """Best colocated instance on the attention pool's GPU type (sizes 1, 2, 4, ... up to the pool)."""
+        gpu = self.att_pool.gpu
+        best = None
+        g = 1
+        while g <= max(self.att_pool.count, 1):
+            side = side_of(gpu, g)
+            usable = gpu.mem_bytes * self.eff.memory_fraction * g
+            room = usable - self.model.attention_weight_bytes() - self.model.expert_weight_bytes()
+            per_seq = self.wl.max_context * self.model.kv_bytes_per_token()
+            b_mem = int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
+            if b_mem >= 1 and colocated_step(self.model, 1, self.wl.mean_context, side, self.eff) <= self.wl.tpot_s:
+                lo, hi = 1, b_mem
+                if colocated_step(self.model, hi, self.wl.mean_context, side, self.eff) <= self.wl.tpot_s:
+                    lo = hi
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if colocated_step(self.model, mid, self.wl.mean_context, side, self.eff) <= self.wl.tpot_s:
+                        lo = mid
+                    else:
+                        hi = mid
+                c = Colocated(g, lo, colocated_step(self.model, lo, self.wl.mean_context, side, self.eff),
+                              g * gpu.price_per_hour)
+                if best is None or self.score(c) > self.score(best):
+                    best = c
+            g *= 2
+        return best
+
+
+def explain_infeasible(result: SearchResult, planner: Planner) -> str:
+    """One message saying which constraint failed, and by how much."""
+    m = planner.model
+    att = planner.att_pool.gpu
+    usable = att.mem_bytes * planner.eff.memory_fraction
+    parts = []
+    if result.rejected.get("attention memory"):
+        need = m.attention_weight_bytes() / max(t for t in planner.tp_sizes if t <= planner.att_pool.per_node)
+        parts.append(f"attention weights need {need / 2**30:.1f} GiB per GPU even at the largest tp, "
+                     f"{att.name} offers {usable / 2**30:.1f} GiB usable")
+    if result.rejected.get("expert memory"):
+        exp_pool = planner.att_pool if planner.shared else planner.exp_pool
+        most = exp_pool.count
+        parts.append(f"the experts need {m.expert_weight_bytes() / 2**30:.1f} GiB; {exp_pool.gpu.name} × {most} "
+                     f"offer {exp_pool.gpu.mem_bytes * planner.eff.memory_fraction * most / 2**30:.1f} GiB usable")
+    if result.rejected.get("latency"):
+        fastest = min((planner.step(*cfg, 1).total for cfg in list(planner.configurations())[:200]), default=math.inf)
+        parts.append(f"even one sequence per micro-batch takes {fastest * 1e3:.1f} ms per token, over the "
+                     f"{planner.wl.tpot_s * 1e3:.0f} ms target by {(fastest - planner.wl.tpot_s) * 1e3:.1f} ms")
+    return "no plan meets the constraints: " + ("; ".join(parts) if parts else "the GPU pools are too small")

@@ -1,0 +1,81 @@
+"""`msc plan` and `msc compile` with hardware: the table, JSON, the chosen spec, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from msc.cli import app
+from msc.planner.search import Workload
+from tests.conftest import TINY
+
+HW = {"pool": {"gpu": "H200", "count": 4, "per_node": 4}}
+WL = {"input_len": 16, "output_len": 8, "tpot_ms": 50}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _spec(tmp_path, **extra) -> str:
+    d = {"model": {"config": dict(TINY), "dtype": "float32"}, "device": "cpu", "hardware": HW, "workload": WL, **extra}
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return str(p)
+
+
+def test_plan_json_lists_plans_that_meet_the_target_and_writes_the_chosen_spec(tmp_path):
+    chosen = tmp_path / "chosen.yaml"
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path), "--json", "--top", "5", "-o", str(chosen)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert 1 <= len(data["plans"]) <= 5
+    assert all(p["tpot_ms"] <= WL["tpot_ms"] for p in data["plans"])
+    assert all(p["gpus"] <= HW["pool"]["count"] for p in data["plans"])
+    per_gpu = [p["per_gpu"] for p in data["plans"]]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+    spec = yaml.safe_load(chosen.read_text())
+    best = data["plans"][0]
+    assert spec["plan"]["attention"] == best["attention"] and spec["plan"]["experts"] == best["experts"]
+    assert spec["plan"]["microbatches"] == best["microbatches"]
+
+
+def test_plan_table_is_printed(tmp_path):
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path), "--top", "3"])
+    assert res.exit_code == 0, res.output
+    assert "gain vs colocated" in res.stdout and "colocated baseline" in res.stdout
+
+
+def test_compile_fills_unset_plan_fields_from_the_planner(tmp_path):
+    from msc.compiler import compile_spec
+    from msc.spec import load_spec
+
+    spec = load_spec(_spec(tmp_path, plan={"experts": {"nodes": 2}}))
+    bundle = compile_spec(spec, tmp_path / "b")
+    plan = bundle.manifest["plan"]
+    assert plan["experts"]["nodes"] == 2  # given in the spec: kept
+    assert plan["attention"]["tp"] == 1 and plan["experts"]["tp"] == 1  # the runtime runs tp = 1 only
+    assert plan["microbatches"] >= 1 and plan["batch_size"] >= 1
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"hardware": {"pool": {"gpu": "V100", "count": 4}}}, "unknown GPU 'V100'"),
+    ({"workload": {"input_len": 16, "output_len": 8, "tpot_ms": 1e-6}}, "no plan meets the constraints: .*ms per token, over the"),
+    ({"hardware": {"pool": {"gpu": "H200", "count": 4}, "overrides": {"H200": {"mem_gib": -1}}}}, "H200.*mem_gib"),
+    ({"hardware": {"pool": {"gpu": "H200", "count": 0}}}, "count"),
+    ({"hardware": None}, "no hardware for the planner"),
+])
+def test_bad_planner_input_is_one_clear_error(tmp_path, change, expected):
+    chosen = tmp_path / "chosen.yaml"
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path, **change), "-o", str(chosen)])
+    assert res.exit_code != 0
+    assert __import__("re").search(expected, res.output.replace("\n", " ")), res.output
+    assert not chosen.exists()
+
+
+def test_workload_contexts():
+    wl = Workload(input_len=571, output_len=159)
+    assert wl.max_context == 730 and wl.mean_context == 571 + 79.5

@@ -1,0 +1,157 @@
+"""Plan search against brute force, and every returned plan re-checked independently."""
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from msc.errors import MscError
+from msc.planner.cost import LayerCost, ModelCost
+from msc.planner.perf import Efficiency, Side, disaggregated_step, pipeline_total
+from msc.planner.perf import attention_layer_time, comm_time, expert_layer_time, head_time
+from msc.planner.search import Planner, Pool, Workload
+
+
+def _gpu(name="G", tflops=300, bw=2000, mem_gib=80, nic_gbps=200, nvlink=300, price=2.0):
+    return SimpleNamespace(name=name, flops=tflops * 1e12, mem_bw=bw * 1e9, mem_bytes=mem_gib * 2**30,
+                           nic_bw=nic_gbps * 1e9 / 8, nvlink_bw=nvlink * 1e9, price_per_hour=price)
+
+
+def _model(layers=8, dense_first=1, experts=8, top_k=2, hidden=4096, inter=8192, kv_heads=8, head_dim=128, heads=32):
+    """A mid-size MoE: per-layer costs written from the architecture (not from the code under test)."""
+    b = 2  # bf16
+    attn_params = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + experts * hidden
+    out = []
+    for i in range(layers):
+        dense = i < dense_first
+        lc = LayerCost(
+            layer=i,
+            attn_weight_bytes=(attn_params + (3 * hidden * inter if dense else 0)) * b,
+            attn_flops_per_token=2.0 * (attn_params + (3 * hidden * inter if dense else 0)),
+            core_flops_per_token_ctx=2.0 * heads * 2 * head_dim,
+            kv_bytes_per_token=kv_heads * 2 * head_dim * b,
+            experts=0 if dense else experts,
+            expert_weight_bytes=0 if dense else 3 * hidden * inter * b,
+            expert_flops_per_token=0.0 if dense else 2.0 * 3 * hidden * inter,
+        )
+        out.append(lc)
+    return ModelCost(out, top_k=top_k, hidden_size=hidden, dtype_bytes=b,
+                     other_weight_bytes=2 * 32000 * hidden * b, other_flops_per_token=2.0 * 32000 * hidden)
+
+
+WL = Workload(input_len=571, output_len=159, tpot_s=0.05)
+
+
+def _side(gpu, tp):
+    return Side(gpu.flops, gpu.mem_bw, gpu.nic_bw, gpu.nvlink_bw, tp)
+
+
+def _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b_a, eff, ctx):
+    """The decode step from per-layer lists and the reference's formula (independent of the grouped code)."""
+    att, exp = _side(gpu_a, tp_a), _side(gpu_e, tp_e)
+    t_a = [attention_layer_time(lc, b_a, ctx, att, eff, model) for lc in model.layers]
+    t_a[-1] += head_time(model, b_a, att, eff)
+    t_e = [expert_layer_time(lc, b_a * n_a, model.num_experts // n_e, exp, eff, model) for lc in model.layers]
+    t_c = [comm_time(model, b_a, b_a * n_a, n_e, att, exp, eff) if lc.moe else 0.0 for lc in model.layers]
+    return pipeline_total(t_a, t_e, t_c, m)
+
+
+def _attention_bytes_per_gpu(model, b_a, m, tp_a):
+    weights = sum(lc.attn_weight_bytes for lc in model.layers) + model.other_weight_bytes
+    kv = m * b_a * (WL.input_len + WL.output_len) * sum(lc.kv_bytes_per_token for lc in model.layers)
+    act = m * b_a * model.hidden_size * model.dtype_bytes * 16
+    return (weights + kv + act) / tp_a
+
+
+def test_grouped_step_equals_the_per_layer_formula():
+    model, gpu, eff = _model(layers=6, dense_first=2), _gpu(), Efficiency()
+    for tp_a, n_a, tp_e, n_e, m, b in [(1, 2, 1, 4, 3, 16), (2, 1, 4, 8, 1, 1), (4, 3, 2, 2, 4, 200)]:
+        got = disaggregated_step(model, b, m, n_a, n_e, WL.mean_context, _side(gpu, tp_a), _side(gpu, tp_e), eff).total
+        want = _step_by_layer(model, gpu, gpu, tp_a, n_a, tp_e, n_e, m, b, eff, WL.mean_context)
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("hetero", [False, True])
+def test_search_finds_the_brute_force_optimum(hetero):
+    model = _model(layers=4)
+    if hetero:
+        att_pool, exp_pool = Pool(_gpu("A", bw=4000, tflops=150, mem_gib=96, price=1.5), 4, 4), Pool(_gpu("E", bw=860, tflops=360, mem_gib=48, price=1.0), 4, 4)
+    else:
+        att_pool, exp_pool = Pool(_gpu(), 8, 4), None
+    planner = Planner(model, att_pool, exp_pool, WL, max_microbatches=4, objective="cost" if hetero else "gpu")
+    result = planner.search(top=0)
+    assert result.plans
+    best = result.plans[0]
+
+    # brute force: every configuration and every batch up to memory, no binary search
+    eff, gpu_a = Efficiency(), att_pool.gpu
+    gpu_e = (exp_pool or att_pool).gpu
+    usable_a, usable_e = gpu_a.mem_bytes * eff.memory_fraction, gpu_e.mem_bytes * eff.memory_fraction
+    expert_bytes = sum(lc.expert_weight_bytes * lc.experts for lc in model.layers)
+    scores = {}
+    for tp_a, tp_e, n_e, m in itertools.product((1, 2, 4), (1, 2, 4), (1, 2, 4, 8), range(1, 5)):
+        for n_a in range(1, 9):
+            if hetero and (tp_a * n_a > att_pool.count or tp_e * n_e > exp_pool.count):
+                continue
+            if not hetero and tp_a * n_a + tp_e * n_e > att_pool.count:
+                continue
+            if expert_bytes / n_e / tp_e > usable_e:
+                continue
+            for b in range(1, 4096):
+                if _attention_bytes_per_gpu(model, b, m, tp_a) > usable_a:
+                    break
+                t = _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b, eff, WL.mean_context)
+                if t > WL.tpot_s:
+                    continue
+                gpus = tp_a * n_a + tp_e * n_e
+                cost = tp_a * n_a * gpu_a.price_per_hour + tp_e * n_e * gpu_e.price_per_hour
+                tput = b * m * n_a / t
+                scores[(tp_a, n_a, tp_e, n_e, m, b)] = (tput / cost if hetero else tput / gpus, -gpus)
+    brute = max(scores, key=lambda k: scores[k])
+    assert scores[best.key()][0] == pytest.approx(scores[brute][0], rel=1e-9)
+    assert best.key() == brute or scores[best.key()] == scores[brute]
+
+
+def test_every_plan_meets_its_latency_and_memory_limits():
+    model, gpu = _model(layers=6), _gpu(mem_gib=40)
+    planner = Planner(model, Pool(gpu, 16, 8), None, WL)
+    result = planner.search(top=30)
+    assert len(result.plans) > 5
+    eff = Efficiency()
+    expert_bytes = sum(lc.expert_weight_bytes * lc.experts for lc in model.layers)
+    for p in result.plans:
+        t = _step_by_layer(model, gpu, gpu, p.tp_a, p.n_a, p.tp_e, p.n_e, p.m, p.b_a, eff, WL.mean_context)
+        assert t <= WL.tpot_s * (1 + 1e-12)
+        assert p.step_s == pytest.approx(t, rel=1e-12)
+        assert _attention_bytes_per_gpu(model, p.b_a, p.m, p.tp_a) <= gpu.mem_bytes * eff.memory_fraction
+        assert expert_bytes / p.n_e / p.tp_e <= gpu.mem_bytes * eff.memory_fraction
+        assert p.tp_a * p.n_a + p.tp_e * p.n_e <= 16
+        # the batch is the largest that fits: one more sequence per micro-batch breaks a limit
+        over_t = _step_by_layer(model, gpu, gpu, p.tp_a, p.n_a, p.tp_e, p.n_e, p.m, p.b_a + 1, eff, WL.mean_context)
+        over_mem = _attention_bytes_per_gpu(model, p.b_a + 1, p.m, p.tp_a) > gpu.mem_bytes * eff.memory_fraction
+        assert over_t > WL.tpot_s or over_mem
+    scores = [p.per_gpu for p in result.plans]
+    assert scores == sorted(scores, reverse=True)
+    assert result.colocated is not None and all(p.gain == pytest.approx(p.per_gpu / result.colocated.per_gpu) for p in result.plans)
+
+
+def test_impossible_targets_say_which_constraint_failed():
+    from msc.planner.search import explain_infeasible
+
+    planner = Planner(_model(layers=4), Pool(_gpu(mem_gib=80), 8, 8), None, Workload(tpot_s=1e-5))
+    result = planner.search()
+    assert not result.plans
+    msg = explain_infeasible(result, planner)
+    assert "latency" in msg or "ms per token" in msg and "over the" in msg
+
+    tiny_gpu = _gpu(mem_gib=0.5)
+    planner = Planner(_model(layers=4), Pool(tiny_gpu, 2, 2), None, WL)
+    result = planner.search()
+    assert not result.plans
+    assert "GiB" in explain_infeasible(result, planner)
+
+
+def test_pool_without_gpus_is_refused():
+    with pytest.raises(MscError, match="at least 1"):
+        Planner(_model(), Pool(_gpu(), 0, 8), None, WL)
