@@ -203,11 +203,12 @@ def plan_cmd(
     top: int = typer.Option(10, "--top", help="how many plans to print"),
     as_json: bool = typer.Option(False, "--json", help="print the plans as JSON instead of a table"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the spec with the best plan filled in"),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="draw the best plan's simulated decode step (PNG)"),
 ):
     """Search deployment plans: attention/expert parallel sizes, replicas, micro-batches and batch."""
     import json as _json
 
-    from msc.planner.plan_spec import chosen_spec_dict, plan_spec, write_chosen
+    from msc.planner.plan_spec import chosen_spec_dict, plan_spec, plan_timeline, write_chosen
     from msc.spec import load_spec
 
     try:
@@ -217,8 +218,12 @@ def plan_cmd(
                                if i % 500 == 0 or i == n else None)
         if output is not None:
             write_chosen(s, report, output)
+        sim = plan_timeline(report, timeline) if timeline is not None else None
     except MscError as e:
         _fail(e)
+    if sim is not None:
+        err.print(f"wrote {timeline}: simulated step {sim['iteration_s'] * 1e3:.1f} ms (model {sim['model_step_s'] * 1e3:.1f} ms), "
+                  f"idle attention {sim['idle_attention']:.0%}, expert {sim['idle_expert']:.0%}")
     res, pl = report.result, report.planner
     colo = res.colocated
     unit = "$·h" if pl.objective == "cost" else "GPU"

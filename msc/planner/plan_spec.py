@@ -108,3 +108,28 @@ def fill_plan(spec, cost: ModelCost):
         "batch_size": given["batch_size"] or planned["batch_size"],
     }
     return PlanSpec.model_validate(merged), best
+
+
+def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) -> dict:
+    """Simulate one decode step of a plan (per-layer times from the performance model) and draw its
+    timeline; returns the simulator's summary (iteration time, idle fractions) next to the model's formula."""
+    from msc.planner.perf import attention_layer_time, comm_time, expert_layer_time, head_time
+    from msc.planner.search import side_of
+    from msc.planner.simulator import simulate, to_trace
+    from msc.trace_plot import plot_trace
+
+    pl, p = report.planner, report.result.plans[plan_index]
+    model, ctx = pl.model, pl.wl.mean_context
+    exp_gpu = (pl.att_pool if pl.shared else pl.exp_pool).gpu
+    att, exp = side_of(pl.att_pool.gpu, p.tp_a), side_of(exp_gpu, p.tp_e)
+    tokens = p.b_a * p.n_a
+    t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile) for lc in model.layers]
+    t_a[-1] += head_time(model, p.b_a, att, pl.eff)
+    t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile) for lc in model.layers]
+    t_c = comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff)
+    sim = simulate(len(model.layers), p.m, t_a, t_e, t_c)
+    title = (f"{p.describe()}, batch {p.batch:,}: simulated step {sim.iteration_time * 1e3:.1f} ms "
+             f"(model {p.step_s * 1e3:.1f} ms)")
+    plot_trace(to_trace(sim), out_png, title=title)
+    return {"iteration_s": sim.iteration_time, "model_step_s": p.step_s, "idle_attention": sim.idle_attention,
+            "idle_expert": sim.idle_expert}

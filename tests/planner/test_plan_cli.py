@@ -79,3 +79,15 @@ def test_bad_planner_input_is_one_clear_error(tmp_path, change, expected):
 def test_workload_contexts():
     wl = Workload(input_len=571, output_len=159)
     assert wl.max_context == 730 and wl.mean_context == 571 + 79.5
+
+
+def test_timeline_of_the_best_plan_matches_the_model_step(tmp_path):
+    from msc.planner.plan_spec import plan_spec, plan_timeline
+    from msc.spec import load_spec
+
+    report = plan_spec(load_spec(_spec(tmp_path, workload={"input_len": 571, "output_len": 159, "tpot_ms": 50})), top=3)
+    png = tmp_path / "t.png"
+    sim = plan_timeline(report, png)
+    assert png.stat().st_size > 0
+    # the discrete-event simulation of the chosen plan agrees with the closed form the search used
+    assert sim["iteration_s"] == pytest.approx(sim["model_step_s"], rel=0.01)
