@@ -155,3 +155,29 @@ def test_impossible_targets_say_which_constraint_failed():
 def test_pool_without_gpus_is_refused():
     with pytest.raises(MscError, match="at least 1"):
         Planner(_model(), Pool(_gpu(), 0, 8), None, WL)
+
+
+def test_a_measured_profile_replaces_the_roofline(tmp_path):
+    """With a profile, per-layer times are the paper's linear fits, whatever the GPU figures say."""
+    import json
+
+    from msc.planner.perf import load_profile
+
+    prof = {"format": 1, "gpu": "G", "context": 600.0,
+            "attention": {"k1": 2e-6, "k2": 1e-4, "k1_ctx": 1e-9}, "expert": {"k3": 5e-7, "k4": 2e-4}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    profile = load_profile(path)
+    model, eff, gpu = _model(layers=3, dense_first=1), Efficiency(), _gpu()
+    b_a, n_a, n_e, m, ctx = 10, 2, 4, 2, 650.0
+    st = disaggregated_step(model, b_a, m, n_a, n_e, ctx, _side(gpu, 1), _side(gpu, 1), eff, profile)
+    t_a = 2e-6 * b_a + 1e-4 + 1e-9 * b_a * (ctx - 600.0)
+    pairs = b_a * n_a * model.top_k * (model.num_experts // n_e) / model.num_experts  # (token, expert) pairs per node
+    t_e = 5e-7 * pairs + 2e-4
+    head = head_time(model, b_a, _side(gpu, 1), eff)
+    assert st.t_a == pytest.approx(3 * t_a + head)
+    assert st.t_e == pytest.approx(2 * t_e)  # the dense first layer has no expert side
+
+    path.write_text(json.dumps({**prof, "attention": {"k1": -1, "k2": 0}}))
+    with pytest.raises(MscError, match="not a valid msc profile"):
+        load_profile(path)
