@@ -79,19 +79,28 @@ class ModelCost:
     def moe_layers(self) -> list[LayerCost]:
         return [lc for lc in self.layers if lc.moe]
 
+    # NOTE: the totals below are asked for on every step evaluation of a search (tens of thousands);
+    # they are computed once per layer list (the key notices a changed list length) and kept.
+    def _total(self, name: str, fn):
+        key = (name, len(self.layers), self.other_weight_bytes)
+        cache = self.__dict__.setdefault("_totals", {})
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
     @property
     def num_experts(self) -> int:
-        return max((lc.experts for lc in self.layers), default=0)
+        return self._total("experts", lambda: max((lc.experts for lc in self.layers), default=0))
 
     def attention_weight_bytes(self) -> int:
-        return self.other_weight_bytes + sum(lc.attn_weight_bytes for lc in self.layers)
+        return self._total("attn", lambda: self.other_weight_bytes + sum(lc.attn_weight_bytes for lc in self.layers))
 
     def expert_weight_bytes(self) -> int:
-        return sum(lc.expert_weight_bytes * lc.experts for lc in self.layers)
+        return self._total("exp", lambda: sum(lc.expert_weight_bytes * lc.experts for lc in self.layers))
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token of context, summed over layers (msc's cache keeps every position)."""
-        return sum(lc.kv_bytes_per_token for lc in self.layers)
+        return self._total("kv", lambda: sum(lc.kv_bytes_per_token for lc in self.layers))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -124,7 +124,18 @@ class SearchResult:
     rejected: dict[str, int] = field(default_factory=dict)
 
 
+_SIDES: dict[tuple, Side] = {}
+
+
 def side_of(gpu, tp: int) -> Side:
+    key = (gpu.name, gpu.flops, gpu.mem_bw, gpu.nic_bw, gpu.nvlink_bw, tp)
+    side = _SIDES.get(key)
+    if side is None:
+        side = _SIDES[key] = _side_of(gpu, tp)
+    return side
+
+
+def _side_of(gpu, tp: int) -> Side:
     return Side(flops=gpu.flops, mem_bw=gpu.mem_bw, nic_bw=gpu.nic_bw, nvlink_bw=gpu.nvlink_bw, tp=tp)
 
 
