@@ -225,9 +225,10 @@ def closed_form_total(layers: int, m: int, t_a: float, t_e: float, t_c: float) -
 
     Exact (and equal to `simulate`'s iteration_time) when m >= 2 (1 + T_c / T_f); below that it is optimistic.
     """
+    from msc.trace_plot import ideal_step_time  # the same formula, already used for the runtime's traces
+
     layers, m, t_a, t_e, t_c = _scalars(layers, m, t_a, t_e, t_c)
-    t_f = max(t_a, t_e)
-    return (t_a + t_e + 2 * t_c) + t_f * (m * layers - 1)
+    return ideal_step_time(t_a, t_e, t_c, m, layers)
 
 
 def iteration_bounds(layers: int, m: int, t_a: float, t_e: float, t_c: float) -> tuple[float, float]:
