@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 import torch.fx as fx
 
 from msc.bundle import Bundle
+from msc.ir import fetch_attr
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
 
@@ -61,7 +62,7 @@ def graph_summary(gm: fx.GraphModule, constants=()) -> dict:
         if n.op == "call_function":
             ops[_op_name(str(n.target))] += 1
         elif n.op == "get_attr" and n.target not in constants:
-            t = _attr(gm, n.target)
+            t = fetch_attr(gm, n.target)
             key = str(layer_of(n.target)) if layer_of(n.target) is not None else "other"
             per_layer[key][0] += t.numel()
             per_layer[key][1] += t.numel() * t.element_size()
@@ -73,12 +74,6 @@ def graph_summary(gm: fx.GraphModule, constants=()) -> dict:
         "layers": {k: {"parameters": v[0], "bytes": v[1]} for k, v in per_layer.items()},
     }
 
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def role_layers(bundle_dir, role: str) -> list[dict]:

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from msc.ops import MSC_OPS
+from msc.ir import fetch_attr
 
 _SKIP_ATTRS = {"layer_idx", "layer_id", "layer_number", "training", "_msc_layer"}
 
@@ -169,7 +170,7 @@ def expand(gm: fx.GraphModule, full: nn.Module, layers_path: str, traced: list[i
         env[n] = copy(n, lookup_suffix)
     for n in nodes:
         if n.op == "get_attr" and block[n] is None:
-            attrs[n.target] = _attr(gm, n.target)
+            attrs[n.target] = fetch_attr(gm, n.target)
     g.eliminate_dead_code()
     return fx.GraphModule(attrs, g)
 
@@ -178,12 +179,6 @@ def _is_param(mod: nn.Module, target: str) -> bool:
     owner, _, name = target.rpartition(".")
     return name in mod.get_submodule(owner)._parameters
 
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _renumber(node: fx.Node, old: int, old_pos: int, new: int, layer_arg: dict[str, int], layers_path: str) -> None:

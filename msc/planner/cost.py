@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,11 +72,6 @@ class ModelCost:
     dtype_bytes: int
     other_weight_bytes: int = 0
     other_flops_per_token: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def moe_layers(self) -> list[LayerCost]:
-        return [lc for lc in self.layers if lc.moe]
 
     # NOTE: the totals below are asked for on every step evaluation of a search (tens of thousands);
     # they are computed once per layer list (the key notices a changed list length) and kept.
@@ -110,18 +104,13 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
     """Costs of the captured graph `gm` (before the passes). constants: computed buffers, not weights."""
     import torch.fx as fx
 
     from msc.inspect import layer_of
+    from msc.ir import fetch_attr
     from msc.ops import is_op
 
     layers: dict[int, LayerCost] = {}
@@ -133,12 +122,12 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
 
     for n in gm.graph.nodes:
         if is_op(n, "experts"):
-            gate_up, down = _attr(gm, n.args[3].target), _attr(gm, n.args[4].target)
+            gate_up, down = fetch_attr(gm, n.args[3].target), fetch_attr(gm, n.args[4].target)
             e = gate_up.shape[0]
             c = lc(int(n.args[5]))
             c.experts = e
             per = (gate_up.numel() + down.numel()) // e
-            extra = sum(_attr(gm, a.target).numel() // e for a in n.args[7:9] if isinstance(a, fx.Node))  # biases
+            extra = sum(fetch_attr(gm, a.target).numel() // e for a in n.args[7:9] if isinstance(a, fx.Node))  # biases
             c.expert_weight_bytes = (per + extra) * gate_up.element_size()
             c.expert_flops_per_token = 2.0 * per
             expert_params.update(a.target for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr")
@@ -153,11 +142,11 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             c.window = int(n.args[5])
         elif is_op(n, "router"):  # Mixtral's swapped router: [T, H] @ [E, H]ᵀ
             w = n.args[1]
-            lc(int(n.args[3])).attn_flops_per_token += 2.0 * _attr(gm, w.target).numel()
+            lc(int(n.args[3])).attn_flops_per_token += 2.0 * fetch_attr(gm, w.target).numel()
         elif n.op == "call_function" and str(n.target) in _MATMULS:
             w = next((w for w in map(_weight_of, n.args[:3]) if w is not None), None)
             if w is not None:
-                flops = 2.0 * _attr(gm, w.target).numel()
+                flops = 2.0 * fetch_attr(gm, w.target).numel()
                 i = layer_of(w.target)
                 if i is None:
                     other_flops += flops
@@ -166,7 +155,7 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
     for n in gm.graph.nodes:
         if n.op != "get_attr" or n.target in expert_params or n.target in constants:
             continue
-        t = _attr(gm, n.target)
+        t = fetch_attr(gm, n.target)
         i = layer_of(n.target)
         if i is None:
             other_bytes += _nbytes(t)
@@ -246,8 +235,3 @@ def attention_core_positions(ctx: float, window: int) -> float:
     """Context positions the attention core reads for one token at context length ctx."""
     return ctx if window is None or window < 0 else min(ctx, float(window))
 
-
-def check_finite(x: float, what: str) -> float:
-    if not math.isfinite(x) or x < 0:
-        raise MscError(f"{what} is {x}: expected a finite, non-negative number")
-    return x
