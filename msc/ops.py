@@ -70,8 +70,27 @@ def experts(
     backends/compute/torch_eager.gated_experts). Ids outside the slice contribute nothing, so partial sums
     over expert nodes add up to the full layer.
     """
+    if hidden.is_cuda and _fused_moe_ok(act, layout, gate_up_bias, down_bias):
+        from msc.backends.compute import triton_moe
+
+        return triton_moe.fused_moe(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, act)
     return torch_eager.gated_experts(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, gate_up_bias,
                                      down_bias, act, layout)
+
+
+def _fused_moe_ok(act: str, layout: str, gate_up_bias, down_bias) -> bool:
+    """NOTE: on a GPU the experts run in the fused Triton kernel where it covers the call (the default layout,
+    no biases, an activation it applies in registers); everything else, and every CPU run, takes the eager
+    reference. MSC_EXPERTS=eager forces the reference (for comparisons)."""
+    import os
+
+    if os.environ.get("MSC_EXPERTS", "auto") == "eager":
+        return False
+    try:
+        from msc.backends.compute import triton_moe
+    except ImportError:  # triton not installed
+        return False
+    return triton_moe.supported(act, layout, gate_up_bias, down_bias)
 
 
 @experts.register_fake

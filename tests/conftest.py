@@ -1,8 +1,15 @@
 """Shared fixtures: the tiny Mixtral (as a transformers model and as a compiled bundle), toy MoE graphs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# NOTE: with no GPU, msc's Triton kernels run through Triton's interpreter (numpy on the CPU), so CI checks
+# them at tiny sizes. Triton reads this when a kernel is decorated, so it is set before any msc kernel import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.fx as fx
 from torch import nn
 

@@ -1,0 +1,251 @@
+"""Fused MoE experts in Triton: tokens grouped by expert, gate/up projection + activation, down projection
+and top-k weighting, in two kernels.
+
+    hidden [T, H], top_k_index / top_k_weights [T, K], gate_up [E, 2I, H] (gate rows then up rows),
+    down [E, H, I]  ->  out [T, H]
+
+1. `moe_align` sorts the T·K (token, expert) assignments by expert and pads each expert's run to a multiple
+   of BLOCK_M, so that every BLOCK_M-row tile of the sorted list belongs to one expert. It uses torch ops of
+   static shape only (no host sync), so a decode step that calls it can be captured in a CUDA graph.
+2. `_gate_up_act_kernel`: per tile, gather the tokens' rows of `hidden`, multiply by the expert's gate and up
+   rows (two accumulators, so the activation is applied in registers), write h [P, I] in sorted order.
+3. `_down_kernel`: per tile, h @ down[e]^T scaled by each assignment's routing weight, written to the
+   assignment's own row of out_k [T·K, H]; out = out_k summed over K.
+
+Assignments whose expert lies outside this weight slice [first_expert, first_expert + E) contribute zero,
+like the eager reference (`torch_eager.gated_experts`), so partial sums over expert nodes add up.
+
+Tile sizes come from a per-GPU table stored as data (moe_configs/<gpu>.json, written by
+benchmarks/moe_kernel.py --tune), else from a size heuristic.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from msc.errors import MscError
+
+# activations the kernel applies in registers (others run through the eager reference)
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "relu": 2}
+CONFIG_DIR = Path(__file__).with_name("moe_configs")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------- align
+def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Sort assignments by local expert, each expert's run padded to a multiple of block_m.
+
+    Returns sorted_ids [P] int32 (assignment id t·K + k, or A = T·K for padding) and block_expert [P / block_m]
+    int32 (the local expert of each tile, or num_experts for tiles past the end). P = the static upper bound
+    round_up(A + E·(block_m - 1), block_m), so shapes never depend on the routing.
+    """
+    device = top_k_index.device
+    a = top_k_index.numel()
+    e_max = num_experts
+    p = -(-(a + e_max * (block_m - 1)) // block_m) * block_m
+    local = top_k_index.reshape(-1) - first_expert  # [A]
+    expert = torch.where((local >= 0) & (local < e_max), local, torch.full_like(local, e_max))  # [A], e_max = not here
+    counts = torch.zeros(e_max + 1, dtype=torch.int64, device=device).scatter_add_(0, expert, torch.ones_like(expert))
+    padded = (counts[:e_max] + block_m - 1) // block_m * block_m  # [E]
+    padded_end = torch.cumsum(padded, 0)  # [E]
+    padded_start = padded_end - padded  # [E]
+    plain_start = torch.cumsum(counts, 0) - counts  # [E + 1]
+    order = torch.argsort(expert, stable=True)  # [A] assignment ids grouped by expert
+    e_sorted = expert[order]  # [A]
+    rank = torch.arange(a, device=device) - plain_start[e_sorted]  # [A] position within its expert's run
+    # NOTE: assignments of other nodes' experts go to a dump slot (index P) that is cut off, so no
+    # boolean indexing (a data-dependent shape and a host sync) is needed.
+    dest = torch.where(e_sorted < e_max, padded_start[e_sorted.clamp(max=e_max - 1)] + rank, torch.full_like(rank, p))
+    sorted_ids = torch.full((p + 1,), a, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    tile_start = torch.arange(0, p, block_m, device=device)  # [P / block_m]
+    block_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)  # [P / block_m]
+    return sorted_ids[:p], block_expert
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _activate(gate, up, ACT: tl.constexpr):
+    if ACT == 0:  # silu(gate) * up
+        return gate * tl.sigmoid(gate) * up
+    elif ACT == 1:  # gelu, tanh approximation: tanh(y) = 2·sigmoid(2y) - 1
+        y = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        return 0.5 * gate * (2.0 * tl.sigmoid(2.0 * y)) * up
+    else:  # relu
+        return tl.maximum(gate, 0.0) * up
+
+
+@triton.jit
+def _gate_up_act_kernel(
+    x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_assign, top_k, num_experts, inter, hidden,
+    stride_xt, stride_we, stride_wn, stride_hp,
+    ACT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= num_experts:  # a tile past the end of the sorted list
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)  # [BM] assignment ids (num_assign = padding)
+    row_ok = ids < num_assign
+    tok = tl.where(row_ok, ids // top_k, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
+    wg_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN] gate rows
+    wu_ptrs = wg_ptrs + inter * stride_wn  # up rows
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = offs_k < hidden - k0
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            x, wg, wu = x.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        acc_g = tl.dot(x, wg, acc_g)
+        acc_u = tl.dot(x, wu, acc_u)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    h = _activate(acc_g, acc_u, ACT)
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hp + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
+    num_assign, num_experts, hidden, inter,
+    stride_hp, stride_we, stride_wn, stride_ot,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= num_experts:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+    row_ok = ids < num_assign
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hp + offs_k[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = offs_k < inter - k0
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, w, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    route_w = tl.load(weights_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
+    acc = acc * route_w[:, None]
+    out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _gpu_key() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+
+
+@functools.lru_cache(maxsize=8)
+def load_config_table(gpu: str) -> dict[int, dict]:
+    """{tokens: {"BLOCK_M", "gate_up": {...}, "down": {...}}} from moe_configs/<gpu>.json; {} when absent."""
+    path = CONFIG_DIR / f"{gpu}.json"
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {int(t): cfg for t, cfg in raw["configs"].items()}
+
+
+def default_config(tokens: int, top_k: int, num_experts: int) -> dict:
+    """A size heuristic: small tiles while each expert sees few rows (decode is weight-bandwidth bound)."""
+    rows = tokens * top_k / max(num_experts, 1)  # rows per expert on average
+    if rows <= 16:
+        bm, gu, dn = 16, dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    elif rows <= 64:
+        bm, gu, dn = 32, dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    elif rows <= 256:
+        bm, gu, dn = 64, dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4), dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    else:
+        bm, gu, dn = 128, dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3), dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return {"BLOCK_M": bm, "gate_up": gu, "down": dn}
+
+
+def pick_config(tokens: int, top_k: int, num_experts: int) -> dict:
+    """The tuned entry for the nearest token count at or above `tokens` (else the largest), or the heuristic."""
+    if _interpreting():
+        return {"BLOCK_M": 16, "gate_up": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_N=16, BLOCK_K=16)}
+    table = load_config_table(_gpu_key())
+    if not table:
+        return default_config(tokens, top_k, num_experts)
+    keys = sorted(table)
+    key = next((k for k in keys if k >= tokens), keys[-1])
+    return table[key]
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def supported(act: str, layout: str, gate_up_bias, down_bias) -> bool:
+    """Whether the fused kernel covers this experts call (else the eager reference runs it)."""
+    return act in ACTIVATIONS and not layout and gate_up_bias is None and down_bias is None
+
+
+def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor,
+              first_expert: int = 0, act: str = "silu", config: dict | None = None) -> Tensor:
+    """out [T, H] = sum_k w[t, k] · down[e](act(gate[e] x_t) * up[e] x_t) over the local experts e = idx[t, k]."""
+    if act not in ACTIVATIONS:
+        raise MscError(f"fused_moe: activation '{act}' is not in the kernel (supported: {sorted(ACTIVATIONS)})")
+    t, hdim = hidden.shape
+    e, two_i, hdim_w = gate_up.shape
+    inter = two_i // 2
+    if hdim_w != hdim or down.shape != (e, hdim, inter) or two_i % 2:
+        raise MscError(f"fused_moe: weights gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not match "
+                       f"hidden size {hdim}: expected [E, 2I, {hdim}] and [E, {hdim}, I]")
+    k = top_k_index.shape[1]
+    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
+    cfg = config or pick_config(t, k, e)
+    bm = cfg["BLOCK_M"]
+    sorted_ids, block_expert = moe_align(top_k_index, first_expert, e, bm)
+    p = sorted_ids.numel()
+    weights = top_k_weights.reshape(-1).contiguous()  # [T·K]
+    h = torch.empty(p, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I] in sorted order
+    out_k = torch.zeros(t * k, hdim, dtype=hidden.dtype, device=hidden.device)  # [T·K, H]
+    upcast = _interpreting()
+    gu, dn = cfg["gate_up"], cfg["down"]
+    grid = (p // bm, triton.cdiv(inter, gu["BLOCK_N"]))
+    _gate_up_act_kernel[grid](
+        hidden, gate_up, h, sorted_ids, block_expert, t * k, k, e, inter, hdim,
+        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+        ACT=ACTIVATIONS[act], UPCAST=upcast, BLOCK_M=bm, **gu,
+    )
+    grid = (p // bm, triton.cdiv(hdim, dn["BLOCK_N"]))
+    _down_kernel[grid](
+        h, down, out_k, sorted_ids, block_expert, weights, t * k, e, hdim, inter,
+        h.stride(0), down.stride(0), down.stride(1), out_k.stride(0),
+        UPCAST=upcast, BLOCK_M=bm, **dn,
+    )
+    return out_k.view(t, k, hdim).sum(dim=1)  # [T, H]

@@ -1,0 +1,117 @@
+"""The Triton fused MoE kernel (backends/compute/triton_moe.py) against a float64 reference.
+
+On a machine without a GPU the kernels run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so the sizes here are tiny; the bf16 check at a real shape needs a CUDA device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton_moe = pytest.importorskip("msc.backends.compute.triton_moe", reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(hidden, idx, w, gate_up, down, first, act="silu"):
+    """An independent float64 loop over (token, k) pairs."""
+    fns = {"silu": F.silu, "relu": F.relu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+    hidden, gate_up, down, w = hidden.double(), gate_up.double(), down.double(), w.double()
+    inter = gate_up.shape[1] // 2
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k]) - first
+            if not 0 <= e < gate_up.shape[0]:
+                continue
+            gu = gate_up[e] @ hidden[t]
+            out[t] += w[t, k] * (down[e] @ (fns[act](gu[:inter]) * gu[inter:]))
+    return out
+
+
+def make(t, h, inter, e_total, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t, h, generator=g).to(dtype)
+    logits = torch.randn(t, e_total, generator=g)
+    w, idx = torch.softmax(logits, -1).topk(k, -1)
+    gate_up = (torch.randn(e_total, 2 * inter, h, generator=g) / h**0.5).to(dtype)
+    down = (torch.randn(e_total, h, inter, generator=g) / inter**0.5).to(dtype)
+    return [x.to(DEVICE) for x in (hidden, idx, w, gate_up, down)]
+
+
+def rel_err(out, ref):
+    return ((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("t,seed", [(1, 0), (5, 1), (37, 2)])
+def test_matches_float64_reference(t, seed):
+    hidden, idx, w, gate_up, down = make(t, 32, 48, 4, 2, torch.float32, seed)
+    out = triton_moe.fused_moe(hidden, idx, w, gate_up, down)
+    assert out.shape == hidden.shape and torch.isfinite(out).all()
+    assert rel_err(out, reference(hidden, idx, w, gate_up, down, 0)) < 1e-5
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_pytorch_tanh"])
+def test_other_activations(act):
+    hidden, idx, w, gate_up, down = make(9, 32, 32, 4, 2, torch.float32, 3)
+    out = triton_moe.fused_moe(hidden, idx, w, gate_up, down, act=act)
+    assert rel_err(out, reference(hidden, idx, w, gate_up, down, 0, act)) < 1e-5
+
+
+def test_expert_slice_partial_sums_add_up():
+    """Two nodes holding experts 0-2 and 3-5: each gives a partial sum; together the whole layer."""
+    hidden, idx, w, gate_up, down = make(11, 32, 32, 6, 2, torch.float32, 4)
+    parts = [triton_moe.fused_moe(hidden, idx, w, gate_up[lo:lo + 3], down[lo:lo + 3], first_expert=lo) for lo in (0, 3)]
+    full = reference(hidden, idx, w, gate_up, down, 0)
+    assert rel_err(parts[0], reference(hidden, idx, w, gate_up[:3], down[:3], 0)) < 1e-5
+    assert rel_err(parts[0] + parts[1], full) < 1e-5
+
+
+def test_no_tokens_and_untouched_experts():
+    hidden, idx, w, gate_up, down = make(0, 32, 32, 4, 2, torch.float32, 5)
+    assert triton_moe.fused_moe(hidden, idx, w, gate_up, down).shape == (0, 32)
+    hidden, idx, w, gate_up, down = make(3, 32, 32, 4, 2, torch.float32, 6)
+    idx = torch.full_like(idx, 9)  # every token routed to an expert this slice does not hold
+    assert torch.equal(triton_moe.fused_moe(hidden, idx, w, gate_up, down), torch.zeros_like(hidden))
+
+
+def test_align_groups_assignments_by_expert():
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 6, (13, 2), generator=g)
+    bm = 4
+    sorted_ids, block_expert = triton_moe.moe_align(idx, 1, 4, bm)  # local experts are global ids 1..4
+    a = idx.numel()
+    flat = idx.reshape(-1)
+    seen = sorted(int(i) for i in sorted_ids if i < a)
+    assert seen == sorted(i for i in range(a) if 1 <= flat[i] <= 4)  # every local assignment once, no others
+    for b, e in enumerate(block_expert.tolist()):
+        tile = [int(i) for i in sorted_ids[b * bm:(b + 1) * bm] if i < a]
+        if e == 4:
+            assert not tile
+        else:
+            assert all(int(flat[i]) - 1 == e for i in tile)
+
+
+def test_bad_weights_are_a_clear_error():
+    from msc.errors import MscError
+
+    hidden, idx, w, gate_up, down = make(3, 32, 32, 4, 2, torch.float32, 8)
+    with pytest.raises(MscError, match="do not match"):
+        triton_moe.fused_moe(hidden, idx, w, gate_up[:, :, :16], down)
+    with pytest.raises(MscError, match="activation"):
+        triton_moe.fused_moe(hidden, idx, w, gate_up, down, act="tanh")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("t", [16, 256, 4096])
+def test_bf16_mixtral_shape_on_gpu(t):
+    hidden, idx, w, gate_up, down = make(t, 4096, 1024, 8, 2, torch.bfloat16, 9)  # I cut to 1024 to keep it quick
+    out = triton_moe.fused_moe(hidden, idx, w, gate_up, down)
+    ref = torch.zeros(t, 4096, dtype=torch.float64, device=DEVICE)
+    for e in range(8):  # float64 on the GPU, expert by expert
+        rows, ks = torch.where(idx == e)
+        gu = hidden[rows].double() @ gate_up[e].double().T
+        y = (F.silu(gu[:, :1024]) * gu[:, 1024:]) @ down[e].double().T
+        ref.index_add_(0, rows, y * w[rows, ks, None].double())
+    assert rel_err(out, ref) < 1e-2
