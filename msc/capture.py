@@ -48,8 +48,13 @@ class _LogitsOnly(nn.Module):
 
 def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
     """The transformers model on the meta device (no weights in memory), using msc's implementations."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
+    # NOTE: from_config records the implementations on the config it is given; a copy keeps a caller's
+    # config (and any live model sharing it) on its own attention and experts implementations.
+    config = copy.deepcopy(config)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(

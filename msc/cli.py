@@ -257,6 +257,39 @@ def plan_cmd(
               f"(capture and cost model {report.seconds['capture']:.2f}s)" + (f"; wrote {output}" if output else ""))
 
 
+@app.command("profile")
+def profile_cmd(
+    spec: Path = typer.Argument(..., help="model.yaml whose model is profiled (random weights made on the GPU)"),
+    output: Path = typer.Option(Path("profile.json"), "-o", "--output", help="profile JSON for planner.profile"),
+    batches: str = typer.Option("16,32,64,128,256", help="decode batch sizes to time"),
+    contexts: str = typer.Option("571,730", help="two context lengths (tokens per sequence)"),
+    expert_tokens: str = typer.Option("16,64,256,1024,4096", help="token counts for the experts alone"),
+    gpu: Optional[str] = typer.Option(None, help="catalogue GPU the predictions use (default: the spec's pool, else H200)"),
+):
+    """Measure attention and expert times on this GPU; write the planner's profile and compare its predictions."""
+    from msc.profile import run_profile, write_profile
+    from msc.spec import load_spec
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    try:
+        report = run_profile(load_spec(spec), batches=ints(batches), contexts=ints(contexts),
+                             expert_tokens=ints(expert_tokens), gpu_name=gpu, say=err.print)
+        write_profile(report, output)
+    except MscError as e:
+        _fail(e)
+    p = report.profile
+    t = Table(title=f"msc profile on {report.meta['gpu']}: {p['model']}; predicted colocated decode step vs measured")
+    for col in ("batch", "context", "measured ms", "predicted ms (profile)", "error", "roofline ms", "roofline error"):
+        t.add_column(col, justify="right")
+    for r in report.rows:
+        t.add_row(str(r["batch"]), str(r["context"]), f"{r['measured_s'] * 1e3:.2f}", f"{r['predicted_s'] * 1e3:.2f}",
+                  f"{r['error']:+.1%}", f"{r['roofline_s'] * 1e3:.2f}", f"{r['roofline_error']:+.1%}")
+    out.print(t)
+    a, e = p["attention"], p["expert"]
+    out.print(f"fits per layer: T_a = {a['k1'] * 1e6:.3f} µs·b + {a['k2'] * 1e6:.1f} µs (+ {a['k1_ctx'] * 1e9:.3f} ns·b·Δctx), "
+              f"T_e = {e['k3'] * 1e6:.4f} µs·pairs + {e['k4'] * 1e6:.1f} µs; wrote {output} (use it as planner.profile)")
+
+
 @app.command("demo")
 def demo_cmd(output: Path = typer.Option(Path("msc-demo"), "-o", "--output")):
     """Compile the embedded tiny Mixtral, run it as 3 processes, and verify it against transformers."""

@@ -219,14 +219,17 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
     return StepTimes(sums[0], sums[1], sums[2], max(piped, serial))
 
 
-def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Efficiency) -> float:
+def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Efficiency,
+                   profile: Profile | None = None) -> float:
     """Decode step of a colocated instance of side.tp GPUs serving b sequences: attention tensor-parallel,
     experts expert-parallel over the same GPUs, no overlap between the two (what vLLM does without
-    dual-batch overlap)."""
+    dual-batch overlap). With a measured profile (one GPU), the layers' times come from its fits."""
     total = head_time(model, b, side, eff)
     for lc in model.layers:
-        total += attention_layer_time(lc, b, ctx, side, eff, model)
-        if lc.moe:
+        total += attention_layer_time(lc, b, ctx, side, eff, model, profile)
+        if lc.moe and profile is not None:
+            total += expert_layer_time(lc, b, lc.experts, side, eff, model, profile)
+        elif lc.moe:
             hit = expected_experts_hit(lc.experts, b, model.top_k)
             flops = b * model.top_k * lc.expert_flops_per_token
             total += _roofline(flops, hit * lc.expert_weight_bytes, side, eff) + eff.layer_overhead_s

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
+# as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
+#   bash benchmarks/gpu_run.sh tests moe attention e2e profile tune
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+# msc's source folders install under the msc package (pyproject's package-dir); link them the same way here
+for d in backends passes models; do [ -e msc/$d ] || ln -s ../$d msc/$d; done
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+msc() { python3 -m msc.cli "$@"; }
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+for stage in "$@"; do
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_colocated_engine.py 2>&1 | tail -25 ;;
+    tune) python3 benchmarks/moe_kernel.py --tune --write-config --tokens ${TUNE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -14
+          cp backends/compute/moe_configs/*.json "$OUT/" ;;
+    moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10 ;;
+    attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
+    e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
+    profile) msc profile examples/mixtral-8x7b-h200.yaml ${PROFILE_ARGS:-} -o "$OUT/profile_mixtral_8x7b_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -16 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "=== done ($(date +%T))"

@@ -1,0 +1,288 @@
+"""Paged KV cache of the attention role and the attention of one step over it.
+
+The cache preallocates, per layer, a pool of fixed-size pages (blocks) of `page_size` tokens; each sequence
+owns a list of blocks (its block table), grown as it gets longer and freed when it is dropped. A token at
+position p of a sequence lives at flat slot  block_table[p // page_size] * page_size + p % page_size.
+
+One step packs the new tokens of several sequences along T (as msc's attention op gives them). A
+`StepMeta`, built on the host before the step, says where those tokens go (`slots`) and what each
+sequence's context is (`block_tables`, `seq_lens`):
+- decode (every sequence adds one token): K/V are written at `slots` and the Triton kernel
+  (backends/compute/triton_attention.py) reads each context through the block tables. No host sync: a
+  decode step can be captured in a CUDA graph, with a static StepMeta updated in place between replays.
+- prefill (fresh sequences, no cached prefix): K/V are written at `slots` and causal attention runs on the
+  step's own K/V with SDPA, sequences of equal length batched into one call.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from msc.errors import MscError
+
+
+# ------------------------------------------------------------------------------------------- allocator
+class BlockAllocator:
+    """A free list of block ids 0..num_blocks-1. Allocation is all-or-nothing."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise MscError(f"BlockAllocator: num_blocks={num_blocks}; expected a positive number of blocks")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pops give 0, 1, 2, ... first
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n < 0:
+            raise MscError(f"BlockAllocator.allocate: asked for {n} blocks; expected n >= 0")
+        if n > len(self._free):
+            raise MscError(f"KV cache out of blocks: asked for {n}, {len(self._free)} free of {self.num_blocks} "
+                           f"in all; drop finished sequences or give the cache more blocks")
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        bad = [b for b in blocks if b not in self._used]
+        if bad or len(set(blocks)) != len(blocks):
+            raise MscError(f"BlockAllocator.free: blocks {bad or blocks} are not allocated (double free?); "
+                           f"expected blocks returned by allocate()")
+        self._used.difference_update(blocks)
+        self._free.extend(reversed(blocks))
+
+
+# ------------------------------------------------------------------------------------------- the cache
+class PagedKVCache:
+    """Preallocated paged K/V of all layers: k [L, num_blocks, page_size, nkv, d], v [L, ..., nkv, dv]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 v_head_dim: int, dtype: torch.dtype, device: torch.device | str, max_seq_len: int):
+        if page_size <= 0 or max_seq_len <= 0:
+            raise MscError(f"PagedKVCache: page_size={page_size}, max_seq_len={max_seq_len}; expected positive sizes")
+        self.num_layers, self.num_blocks, self.page_size = num_layers, num_blocks, page_size
+        self.num_kv_heads, self.head_dim, self.v_head_dim = num_kv_heads, head_dim, v_head_dim
+        self.dtype, self.device, self.max_seq_len = dtype, torch.device(device), max_seq_len
+        self.max_blocks_per_seq = -(-max_seq_len // page_size)
+        self.k = torch.empty(num_layers, num_blocks, page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.empty(num_layers, num_blocks, page_size, num_kv_heads, v_head_dim, dtype=dtype, device=self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self._blocks: dict[int, list[int]] = {}
+        self._scratch: int | None = None
+
+    # ---- sequences
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._blocks:
+            raise MscError(f"PagedKVCache: sequence {seq_id} is already in the cache")
+        self._blocks[seq_id] = []
+
+    def drop_sequence(self, seq_id: int) -> None:
+        """Forget the sequence and return its blocks to the free list (unknown ids are ignored)."""
+        self.allocator.free(self._blocks.pop(seq_id, []))
+
+    def blocks(self, seq_id: int) -> list[int]:
+        if seq_id not in self._blocks:
+            raise MscError(f"PagedKVCache: unknown sequence {seq_id}; call add_sequence({seq_id}) first")
+        return self._blocks[seq_id]
+
+    def capacity(self, seq_id: int) -> int:
+        """Tokens the sequence's blocks hold."""
+        return len(self.blocks(seq_id)) * self.page_size
+
+    def ensure(self, seq_id: int, length: int) -> None:
+        """Allocate blocks so that `length` tokens of the sequence fit."""
+        if length > self.max_seq_len:
+            raise MscError(f"PagedKVCache: sequence {seq_id} would hold {length} tokens; at most "
+                           f"max_seq_len={self.max_seq_len} fit")
+        blocks = self.blocks(seq_id)
+        need = -(-length // self.page_size) - len(blocks)
+        if need > 0:
+            blocks.extend(self.allocator.allocate(need))
+
+    @property
+    def scratch_slot(self) -> int:
+        """A slot no sequence owns (one block taken on first use): padding rows of a CUDA-graph batch write there."""
+        if self._scratch is None:
+            self._scratch = self.allocator.allocate(1)[0]
+        return self._scratch * self.page_size
+
+    # ---- addressing (host side, before a step)
+    def slots(self, seq_ids: list[int], positions) -> Tensor:
+        """Flat slot (block * page_size + offset) of each token: seq_ids[i] at positions[i] -> LongTensor [T]."""
+        pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)  # [T]
+        if len(seq_ids) != pos.numel():
+            raise MscError(f"PagedKVCache.slots: {len(seq_ids)} sequence ids for {pos.numel()} positions; expected one each")
+        if pos.numel() == 0:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        uniq = list(dict.fromkeys(seq_ids))
+        row_of = {s: i for i, s in enumerate(uniq)}
+        table = self._host_table(uniq).long()  # [U, max_blocks]
+        n_blocks = torch.tensor([len(self.blocks(s)) for s in uniq])  # [U]
+        rows = torch.tensor([row_of[s] for s in seq_ids])  # [T]
+        page = pos // self.page_size  # [T]
+        bad = (pos < 0) | (page >= n_blocks[rows])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise MscError(f"PagedKVCache.slots: position {int(pos[i])} of sequence {seq_ids[i]} is outside its "
+                           f"{self.capacity(seq_ids[i])} allocated tokens; call ensure() first")
+        slots = table[rows, page] * self.page_size + pos % self.page_size  # [T]
+        return slots.to(self.device)
+
+    def block_table(self, seq_ids: list[int]) -> Tensor:
+        """IntTensor [B, max_blocks_per_seq] on the cache device, unused entries 0."""
+        return self._host_table(seq_ids).to(self.device)
+
+    def _host_table(self, seq_ids: list[int]) -> Tensor:
+        table = torch.zeros(len(seq_ids), self.max_blocks_per_seq, dtype=torch.int32)  # [B, max_blocks]
+        for i, s in enumerate(seq_ids):
+            blocks = self.blocks(s)
+            if blocks:
+                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return table
+
+    # ---- device side
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k [T, nkv, d], v [T, nkv, dv] at `slots` [T] of `layer` (no host sync; graph-capturable)."""
+        kf = self.k[layer].view(-1, self.num_kv_heads, self.head_dim)  # [num_blocks * page, nkv, d]
+        vf = self.v[layer].view(-1, self.num_kv_heads, self.v_head_dim)  # [num_blocks * page, nkv, dv]
+        kf.index_copy_(0, slots, k.to(self.dtype))
+        vf.index_copy_(0, slots, v.to(self.dtype))
+
+
+# ------------------------------------------------------------------------------------------ step meta
+@dataclass
+class StepMeta:
+    """Where one step's tokens go and what each sequence's context is.
+
+    slots [T] int64 (cache device): the flat slot of each new token.
+    block_tables [B, max_blocks] int32, seq_lens [B] int32: each sequence's pages and length including this
+    step's tokens. decode: every sequence adds exactly one token (T == B). prefill_spans (prefill only,
+    host): (start along T, length) of each sequence.
+    """
+
+    slots: Tensor
+    block_tables: Tensor
+    seq_lens: Tensor
+    decode: bool
+    prefill_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @classmethod
+    def for_decode(cls, cache: PagedKVCache, seq_ids: list[int], positions: list[int],
+                   pad_to: int | None = None) -> "StepMeta":
+        """One new token per sequence at `positions` (0-based, so seq_len = position + 1); ensures the
+        blocks. pad_to: pad the batch with rows of seq_len 0 writing to the cache's scratch slot (their
+        output is 0), so one captured CUDA graph of batch `pad_to` serves smaller batches."""
+        if len(seq_ids) != len(positions):
+            raise MscError(f"StepMeta.for_decode: {len(seq_ids)} sequences, {len(positions)} positions; expected one each")
+        pad = 0 if pad_to is None else pad_to - len(seq_ids)
+        if pad < 0:
+            raise MscError(f"StepMeta.for_decode: {len(seq_ids)} sequences do not fit pad_to={pad_to}")
+        for s, p in zip(seq_ids, positions):
+            cache.ensure(s, p + 1)
+        slots = cache.slots(list(seq_ids), list(positions))  # [B]
+        table = cache.block_table(list(seq_ids))  # [B, max_blocks]
+        lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=cache.device)  # [B]
+        if pad:
+            dev = cache.device
+            slots = torch.cat([slots, torch.full((pad,), cache.scratch_slot, dtype=torch.long, device=dev)])
+            table = torch.cat([table, torch.zeros(pad, table.shape[1], dtype=torch.int32, device=dev)])
+            lens = torch.cat([lens, torch.zeros(pad, dtype=torch.int32, device=dev)])
+        return cls(slots, table, lens, decode=True)
+
+    @classmethod
+    def for_prefill(cls, cache: PagedKVCache, seq_ids: list[int], lengths: list[int]) -> "StepMeta":
+        """Fresh sequences (no cached prefix), packed along T in the order given; ensures the blocks."""
+        if len(seq_ids) != len(lengths) or any(n <= 0 for n in lengths):
+            raise MscError(f"StepMeta.for_prefill: sequences {list(seq_ids)} with lengths {list(lengths)}; "
+                           f"expected one positive length per sequence")
+        spans, start = [], 0
+        for s, n in zip(seq_ids, lengths):
+            cache.ensure(s, n)
+            spans.append((start, n))
+            start += n
+        tok_seq = [s for s, n in zip(seq_ids, lengths) for _ in range(n)]
+        positions = torch.cat([torch.arange(n) for n in lengths])  # [T]
+        slots = cache.slots(tok_seq, positions)  # [T]
+        lens = torch.tensor(list(lengths), dtype=torch.int32, device=cache.device)  # [B]
+        return cls(slots, cache.block_table(list(seq_ids)), lens, decode=False, prefill_spans=spans)
+
+    def update_(self, other: "StepMeta") -> "StepMeta":
+        """Copy `other`'s tensor contents into this meta's tensors in place (a CUDA graph's static inputs)."""
+        for name in ("slots", "block_tables", "seq_lens"):
+            dst, src = getattr(self, name), getattr(other, name)
+            if dst.shape != src.shape or dst.dtype != src.dtype:
+                raise MscError(f"StepMeta.update_: {name} {src.dtype} {tuple(src.shape)} does not fit the static "
+                               f"{dst.dtype} {tuple(dst.shape)}; build the step with the captured batch size (pad_to)")
+            dst.copy_(src, non_blocking=True)
+        self.decode, self.prefill_spans = other.decode, list(other.prefill_spans)
+        return self
+
+    def copy_into(self, static: "StepMeta") -> "StepMeta":
+        """static.update_(self)."""
+        return static.update_(self)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def paged_attention(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, meta: StepMeta,
+                    scaling: float, sliding_window: int) -> Tensor:
+    """q [1, nh, T, d], k [1, nkv, T, d], v [1, nkv, T, dv] -> [1, T, nh, dv] in q's dtype.
+
+    Writes this step's K/V into the cache at meta.slots, then attends causally per sequence;
+    sliding_window > 0 lets a query at position p see keys j with p - window < j <= p.
+    """
+    _, nh, t, _ = q.shape
+    if meta.slots.shape[0] != t:
+        raise MscError(f"paged_attention: step has {t} tokens but meta has {meta.slots.shape[0]} slots")
+    cache.write(layer, meta.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [T, nkv, d], [T, nkv, dv]
+    if meta.decode:
+        return _decode(cache, layer, q, meta, scaling, sliding_window)
+    return _prefill(q, k, v, meta, scaling, sliding_window)
+
+
+def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
+    from msc.backends.compute.triton_attention import paged_decode_attention
+
+    if q.shape[2] != meta.seq_lens.shape[0]:
+        raise MscError(f"paged_attention: a decode step needs one token per sequence; got {q.shape[2]} tokens "
+                       f"for {meta.seq_lens.shape[0]} sequences")
+    qd = q[0].transpose(0, 1)  # [B, nh, d] (a view)
+    out = paged_decode_attention(qd, cache.k[layer], cache.v[layer], meta.block_tables, meta.seq_lens,
+                                 scaling, sliding_window)  # [B, nh, dv]
+    return out.unsqueeze(0)  # [1, T, nh, dv]
+
+
+def _prefill(q: Tensor, k: Tensor, v: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
+    """Causal SDPA per sequence on the step's own K/V (no cached prefix); equal lengths share one call."""
+    _, nh, t, _ = q.shape
+    out = q.new_empty(1, t, nh, v.shape[-1])  # [1, T, nh, dv]
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for start, n in meta.prefill_spans:
+        by_len[n].append(start)
+    if sum(n * len(s) for n, s in by_len.items()) != t:
+        raise MscError(f"paged_attention: prefill spans {meta.prefill_spans} do not cover the step's {t} tokens")
+    for n, starts in by_len.items():
+        # NOTE: one gather per group of equal lengths (index [G, n] of token rows) instead of G slices
+        idx = torch.tensor([[s + i for i in range(n)] for s in starts], device=q.device)  # [G, n]
+        qs = q[0][:, idx].transpose(0, 1)  # [G, nh, n, d]
+        ks, vs = k[0][:, idx].transpose(0, 1), v[0][:, idx].transpose(0, 1)  # [G, nkv, n, d|dv]
+        mask = _prefill_mask(n, sliding_window, q.device)
+        o = F.scaled_dot_product_attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), attn_mask=mask, is_causal=mask is None,
+                                           scale=scaling, enable_gqa=True)  # [G, nh, n, dv]
+        out[0].index_copy_(0, idx.reshape(-1), o.transpose(1, 2).reshape(-1, nh, o.shape[-1]))
+    return out
+
+
+def _prefill_mask(n: int, sliding_window: int, device) -> Tensor | None:
+    """None (plain causal) or the bool [n, n] causal sliding-window mask: key j visible from query i iff i - window < j <= i."""
+    if sliding_window <= 0 or sliding_window >= n:
+        return None
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return (j <= i) & (j > i - sliding_window)
