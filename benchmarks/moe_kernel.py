@@ -96,7 +96,9 @@ def bench(fn, rep_ms=200) -> float:
 # ---------------------------------------------------------------------------------------------- tuning
 def candidate_configs(t: int):
     rows = t * K / E
-    bms = [16, 32] if rows <= 32 else [32, 64] if rows <= 128 else [64, 128]
+    # NOTE: while few rows reach each expert the layer is bound by reading the weights, and every extra
+    # BLOCK_M tile of one expert reads its weights again: a BLOCK_M at or above the rows per expert wins.
+    bms = [16, 32, 64] if rows <= 16 else [32, 64, 128] if rows <= 256 else [64, 128]
     for bm in bms:
         for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
             if bm == 128 and bk == 128 and stages == 4:
