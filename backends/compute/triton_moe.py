@@ -87,15 +87,26 @@ def _activate(gate, up, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (m tile, n tile), GROUP_M m tiles at a time across all n tiles.
+    NOTE: with many tokens (prefill) the gathered rows of `hidden` do not fit in L2; walking a group of m
+    tiles across the n tiles reuses them from L2 instead of re-reading them once per n tile."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
 def _gate_up_act_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assign, top_k, num_experts, inter, hidden,
     stride_xt, stride_we, stride_wn, stride_hp,
+    num_m_tiles,
     ACT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_of(tl.program_id(0), num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= num_experts:  # a tile past the end of the sorted list
         return
@@ -133,11 +144,11 @@ def _down_kernel(
     h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
     num_assign, num_experts, hidden, inter,
     stride_hp, stride_we, stride_wn, stride_ot,
+    num_m_tiles,
     UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_of(tl.program_id(0), num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= num_experts:
         return
@@ -236,16 +247,15 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
     out_k = torch.zeros(t * k, hdim, dtype=hidden.dtype, device=hidden.device)  # [T·K, H]
     upcast = _interpreting()
     gu, dn = cfg["gate_up"], cfg["down"]
-    grid = (p // bm, triton.cdiv(inter, gu["BLOCK_N"]))
-    _gate_up_act_kernel[grid](
+    m_tiles, group_m = p // bm, cfg.get("GROUP_M", 8)
+    _gate_up_act_kernel[(m_tiles * triton.cdiv(inter, gu["BLOCK_N"]),)](
         hidden, gate_up, h, sorted_ids, block_expert, t * k, k, e, inter, hdim,
-        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-        ACT=ACTIVATIONS[act], UPCAST=upcast, BLOCK_M=bm, **gu,
+        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), m_tiles,
+        ACT=ACTIVATIONS[act], UPCAST=upcast, BLOCK_M=bm, GROUP_M=group_m, **gu,
     )
-    grid = (p // bm, triton.cdiv(hdim, dn["BLOCK_N"]))
-    _down_kernel[grid](
+    _down_kernel[(m_tiles * triton.cdiv(hdim, dn["BLOCK_N"]),)](
         h, down, out_k, sorted_ids, block_expert, weights, t * k, e, hdim, inter,
-        h.stride(0), down.stride(0), down.stride(1), out_k.stride(0),
-        UPCAST=upcast, BLOCK_M=bm, **dn,
+        h.stride(0), down.stride(0), down.stride(1), out_k.stride(0), m_tiles,
+        UPCAST=upcast, BLOCK_M=bm, GROUP_M=group_m, **dn,
     )
     return out_k.view(t, k, hdim).sum(dim=1)  # [T, H]
