@@ -132,7 +132,12 @@ def main() -> None:
                 print(json.dumps(hrow))
                 rows.append(hrow)
                 torch.cuda.empty_cache()
+        # NOTE: the engine, its CUDA graphs and the model hold each other in reference cycles: collect them
+        # before the next (larger) model is made, or its weights do not fit.
         del engine, model
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
     print("\n| layers | batch | implementation | step ms | tokens/s | floor ms | step / floor |")
     print("|---|---|---|---|---|---|---|")
