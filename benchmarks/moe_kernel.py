@@ -98,12 +98,19 @@ def candidate_configs(t: int):
     rows = t * K / E
     # NOTE: while few rows reach each expert the layer is bound by reading the weights, and every extra
     # BLOCK_M tile of one expert reads its weights again: a BLOCK_M at or above the rows per expert wins.
-    bms = [16, 32, 64] if rows <= 16 else [32, 64, 128] if rows <= 256 else [64, 128]
-    for bm in bms:
-        for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
-            if bm == 128 and bk == 128 and stages == 4:
-                continue  # too much shared memory
-            yield bm, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if rows <= 256:
+        bms = [16, 32, 64] if rows <= 16 else [32, 64, 128]
+        for bm in bms:
+            for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
+                if bm == 128 and bk == 128 and stages == 4:
+                    continue  # too much shared memory
+                yield bm, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        return
+    # compute-bound (prefill): 128-row tiles (64 never won), wider n tiles and deeper pipelines
+    for bn, bk, warps, stages in itertools.product((64, 128, 256), (32, 64), (4, 8), (3, 4, 5)):
+        if bn == 256 and warps == 4:
+            continue  # accumulators alone would take every register
+        yield 128, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def tune(tokens, gate_up, down) -> dict:
@@ -152,9 +159,10 @@ def main() -> None:
         table = tune(tokens, gate_up, down)
         if args.write_config:
             path = triton_moe.CONFIG_DIR / f"{triton_moe._gpu_key()}.json"
+            old = json.loads(path.read_text())["configs"] if path.exists() else {}  # other sizes are kept
             path.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "triton": __import__("triton").__version__,
                                         "shape": {"H": H, "I": I, "E": E, "K": K},
-                                        "configs": {str(t): c for t, c in table.items()}}, indent=1) + "\n")
+                                        "configs": {**old, **{str(t): c for t, c in table.items()}}}, indent=1) + "\n")
             triton_moe.load_config_table.cache_clear()
             print(f"wrote {path}")
     mod, hf_fns = transformers_experts(gate_up, down)
