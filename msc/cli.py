@@ -64,12 +64,17 @@ def run_cmd(
     microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
     delay_ms: Optional[str] = typer.Option(None, "--delay-ms", help="injected compute per layer, e.g. attention=20,expert=20"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the roles' timeline here (Chrome / Perfetto JSON)"),
+    colocated: bool = typer.Option(False, "--colocated", help="run attention and experts in this one process "
+                                   "(paged KV cache, Triton kernels; CUDA graphs on a GPU) instead of role processes"),
+    device: Optional[str] = typer.Option(None, "--device", help="with --colocated: cuda or cpu (default: cuda if present)"),
 ):
-    """Start every role as its own process and generate greedily."""
+    """Start every role as its own process and generate greedily (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
     from msc.verify import default_prompts
     from msc.bundle import Bundle
 
+    if colocated:
+        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device)
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
         delays = _parse_delays(delay_ms) if delay_ms else None
@@ -88,6 +93,38 @@ def run_cmd(
                       f"{decode[len(decode) // 2] * 1e3:.1f} ms over {len(decode)} steps")
     if trace:
         err.print(f"trace: {trace} (open in ui.perfetto.dev, or draw it: msc trace-plot {trace} -o timeline.png)")
+
+
+def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, device: Optional[str]) -> None:
+    import torch
+
+    from msc.bundle import Bundle
+    from msc.runtime.gpu_engine import ColocatedEngine
+    from msc.verify import default_prompts
+
+    try:
+        b = Bundle.open(bundle)
+        if "colocated" not in b.manifest:
+            raise MscError(f"bundle {bundle} has no colocated program (compiled by an older msc); compile it again")
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
+        if max_new_tokens < 1:
+            raise MscError("--colocated needs --max-new-tokens >= 1")
+        gm = b.load_program(b.manifest["colocated"]["program"], dev)
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        engine = ColocatedEngine(gm, b.manifest["model"]["num_hidden_layers"], dev, max_batch=max(len(prompts), 1),
+                                 max_seq_len=longest, page_size=16)
+        result = engine.generate(prompts, max_new_tokens)
+    except MscError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps({"outputs": result.tokens, "prefill_s": result.prefill_s, "step_s": result.step_s}))
+        return
+    for p, o in zip(prompts, result.tokens):
+        out.print(f"{p} -> {o}")
+    if result.step_s:
+        err.print(f"colocated on {dev}: prefill {result.prefill_s * 1e3:.1f} ms, median decode step "
+                  f"{result.median_step_s * 1e3:.2f} ms over {len(result.step_s)} steps")
 
 
 def _parse_delays(text: str) -> dict[str, float]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch.fx as fx
+
 from msc.bundle import Bundle, versions, write_bundle
 from msc.capture import DTYPES, Captured, capture
 from msc.checkpoint import CheckpointReader, materialize_random
@@ -107,6 +109,13 @@ def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> Non
         plan=plan, moe=job.moe, adapter=job.adapter, hf_config=job.hf_config, checkpoint=job.checkpoint,
         constants=captured.constants,
     )
+    # NOTE: the colocated program (attention, router and experts in one process) is the captured graph
+    # itself, copied before the passes split it; it is written beside the role programs, not as a role.
+    from msc.colocated import COLOCATED
+    from msc.passes.lower_roles import LowerRoles
+
+    keys = job.checkpoint.keys() if job.checkpoint is not None else None
+    colocated = LowerRoles._program(COLOCATED, fx.GraphModule(gm, LowerRoles._copy(gm.graph)), {}, ctx, keys)
     manager = PassManager.from_entries([p.model_dump() for p in spec.passes] if spec.passes is not None else None)
     gm = manager.run(gm, ctx, progress=lambda name: say(f"pass {name}"))
     programs = graph_meta(gm).get("programs")
@@ -135,9 +144,11 @@ def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> Non
         "pipeline": graph_meta(gm).get("pipeline"),
         "capture_seconds": round(captured.seconds, 3),
         "captured": captured_summary,
+        "colocated": {"program": COLOCATED},
     }
     say("writing bundle")
-    write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs=programs, constants=captured.constants)
+    write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs={**programs, COLOCATED: colocated},
+                 constants=captured.constants)
     (stage / "graphs").mkdir()
     (stage / "graphs" / "captured.py").write_text(gm.code)
     manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)

@@ -69,3 +69,25 @@ def test_greedy_tokens_match_hf_on_gpu_with_cuda_graphs(tiny_hf):
             assert got == ref
     finally:
         tiny_hf.to("cpu")
+
+
+def test_bundle_colocated_program_matches_hf(tiny_bundle, tiny_hf):
+    """The colocated program written into every bundle (the captured graph before the passes)."""
+    from msc.runtime.gpu_engine import ColocatedEngine
+
+    assert tiny_bundle.manifest["colocated"] == {"program": "colocated"}
+    assert "colocated" not in {r["program"] for r in tiny_bundle.roles}  # not a role process
+    gm = tiny_bundle.load_program("colocated", "cpu")
+    engine = ColocatedEngine(gm, tiny_bundle.manifest["model"]["num_hidden_layers"], "cpu", max_batch=2,
+                             max_seq_len=32, page_size=4, cuda_graphs=False)
+    prompts = [[7, 8, 9, 10, 11], [3, 1]]
+    res = engine.generate(prompts, 5)
+    assert res.tokens == [reference_generate(tiny_hf, p, 5) for p in prompts]
+
+
+def test_cpu_decode_without_triton_gathers_pages(tiny_hf, monkeypatch):
+    """With no GPU and no interpreter, decode attention gathers the pages and calls SDPA: same tokens."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    prompts = [[5, 9, 14, 3, 7], [11, 2, 40]]
+    _, res = engine_tokens(tiny_hf, "cpu", prompts, 6, cuda_graphs=False)
+    assert res.tokens == [reference_generate(tiny_hf, p, 6) for p in prompts]

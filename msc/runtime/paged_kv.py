@@ -15,6 +15,8 @@ sequence's context is (`block_tables`, `seq_lens`):
 """
 from __future__ import annotations
 
+import os
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -253,9 +255,32 @@ def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling:
         raise MscError(f"paged_attention: a decode step needs one token per sequence; got {q.shape[2]} tokens "
                        f"for {meta.seq_lens.shape[0]} sequences")
     qd = q[0].transpose(0, 1)  # [B, nh, d] (a view)
-    out = paged_decode_attention(qd, cache.k[layer], cache.v[layer], meta.block_tables, meta.seq_lens,
-                                 scaling, sliding_window)  # [B, nh, dv]
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        out = _decode_gathered(cache, layer, qd, meta, scaling, sliding_window)  # [B, nh, dv]
+    else:
+        out = paged_decode_attention(qd, cache.k[layer], cache.v[layer], meta.block_tables, meta.seq_lens,
+                                     scaling, sliding_window)  # [B, nh, dv]
     return out.unsqueeze(0)  # [1, T, nh, dv]
+
+
+def _decode_gathered(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float,
+                     sliding_window: int) -> Tensor:
+    """NOTE: Triton has no CPU backend (its interpreter is for tests), so a CPU run gathers each sequence's
+    pages and calls SDPA, one sequence at a time. q [B, nh, d] -> [B, nh, dv]."""
+    page = cache.page_size
+    out = q.new_zeros(q.shape[0], q.shape[1], cache.v_head_dim)  # [B, nh, dv]
+    for b, n in enumerate(meta.seq_lens.tolist()):
+        if n == 0:
+            continue
+        blocks = meta.block_tables[b, : -(-n // page)].long()
+        k = cache.k[layer][blocks].reshape(-1, cache.num_kv_heads, cache.head_dim)[:n]  # [n, nkv, d]
+        v = cache.v[layer][blocks].reshape(-1, cache.num_kv_heads, cache.v_head_dim)[:n]  # [n, nkv, dv]
+        if sliding_window > 0:
+            k, v = k[max(0, n - sliding_window):], v[max(0, n - sliding_window):]
+        o = F.scaled_dot_product_attention(q[b, :, None].to(k.dtype), k.transpose(0, 1), v.transpose(0, 1),
+                                           scale=scaling, enable_gqa=True)  # [nh, 1, dv]
+        out[b] = o[:, 0].to(out.dtype)
+    return out
 
 
 def _prefill(q: Tensor, k: Tensor, v: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
