@@ -79,6 +79,9 @@ class RuntimeSpec(_Strict):
     buffer_bytes: int = Field(default=4 << 20, ge=4096)
     # Injected delay in milliseconds per layer (see DelaySpec); zero in real deployments.
     delay_ms: DelaySpec = Field(default_factory=DelaySpec)
+    # The attention role's KV cache: paged (preallocated pages, Triton decode attention; the GPU layout) or
+    # contiguous (per-sequence tensors grown by concatenation). auto: paged on CUDA, contiguous on the CPU.
+    kv_cache: Literal["auto", "paged", "contiguous"] = "auto"
 
 
 class PoolSpec(_Strict):

@@ -14,9 +14,14 @@ import torch.fx as fx
 from torch import Tensor
 
 from msc.runtime import context
+from msc.errors import MscError
 from msc.runtime.kv_cache import KVCache, StepLayout, cached_attention
+from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention
 from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
 from msc.runtime.trace import Trace
+
+
+PAGE_SIZE = 16  # tokens per KV page
 
 
 def _injected_delay(trace: Trace, seconds: float, layer, mb) -> None:
@@ -30,7 +35,7 @@ class AttentionRole:
     """Runs the attention program: prefill + greedy decode with a KV cache, experts reached via `comm`."""
 
     def __init__(self, program: fx.GraphModule, comm, num_layers: int, eos_token_id, batch_size: int, device="cpu", *,
-                 microbatches: int = 1, delay_s: float = 0.0, trace: Trace | None = None):
+                 microbatches: int = 1, delay_s: float = 0.0, trace: Trace | None = None, kv_cache: str = "auto"):
         self.program, self.comm, self.num_layers = StagedProgram(program), comm, num_layers
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         self.eos = {e for e in eos if e is not None}
@@ -38,7 +43,13 @@ class AttentionRole:
         self.microbatches, self.delay_s = microbatches, delay_s
         self.trace = trace or Trace("attention", 0, enabled=False)
         comm.trace = self.trace
-        self.cache: KVCache | None = None
+        self.cache: KVCache | PagedKVCache | None = None
+        # NOTE: the paged cache is the GPU layout (Triton decode attention over pages); a role on the CPU
+        # keeps the contiguous per-sequence cache unless the spec asks for pages.
+        self.paged = kv_cache == "paged" or (kv_cache == "auto" and self.device.type == "cuda")
+        self._wave: tuple[list[int], int] | None = None  # sequences and longest length of the wave (paged)
+        self._ctx_len: dict[int, int] = {}  # tokens each sequence has in the cache (paged)
+        self._meta_key, self._meta = None, None
         self.layout: StepLayout | None = None
         self.mb, self.step_microbatches = 0, 1
         self.forwards = 0
@@ -48,7 +59,39 @@ class AttentionRole:
     # ------------------------------------------------------------------ RuntimeContext
     def attention(self, q, k, v, layer, scaling, sliding_window, sinks=None):
         _injected_delay(self.trace, self.delay_s / self.step_microbatches, layer, self.mb)
+        if self.paged:
+            if sinks is not None:
+                raise MscError("the paged KV cache has no attention sinks (GPT-OSS); set runtime.kv_cache: contiguous")
+            return paged_attention(self._paged_cache(k, v), layer, q, k, v, self._step_meta(), scaling, sliding_window)
         return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, sliding_window, sinks)
+
+    def _paged_cache(self, k: Tensor, v: Tensor) -> PagedKVCache:
+        """The wave's paged cache, made at its first attention call (when the K/V head shapes are known),
+        with every sequence's pages reserved for its whole length."""
+        if self.cache is None:
+            seqs, longest = self._wave
+            page = PAGE_SIZE
+            blocks = len(seqs) * -(-longest // page) + 1  # + the scratch page
+            self.cache = PagedKVCache(self.num_layers, blocks, page, k.shape[1], k.shape[3], v.shape[3], k.dtype,
+                                      self.device, longest)
+            for s in seqs:
+                self.cache.add_sequence(s)
+                self.cache.ensure(s, longest)
+        return self.cache
+
+    def _step_meta(self) -> StepMeta:
+        """Slots, block tables and lengths of the current micro-batch (built once per forward and micro-batch)."""
+        key = (self.forwards, self.mb)
+        if self._meta_key != key:
+            lay = self.layout
+            if all(self._ctx_len[s] == 0 for s in lay.seq_ids):
+                meta = StepMeta.for_prefill(self.cache, lay.seq_ids, lay.lengths)
+            elif all(n == 1 for n in lay.lengths):
+                meta = StepMeta.for_decode(self.cache, lay.seq_ids, [self._ctx_len[s] for s in lay.seq_ids])
+            else:
+                raise MscError("paged KV cache: a step that mixes prompts and decode tokens is not supported")
+            self._meta_key, self._meta = key, meta
+        return self._meta
 
     def dispatch(self, hidden, idx, weights, layer, bounds):
         return self.comm.dispatch(hidden, idx, weights, layer, bounds)
@@ -85,6 +128,9 @@ class AttentionRole:
             logits = out[0] if isinstance(out, (tuple, list)) else out  # [1, T_mb, V]
             ends = torch.tensor(lay.starts) + torch.tensor(lay.lengths) - 1
             rows.append(logits[0, ends].float())  # [B_mb, V] logits of each sequence's last token
+        if self.paged:
+            for s, n in zip(layout.seq_ids, layout.lengths):
+                self._ctx_len[s] += n
         t1 = time.time_ns()
         self.step_times.append((t1 - t0) / 1e9)
         self.trace.mark_step(t0, t1, len(ids), len(groups))
@@ -107,9 +153,14 @@ class AttentionRole:
     def _generate_wave(self, prompts, wave, max_new_tokens, outputs, step_logits) -> None:
         if max_new_tokens <= 0:
             return
-        self.cache = KVCache(self.num_layers)
-        for i in wave:
-            self.cache.add_sequence(i)
+        if self.paged:  # made at the first attention call, once the K/V shapes are known
+            self.cache, self._meta_key = None, None
+            self._wave = (list(wave), max(len(prompts[i]) for i in wave) + max_new_tokens)
+            self._ctx_len = {i: 0 for i in wave}
+        else:
+            self.cache = KVCache(self.num_layers)
+            for i in wave:
+                self.cache.add_sequence(i)
         lengths = {i: len(prompts[i]) for i in wave}
         ids = [t for i in wave for t in prompts[i]]
         positions = [p for i in wave for p in range(lengths[i])]

@@ -111,7 +111,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         worker = AttentionRole(
             program, AttentionExchange(endpoint, exp_ranks, device), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
             m["plan"]["batch_size"], device, microbatches=cfg["microbatches"], delay_s=cfg["delay_ms"]["attention"] / 1e3,
-            trace=trace,
+            trace=trace, kv_cache=m["spec"]["runtime"].get("kv_cache", "auto"),
         )
         worker.on_forward = _fault_hook(role["name"])
         outputs, logits = worker.generate([req["prompts"][i] for i in mine], int(req["max_new_tokens"]))

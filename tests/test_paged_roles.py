@@ -1,0 +1,46 @@
+"""The attention role with the paged KV cache (the GPU layout) in the disaggregated runtime: role
+processes, ping-pong micro-batches and EOS-free greedy decoding give transformers' tokens."""
+from __future__ import annotations
+
+import pytest
+
+from msc.compiler import compile_spec
+from msc.runtime.launcher import run_bundle
+from msc.spec import parse_spec
+from msc.verify import reference_generate
+from tests.conftest import tiny_spec_dict
+
+pytest.importorskip("triton", reason="triton is not installed")
+PROMPTS = [[5, 9, 14, 3, 7], [11, 2, 40], [1, 2, 3, 4, 5, 6, 7, 8, 9], [60, 61]]
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_paged_attention_role_matches_hf(tmp_path, tiny_hf, m):
+    d = tiny_spec_dict(microbatches=m)
+    d["runtime"] = {"kv_cache": "paged"}
+    bundle = compile_spec(parse_spec(d), tmp_path / "b")
+    assert bundle.manifest["spec"]["runtime"]["kv_cache"] == "paged"
+    res = run_bundle(bundle.path, PROMPTS, 5)
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 5) for p in PROMPTS]
+
+
+def test_bad_kv_cache_value_is_refused():
+    from msc.errors import MscError
+
+    d = tiny_spec_dict()
+    d["runtime"] = {"kv_cache": "ring"}
+    with pytest.raises(MscError, match="kv_cache"):
+        parse_spec(d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 2])
+def test_roles_on_one_gpu_match_hf(tmp_path, tiny_hf, m):
+    """Attention and two expert nodes as three processes on one GPU: paged KV cache (auto on CUDA), Triton
+    kernels, the cuda_ipc transport (auto for GPU roles on one host)."""
+    d = tiny_spec_dict(microbatches=m)
+    d["device"] = "cuda"
+    bundle = compile_spec(parse_spec(d), tmp_path / "b")
+    res = run_bundle(bundle.path, PROMPTS, 5)
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 5) for p in PROMPTS]
