@@ -207,10 +207,18 @@ def default_config(tokens: int, top_k: int, num_experts: int) -> dict:
     return {"BLOCK_M": bm, "gate_up": gu, "down": dn}
 
 
-def pick_config(tokens: int, top_k: int, num_experts: int) -> dict:
+# NOTE: tables and the heuristic are sized for 2-byte dtypes (bf16 / fp16); 4-byte inputs need twice the
+# shared memory per stage, so they take small tiles (float32 is for checks, not speed).
+SMALL_CONFIG = {"BLOCK_M": 16, "gate_up": dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+                "down": dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)}
+
+
+def pick_config(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The tuned entry for the nearest token count at or above `tokens` (else the largest), or the heuristic."""
     if _interpreting():
         return {"BLOCK_M": 16, "gate_up": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_N=16, BLOCK_K=16)}
+    if dtype.itemsize > 2:
+        return SMALL_CONFIG
     table = load_config_table(_gpu_key())
     if not table:
         return default_config(tokens, top_k, num_experts)
@@ -238,7 +246,7 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
                        f"hidden size {hdim}: expected [E, 2I, {hdim}] and [E, {hdim}, I]")
     k = top_k_index.shape[1]
     hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
-    cfg = config or pick_config(t, k, e)
+    cfg = config or pick_config(t, k, e, hidden.dtype)
     bm = cfg["BLOCK_M"]
     sorted_ids, block_expert = moe_align(top_k_index, first_expert, e, bm)
     p = sorted_ids.numel()
