@@ -84,7 +84,7 @@ def run_bundle(
                 cmd = [sys.executable, "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
                        "--requests", str(tmp / "requests.json"), "--result", str(tmp / "result.{rank}.json"),
                        "--run-config", str(tmp / "run-config.json")]
-                procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"])}, stdout=log, stderr=subprocess.STDOUT)))
+                procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"]), "LOCAL_RANK": str(r["rank"])}, stdout=log, stderr=subprocess.STDOUT)))
                 log.close()
             pending = list(procs)
             while pending:

@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
@@ -71,6 +72,20 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
     return cfg
 
 
+def role_device(device: str, rank: int) -> str:
+    """The device this role runs on. NOTE: on a GPU host each role takes GPU LOCAL_RANK mod the GPU count:
+    one GPU a role when there are enough (attention replicas on some GPUs, expert nodes on the others),
+    else roles share GPUs round-robin (on one GPU every role runs on it)."""
+    if device != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise MscError("the bundle was compiled for device: cuda, but this machine has no CUDA device")
+    index = int(os.environ.get("LOCAL_RANK", rank)) % count
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
 def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_config: str | None = None) -> None:
     bundle = Bundle.open(bundle_dir)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -83,7 +98,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     timeout = datetime.timedelta(seconds=runtime["timeout_s"])
     cfg = load_run_config(run_config, bundle.manifest)
     trace = Trace(role["name"], rank, enabled=cfg["trace_dir"] is not None)
-    program = bundle.load_program(role["program"], device)
+    place = role_device(device, rank)  # this role's own device: cuda:K on a GPU host
+    program = bundle.load_program(role["program"], place)
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0, timeout=timeout)
@@ -99,7 +115,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
         if role["kind"] == "expert":
-            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, device),
+            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, place),
                                 delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
             worker.on_forward = _fault_hook(role["name"])
             worker.serve()
@@ -109,8 +125,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
         m = bundle.manifest
         worker = AttentionRole(
-            program, AttentionExchange(endpoint, exp_ranks, device), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
-            m["plan"]["batch_size"], device, microbatches=cfg["microbatches"], delay_s=cfg["delay_ms"]["attention"] / 1e3,
+            program, AttentionExchange(endpoint, exp_ranks, place), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
+            m["plan"]["batch_size"], place, microbatches=cfg["microbatches"], delay_s=cfg["delay_ms"]["attention"] / 1e3,
             trace=trace, kv_cache=m["spec"]["runtime"].get("kv_cache", "auto"),
         )
         worker.on_forward = _fault_hook(role["name"])
