@@ -120,7 +120,7 @@ def run_profile(spec, *, batches: list[int], contexts: list[int], expert_tokens:
                           for b in batches) / len(batches))
     profile = Profile(gpu=torch.cuda.get_device_name(), model=f"{hf_config.model_type}:{n_layers}L",
                       context=float(contexts[0]), attention={"k1": k1, "k2": k2, "k1_ctx": k1_ctx},
-                      expert={"k3": k3, "k4": k4})
+                      expert={"k3": k3, "k4": k4, "experts": moe["num_experts"]}, tp=1)
     rows = []
     for (b, ctx), measured in steps.items():
         with_profile = colocated_step(cost, b, ctx, side, eff, profile)

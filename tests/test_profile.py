@@ -52,3 +52,41 @@ def test_h200_profile_feeds_the_planner(tmp_path):
     for row in report["steps"]:
         predicted = colocated_step(cost, row["batch"], row["context"], side, Efficiency(), profile)
         assert abs(predicted / row["measured_s"] - 1) < 0.15, row
+
+
+def _h200_planner(tmp_path, gpu="H200", profile=None):
+    import yaml
+
+    from msc.planner.cost import cost_of_spec
+    from msc.planner.plan_spec import planner_for
+    from msc.spec import load_spec
+
+    d = yaml.safe_load((ROOT / "examples/plan-mixtral-8x7b-h200-profile.yaml").read_text())
+    d["hardware"]["pool"]["gpu"] = gpu
+    d["planner"]["profile"] = str(profile or ROOT / "docs/results/profile_mixtral_8x7b_h200.json")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    spec = load_spec(tmp_path / "s.yaml")
+    return planner_for(spec, cost_of_spec(spec)[0])
+
+
+def test_profile_keeps_the_search_at_its_tp_and_scales_k4_with_the_experts_a_node_holds(tmp_path):
+    from msc.planner.perf import expected_experts_hit, expert_layer_time
+    from msc.planner.search import side_of
+
+    pl = _h200_planner(tmp_path)
+    assert pl.tp_sizes == (1,)
+    res = pl.search(top=3)
+    assert res.plans and all(p.tp_a == 1 and p.tp_e == 1 for p in res.plans)
+    assert res.colocated.gpus_per_instance == 1
+    fit, lc, model = pl.profile.expert, pl.model.layers[0], pl.model
+    side = side_of(pl.att_pool.gpu, 1)
+    for per_node, tokens in ((8, 512), (2, 512), (1, 64)):
+        pairs = tokens * model.top_k * per_node / lc.experts
+        hit = expected_experts_hit(lc.experts, tokens, model.top_k) * per_node / lc.experts
+        expected = fit.k3 * pairs + fit.k4 * hit / 8  # independent: the profile held 8 experts
+        assert expert_layer_time(lc, tokens, per_node, side, pl.eff, model, pl.profile) == pytest.approx(expected)
+
+
+def test_profile_of_another_gpu_is_refused(tmp_path):
+    with pytest.raises(MscError, match="measured on 'NVIDIA H200'.*A100-80GB"):
+        _h200_planner(tmp_path, gpu="A100-80GB")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -52,6 +53,9 @@ class ExpertFit(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k3: float = Field(ge=0)
     k4: float = Field(ge=0)
+    # experts whose weights the measured layer held (k4 is mostly reading them once): a node that holds or
+    # touches fewer pays k4 in proportion. None: k4 as measured, whatever the node holds.
+    experts: Optional[int] = Field(None, ge=1)
 
 
 class Profile(BaseModel):
@@ -59,6 +63,7 @@ class Profile(BaseModel):
     format: int = 1
     gpu: str
     model: str = ""
+    tp: int = Field(1, ge=1)  # the tensor-parallel size the fits were measured at (the planner keeps to it)
     context: float = Field(gt=0)
     attention: LinearFit
     expert: ExpertFit
@@ -131,9 +136,10 @@ def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int
     if not lc.moe:
         return 0.0
     pairs = tokens_global * model.top_k * experts_per_node / lc.experts
-    if profile is not None:
-        return profile.expert.k3 * pairs + profile.expert.k4
     hit = expected_experts_hit(lc.experts, tokens_global, model.top_k) * experts_per_node / lc.experts
+    if profile is not None:
+        fit = profile.expert
+        return fit.k3 * pairs + fit.k4 * (hit / fit.experts if fit.experts else 1.0)
     flops = pairs * lc.expert_flops_per_token
     nbytes = hit * lc.expert_weight_bytes
     act = pairs * model.hidden_size * model.dtype_bytes

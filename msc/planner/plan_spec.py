@@ -50,7 +50,19 @@ def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None) 
     att = pool(hw.pool if hw.pool is not None else hw.attention)
     exp = None if hw.pool is not None else pool(hw.experts)
     kw = {} if tp_sizes is None else {"tp_sizes": tp_sizes}
-    return Planner(cost, att, exp, wl, eff, load_profile(profile) if profile else None, objective, max_m, **kw)
+    prof = load_profile(profile) if profile else None
+    if prof is not None:
+        check_profile_gpu(prof, [att.gpu.name] + ([exp.gpu.name] if exp is not None else []), profile)
+    return Planner(cost, att, exp, wl, eff, prof, objective, max_m, **kw)
+
+
+def check_profile_gpu(prof, gpus: list[str], path) -> None:
+    """A profile measured on one GPU type predicts nothing about another: refuse the mix."""
+    norm = lambda name: "".join(c for c in name.lower() if c.isalnum())  # noqa: E731
+    for gpu in gpus:
+        if norm(gpu) not in norm(prof.gpu):
+            raise MscError(f"planner.profile {path} was measured on '{prof.gpu}', but the plan uses {gpu}: profile that "
+                           f"GPU (msc profile) or drop planner.profile to use the roofline model")
 
 
 def plan_spec(spec, top: int = 10, progress=None) -> PlanReport:

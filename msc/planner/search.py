@@ -170,7 +170,9 @@ class Planner:
         self.wl, self.eff, self.profile = workload, eff or Efficiency(), profile
         self.objective = objective
         self.max_m = max_microbatches
-        self.tp_sizes = tp_sizes
+        # NOTE: a measured profile holds for the tensor-parallel size it was measured at (its fits include
+        # no all-reduce), so a search with one keeps to that size, colocated instances included.
+        self.tp_sizes = (profile.tp,) if profile is not None else tp_sizes
         self.evaluated = 0
         for pool in filter(None, (attention, expert)):
             if pool.count < 1:
@@ -270,27 +272,30 @@ class Planner:
         """Best colocated instance on the attention pool's GPU type (sizes 1, 2, 4, ... up to the pool)."""
         gpu = self.att_pool.gpu
         best = None
-        g = 1
+        g = 1 if self.profile is None else self.profile.tp
+        prof = self.profile
         while g <= max(self.att_pool.count, 1):
             side = side_of(gpu, g)
             usable = gpu.mem_bytes * self.eff.memory_fraction * g
             room = usable - self.model.attention_weight_bytes() - self.model.expert_weight_bytes()
             per_seq = self.wl.max_context * self.model.kv_bytes_per_token()
             b_mem = int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
-            if b_mem >= 1 and colocated_step(self.model, 1, self.wl.mean_context, side, self.eff) <= self.wl.tpot_s:
+            if b_mem >= 1 and colocated_step(self.model, 1, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
                 lo, hi = 1, b_mem
-                if colocated_step(self.model, hi, self.wl.mean_context, side, self.eff) <= self.wl.tpot_s:
+                if colocated_step(self.model, hi, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
                     lo = hi
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    if colocated_step(self.model, mid, self.wl.mean_context, side, self.eff) <= self.wl.tpot_s:
+                    if colocated_step(self.model, mid, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
                         lo = mid
                     else:
                         hi = mid
-                c = Colocated(g, lo, colocated_step(self.model, lo, self.wl.mean_context, side, self.eff),
+                c = Colocated(g, lo, colocated_step(self.model, lo, self.wl.mean_context, side, self.eff, prof),
                               g * gpu.price_per_hour)
                 if best is None or self.score(c) > self.score(best):
                     best = c
+            if prof is not None:
+                break  # the profile's fits hold for instances of profile.tp GPUs only
             g *= 2
         return best
 
