@@ -76,6 +76,26 @@ def msc_engine(cfg, model, max_batch: int, max_seq_len: int):
     return engine, time.perf_counter() - t
 
 
+def roles_step(layers: int, batch: int, prompts: list[list[int]], new_tokens: int, microbatches: int = 1) -> float:
+    """msc disaggregated on this one GPU: one attention process and one expert process (cuda_ipc between
+    them), random weights made by each role on the GPU; median decode step over the run."""
+    import tempfile
+
+    from msc.compiler import compile_spec
+    from msc.runtime.launcher import run_bundle
+    from msc.spec import parse_spec
+
+    spec = parse_spec({"model": {"config": {"model_type": "mixtral", **MIXTRAL_8X7B, "num_hidden_layers": layers},
+                                 "dtype": "bfloat16"}, "device": "meta",
+                       "plan": {"attention": {"replicas": 1}, "experts": {"nodes": 1}, "microbatches": microbatches,
+                                "batch_size": batch}, "runtime": {"timeout_s": 600}})
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = compile_spec(spec, f"{tmp}/b")
+        res = run_bundle(bundle.path, prompts, new_tokens, random_weights=True, device="cuda", timeout_s=1200)
+    steps = sorted(res["step_times"][0][1:])  # [0] is the prefill
+    return steps[len(steps) // 2]
+
+
 def hf_step(model, prompts: torch.Tensor, steps: int) -> float:
     """transformers generate: seconds per decode step, prefill excluded."""
     kw = dict(attention_mask=torch.ones_like(prompts), do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -101,6 +121,7 @@ def main() -> None:
     ap.add_argument("--hf-layers", default="16", help="layer counts at which transformers' generate also runs")
     ap.add_argument("--hf-batch", default="64")
     ap.add_argument("--hf-steps", type=int, default=16)
+    ap.add_argument("--roles", action="store_true", help="also run msc as two role processes on the GPU (attention + experts)")
     ap.add_argument("--out", default="e2e_decode.json")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -132,6 +153,12 @@ def main() -> None:
                 print(json.dumps(hrow))
                 rows.append(hrow)
                 torch.cuda.empty_cache()
+            if args.roles:  # NOTE: runs while this process holds its own model: size the layers to fit twice
+                rs = roles_step(layers, b, prompts.tolist(), args.output_len)
+                rrow = {"layers": layers, "batch": b, "impl": "msc_two_role_processes", "step_s": rs, "tokens_per_s": b / rs,
+                        "floor_s": floor["floor_s"], "step_over_floor": rs / floor["floor_s"]}
+                print(json.dumps(rrow))
+                rows.append(rrow)
         # NOTE: the engine, its CUDA graphs and the model hold each other in reference cycles: collect them
         # before the next (larger) model is made, or its weights do not fit.
         del engine, model

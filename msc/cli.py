@@ -66,7 +66,9 @@ def run_cmd(
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the roles' timeline here (Chrome / Perfetto JSON)"),
     colocated: bool = typer.Option(False, "--colocated", help="run attention and experts in this one process "
                                    "(paged KV cache, Triton kernels; CUDA graphs on a GPU) instead of role processes"),
-    device: Optional[str] = typer.Option(None, "--device", help="with --colocated: cuda or cpu (default: cuda if present)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the bundle's; --colocated: cuda if present)"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
+                                        "reading a checkpoint (runs a bundle compiled for the meta device)"),
 ):
     """Start every role as its own process and generate greedily (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
@@ -74,11 +76,12 @@ def run_cmd(
     from msc.bundle import Bundle
 
     if colocated:
-        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device)
+        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights)
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
         delays = _parse_delays(delay_ms) if delay_ms else None
-        result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace)
+        result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace,
+                            random_weights=random_weights, device=device)
     except MscError as e:
         _fail(e)
     steps = result["step_times"][0] if result["step_times"] else []
@@ -95,7 +98,8 @@ def run_cmd(
         err.print(f"trace: {trace} (open in ui.perfetto.dev, or draw it: msc trace-plot {trace} -o timeline.png)")
 
 
-def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, device: Optional[str]) -> None:
+def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, device: Optional[str],
+                   random_weights: bool = False) -> None:
     import torch
 
     from msc.bundle import Bundle
@@ -110,7 +114,12 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
         if max_new_tokens < 1:
             raise MscError("--colocated needs --max-new-tokens >= 1")
-        gm = b.load_program(b.manifest["colocated"]["program"], dev)
+        if random_weights:
+            from msc.random_weights import load_random_program
+
+            gm = load_random_program(b, b.manifest["colocated"]["program"], dev)
+        else:
+            gm = b.load_program(b.manifest["colocated"]["program"], dev)
         longest = max(len(p) for p in prompts) + max_new_tokens
         engine = ColocatedEngine(gm, b.manifest["model"]["num_hidden_layers"], dev, max_batch=max(len(prompts), 1),
                                  max_seq_len=longest, page_size=16)

@@ -49,15 +49,18 @@ def run_bundle(
     microbatches: int | None = None,
     delay_ms: dict[str, float] | None = None,
     trace: str | Path | None = None,
+    random_weights: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Generate greedily for `prompts` with the bundle's roles.
 
     Returns {"outputs", "transport", "microbatches", "step_times" (seconds per forward, per attention
     replica), "logits"?}. `microbatches` and `delay_ms` override the bundle's plan and spec for this run;
-    `trace` writes the roles' merged timeline there (Chrome / Perfetto JSON).
+    `trace` writes the roles' merged timeline there (Chrome / Perfetto JSON). `random_weights`: every role
+    makes its weights on its device (msc.random_weights; the way to run a meta-compiled bundle), on
+    `device` (cpu or cuda; default: the bundle's).
     """
     bundle = Bundle.open(bundle_dir)
-    bundle.checkpoint_dir()  # fails clearly for meta-only bundles
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MscError("every prompt needs at least one token id")
     vocab = bundle.manifest["model"]["vocab_size"]
@@ -66,7 +69,7 @@ def run_bundle(
         raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
-    run_config = {"microbatches": microbatches, "delay_ms": delay_ms}
+    run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device}
     resolve_run_config(run_config, bundle.manifest)  # bad overrides fail here, before any process starts
     roles = bundle.roles
     deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)

@@ -55,7 +55,8 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
     """The bundle's run settings (plan's m, spec's delays, no trace) with `over` applied and checked."""
     spec_delay = manifest["spec"]["runtime"].get("delay_ms") or {}
     cfg = {"microbatches": manifest["plan"]["microbatches"], "trace_dir": None,
-           "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)}}
+           "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)},
+           "random_weights": False, "device": None}
     unknown = set(over) - set(cfg)
     if unknown:
         raise MscError(f"{source}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
@@ -69,6 +70,15 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
         raise MscError(f"{source}: microbatches must be an integer from 1 to 8, got {m!r}")
     if any(not isinstance(v, (int, float)) or v < 0 for v in cfg["delay_ms"].values()):
         raise MscError(f"{source}: delay_ms values must be milliseconds >= 0, got {cfg['delay_ms']}")
+    if cfg["device"] not in (None, "cpu", "cuda"):
+        raise MscError(f"{source}: device must be cpu or cuda, got {cfg['device']!r}")
+    cfg["device"] = cfg["device"] or manifest["device"]
+    if cfg["device"] == "meta":
+        raise MscError(f"{source}: the bundle was compiled for the meta device and has no weights: run it with random "
+                       "weights on a real device (msc run --random-weights --device cuda|cpu)")
+    if not cfg["random_weights"] and manifest["model"].get("checkpoint") is None:
+        raise MscError(f"{source}: the bundle has no weights (no checkpoint); run it with random weights "
+                       "(msc run --random-weights) or compile it with device: cpu")
     return cfg
 
 
@@ -93,13 +103,18 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     if world != len(roles):
         raise MscError(f"WORLD_SIZE={world} but the bundle has {len(roles)} roles")
     role = roles[rank]
-    device = bundle.manifest["device"]
     runtime = bundle.manifest["spec"]["runtime"]
     timeout = datetime.timedelta(seconds=runtime["timeout_s"])
     cfg = load_run_config(run_config, bundle.manifest)
+    device = cfg["device"]
     trace = Trace(role["name"], rank, enabled=cfg["trace_dir"] is not None)
     place = role_device(device, rank)  # this role's own device: cuda:K on a GPU host
-    program = bundle.load_program(role["program"], place)
+    if cfg["random_weights"]:
+        from msc.random_weights import load_random_program
+
+        program = load_random_program(bundle, role["program"], place)
+    else:
+        program = bundle.load_program(role["program"], place)
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0, timeout=timeout)
