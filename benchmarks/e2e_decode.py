@@ -92,7 +92,7 @@ def roles_step(layers: int, batch: int, prompts: list[list[int]], new_tokens: in
     with tempfile.TemporaryDirectory() as tmp:
         bundle = compile_spec(spec, f"{tmp}/b")
         res = run_bundle(bundle.path, prompts, new_tokens, random_weights=True, device="cuda", timeout_s=1200)
-    steps = sorted(res["step_times"][0][1:])  # [0] is the prefill
+    steps = sorted(res["decode_times"][0])
     return steps[len(steps) // 2]
 
 

@@ -90,9 +90,10 @@ def run_cmd(
     else:
         for p, o in zip(prompts, result["outputs"]):
             out.print(f"{p} -> {o}")
-        if len(steps) > 1:
-            decode = sorted(steps[1:])
-            err.print(f"m = {result['microbatches']}: prefill {steps[0] * 1e3:.1f} ms, median decode step "
+        decode = sorted(result["decode_times"][0]) if result["decode_times"] else []
+        if decode:
+            prefill = sum(steps) - sum(decode)
+            err.print(f"m = {result['microbatches']}: prefill {prefill * 1e3:.1f} ms, median decode step "
                       f"{decode[len(decode) // 2] * 1e3:.1f} ms over {len(decode)} steps")
     if trace:
         err.print(f"trace: {trace} (open in ui.perfetto.dev, or draw it: msc trace-plot {trace} -o timeline.png)")

@@ -44,3 +44,15 @@ def test_roles_on_one_gpu_match_hf(tmp_path, tiny_hf, m):
     bundle = compile_spec(parse_spec(d), tmp_path / "b")
     res = run_bundle(bundle.path, PROMPTS, 5)
     assert res["outputs"] == [reference_generate(tiny_hf, p, 5) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "contiguous"])
+def test_prefill_in_chunks_gives_the_same_tokens(tmp_path, tiny_hf, kv_cache):
+    """Prompts of 5, 3, 9 and 2 tokens with at most 6 prompt tokens a prefill forward: 4 prefill forwards
+    (whole prompts each; the 9-token one alone), then decode; decode_times leaves the prefill out."""
+    d = tiny_spec_dict(microbatches=2)
+    d["runtime"] = {"kv_cache": kv_cache}
+    bundle = compile_spec(parse_spec(d), tmp_path / "b")
+    res = run_bundle(bundle.path, PROMPTS, 4, env={"MSC_PREFILL_TOKENS": "6"})
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 4) for p in PROMPTS]
+    assert len(res["step_times"][0]) == 4 + 3 and len(res["decode_times"][0]) == 3

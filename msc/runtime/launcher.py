@@ -55,7 +55,7 @@ def run_bundle(
     """Generate greedily for `prompts` with the bundle's roles.
 
     Returns {"outputs", "transport", "microbatches", "step_times" (seconds per forward, per attention
-    replica), "logits"?}. `microbatches` and `delay_ms` override the bundle's plan and spec for this run;
+    replica), "decode_times" (the same, decode forwards only), "logits"?}. `microbatches` and `delay_ms` override the bundle's plan and spec for this run;
     `trace` writes the roles' merged timeline there (Chrome / Perfetto JSON). `random_weights`: every role
     makes its weights on its device (msc.random_weights; the way to run a meta-compiled bundle), on
     `device` (cpu or cuda; default: the bundle's).
@@ -111,13 +111,14 @@ def run_bundle(
                     p.wait(timeout=10)
         outputs: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
-        transport, used_m, step_times = None, None, []
+        transport, used_m, step_times, decode_times = None, None, [], []
         for r in roles:
             if r["kind"] != "attention":
                 continue
             res = json.loads((tmp / f"result.{r['rank']}.json").read_text())
             transport, used_m = res.get("transport"), res.get("microbatches")
             step_times.append(res.get("step_times", []))
+            decode_times.append(res.get("decode_times", []))
             for i, out in zip(res["indices"], res["outputs"]):
                 outputs[i] = out
             if dump_logits:
@@ -131,7 +132,8 @@ def run_bundle(
                     "model": bundle.manifest["model"]["model_type"], "layers": bundle.manifest["model"]["num_hidden_layers"],
                     "roles": [r["name"] for r in roles], "transport": transport}
             merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
-    result = {"outputs": outputs, "transport": transport, "microbatches": used_m, "step_times": step_times}
+    result = {"outputs": outputs, "transport": transport, "microbatches": used_m, "step_times": step_times,
+              "decode_times": decode_times}
     if dump_logits:
         result["logits"] = logits
     return result

@@ -7,6 +7,7 @@ of whichever micro-batch has arrived from every replica first.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -22,6 +23,8 @@ from msc.runtime.trace import Trace
 
 
 PAGE_SIZE = 16  # tokens per KV page
+# the most prompt tokens one prefill forward packs (a tuning knob; tests set it small)
+PREFILL_TOKENS = int(os.environ.get("MSC_PREFILL_TOKENS", "16384"))
 
 
 def _injected_delay(trace: Trace, seconds: float, layer, mb) -> None:
@@ -54,6 +57,8 @@ class AttentionRole:
         self.mb, self.step_microbatches = 0, 1
         self.forwards = 0
         self.step_times: list[float] = []  # seconds per forward (prefill first)
+        self.decode_times: list[float] = []  # seconds per decode forward (prefill forwards left out)
+        self._prefilling = False
         self.on_forward = None  # fault-injection hook for tests
 
     # ------------------------------------------------------------------ RuntimeContext
@@ -133,6 +138,8 @@ class AttentionRole:
                 self._ctx_len[s] += n
         t1 = time.time_ns()
         self.step_times.append((t1 - t0) / 1e9)
+        if not self._prefilling:
+            self.decode_times.append((t1 - t0) / 1e9)
         self.trace.mark_step(t0, t1, len(ids), len(groups))
         self.trace.step += 1
         self.forwards += 1
@@ -162,10 +169,24 @@ class AttentionRole:
             for i in wave:
                 self.cache.add_sequence(i)
         lengths = {i: len(prompts[i]) for i in wave}
-        ids = [t for i in wave for t in prompts[i]]
-        positions = [p for i in wave for p in range(lengths[i])]
         active = list(wave)
-        last = self._forward(ids, positions, StepLayout(active, [lengths[i] for i in active]))
+        # NOTE: prefill goes in forwards of at most PREFILL_TOKENS tokens (whole prompts each), so a large
+        # batch of long prompts does not materialise activations and logits for every token at once.
+        chunks, chunk, tokens = [], [], 0
+        for i in wave:
+            if chunk and tokens + lengths[i] > PREFILL_TOKENS:
+                chunks.append(chunk)
+                chunk, tokens = [], 0
+            chunk.append(i)
+            tokens += lengths[i]
+        chunks.append(chunk)
+        self._prefilling = True
+        last = torch.cat([
+            self._forward([t for i in c for t in prompts[i]], [p for i in c for p in range(lengths[i])],
+                          StepLayout(c, [lengths[i] for i in c]))
+            for c in chunks
+        ])  # [B, V]
+        self._prefilling = False
         while True:
             nxt = last.argmax(dim=-1).tolist()
             still = []

@@ -151,7 +151,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             save_file({f"prompt_{i}": t.contiguous() for i, t in zip(mine, logits) if t.numel()}, str(out.with_suffix(".safetensors")))
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards, "transport": transport,
-                                   "step_times": worker.step_times, "microbatches": cfg["microbatches"]}))
+                                   "step_times": worker.step_times, "decode_times": worker.decode_times, "microbatches": cfg["microbatches"]}))
         tmp.replace(out)
     finally:
         if trace.enabled:
