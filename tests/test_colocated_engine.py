@@ -91,3 +91,12 @@ def test_cpu_decode_without_triton_gathers_pages(tiny_hf, monkeypatch):
     prompts = [[5, 9, 14, 3, 7], [11, 2, 40]]
     _, res = engine_tokens(tiny_hf, "cpu", prompts, 6, cuda_graphs=False)
     assert res.tokens == [reference_generate(tiny_hf, p, 6) for p in prompts]
+
+
+def test_time_decode_runs_a_synthetic_step_and_frees_its_pages(tiny_hf):
+    """What msc profile times: a decode step at a given batch and context, sequences released afterwards."""
+    engine, _ = engine_tokens(tiny_hf, "cpu", [[1, 2, 3]], 2, cuda_graphs=False)
+    free = engine.cache.allocator.num_free
+    s = engine.time_decode(batch=3, context=20, steps=3, warmup=1)
+    assert 0 < s < 60
+    assert engine.cache.allocator.num_free == free

@@ -213,7 +213,7 @@ class ColocatedEngine:
             self.cache.add_sequence(i)
             self.cache.ensure(i, context + steps + warmup + 1)
         s = self._graph_for(self._bucket(batch))
-        first = torch.randint(0, 1000, (batch,), device=self.device)
+        first = torch.randint(0, 16, (batch,), device=self.device)  # any model has 16 token ids
         self._load(s, seq_ids, first, [context] * batch)
         run = s.graph.replay if s.graph is not None else (lambda: self._step_body(s))
         for _ in range(warmup):
