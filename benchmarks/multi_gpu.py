@@ -23,11 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from e2e_decode import MIXTRAL_8X7B  # the benchmarks' one Mixtral-8x7B shape (this folder is on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
-MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-                    rope_theta=1e6)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             num_local_experts=4, num_experts_per_tok=2)
 

@@ -38,8 +38,6 @@ def test_greedy_tokens_match_hf_on_cpu(tiny_hf):
 
 def test_second_wave_reuses_the_cache(tiny_hf):
     """A smaller batch after a larger one: padding rows of the bucket must not disturb the real ones."""
-    from msc.runtime.gpu_engine import ColocatedEngine  # noqa: F401
-
     engine, _ = engine_tokens(tiny_hf, "cpu", [[3, 4, 5], [6, 7], [8], [9, 10]], 3, cuda_graphs=False)
     res = engine.generate([[21, 22, 23, 24]], 4)
     assert res.tokens[0] == reference_generate(tiny_hf, [21, 22, 23, 24], 4)
