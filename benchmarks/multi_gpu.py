@@ -66,7 +66,6 @@ def main() -> None:
     from msc.planner.perf import colocated_step
     from msc.planner.plan_spec import planner_for
     from msc.planner.search import side_of
-    from msc.random_weights import load_random_program
     from msc.runtime.gpu_engine import ColocatedEngine
     from msc.runtime.launcher import run_bundle
     from msc.spec import parse_spec
@@ -106,7 +105,7 @@ def main() -> None:
         # ---- colocated: one instance of one GPU, the same bundle's colocated program
         cb = max(1, min(colo.batch if colo else 1, args.max_batch))
         dev = "cuda:0" if args.device == "cuda" else "cpu"
-        engine = ColocatedEngine(load_random_program(bundle, "colocated", dev), args.layers, dev, max_batch=cb,
+        engine = ColocatedEngine(bundle.load_program("colocated", dev, random_weights=True), args.layers, dev, max_batch=cb,
                                  max_seq_len=args.input_len + args.output_len + 16, cuda_graphs=args.device == "cuda")
         gen = engine.generate(torch.randint(3, vocab, (cb, args.input_len), generator=g).tolist(), args.output_len)
         side = side_of(planner.att_pool.gpu, 1)

@@ -105,12 +105,13 @@ class Bundle:
         return p if p.is_absolute() else self.path / p
 
     def load_program(self, name: str, device: str | torch.device = "cpu", *, reader: CheckpointReader | None = None,
-                     progress: bool | None = None) -> fx.GraphModule:
+                     progress: bool | None = None, random_weights: bool = False, seed: int = 0) -> fx.GraphModule:
         """Rebuild a role's GraphModule and read its weights (only its own tensors) from the checkpoint.
 
         Weights stream shard by shard onto `device` (see msc.checkpoint.stream_load), so the role's peak
         memory is about its own bytes. reader: a CheckpointReader of this bundle's checkpoint to use (its
         counters then say what was read); progress: a bar on stderr (None: when stderr is a terminal).
+        random_weights: make the weights on `device` instead (msc.random_weights; needs no checkpoint).
         """
         from safetensors.torch import load_file
 
@@ -120,6 +121,10 @@ class Bundle:
         entries = [WeightEntry(t, e["source"], e["shape"], getattr(torch, e["dtype"])) for t, e in wmap.items()]
         needs_constants = any("constant" in e.source for e in entries)
         constants = load_file(str(self.path / "constants.safetensors")) if needs_constants else {}
+        if random_weights:
+            from msc.random_weights import random_attrs
+
+            return fx.GraphModule(random_attrs(graph, entries, constants, device, seed), graph)
         own = reader is None
         reader = CheckpointReader(self.checkpoint_dir()) if own else reader
         try:

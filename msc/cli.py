@@ -115,12 +115,7 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
         if max_new_tokens < 1:
             raise MscError("--colocated needs --max-new-tokens >= 1")
-        if random_weights:
-            from msc.random_weights import load_random_program
-
-            gm = load_random_program(b, b.manifest["colocated"]["program"], dev)
-        else:
-            gm = b.load_program(b.manifest["colocated"]["program"], dev)
+        gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights)
         longest = max(len(p) for p in prompts) + max_new_tokens
         engine = ColocatedEngine(gm, b.manifest["model"]["num_hidden_layers"], dev, max_batch=max(len(prompts), 1),
                                  max_seq_len=longest, page_size=16)

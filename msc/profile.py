@@ -69,6 +69,7 @@ def run_profile(spec, *, batches: list[int], contexts: list[int], expert_tokens:
     from msc.compiler import load_hf_config
     from msc.ir import fetch_attr
     from msc.models import adapter_for
+    from msc.ops import is_op
     from msc.planner.cost import model_cost
     from msc.planner.hardware import get_gpu, load_catalogue
     from msc.planner.perf import Efficiency, Profile, colocated_step, head_time
@@ -97,7 +98,7 @@ def run_profile(spec, *, batches: list[int], contexts: list[int], expert_tokens:
                                      if k in Efficiency.model_fields})
 
     # ---- experts alone, on the first MoE layer's weights
-    expert_node = next(n for n in captured.gm.graph.nodes if n.op == "call_function" and "experts" in str(n.target))
+    expert_node = next(n for n in captured.gm.graph.nodes if is_op(n, "experts"))
     weights = [fetch_attr(gm, a.target) for a in expert_node.args[3:5]]  # gate_up [E, 2I, H], down [E, H, I]
     expert_rows = []
     for t in expert_tokens:

@@ -1,6 +1,6 @@
 """Random weights made where a program runs: benchmarks of full-size models without a checkpoint on disk.
 
-A bundle compiled for the meta device has no weights; `load_random_program` builds each of a program's
+A bundle compiled for the meta device has no weights; `Bundle.load_program(..., random_weights=True)` builds each of a program's
 tensors from its weight map (shape, dtype) directly on the role's device, the way transformers initialises
 a model (normal(0, 0.02) matrices, norms 1, other vectors 0). Every tensor is seeded from its name, and
 each expert's rows from the expert's global index, so that the colocated program and every expert node's
@@ -8,13 +8,11 @@ slice hold the same numbers: the same bundle gives the same tokens however it is
 """
 from __future__ import annotations
 
-import json
 import zlib
 
 import torch
 import torch.fx as fx
 
-from msc.ir import graph_from_json
 from msc.ops import EXPERT_WEIGHT_ARGS, is_op
 
 INIT_STD = 0.02  # transformers' default initializer_range
@@ -55,20 +53,15 @@ def expert_first_rows(graph: fx.Graph) -> dict[str, int]:
     return rows
 
 
-def load_random_program(bundle, name: str, device, seed: int = 0) -> fx.GraphModule:
-    """A bundle program with random weights made on `device` (constants, e.g. rotary tables, from the bundle)."""
-    from safetensors.torch import load_file
-
+def random_attrs(graph: fx.Graph, entries, constants: dict[str, torch.Tensor], device, seed: int = 0) -> dict:
+    """Tensors for a program's weight entries (msc.checkpoint.WeightEntry): random parameters made on
+    `device`, constants (e.g. rotary tables) from the bundle's."""
     device = torch.device(device)
-    graph = graph_from_json(json.loads((bundle.path / "programs" / f"{name}.json").read_text()), device)
-    wmap = json.loads((bundle.path / "weights" / f"{name}.json").read_text())
-    constants = load_file(str(bundle.path / "constants.safetensors"))
     first_rows = expert_first_rows(graph)
     attrs = {}
-    for target, e in wmap.items():
-        if "constant" in e["source"]:
-            attrs[target] = constants[e["source"]["constant"]].to(device)
+    for e in entries:
+        if "constant" in e.source:
+            attrs[e.target] = constants[e.source["constant"]].to(device)
         else:
-            attrs[target] = random_tensor(target, e["shape"], getattr(torch, e["dtype"]), device, seed,
-                                          first_rows.get(target))
-    return fx.GraphModule(attrs, graph)
+            attrs[e.target] = random_tensor(e.target, list(e.shape), e.dtype, device, seed, first_rows.get(e.target))
+    return attrs

@@ -7,7 +7,7 @@ import torch
 
 from msc.compiler import compile_spec
 from msc.ir import fetch_attr
-from msc.random_weights import INIT_STD, load_random_program
+from msc.random_weights import INIT_STD
 from msc.runtime.launcher import run_bundle
 from msc.spec import parse_spec
 from tests.conftest import tiny_spec_dict
@@ -21,9 +21,9 @@ def meta_bundle(tmp_path_factory):
 
 
 def test_expert_slices_equal_the_colocated_rows(meta_bundle):
-    colo = load_random_program(meta_bundle, "colocated", "cpu")
+    colo = meta_bundle.load_program("colocated", "cpu", random_weights=True)
     for j, (lo, hi) in enumerate([(0, 2), (2, 4)]):
-        node = load_random_program(meta_bundle, f"expert.{j}", "cpu")
+        node = meta_bundle.load_program(f"expert.{j}", "cpu", random_weights=True)
         for target in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
             assert torch.equal(fetch_attr(node, target), fetch_attr(colo, target)[lo:hi])
     w = fetch_attr(colo, "model.layers.0.self_attn.q_proj.weight")
@@ -36,7 +36,7 @@ def test_meta_bundle_runs_with_random_weights_disaggregated_and_colocated_alike(
 
     prompts = [[5, 9, 14], [1, 2, 3, 4, 5]]
     res = run_bundle(meta_bundle.path, prompts, 5, random_weights=True, device="cpu")
-    engine = ColocatedEngine(load_random_program(meta_bundle, "colocated", "cpu"), 2, "cpu", max_batch=2,
+    engine = ColocatedEngine(meta_bundle.load_program("colocated", "cpu", random_weights=True), 2, "cpu", max_batch=2,
                              max_seq_len=16, page_size=4, cuda_graphs=False)
     assert res["outputs"] == engine.generate(prompts, 5).tokens
 

@@ -101,6 +101,16 @@ class ColocatedEngine:
         self.cache.v.zero_()
         self._scratch_block = self.cache.scratch_slot // self.page_size
 
+    def _reserve(self, lengths: list[int]) -> list[int]:
+        """Sequences 0..B-1 with pages for their whole lengths (the cache made on first use); their ids."""
+        if self.cache is None:
+            self._make_cache(*self.kv_shape_from_probe())
+        for i, n in enumerate(lengths):
+            self.cache.drop_sequence(i)
+            self.cache.add_sequence(i)
+            self.cache.ensure(i, n)
+        return list(range(len(lengths)))
+
     def kv_shape_from_probe(self) -> tuple[int, int, int, torch.dtype]:
         """nkv, d, dv and dtype of the cache, read off one tiny eager forward (no cache needed: T=1 prefill)."""
         shapes = {}
@@ -205,13 +215,7 @@ class ColocatedEngine:
     def time_decode(self, batch: int, context: int, steps: int = 20, warmup: int = 3) -> float:
         """Median seconds of one decode step of `batch` sequences at `context` tokens each (synthetic: the
         cache holds whatever is in it; the step does the work of a real one, from its CUDA graph)."""
-        if self.cache is None:
-            self._make_cache(*self.kv_shape_from_probe())
-        seq_ids = list(range(batch))
-        for i in seq_ids:
-            self.cache.drop_sequence(i)
-            self.cache.add_sequence(i)
-            self.cache.ensure(i, context + steps + warmup + 1)
+        seq_ids = self._reserve([context + steps + warmup + 1] * batch)
         s = self._graph_for(self._bucket(batch))
         first = torch.randint(0, 16, (batch,), device=self.device)  # any model has 16 token ids
         self._load(s, seq_ids, first, [context] * batch)
@@ -245,13 +249,7 @@ class ColocatedEngine:
         longest = max(len(p) for p in prompts) + max_new_tokens
         if longest > self.max_seq_len:
             raise MscError(f"generate: a sequence reaches {longest} tokens; the engine was made for max_seq_len={self.max_seq_len}")
-        if self.cache is None:
-            self._make_cache(*self.kv_shape_from_probe())
-        seq_ids = list(range(len(prompts)))
-        for i, p in zip(seq_ids, prompts):
-            self.cache.drop_sequence(i)
-            self.cache.add_sequence(i)
-            self.cache.ensure(i, len(p) + max_new_tokens)
+        seq_ids = self._reserve([len(p) + max_new_tokens for p in prompts])
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()

@@ -109,12 +109,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     device = cfg["device"]
     trace = Trace(role["name"], rank, enabled=cfg["trace_dir"] is not None)
     place = role_device(device, rank)  # this role's own device: cuda:K on a GPU host
-    if cfg["random_weights"]:
-        from msc.random_weights import load_random_program
-
-        program = load_random_program(bundle, role["program"], place)
-    else:
-        program = bundle.load_program(role["program"], place)
+    program = bundle.load_program(role["program"], place, random_weights=cfg["random_weights"])
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0, timeout=timeout)
