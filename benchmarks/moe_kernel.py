@@ -5,7 +5,7 @@ transformers' experts implementations, on a Mixtral-8x7B expert layer (H 4096, I
     python benchmarks/moe_kernel.py --tune --write-config     # tune tile sizes per token count, store them
 
 Every variant is first checked against a float64 reference on the same random inputs. Times are medians of
-CUDA-event timings (triton.testing.do_bench). TFLOP/s counts 2·(T·K)·H·3I FLOPs (gate, up and down).
+CUDA-event timings (triton.testing.do_bench), then the median over --seeds routings. TFLOP/s counts 2·(T·K)·H·3I FLOPs (gate, up and down).
 """
 from __future__ import annotations
 
@@ -87,6 +87,24 @@ def transformers_experts(gate_up, down):
     return mod, fns
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after two warm-up calls on a side stream); its replay, or None."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(), fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception as e:  # a host sync or an allocation pattern that graphs refuse
+        print(f"  no CUDA graph: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
 def bench(fn, rep_ms=200) -> float:
     from triton.testing import do_bench
 
@@ -94,51 +112,77 @@ def bench(fn, rep_ms=200) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- tuning
-def candidate_configs(t: int):
+def candidate_configs(t: int, tma_only: bool = False):
+    """(BLOCK_M, tma, tile) candidates for one token count; `tile` is tried for each kernel in turn."""
     rows = t * K / E
     # NOTE: while few rows reach each expert the layer is bound by reading the weights, and every extra
     # BLOCK_M tile of one expert reads its weights again: a BLOCK_M at or above the rows per expert wins.
-    if rows <= 256:
+    if rows < 256:
         bms = [16, 32, 64] if rows <= 16 else [32, 64, 128]
-        for bm in bms:
-            for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
-                if bm == 128 and bk == 128 and stages == 4:
+        if not tma_only:
+            for bm in bms:
+                for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
+                    if bm == 128 and bk == 128 and stages == 4:
+                        continue  # too much shared memory
+                    yield bm, False, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        # TMA: wider k boxes stream the weights in longer contiguous runs
+        for bm in bms[:2]:
+            for bn, bk, stages in itertools.product((64, 128), (128, 256), (3, 4)):
+                if bk == 256 and (bn == 128 or bm > 32):
                     continue  # too much shared memory
-                yield bm, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                yield bm, True, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
         return
     # compute-bound (prefill): 128-row tiles (64 never won), wider n tiles and deeper pipelines
-    for bn, bk, warps, stages in itertools.product((64, 128, 256), (32, 64), (4, 8), (3, 4, 5)):
+    if not tma_only:
+        for bn, bk, warps, stages in itertools.product((64, 128, 256), (32, 64), (4, 8), (3, 4, 5)):
+            if bn == 256 and warps == 4:
+                continue  # accumulators alone would take every register
+            yield 128, False, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    for bn, warps, stages, persistent in itertools.product((64, 128, 256), (4, 8), (3, 4), (0, 1)):
         if bn == 256 and warps == 4:
-            continue  # accumulators alone would take every register
-        yield 128, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            continue
+        yield 128, True, dict(BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages, persistent=persistent)
 
 
-def tune(tokens, gate_up, down) -> dict:
-    """Per token count: the BLOCK_M and per-kernel tiles with the lowest median time of the whole layer."""
+def tune(tokens, gate_up, down, tma_only: bool = False) -> dict:
+    """Per token count: BLOCK_M, TMA or not, and per-kernel tiles with the lowest median time of the layer.
+    Coordinate search: each candidate tile is tried for one kernel with the best tile so far for the other.
+    The table's current entry (if any) competes too, so re-tuning never makes a size slower."""
     from msc.backends.compute import triton_moe
 
     table = {}
     for t in tokens:
-        x, idx, w = make_inputs(t, seed=t)
-        best_per_bm = {}
-        for bm, tile in candidate_configs(t):
+        # NOTE: two routings per candidate, so that a tile size that happens to suit one routing's expert
+        # loads (decode sizes) does not win by luck
+        inputs = [make_inputs(t, seed=t), make_inputs(t, seed=t + 7919)]
+
+        def timed(cfg):
+            try:
+                return sum(bench(lambda: triton_moe.fused_moe(x, idx, w, gate_up, down, config=cfg), rep_ms=40)
+                           for x, idx, w in inputs) / len(inputs)
+            except Exception as e:  # out of shared memory / registers: not a candidate
+                print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+                return float("inf")
+
+        best_per_key = {}
+        current = triton_moe.pick_config(t, K, E)
+        best_per_key["current"] = {**current, "ms": timed(current)}
+        for bm, tma, tile in candidate_configs(t, tma_only):
             for kernel in ("gate_up", "down"):
-                base = best_per_bm.get(bm) or {"BLOCK_M": bm, "gate_up": tile, "down": tile}
-                cfg = {**base, kernel: tile}
-                try:
-                    ms = bench(lambda: triton_moe.fused_moe(x, idx, w, gate_up, down, config=cfg), rep_ms=60)
-                except Exception as e:  # out of shared memory / registers: not a candidate
-                    print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
-                    continue
-                if bm not in best_per_bm or ms < best_per_bm[bm]["ms"]:
-                    best_per_bm[bm] = {**cfg, "ms": ms}
-        best = min(best_per_bm.values(), key=lambda c: c["ms"])
+                if kernel == "gate_up" and tile["BLOCK_N"] == 256:
+                    continue  # two accumulators of 128 x 256 do not fit
+                base = best_per_key.get((bm, tma)) or {"BLOCK_M": bm, "tma": tma, "gate_up": tile, "down": tile}
+                cfg = {**{k: v for k, v in base.items() if k != "ms"}, kernel: tile}
+                ms = timed(cfg)
+                if (bm, tma) not in best_per_key or ms < best_per_key[(bm, tma)]["ms"]:
+                    best_per_key[(bm, tma)] = {**cfg, "ms": ms}
+        best = min(best_per_key.values(), key=lambda c: c["ms"])
         for group_m in (1, 4, 16):  # program order (the default, 8, was used above)
             cfg = {**{k: v for k, v in best.items() if k != "ms"}, "GROUP_M": group_m}
-            ms = bench(lambda: triton_moe.fused_moe(x, idx, w, gate_up, down, config=cfg), rep_ms=60)
+            ms = timed(cfg)
             if ms < best["ms"]:
                 best = {**cfg, "ms": ms}
-        print(f"tune T={t}: {best}")
+        print(f"tune T={t}: current {best_per_key['current']['ms']:.3f} ms -> {best}")
         table[t] = {k: v for k, v in best.items() if k != "ms"}
     return table
 
@@ -148,6 +192,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="16,64,256,1024,4096,8192")
     ap.add_argument("--tune", action="store_true", help="tune tile sizes per token count first")
     ap.add_argument("--write-config", action="store_true", help="store the tuned table in backends/compute/moe_configs")
+    ap.add_argument("--tma-only", action="store_true", help="tune among the TMA candidates (and the current entry) only")
+    ap.add_argument("--seeds", type=int, default=3, help="routings timed per size (the median is reported)")
+    ap.add_argument("--graphs", action="store_true", help="also time msc and grouped_mm replayed from CUDA graphs")
     ap.add_argument("--out", default="moe_kernel.json")
     args = ap.parse_args()
     from msc.backends.compute import triton_moe
@@ -156,7 +203,7 @@ def main() -> None:
     gate_up, down = make_weights()
     gate_up_t, down_t = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()  # [E, H, 2I], [E, I, H]
     if args.tune:
-        table = tune(tokens, gate_up, down)
+        table = tune(tokens, gate_up, down, args.tma_only)
         if args.write_config:
             path = triton_moe.CONFIG_DIR / f"{triton_moe._gpu_key()}.json"
             old = json.loads(path.read_text())["configs"] if path.exists() else {}  # other sizes are kept
@@ -168,45 +215,68 @@ def main() -> None:
     mod, hf_fns = transformers_experts(gate_up, down)
     rows = []
     for t in tokens:
-        x, idx, w = make_inputs(t, seed=100 + t)
-        ref = reference(x, idx, w, gate_up, down)
         a = t * K
         flops = 2 * a * H * 3 * I
         xa = torch.randn(a, H, device="cuda", dtype=torch.bfloat16)
         ha = torch.randn(a, I, device="cuda", dtype=torch.bfloat16)
-        variants = {
-            "msc_triton": lambda: triton_moe.fused_moe(x, idx, w, gate_up, down),
-            "torch_grouped_mm": lambda: grouped_mm_direct(x, idx, w, gate_up_t, down_t),
-            "dense_cublas": lambda: (xa @ gate_up[0].T, ha @ down[0].T),  # same FLOPs, one expert's weights
-        }
-        for name, fn in hf_fns.items():
-            variants[f"transformers_{name}"] = lambda fn=fn: fn(mod, x, idx, w)
-        row = {"tokens": t, "flops": flops}
-        for name, fn in variants.items():
-            try:
-                if name != "dense_cublas":
-                    err = rel_err(fn().float(), ref)
-                    row[f"{name}_err"] = err
-                    if not err < 2e-2:
-                        raise AssertionError(f"{name} at T={t}: relative error {err:.3g}")
-                ms = bench(fn)
-                row[f"{name}_ms"] = ms
-                row[f"{name}_tflops"] = flops / ms / 1e9
-            except torch.OutOfMemoryError:
-                row[f"{name}_ms"] = None
-                row[f"{name}_note"] = "out of memory"
-            torch.cuda.empty_cache()
+        times: dict[str, list] = {}
+        row = {"tokens": t, "flops": flops, "seeds": args.seeds}
+        # NOTE: at decode sizes the time depends on the routing (how many experts are hit, how many BLOCK_M
+        # tiles each needs), so each size is timed on several routings, the variants in a rotated order, and
+        # the median over routings is reported.
+        for s in range(args.seeds):
+            x, idx, w = make_inputs(t, seed=100 + t + 1000 * s)
+            variants = {
+                "msc_triton": lambda: triton_moe.fused_moe(x, idx, w, gate_up, down),
+                "torch_grouped_mm": lambda: grouped_mm_direct(x, idx, w, gate_up_t, down_t),
+                "dense_cublas": lambda: (xa @ gate_up[0].T, ha @ down[0].T),  # same FLOPs, one expert's weights
+            }
+            for name, fn in hf_fns.items():
+                variants[f"transformers_{name}"] = lambda fn=fn: fn(mod, x, idx, w)
+            if args.graphs:  # decode steps replay CUDA graphs: the same two without host launch costs
+                for name in ("msc_triton", "torch_grouped_mm"):
+                    variants[f"{name}_graph"] = graphed(variants[name])
+            ref = reference(x, idx, w, gate_up, down) if s == 0 else None
+            names = list(variants)
+            names = names[s % len(names):] + names[:s % len(names)]
+            for name in names:
+                fn = variants[name]
+                if fn is None:
+                    row[f"{name}_note"] = "could not be captured in a CUDA graph"
+                    continue
+                try:
+                    if ref is not None and name != "dense_cublas":
+                        err = rel_err(fn().float() if not name.endswith("_graph") else variants[name[:-6]]().float(), ref)
+                        row[f"{name}_err"] = err
+                        if not err < 2e-2:
+                            raise AssertionError(f"{name} at T={t}: relative error {err:.3g}")
+                    times.setdefault(name, []).append(bench(fn))
+                except torch.OutOfMemoryError:
+                    row[f"{name}_note"] = "out of memory"
+                torch.cuda.empty_cache()
+            del variants, ref
+        for name, ms_list in times.items():
+            ms = sorted(ms_list)[len(ms_list) // 2]
+            row[f"{name}_ms"], row[f"{name}_ms_per_seed"] = ms, ms_list
+            row[f"{name}_tflops"] = flops / ms / 1e9
         rows.append(row)
         print(json.dumps(row))
     names = ["msc_triton", "torch_grouped_mm"] + [f"transformers_{n}" for n in hf_fns] + ["dense_cublas"]
-    print("\n| tokens | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names) + " | msc / cuBLAS | msc / best other |")
-    print("|---" * (len(names) + 3) + "|")
+    graph_names = ["msc_triton_graph", "torch_grouped_mm_graph"] if args.graphs else []
+    print(f"\nmedian over {args.seeds} routings per size")
+    print("| tokens | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names + graph_names) + " | msc / cuBLAS | msc / best other |"
+          + (" msc graph / grouped_mm graph |" if graph_names else ""))
+    print("|---" * (len(names) + len(graph_names) + 3 + bool(graph_names)) + "|")
     for r in rows:
-        cells = [f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f})" if r.get(n + "_ms") else "oom" for n in names]
+        cells = [f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f})" if r.get(n + "_ms") else "n/a" for n in names + graph_names]
         others = [r[n + "_ms"] for n in names[1:-1] if r.get(n + "_ms")]
         vs_dense = r["dense_cublas_ms"] / r["msc_triton_ms"]
         vs_best = min(others) / r["msc_triton_ms"] if others else float("nan")
-        print(f"| {r['tokens']} | " + " | ".join(cells) + f" | {vs_dense:.2f} | {vs_best:.2f} |")
+        line = f"| {r['tokens']} | " + " | ".join(cells) + f" | {vs_dense:.2f} | {vs_best:.2f} |"
+        if graph_names:
+            g = r.get("torch_grouped_mm_graph_ms")
+            line += f" {g / r['msc_triton_graph_ms']:.2f} |" if g and r.get("msc_triton_graph_ms") else " n/a |"
+        print(line)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
             "shape": {"H": H, "I": I, "E": E, "K": K, "dtype": "bfloat16"}}

@@ -43,12 +43,14 @@ def _interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- align
-def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m: int,
+              with_tile_count: bool = False):
     """Sort assignments by local expert, each expert's run padded to a multiple of block_m.
 
     Returns sorted_ids [P] int32 (assignment id t·K + k, or A = T·K for padding) and block_expert [P / block_m]
     int32 (the local expert of each tile, or num_experts for tiles past the end). P = the static upper bound
-    round_up(A + E·(block_m - 1), block_m), so shapes never depend on the routing.
+    round_up(A + E·(block_m - 1), block_m), so shapes never depend on the routing. With `with_tile_count`, a
+    third result: the number of tiles in use, [1] int32 on the device (persistent kernels loop up to it).
     """
     device = top_k_index.device
     a = top_k_index.numel()
@@ -71,6 +73,9 @@ def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m:
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     tile_start = torch.arange(0, p, block_m, device=device)  # [P / block_m]
     block_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)  # [P / block_m]
+    if with_tile_count:
+        tiles_used = (padded_end[-1:] // block_m).to(torch.int32) if e_max else torch.zeros(1, dtype=torch.int32, device=device)
+        return sorted_ids[:p], block_expert, tiles_used  # tiles_used: [1]
     return sorted_ids[:p], block_expert
 
 
@@ -176,6 +181,75 @@ def _down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# ---------------------------------------------------------------------------------------------- TMA kernels
+# NOTE: the Hopper path. The rows of `hidden` are gathered into sorted order first (xs [P, H], one extra pass
+# over P·H bytes, small next to the GEMMs), so that every operand tile is a dense box that the tensor memory
+# accelerator (TMA) copies into shared memory: no per-row address arithmetic, no masks (TMA pads out-of-range
+# boxes with zeros). With PERSISTENT the grid is one program per SM looping over the tiles in use (read from
+# the device, so no host sync); otherwise one program per tile of the static upper bound, as above.
+@triton.jit
+def _gate_up_tma_kernel(
+    x_desc, w_desc, h_desc, block_expert_ptr, tiles_used_ptr, inter, hidden, num_progs,
+    ACT: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_m = tl.load(tiles_used_ptr)
+    num_n = tl.cdiv(inter, BLOCK_N)
+    k_steps = tl.cdiv(hidden, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=FLATTEN):
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        e = tl.load(block_expert_ptr + pid_m)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        w_row = e * 2 * inter + n0  # gate rows of expert e in the [E·2I, H] view; up rows start `inter` later
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_steps):
+            k0 = ki * BLOCK_K
+            x = x_desc.load([m0, k0])  # [BM, BK]
+            wg = w_desc.load([w_row, k0])  # [BN, BK]
+            wu = w_desc.load([w_row + inter, k0])  # [BN, BK]
+            if UPCAST:
+                x, wg, wu = x.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            acc_g = tl.dot(x, wg.T, acc_g)
+            acc_u = tl.dot(x, wu.T, acc_u)
+        h = _activate(acc_g, acc_u, ACT)
+        h_desc.store([m0, n0], h.to(OUT_DTYPE))  # columns past `inter` are clipped by the descriptor
+
+
+@triton.jit
+def _down_tma_kernel(
+    h_desc, w_desc, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr, tiles_used_ptr,
+    num_assign, hidden, inter, stride_ot, num_progs,
+    UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_m = tl.load(tiles_used_ptr)
+    num_n = tl.cdiv(hidden, BLOCK_N)
+    k_steps = tl.cdiv(inter, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=FLATTEN):
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        e = tl.load(block_expert_ptr + pid_m)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_steps):
+            k0 = ki * BLOCK_K
+            h = h_desc.load([m0, k0])  # [BM, BK]
+            w = w_desc.load([e * hidden + n0, k0])  # [BN, BK] rows of expert e in the [E·H, I] view
+            if UPCAST:
+                h, w = h.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(h, w.T, acc)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+        row_ok = ids < num_assign
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        route_w = tl.load(weights_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
+        acc = acc * route_w[:, None]
+        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < hidden)[None, :])
+
+
 # ---------------------------------------------------------------------------------------------- configs
 def _gpu_key() -> str:
     if not torch.cuda.is_available():
@@ -228,6 +302,24 @@ def pick_config(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype = 
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def tma_possible(hidden: Tensor, gate_up: Tensor, down: Tensor) -> bool:
+    """TMA boxes need 16-byte aligned bases and row strides, and Triton's tensor descriptors."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
+    except ImportError:
+        return False
+    if not (_interpreting() or (hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9)):
+        return False
+    inter = down.shape[2]
+    return hidden.dtype in _TL_DTYPES and all(x.data_ptr() % 16 == 0 for x in (hidden, gate_up, down)) and (hidden.shape[1] * hidden.element_size()) % 16 == 0 \
+        and (inter * hidden.element_size()) % 16 == 0
+
+
 def supported(act: str, layout: str, gate_up_bias, down_bias) -> bool:
     """Whether the fused kernel covers this experts call (else the eager reference runs it)."""
     return act in ACTIVATIONS and not layout and gate_up_bias is None and down_bias is None
@@ -245,8 +337,12 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
         raise MscError(f"fused_moe: weights gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not match "
                        f"hidden size {hdim}: expected [E, 2I, {hdim}] and [E, {hdim}, I]")
     k = top_k_index.shape[1]
+    if t == 0:
+        return hidden.new_zeros(0, hdim)
     hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
     cfg = config or pick_config(t, k, e, hidden.dtype)
+    if cfg.get("tma") and tma_possible(hidden, gate_up, down):
+        return _fused_moe_tma(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, act, cfg)
     bm = cfg["BLOCK_M"]
     sorted_ids, block_expert = moe_align(top_k_index, first_expert, e, bm)
     p = sorted_ids.numel()
@@ -254,7 +350,7 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
     h = torch.empty(p, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I] in sorted order
     out_k = torch.zeros(t * k, hdim, dtype=hidden.dtype, device=hidden.device)  # [T·K, H]
     upcast = _interpreting()
-    gu, dn = cfg["gate_up"], cfg["down"]
+    gu, dn = _launch_args(cfg["gate_up"]), _launch_args(cfg["down"])
     m_tiles, group_m = p // bm, cfg.get("GROUP_M", 8)
     _gate_up_act_kernel[(m_tiles * triton.cdiv(inter, gu["BLOCK_N"]),)](
         hidden, gate_up, h, sorted_ids, block_expert, t * k, k, e, inter, hdim,
@@ -265,5 +361,58 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
         h, down, out_k, sorted_ids, block_expert, weights, t * k, e, hdim, inter,
         h.stride(0), down.stride(0), down.stride(1), out_k.stride(0), m_tiles,
         UPCAST=upcast, BLOCK_M=bm, GROUP_M=group_m, **dn,
+    )
+    return out_k.view(t, k, hdim).sum(dim=1)  # [T, H]
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _launch_args(tile: dict) -> dict:
+    """A kernel's tile entry without the TMA-only keys."""
+    return {key: v for key, v in tile.items() if key not in ("persistent", "flatten")}
+
+
+def _fused_moe_tma(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, act, cfg) -> Tensor:
+    """fused_moe through the TMA kernels (same contract)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t, hdim = hidden.shape
+    e, two_i, _ = gate_up.shape
+    inter, k, bm = two_i // 2, top_k_index.shape[1], cfg["BLOCK_M"]
+    sorted_ids, block_expert, tiles_used = moe_align(top_k_index, first_expert, e, bm, with_tile_count=True)
+    p = sorted_ids.numel()
+    tok = torch.where(sorted_ids < t * k, sorted_ids // k, torch.zeros_like(sorted_ids))  # [P] padding -> row 0
+    xs = hidden[tok]  # [P, H] rows in sorted order
+    weights = top_k_weights.reshape(-1).contiguous()  # [T·K]
+    h = torch.empty(p, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I]
+    out_k = torch.zeros(t * k, hdim, dtype=hidden.dtype, device=hidden.device)  # [T·K, H]
+    gu, dn = cfg["gate_up"], cfg["down"]
+    group_m, upcast = cfg.get("GROUP_M", 8), _interpreting()
+    w_gu = gate_up.view(e * two_i, hdim)  # [E·2I, H]
+    w_dn = down.view(e * hdim, inter)  # [E·H, I]
+
+    def progs(tile: dict, n_tiles: int) -> int:
+        if not tile.get("persistent"):
+            return (p // bm) * n_tiles  # one program per tile of the static bound
+        sms = 4 if _interpreting() else _sm_count(hidden.device.index or 0)
+        return min(sms * tile.get("persistent", 1), (p // bm) * n_tiles)
+
+    n_gu = progs(gu, triton.cdiv(inter, gu["BLOCK_N"]))
+    _gate_up_tma_kernel[(n_gu,)](
+        TensorDescriptor.from_tensor(xs, [bm, gu["BLOCK_K"]]),
+        TensorDescriptor.from_tensor(w_gu, [gu["BLOCK_N"], gu["BLOCK_K"]]),
+        TensorDescriptor.from_tensor(h, [bm, gu["BLOCK_N"]]),
+        block_expert, tiles_used, inter, hdim, n_gu,
+        ACT=ACTIVATIONS[act], UPCAST=upcast, FLATTEN=bool(gu.get("flatten")), OUT_DTYPE=_TL_DTYPES[hidden.dtype],
+        BLOCK_M=bm, GROUP_M=group_m,
+        **_launch_args(gu),
+    )
+    n_dn = progs(dn, triton.cdiv(hdim, dn["BLOCK_N"]))
+    _down_tma_kernel[(n_dn,)](
+        TensorDescriptor.from_tensor(h, [bm, dn["BLOCK_K"]]),
+        TensorDescriptor.from_tensor(w_dn, [dn["BLOCK_N"], dn["BLOCK_K"]]),
+        out_k, sorted_ids, block_expert, weights, tiles_used, t * k, hdim, inter, out_k.stride(0), n_dn,
+        UPCAST=upcast, FLATTEN=bool(dn.get("flatten")), BLOCK_M=bm, GROUP_M=group_m, **_launch_args(dn),
     )
     return out_k.view(t, k, hdim).sum(dim=1)  # [T, H]

@@ -92,6 +92,28 @@ def test_align_groups_assignments_by_expert():
             assert all(int(flat[i]) - 1 == e for i in tile)
 
 
+def tma_config(persistent, tile=16):
+    tiles = dict(BLOCK_N=tile, BLOCK_K=tile, persistent=persistent)
+    return {"BLOCK_M": tile, "tma": True, "gate_up": tiles, "down": dict(tiles)}
+
+
+@pytest.mark.parametrize("persistent", [0, 1])
+@pytest.mark.parametrize("t,inter,lo,hi,seed", [(1, 48, 0, 4, 10), (37, 40, 0, 4, 11), (11, 32, 2, 5, 12)])
+def test_tma_path_matches_float64_reference(persistent, t, inter, lo, hi, seed, monkeypatch):
+    """The Hopper path (gathered rows, tensor descriptors, optionally a persistent grid); inter 40 leaves a
+    partial n tile; lo..hi is a slice of the experts, as an expert node holds."""
+    probe = make(1, 32, inter, 4, 2, torch.float32, 0)
+    if not triton_moe.tma_possible(probe[0], probe[3], probe[4]):
+        pytest.skip("this Triton / device has no tensor descriptors (TMA)")
+    taken = []
+    real = triton_moe._fused_moe_tma
+    monkeypatch.setattr(triton_moe, "_fused_moe_tma", lambda *a: taken.append(1) or real(*a))
+    hidden, idx, w, gate_up, down = make(t, 32, inter, 5, 2, torch.float32, seed)
+    out = triton_moe.fused_moe(hidden, idx, w, gate_up[lo:hi], down[lo:hi], first_expert=lo, config=tma_config(persistent))
+    assert taken, "the TMA path did not run"
+    assert rel_err(out, reference(hidden, idx, w, gate_up[lo:hi], down[lo:hi], lo)) < 1e-5
+
+
 def test_bad_weights_are_a_clear_error():
     from msc.errors import MscError
 
@@ -104,10 +126,15 @@ def test_bad_weights_are_a_clear_error():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("t", [16, 256, 4096])
-def test_bf16_mixtral_shape_on_gpu(t):
+@pytest.mark.parametrize("t,config", [(16, None), (256, None), (4096, None), (64, "tma"), (4096, "tma"), (4096, "tma_persistent")])
+def test_bf16_mixtral_shape_on_gpu(t, config):
     hidden, idx, w, gate_up, down = make(t, 4096, 1024, 8, 2, torch.bfloat16, 9)  # I cut to 1024 to keep it quick
-    out = triton_moe.fused_moe(hidden, idx, w, gate_up, down)
+    if config:
+        cfg = tma_config(int(config.endswith("persistent")), tile=64)
+        cfg["BLOCK_M"] = 128 if t > 256 else 32
+        out = triton_moe.fused_moe(hidden, idx, w, gate_up, down, config=cfg)
+    else:
+        out = triton_moe.fused_moe(hidden, idx, w, gate_up, down)
     ref = torch.zeros(t, 4096, dtype=torch.float64, device=DEVICE)
     for e in range(8):  # float64 on the GPU, expert by expert
         rows, ks = torch.where(idx == e)
