@@ -22,7 +22,7 @@ for stage in "$@"; do
     kerneltests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -25 ;;
     tune) python3 benchmarks/moe_kernel.py --tune --write-config ${TUNE_ARGS:-} --tokens ${TUNE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -14
           cp backends/compute/moe_configs/*.json "$OUT/" ;;
-    moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10 ;;
+    moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} ${MOE_ARGS:-} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10 ;;
     attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
     e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
     profile) msc profile examples/mixtral-8x7b-h200.yaml ${PROFILE_ARGS:-} -o "$OUT/profile_mixtral_8x7b_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -16 ;;

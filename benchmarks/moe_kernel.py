@@ -250,7 +250,8 @@ def main() -> None:
                         row[f"{name}_err"] = err
                         if not err < 2e-2:
                             raise AssertionError(f"{name} at T={t}: relative error {err:.3g}")
-                    times.setdefault(name, []).append(bench(fn))
+                    ms = bench(fn)
+                    times.setdefault(name, []).append(ms)
                 except torch.OutOfMemoryError:
                     row[f"{name}_note"] = "out of memory"
                 torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,19 +44,31 @@ def _interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- align
-def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m: int,
-              with_tile_count: bool = False):
-    """Sort assignments by local expert, each expert's run padded to a multiple of block_m.
+class Alignment(NamedTuple):
+    """Assignments sorted by local expert, each expert's run padded to a multiple of BLOCK_M.
 
-    Returns sorted_ids [P] int32 (assignment id t·K + k, or A = T·K for padding) and block_expert [P / block_m]
-    int32 (the local expert of each tile, or num_experts for tiles past the end). P = the static upper bound
-    round_up(A + E·(block_m - 1), block_m), so shapes never depend on the routing. With `with_tile_count`, a
-    third result: the number of tiles in use, [1] int32 on the device (persistent kernels loop up to it).
+    sorted_ids [P] int32: assignment id t·K + k per slot, A = T·K for padding; token_of [P] int32: its token
+    (0 for padding); block_expert [P / BLOCK_M] int32: each tile's local expert (E for tiles past the end);
+    tiles_used [1] int32: tiles in use. P = round_up(A + E·(BLOCK_M - 1), BLOCK_M) is a static upper bound,
+    so no shape depends on the routing (a decode step that aligns can be captured in a CUDA graph).
     """
+    sorted_ids: Tensor
+    token_of: Tensor
+    block_expert: Tensor
+    tiles_used: Tensor
+
+
+def padded_slots(num_assign: int, num_experts: int, block_m: int) -> int:
+    return -(-(num_assign + num_experts * (block_m - 1)) // block_m) * block_m
+
+
+def moe_align_torch(top_k_index: Tensor, first_expert: int, num_experts: int, block_m: int) -> Alignment:
+    """The alignment in plain torch ops (the reference the Triton version is tested against)."""
     device = top_k_index.device
+    top_k = top_k_index.shape[-1] if top_k_index.dim() else 1
     a = top_k_index.numel()
     e_max = num_experts
-    p = -(-(a + e_max * (block_m - 1)) // block_m) * block_m
+    p = padded_slots(a, e_max, block_m)
     local = top_k_index.reshape(-1) - first_expert  # [A]
     expert = torch.where((local >= 0) & (local < e_max), local, torch.full_like(local, e_max))  # [A], e_max = not here
     counts = torch.zeros(e_max + 1, dtype=torch.int64, device=device).scatter_add_(0, expert, torch.ones_like(expert))
@@ -71,12 +84,96 @@ def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m:
     dest = torch.where(e_sorted < e_max, padded_start[e_sorted.clamp(max=e_max - 1)] + rank, torch.full_like(rank, p))
     sorted_ids = torch.full((p + 1,), a, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = sorted_ids[:p]
+    token_of = torch.where(sorted_ids < a, sorted_ids // top_k, torch.zeros_like(sorted_ids))
     tile_start = torch.arange(0, p, block_m, device=device)  # [P / block_m]
     block_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)  # [P / block_m]
-    if with_tile_count:
-        tiles_used = (padded_end[-1:] // block_m).to(torch.int32) if e_max else torch.zeros(1, dtype=torch.int32, device=device)
-        return sorted_ids[:p], block_expert, tiles_used  # tiles_used: [1]
-    return sorted_ids[:p], block_expert
+    tiles_used = (padded_end[-1:] // block_m).to(torch.int32) if e_max else torch.zeros(1, dtype=torch.int32, device=device)
+    return Alignment(sorted_ids, token_of, block_expert, tiles_used)
+
+
+@triton.jit
+def _onehot(idx_ptr, chunk, num_assign, first_expert, num_experts, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """This chunk's assignments: ids [BLOCK], and onehot [BLOCK, E_PAD] of their local expert (0 rows for
+    assignments of other nodes' experts and past the end)."""
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < num_assign
+    local = tl.load(idx_ptr + offs, mask=inside, other=-1).to(tl.int32) - first_expert
+    mine = inside & (local >= 0) & (local < num_experts)
+    onehot = (local[:, None] == tl.arange(0, E_PAD)[None, :]) & mine[:, None]
+    return offs, onehot.to(tl.int32)
+
+
+@triton.jit
+def _align_count_kernel(idx_ptr, chunk_counts_ptr, num_assign, first_expert, num_experts,
+                        BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    chunk = tl.program_id(0)
+    _, onehot = _onehot(idx_ptr, chunk, num_assign, first_expert, num_experts, BLOCK, E_PAD)
+    tl.store(chunk_counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
+
+
+@triton.jit
+def _align_offsets_kernel(chunk_counts_ptr, chunk_base_ptr, sorted_ids_ptr, token_of_ptr, block_expert_ptr, tiles_used_ptr,
+                          num_chunks, num_assign, num_experts, num_slots,
+                          BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr, TILES: tl.constexpr):
+    """One program: each chunk's first slot per expert, the padded runs, the tiles' experts; padding fill."""
+    bins = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c in range(num_chunks):  # chunk_base[c] = assignments of each expert in the chunks before c
+        tl.store(chunk_base_ptr + c * E_PAD + bins, counts)
+        counts += tl.load(chunk_counts_ptr + c * E_PAD + bins)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [E_PAD]
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    for c in range(num_chunks):  # + where each expert's run starts
+        tl.store(chunk_base_ptr + c * E_PAD + bins, tl.load(chunk_base_ptr + c * E_PAD + bins) + padded_start)
+    tl.store(tiles_used_ptr, tl.sum(padded, axis=0) // BLOCK_M)
+    for s0 in range(0, num_slots, FILL):
+        slots = s0 + tl.arange(0, FILL)
+        tl.store(sorted_ids_ptr + slots, tl.full((FILL,), 0, tl.int32) + num_assign, mask=slots < num_slots)
+        tl.store(token_of_ptr + slots, tl.zeros((FILL,), tl.int32), mask=slots < num_slots)
+    for t0 in range(0, num_slots // BLOCK_M, TILES):
+        tiles = t0 + tl.arange(0, TILES)
+        before = tl.sum((padded_end[None, :] <= (tiles * BLOCK_M)[:, None]).to(tl.int32), axis=1)  # experts ended
+        tl.store(block_expert_ptr + tiles, tl.minimum(before, num_experts), mask=tiles < num_slots // BLOCK_M)
+
+
+@triton.jit
+def _align_scatter_kernel(idx_ptr, chunk_base_ptr, sorted_ids_ptr, token_of_ptr, num_assign, first_expert, num_experts,
+                          top_k, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs, onehot = _onehot(idx_ptr, chunk, num_assign, first_expert, num_experts, BLOCK, E_PAD)
+    before = tl.cumsum(onehot, axis=0) - onehot  # [BLOCK, E_PAD] same-expert assignments earlier in the chunk
+    base = tl.load(chunk_base_ptr + chunk * E_PAD + tl.arange(0, E_PAD))  # [E_PAD]
+    dest = tl.sum(onehot * (before + base[None, :]), axis=1)  # [BLOCK] slot of each assignment
+    mine = tl.sum(onehot, axis=1) > 0
+    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=mine)
+    tl.store(token_of_ptr + dest, (offs // top_k).to(tl.int32), mask=mine)
+
+
+def moe_align(top_k_index: Tensor, first_expert: int, num_experts: int, block_m: int) -> Alignment:
+    """The alignment in three small Triton kernels (count per chunk, offsets, scatter).
+
+    NOTE: the torch version takes ~30 launches, which at decode sizes cost more host time than the experts'
+    GPU time when the layer runs eagerly (the role processes do); this takes three and one allocation. The
+    order within an expert's run is the assignments' order, as in the stable sort of the torch version."""
+    a = top_k_index.numel()
+    p = padded_slots(a, num_experts, block_m)
+    e_pad = max(2, triton.next_power_of_2(num_experts))
+    block = max(16, min(256, 8192 // e_pad))
+    chunks = max(1, triton.cdiv(a, block))
+    tiles = p // block_m
+    work = torch.empty(2 * chunks * e_pad + 2 * p + tiles + 1, dtype=torch.int32, device=top_k_index.device)
+    chunk_counts, chunk_base = work[:chunks * e_pad], work[chunks * e_pad:2 * chunks * e_pad]
+    rest = work[2 * chunks * e_pad:]
+    sorted_ids, token_of, block_expert, tiles_used = rest[:p], rest[p:2 * p], rest[2 * p:2 * p + tiles], rest[2 * p + tiles:]
+    idx = top_k_index.reshape(-1)
+    _align_count_kernel[(chunks,)](idx, chunk_counts, a, first_expert, num_experts, BLOCK=block, E_PAD=e_pad)
+    _align_offsets_kernel[(1,)](chunk_counts, chunk_base, sorted_ids, token_of, block_expert, tiles_used,
+                                chunks, a, num_experts, p, BLOCK_M=block_m, E_PAD=e_pad, FILL=1024, TILES=block)
+    _align_scatter_kernel[(chunks,)](idx, chunk_base, sorted_ids, token_of, a, first_expert, num_experts,
+                                     max(1, top_k_index.shape[-1]), BLOCK=block, E_PAD=e_pad)
+    return Alignment(sorted_ids, token_of, block_expert, tiles_used)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -344,7 +441,7 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
     if cfg.get("tma") and tma_possible(hidden, gate_up, down):
         return _fused_moe_tma(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, act, cfg)
     bm = cfg["BLOCK_M"]
-    sorted_ids, block_expert = moe_align(top_k_index, first_expert, e, bm)
+    sorted_ids, _, block_expert, _ = moe_align(top_k_index, first_expert, e, bm)
     p = sorted_ids.numel()
     weights = top_k_weights.reshape(-1).contiguous()  # [T·K]
     h = torch.empty(p, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I] in sorted order
@@ -380,10 +477,9 @@ def _fused_moe_tma(hidden, top_k_index, top_k_weights, gate_up, down, first_expe
     t, hdim = hidden.shape
     e, two_i, _ = gate_up.shape
     inter, k, bm = two_i // 2, top_k_index.shape[1], cfg["BLOCK_M"]
-    sorted_ids, block_expert, tiles_used = moe_align(top_k_index, first_expert, e, bm, with_tile_count=True)
+    sorted_ids, token_of, block_expert, tiles_used = moe_align(top_k_index, first_expert, e, bm)
     p = sorted_ids.numel()
-    tok = torch.where(sorted_ids < t * k, sorted_ids // k, torch.zeros_like(sorted_ids))  # [P] padding -> row 0
-    xs = hidden[tok]  # [P, H] rows in sorted order
+    xs = hidden.index_select(0, token_of)  # [P, H] rows in sorted order (padding slots take row 0)
     weights = top_k_weights.reshape(-1).contiguous()  # [T·K]
     h = torch.empty(p, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I]
     out_k = torch.zeros(t * k, hdim, dtype=hidden.dtype, device=hidden.device)  # [T·K, H]

@@ -79,7 +79,7 @@ def test_align_groups_assignments_by_expert():
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(0, 6, (13, 2), generator=g)
     bm = 4
-    sorted_ids, block_expert = triton_moe.moe_align(idx, 1, 4, bm)  # local experts are global ids 1..4
+    sorted_ids, token_of, block_expert, tiles_used = triton_moe.moe_align(idx, 1, 4, bm)  # local experts: global 1..4
     a = idx.numel()
     flat = idx.reshape(-1)
     seen = sorted(int(i) for i in sorted_ids if i < a)
@@ -90,6 +90,20 @@ def test_align_groups_assignments_by_expert():
             assert not tile
         else:
             assert all(int(flat[i]) - 1 == e for i in tile)
+    assert token_of.tolist() == [int(i) // 2 if i < a else 0 for i in sorted_ids]
+    assert int(tiles_used) == sum(1 for e in block_expert.tolist() if e < 4)
+
+
+@pytest.mark.parametrize("t,k,total,first,local,bm,seed", [
+    (13, 2, 6, 1, 4, 4, 0), (0, 2, 4, 0, 4, 16, 1), (1, 1, 8, 0, 8, 16, 2), (300, 2, 8, 0, 8, 16, 3),
+    (700, 8, 256, 64, 64, 32, 4),  # many chunks, 64 of 256 experts on this node
+])
+def test_triton_align_equals_the_torch_sort(t, k, total, first, local, bm, seed):
+    """The three-kernel alignment against the stable-sort version in torch ops, field by field."""
+    idx = torch.randint(0, total, (t, k), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    got, want = triton_moe.moe_align(idx, first, local, bm), triton_moe.moe_align_torch(idx, first, local, bm)
+    for name, x, y in zip(got._fields, got, want):
+        assert torch.equal(x.cpu(), y.cpu()), name
 
 
 def tma_config(persistent, tile=16):
