@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,6 +170,16 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
                      other_weight_bytes=other_bytes, other_flops_per_token=other_flops)
 
 
+def model_cost_of_kinds(kinds, top_k: int) -> ModelCost:
+    """Costs from msc.capture.capture_layer_kinds: model_cost of its graph, whose layers are one per kind, each
+    layer then costing what its kind's traced layer costs (they run the same code on weights of equal shapes)."""
+    cost = model_cost(kinds.gm, top_k, kinds.constants)
+    if kinds.rep_of is not None:
+        traced = {lc.layer: lc for lc in cost.layers}
+        cost.layers = [replace(traced[r], layer=i) for i, r in sorted(kinds.rep_of.items()) if r in traced]
+    return cost
+
+
 def _cache_path(spec) -> Path | None:
     """Where the cost model of this spec's model is cached: keyed by the model's config, its dtype and the
     versions of msc, torch and transformers (which decide what the captured graph holds)."""
@@ -200,7 +210,8 @@ def _from_dict(d: dict) -> ModelCost:
 
 
 def cost_of_spec(spec, use_cache: bool = True) -> tuple[ModelCost, dict]:
-    """Capture the spec's model on the meta device and derive its costs; also returns the MoE shape.
+    """Capture the spec's model on the meta device (one layer per kind: msc.capture.capture_layer_kinds) and
+    derive its costs; also returns the MoE shape.
 
     NOTE: the result is cached (MSC_CACHE_DIR, default ~/.cache/msc; MSC_NO_CACHE=1 turns it off): a cost
     model depends only on the config, dtype and library versions, and capture is most of a plan's time."""
@@ -211,15 +222,14 @@ def cost_of_spec(spec, use_cache: bool = True) -> tuple[ModelCost, dict]:
             return _from_dict(d["cost"]), d["moe"]
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed and rewritten
-    from msc.capture import capture
+    from msc.capture import capture_layer_kinds
     from msc.compiler import load_hf_config
     from msc.models.registry import adapter_for
 
     hf_config = load_hf_config(spec)
     adapter = adapter_for(hf_config.model_type, hf_config)
     moe = adapter.moe_shape(hf_config)
-    captured = capture(hf_config, adapter, spec.model.dtype)
-    cost = model_cost(captured.gm, moe["top_k"], set(captured.constants))
+    cost = model_cost_of_kinds(capture_layer_kinds(hf_config, adapter, spec.model.dtype), moe["top_k"])
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

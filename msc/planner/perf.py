@@ -23,6 +23,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from msc.errors import MscError
@@ -78,9 +79,27 @@ def load_profile(path: str | Path) -> Profile:
         raise MscError(f"profile {path} is not a valid msc profile: {str(e).splitlines()[0]}") from None
 
 
+# NOTE: every time below is written once and holds elementwise for numpy arrays as well as for floats: the
+# search evaluates all its configurations at once (`tp` of a Side, the batch, replicas, expert nodes and
+# micro-batches may be arrays). The helpers keep floats floats, and the arithmetic is the same operations
+# in the same order either way, so an array's elements equal the scalar results bit for bit.
+def _max(a, b):
+    return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
+
+
+def _min(a, b):
+    return np.minimum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else min(a, b)
+
+
+def _pow(base: float, exp: np.ndarray) -> np.ndarray:
+    """base ** exp elementwise through Python's float power (numpy's vectorised power may differ in the last bit)."""
+    values, index = np.unique(exp, return_inverse=True)
+    return np.array([base ** v for v in values.tolist()], dtype=np.float64)[index.reshape(exp.shape)]
+
+
 @dataclass(frozen=True)
 class Side:
-    """One GPU group running one side: its GPU figures (SI units) times tp."""
+    """One GPU group running one side: its GPU figures (SI units) times tp (an int, or an int array)."""
 
     flops: float
     mem_bw: float
@@ -90,14 +109,19 @@ class Side:
 
 
 def util(size: float, eff: Efficiency) -> float:
+    if isinstance(size, np.ndarray):
+        return np.where(size > 0, eff.nic_u_max * size / (size + eff.nic_s_half), eff.nic_u_max)
     return eff.nic_u_max * size / (size + eff.nic_s_half) if size > 0 else eff.nic_u_max
 
 
 def _roofline(flops: float, nbytes: float, side: Side, eff: Efficiency) -> float:
-    return max(flops / (side.tp * side.flops * eff.flops), nbytes / (side.tp * side.mem_bw * eff.bandwidth))
+    return _max(flops / (side.tp * side.flops * eff.flops), nbytes / (side.tp * side.mem_bw * eff.bandwidth))
 
 
 def _allreduce(nbytes: float, side: Side) -> float:
+    if isinstance(side.tp, np.ndarray):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(side.tp == 1, 0.0, 2.0 * nbytes * (side.tp - 1) / side.tp / side.nvlink_bw + 5e-6)
     if side.tp == 1:
         return 0.0
     return 2.0 * nbytes * (side.tp - 1) / side.tp / side.nvlink_bw + 5e-6
@@ -123,6 +147,9 @@ def head_time(model: ModelCost, b_a: float, side: Side, eff: Efficiency) -> floa
 
 def expected_experts_hit(experts: int, tokens: float, top_k: int) -> float:
     """Expected number of distinct experts (of `experts`) chosen by `tokens` tokens with uniform top-k routing."""
+    if isinstance(tokens, np.ndarray):
+        miss = _pow(1.0 - top_k / experts, tokens) if experts > top_k else 0.0
+        return np.where(tokens <= 0, 0.0, experts * (1.0 - miss))
     if tokens <= 0:
         return 0.0
     miss = (1.0 - top_k / experts) ** tokens if experts > top_k else 0.0
@@ -153,11 +180,11 @@ def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: 
     vec = model.hidden_size * model.dtype_bytes
     send = b_a * model.top_k * vec
     recv = tokens_global * model.top_k * vec / expert_nodes
-    msg_a = send / max(1, min(expert_nodes, b_a * model.top_k))  # one message per destination node
-    msg_e = recv / max(1.0, tokens_global / max(b_a, 1e-9))  # one message per source replica
+    msg_a = send / _max(1, _min(expert_nodes, b_a * model.top_k))  # one message per destination node
+    msg_e = recv / _max(1.0, tokens_global / _max(b_a, 1e-9))  # one message per source replica
     t_a = send / (att.tp * att.nic_bw * util(msg_a, eff))
     t_e = recv / (exp.tp * exp.nic_bw * util(msg_e, eff))
-    return max(t_a, t_e) + eff.nic_latency_s
+    return _max(t_a, t_e) + eff.nic_latency_s
 
 
 @dataclass
@@ -195,7 +222,7 @@ def layer_groups(model: ModelCost) -> list[tuple[LayerCost, list[int]]]:
 def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_nodes: int, ctx: float,
                        att: Side, exp: Side, eff: Efficiency, profile: Profile | None = None) -> StepTimes:
     """Decode step of the plan: n_a replicas each with m micro-batches of b_a sequences; the same value as
-    pipeline_total over the per-layer lists, computed once per layer kind."""
+    pipeline_total over the per-layer lists, computed once per layer kind. Elementwise over arrays."""
     tokens = b_a * n_a  # one micro-batch across all replicas
     per_node = model.num_experts // expert_nodes
     last = len(model.layers) - 1
@@ -210,19 +237,19 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
         sums[0] += n * a
         sums[1] += n * e
         sums[2] += n * c
-        sums[3] += n * max(a, e)
+        sums[3] += n * _max(a, e)
         sums[4] += n * (a + e + 2 * c)
         if idx[0] == 0:
             first = (a + (head if last == 0 else 0.0), e, c)
         if idx[-1] == last:
-            last_f = max(a + head, e)
-            sums[3] += max(a + head, e) - max(a, e)  # the head runs after the last layer's attention
+            last_f = _max(a + head, e)
+            sums[3] += _max(a + head, e) - _max(a, e)  # the head runs after the last layer's attention
             sums[0] += head
             sums[4] += head
-    t_f0 = max(first[0], first[1])
+    t_f0 = _max(first[0], first[1])
     piped = (first[0] + first[1] + 2 * first[2]) + m * sums[3] - t_f0
     serial = sums[4] + (m - 1) * last_f
-    return StepTimes(sums[0], sums[1], sums[2], max(piped, serial))
+    return StepTimes(sums[0], sums[1], sums[2], _max(piped, serial))
 
 
 def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Efficiency,

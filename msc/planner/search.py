@@ -11,6 +11,11 @@ Search space (documented in docs/planner.md):
   step meets the time-per-output-token target, capped by memory: a replica holds its attention weights and
   the KV cache of its m·b_a sequences at the workload's full length, an expert node its experts.
 
+`Planner.best_for` searches one configuration; `Planner.search` runs the same checks and the same binary
+search for all configurations at once, the step evaluated over numpy arrays of them (msc.planner.perf holds
+elementwise): every configuration tries the same batches as under best_for and gets the same plan, bit for
+bit, in a few dozen array evaluations instead of tens of thousands of scalar ones.
+
 The global batch is B = b_a · m · n_a sequences; a decode step emits one token for each, so throughput is
 B / T_step. Plans are ranked by tokens/s per GPU (or per dollar: `objective="cost"`).
 
@@ -24,9 +29,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from msc.errors import MscError
 from msc.planner.cost import ModelCost
-from msc.planner.perf import Efficiency, Profile, Side, colocated_step, disaggregated_step
+from msc.planner.perf import Efficiency, Profile, Side, StepTimes, colocated_step, disaggregated_step
 
 TP_SIZES = (1, 2, 4, 8)
 MAX_MICROBATCHES = 8
@@ -235,8 +242,9 @@ class Planner:
             binding = "batch cap of the search" if b_mem == MAX_BATCH else "memory (KV cache)"
         return self.make_plan(tp_a, n_a, tp_e, n_e, m, lo, binding)
 
-    def make_plan(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int, binding: str) -> Plan:
-        st = self.step(tp_a, n_a, tp_e, n_e, m, b_a)
+    def make_plan(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int, binding: str, st=None) -> Plan:
+        """The plan of one configuration at batch b_a; st: its step times when already evaluated."""
+        st = st if st is not None else self.step(tp_a, n_a, tp_e, n_e, m, b_a)
         exp_pool = self.att_pool if self.shared else self.exp_pool
         return Plan(
             tp_a=tp_a, n_a=n_a, tp_e=tp_e, n_e=n_e, m=m, b_a=b_a, step_s=st.total,
@@ -251,16 +259,69 @@ class Planner:
         return p.per_dollar_hour if self.objective == "cost" else p.per_gpu
 
     # ------------------------------------------------------------------ whole search
+    def steps(self, cfgs: np.ndarray, b_a: np.ndarray) -> StepTimes:
+        """step() of many configurations at once: cfgs [N, 5] rows (tp_a, n_a, tp_e, n_e, m), b_a [N]."""
+        self.evaluated += len(b_a)
+        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
+        tp_a, n_a, tp_e, n_e, m = cfgs.T
+        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, _side_of(self.att_pool.gpu, tp_a),
+                                  _side_of(exp_gpu, tp_e), self.eff, self.profile)
+
+    def best_for_all(self, configs: list[tuple], rejected: dict | None = None, progress=None) -> list[Plan]:
+        """best_for of every configuration, evaluated together: the same memory and latency checks, and the same
+        binary search per configuration (lockstep: each round halves the interval of every open one)."""
+        rejected = rejected if rejected is not None else {}
+        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
+        usable_e = exp_gpu.mem_bytes * self.eff.memory_fraction
+        usable_a = self.att_pool.gpu.mem_bytes * self.eff.memory_fraction
+        exp_fits: dict[tuple, bool] = {}
+        b_mem_of: dict[tuple, int] = {}
+        kept, b_mem = [], []
+        for tp_a, n_a, tp_e, n_e, m in configs:
+            if (n_e, tp_e) not in exp_fits:
+                exp_fits[n_e, tp_e] = expert_memory(self.model, n_e, tp_e) <= usable_e
+            if not exp_fits[n_e, tp_e]:
+                rejected["expert memory"] = rejected.get("expert memory", 0) + 1
+                continue
+            if (m, tp_a) not in b_mem_of:
+                b_mem_of[m, tp_a] = _max_b_by_memory(self.model, m, tp_a, self.wl, usable_a)
+            if b_mem_of[m, tp_a] < 1:
+                rejected["attention memory"] = rejected.get("attention memory", 0) + 1
+                continue
+            kept.append((tp_a, n_a, tp_e, n_e, m))
+            b_mem.append(b_mem_of[m, tp_a])
+        if not kept:
+            return []
+        cfgs, b_mem = np.array(kept, dtype=np.int64), np.array(b_mem, dtype=np.int64)
+        meets = self.steps(cfgs, np.ones(len(cfgs), dtype=np.int64)).total <= self.wl.tpot_s
+        if not meets.all():
+            rejected["latency"] = rejected.get("latency", 0) + int((~meets).sum())
+            cfgs, b_mem = cfgs[meets], b_mem[meets]
+        hi = b_mem.copy()  # invariant: b = lo meets the target, hi does not (or is the memory cap, which does)
+        lo = np.where(self.steps(cfgs, hi).total <= self.wl.tpot_s, hi, 1)
+        open_ = np.flatnonzero(hi - lo > 1)
+        while len(open_):  # T_step grows with b_a
+            if progress is not None:
+                progress(len(cfgs) - len(open_), len(cfgs))
+            mid = (lo[open_] + hi[open_]) // 2
+            ok = self.steps(cfgs[open_], mid).total <= self.wl.tpot_s
+            lo[open_[ok]] = mid[ok]
+            hi[open_[~ok]] = mid[~ok]
+            open_ = open_[hi[open_] - lo[open_] > 1]
+        if progress is not None:
+            progress(len(cfgs), len(cfgs))
+        st = self.steps(cfgs, lo)
+        cap = "batch cap of the search"
+        plans = []
+        for row, b, bm, t, ta, te, tc in zip(cfgs.tolist(), lo.tolist(), b_mem.tolist(), st.total.tolist(), st.t_a.tolist(),
+                                             st.t_e.tolist(), st.t_c.tolist()):
+            binding = "latency (TPOT)" if b < bm else cap if bm == MAX_BATCH else "memory (KV cache)"
+            plans.append(self.make_plan(*row, b, binding, StepTimes(ta, te, tc, t)))
+        return plans
+
     def search(self, top: int = 10, progress=None) -> SearchResult:
         rejected: dict[str, int] = {}
-        plans = []
-        configs = list(self.configurations())
-        for i, cfg in enumerate(configs):
-            p = self.best_for(*cfg, rejected=rejected)
-            if p is not None:
-                plans.append(p)
-            if progress is not None:
-                progress(i + 1, len(configs))
+        plans = self.best_for_all(list(self.configurations()), rejected, progress)
         plans.sort(key=lambda p: (-self.score(p), p.gpus, p.key()))
         colo = self.colocated()
         if colo is not None:

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from msc.capture import capture
 from msc.models.registry import adapter_for
 from msc.planner.cost import model_cost
-from tests.models.families import FAMILIES
+from tests.models.families import FAMILIES, GENERIC_FAMILIES
 
 
 def _cost(family: str):
@@ -62,3 +62,38 @@ def test_deepseek_mla_dense_layer_and_gpt_oss_windows():
     assert cost.layers[0].attn_flops_per_token - cost.layers[1].attn_flops_per_token == 2 * (dense_mlp - router - shared)
     cost, cfg = _cost("gpt_oss")
     assert [lc.window for lc in cost.layers] == [cfg.sliding_window, -1]
+
+
+def _same_numbers(a, b, rel=1e-9) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_numbers(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same_numbers(x, y, rel) for x, y in zip(a, b))
+    return a == pytest.approx(b, rel=rel, abs=0)
+
+
+_ALL = {**FAMILIES, **GENERIC_FAMILIES}
+
+
+@pytest.mark.parametrize("family,deeper", [(f, True) for f in sorted(_ALL)] + [("mixtral", False), ("gpt_oss", False), ("phimoe", False)])
+def test_the_planners_capture_gives_the_costs_of_the_compiled_graph(family, deeper):
+    """`msc plan` reads its costs off the graph of one layer per kind traced at a fixed token count
+    (capture_layer_kinds); `msc compile` off the full graph `capture` gives. The costs must be the same.
+    deeper: more layers, so that layers are left out and take their kind's costs; else the tiny configs,
+    whose layers are all traced."""
+    from msc.capture import capture_layer_kinds
+    from msc.planner.cost import model_cost_of_kinds
+    from tests.test_layer_template import _deeper
+
+    c = _deeper(_ALL[family]) if deeper else dict(_ALL[family])
+    model_type = c.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **c)
+    adapter = adapter_for(model_type, cfg)
+    top_k = adapter.moe_shape(cfg)["top_k"]
+    kinds = capture_layer_kinds(cfg, adapter)
+    assert (kinds.rep_of is not None and len(set(kinds.rep_of.values())) < len(kinds.rep_of)) == deeper
+    cap = capture(cfg, adapter)
+    want = model_cost(cap.gm, top_k, set(cap.constants)).to_dict()
+    got = model_cost_of_kinds(kinds, top_k).to_dict()
+    assert len(got["layers"]) == cfg.num_hidden_layers
+    assert _same_numbers(got, want), (got, want)

@@ -181,3 +181,39 @@ def test_a_measured_profile_replaces_the_roofline(tmp_path):
     path.write_text(json.dumps({**prof, "attention": {"k1": -1, "k2": 0}}))
     with pytest.raises(MscError, match="not a valid msc profile"):
         load_profile(path)
+
+
+@pytest.mark.parametrize("case", ["one pool", "two pools", "profile", "small memory"])
+def test_search_over_arrays_equals_best_for_of_each_configuration(case):
+    """search() evaluates all configurations at once; every plan, rejection and step count must be what
+    best_for gives one configuration at a time, bit for bit (the same batches tried, the same arithmetic)."""
+    from dataclasses import asdict
+
+    from msc.planner.perf import ExpertFit, LinearFit, Profile
+
+    model, exp_pool, profile = _model(layers=5, dense_first=1), None, None
+    att_pool = Pool(_gpu(mem_gib=24), 16, 8)  # some plans bound by latency, some by memory
+    if case == "two pools":  # with some configurations too slow even at one sequence
+        att_pool, exp_pool = Pool(_gpu("A", bw=4000, tflops=150, mem_gib=24, price=1.5), 8, 4), Pool(_gpu("E", bw=860, tflops=360, mem_gib=48, price=1.0), 8, 4)
+    elif case == "profile":
+        profile = Profile(gpu="G", context=600.0, attention=LinearFit(k1=2e-6, k2=1e-4, k1_ctx=1e-9),
+                          expert=ExpertFit(k3=5e-7, k4=2e-4, experts=8))
+    elif case == "small memory":  # experts that do not fit few nodes, attention that does not fit tp = 1
+        att_pool = Pool(_gpu(mem_gib=1), 16, 8)
+    wl = Workload(input_len=571, output_len=159, tpot_s=0.03)
+    planner = Planner(model, att_pool, exp_pool, wl, profile=profile, max_microbatches=4)
+    configs = list(planner.configurations())
+    want_rejected: dict = {}
+    want = [p for cfg in configs if (p := planner.best_for(*cfg, rejected=want_rejected)) is not None]
+    want_evaluated, planner.evaluated = planner.evaluated, 0
+    got_rejected: dict = {}
+    got = planner.best_for_all(configs, got_rejected)
+    assert [asdict(p) for p in got] == [asdict(p) for p in want]
+    assert got_rejected == want_rejected and planner.evaluated == want_evaluated
+    assert want
+    if case == "small memory":
+        assert want_rejected.get("expert memory") and want_rejected.get("attention memory")
+    else:
+        assert {p.binding for p in want} == {"latency (TPOT)", "memory (KV cache)"}
+    if case == "two pools":
+        assert want_rejected.get("latency")
