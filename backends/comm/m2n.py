@@ -257,6 +257,7 @@ class TagMatch:
     def __init__(self):
         self.stash: dict[int, deque[tuple[list[Tensor], list]]] = {}
         self.waiting: dict[int, deque[_Recv]] = {}
+        self.pending = 0  # receives in `waiting` (progress asks on every pass: a count, not a scan)
 
     def claim(self, h: "_Recv") -> None:
         """Complete `h` from the stash if its message came already, else queue it."""
@@ -265,22 +266,25 @@ class TagMatch:
             (h.result, h.holds), h.done = stash.popleft(), True
         else:
             self.waiting.setdefault(h.tag, deque()).append(h)
+            self.pending += 1
 
     def deliver(self, tag: int, parts: list[Tensor], holds: list | None = None) -> None:
         waiting = self.waiting.get(tag)
         if waiting:
             h = waiting.popleft()
+            self.pending -= 1
             h.result, h.holds, h.done = parts, holds or [], True
         else:  # arrived before anyone asked for it: keep it for a later irecv with this tag
             self.stash.setdefault(tag, deque()).append((parts, holds or []))
 
     def wanted(self) -> bool:
         """True while some receive waits for a message."""
-        return any(self.waiting.values())
+        return self.pending > 0
 
     def abandon(self) -> None:
         """Forget the waiting receives (the stream they waited on is broken)."""
         self.waiting = {}
+        self.pending = 0
 
 
 class _Inbound:
