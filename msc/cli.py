@@ -385,12 +385,14 @@ def _size_list(text: str) -> list[int]:
 
 @bench_app.command("m2n")
 def bench_m2n_cmd(
-    transports: str = typer.Option("shm,tcp,torch_dist", help="comma-separated transports; torch_dist (gloo) is the baseline"),
+    transports: str = typer.Option("", help="comma-separated transports (default: shm,tcp,torch_dist on cpu; cuda_ipc,"
+                                   "torch_dist,nccl_all_to_all on cuda); torch_dist (gloo / NCCL) is the baseline"),
     sizes: str = typer.Option("2KB,4KB,8KB,16KB,32KB,64KB,128KB,256KB,512KB,1MB,2MB,4MB,8MB", help="message sizes"),
     mn: str = typer.Option("1,2,4,8", help="M = N values (each runs 2·M processes)"),
     scale: float = typer.Option(1.0, help="multiply the iteration counts"),
     output: Path = typer.Option(Path("m2n-bench.json"), "-o", "--output", help="JSON result"),
     plot_path: Optional[Path] = typer.Option(Path("m2n-bench.png"), "--plot", help="latency/throughput plot ('' for none)"),
+    device: str = typer.Option("cpu", "--device", help="cpu (CPU tensors) or cuda (GPU tensors, rank r on GPU r mod count)"),
 ):
     """M2N latency (p50/p99) and throughput of each transport against torch.distributed, side by side."""
     from rich.progress import Progress
@@ -405,24 +407,28 @@ def bench_m2n_cmd(
         _fail(MscError(f"--mn '{mn}': expected comma-separated positive integers, like 1,2,4"))
     try:
         size_list = _size_list(sizes)
-        tlist = [t.strip() for t in transports.split(",") if t.strip()]
-        if "torch_dist" not in tlist:
+        tlist = [t.strip() for t in transports.split(",") if t.strip()] or None
+        if tlist is not None and "torch_dist" not in tlist:
             tlist.append("torch_dist")
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task(f"M = N in {mn_list}", total=len(mn_list))
-            result = m2n.run(tlist, size_list, mn_list, scale=scale, progress=lambda _: bar.advance(task))
+            result = m2n.run(tlist, size_list, mn_list, scale=scale, progress=lambda _: bar.advance(task), device=device)
     except MscError as e:
         _fail(e)
-    table = Table(title=f"M2N round trip (dispatch + combine) on {result['machine']['cores']} cores")
-    for col in ("M=N", "size", "transport", "p50 µs", "p99 µs", "GB/s", "p50 / gloo", "p99 / gloo"):
+    where = f"{len(result['gpus'])} GPU(s) ({result['gpus'][0]})" if result.get("gpus") else f"{result['machine']['cores']} cores"
+    base_name = "NCCL" if device == "cuda" else "gloo"
+    table = Table(title=f"M2N round trip (dispatch + combine) on {where}")
+    for col in ("M=N", "size", "transport", "p50 µs", "p99 µs", "GB/s", f"p50 / {base_name}", f"p99 / {base_name}"):
         table.add_column(col, justify="right")
     base = {(r["mn"], r["size"]): r for r in result["rows"] if r["transport"] == "torch_dist"}
     for r in result["rows"]:
-        b = base[(r["mn"], r["size"])]
+        b = base.get((r["mn"], r["size"]))
         size = f"{r['size'] >> 20} MB" if r["size"] >= 1 << 20 else f"{r['size'] >> 10} KB"
         table.add_row(str(r["mn"]), size, r["transport"], f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['gbps']:.3f}",
-                      f"{r['p50_us'] / b['p50_us']:.2f}", f"{r['p99_us'] / b['p99_us']:.2f}")
+                      f"{r['p50_us'] / b['p50_us']:.2f}" if b else "-", f"{r['p99_us'] / b['p99_us']:.2f}" if b else "-")
     out.print(table)
+    for sk in result.get("skipped", []):
+        err.print(f"skipped {sk['transport']} at M = N = {sk['mn']}: {sk['why']}")
     result["ratios_vs_torch_dist"] = m2n.ratios(result)
     tmp = output.with_suffix(output.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -8,6 +8,12 @@ combine). Throughput is the bytes moved per iteration (2·M·N·S) over the medi
 All transports run in the same processes, interleaved size by size, so they see the same machine
 state. torch.distributed is measured the way a user would call it (raw `isend`/`irecv` of preallocated
 tensors, no framing); msc's transports carry their full message header.
+
+With device="cuda" the messages are GPU tensors, rank r on GPU r mod (GPUs on the host): msc's `cuda_ipc`
+against NCCL, both as grouped send/recv (`torch_dist`) and as two `all_to_all_single` calls a round
+(`nccl_all_to_all`: dispatch, then combine, every rank in both). An iteration ends when the rank's
+device has finished (torch.cuda.synchronize). NCCL needs a GPU per rank: with fewer GPUs than 2·M ranks
+its rows are left out, with the reason in the result's `skipped`.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ from msc.errors import MscError
 DEFAULT_SIZES = [2 << 10 << i for i in range(13)]  # 2 KB .. 8 MB
 DEFAULT_MN = [1, 2, 4, 8]
 DEFAULT_TRANSPORTS = ["shm", "tcp", "torch_dist"]
+CPU_TRANSPORTS = ("shm", "tcp", "torch_dist", "rdma")
+GPU_TRANSPORTS = ("cuda_ipc", "torch_dist", "nccl_all_to_all")
+NCCL_TRANSPORTS = ("torch_dist", "nccl_all_to_all")
 
 
 def _iters(size: int, mn: int, scale: float) -> tuple[int, int]:
@@ -52,32 +61,53 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
     from msc.backends.comm import m2n
 
     world = 2 * mn
+    cuda = cfg.get("device", "cpu") == "cuda"
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=120))
     attention = rank < mn
     peers = list(range(mn, world)) if attention else list(range(mn))
     endpoints = {}
     for t in cfg["transports"]:
-        if t == "torch_dist":
-            dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=120))
+        if t in NCCL_TRANSPORTS or t == "torch_dist":
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("pg", store), rank=rank,
+                                        world_size=world, timeout=timedelta(seconds=120),
+                                        **({"device_id": device} if cuda else {}))
         else:
             # shm lends received tensors in place (borrow), as the runtime does; the others copy.
             endpoints[t] = m2n.connect(t, rank, peers, store, prefix=f"bench/{t}", timeout_s=120.0,
-                                       buffer_bytes=cfg["buffer_bytes"], borrow=True)
+                                       buffer_bytes=cfg["buffer_bytes"], borrow=True, device=device.type)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     out: dict[str, dict[int, list[float]]] = {t: {} for t in cfg["transports"]}
     for size in cfg["sizes"]:
-        x = torch.empty(size, dtype=torch.uint8).random_(0, 255)  # [S] bytes
-        back = {p: torch.empty(size, dtype=torch.uint8) for p in peers}
+        x = torch.empty(size, dtype=torch.uint8).random_(0, 255).to(device)  # [S] bytes
+        back = {p: torch.empty(size, dtype=torch.uint8, device=device) for p in peers}
         warm, iters = _iters(size, mn, cfg["scale"])
         for t in cfg["transports"]:
             _barrier(store, f"b/{size}/{t}", world)
+            if t == "nccl_all_to_all":
+                a2a = _all_to_all_buffers(rank, mn, size, device)
             lat = []
             for it in range(warm + iters):
                 if it == warm:
                     cpu0 = time.process_time()
+                sync()
                 t0 = time.perf_counter()
                 if t == "torch_dist":
-                    if attention:
+                    if cuda:  # NCCL: one group of point-to-point operations per direction
+                        if attention:
+                            ops = [dist.P2POp(dist.isend, x, p) for p in peers] + [dist.P2POp(dist.irecv, back[p], p) for p in peers]
+                            for w in dist.batch_isend_irecv(ops):
+                                w.wait()
+                        else:
+                            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, back[p], p) for p in peers]):
+                                w.wait()
+                            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, p) for p in peers]):
+                                w.wait()
+                    elif attention:
                         works = [dist.isend(x, p) for p in peers] + [dist.irecv(back[p], p) for p in peers]
                         for w in works:
                             w.wait()
@@ -86,6 +116,10 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
                             w.wait()
                         for w in [dist.isend(x, p) for p in peers]:
                             w.wait()
+                elif t == "nccl_all_to_all":
+                    send, recv, (d_in, d_out), (c_in, c_out) = a2a
+                    dist.all_to_all_single(recv, send, d_out, d_in)  # dispatch: attention -> experts
+                    dist.all_to_all_single(send, recv, c_out, c_in)  # combine: experts -> attention
                 else:
                     ep = endpoints[t]
                     recvs = [ep.irecv(p, it) for p in peers]
@@ -97,6 +131,7 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
                         ep.wait_all([ep.isend(p, [x], it, flush=False) for p in peers])
                     for h in recvs:
                         h.release()
+                sync()
                 if attention and it >= warm:
                     lat.append(time.perf_counter() - t0)
             out[t][size] = {"lat": lat, "cpu_us": (time.process_time() - cpu0) / iters * 1e6}
@@ -107,6 +142,26 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
     return out
 
 
+def _all_to_all_buffers(rank: int, mn: int, size: int, device):
+    """Buffers and split sizes of one round's two all-to-alls (ranks 0..M-1 attention, M..2M-1 experts).
+
+    Dispatch: each attention rank sends `size` bytes to every expert rank; combine: each expert rank sends
+    `size` bytes to every attention rank. An attention rank's `send` is the dispatch's input and the
+    combine's output; an expert's `recv` the dispatch's output and the combine's input (the other buffer
+    is empty). Returns (send, recv, (dispatch in splits, dispatch out splits), (combine in, combine out))."""
+    world = 2 * mn
+    nothing = [0] * world
+    if rank < mn:
+        to_experts = [0] * mn + [size] * mn  # bytes per peer rank
+        send = torch.empty(mn * size, dtype=torch.uint8).random_(0, 255).to(device)  # [M·S]
+        recv = torch.empty(0, dtype=torch.uint8, device=device)
+        return send, recv, (to_experts, nothing), (nothing, to_experts)
+    to_attention = [size] * mn + [0] * mn
+    send = torch.empty(0, dtype=torch.uint8, device=device)
+    recv = torch.empty(mn * size, dtype=torch.uint8, device=device)  # [M·S]
+    return send, recv, (nothing, to_attention), (to_attention, nothing)
+
+
 def _stats(samples: list[float]) -> dict:
     s = sorted(samples)
     q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
@@ -114,23 +169,39 @@ def _stats(samples: list[float]) -> dict:
 
 
 def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer_bytes: int = 16 << 20,
-        timeout_s: float = 1800.0, progress=None) -> dict:
+        timeout_s: float = 1800.0, progress=None, device: str = "cpu") -> dict:
     """Run the benchmark grid on this machine; returns the JSON-able result."""
-    transports = list(transports or DEFAULT_TRANSPORTS)
     sizes, mn_list = list(sizes or DEFAULT_SIZES), list(mn_list or DEFAULT_MN)
-    bad = [t for t in transports if t not in ("shm", "tcp", "torch_dist", "rdma")]
+    if device not in ("cpu", "cuda"):
+        raise MscError(f"msc bench m2n: device must be cpu or cuda, got {device!r}")
+    allowed = GPU_TRANSPORTS if device == "cuda" else CPU_TRANSPORTS
+    transports = list(transports or (GPU_TRANSPORTS if device == "cuda" else DEFAULT_TRANSPORTS))
+    bad = [t for t in transports if t not in allowed]
     if bad:
-        raise MscError(f"msc bench m2n runs CPU transports shm, tcp, torch_dist (and rdma where present); got {bad}")
-    cfg = {"transports": transports, "sizes": sizes, "scale": scale, "buffer_bytes": buffer_bytes}
-    rows = []
+        raise MscError(f"msc bench m2n on {device} runs transports {', '.join(allowed)}; got {bad}")
+    gpus = 0
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise MscError("msc bench m2n --device cuda: this machine has no CUDA device")
+    cfg = {"transports": transports, "sizes": sizes, "scale": scale, "buffer_bytes": buffer_bytes, "device": device}
+    rows, skipped = [], []
     for mn in mn_list:
         world = 2 * mn
+        run_cfg = cfg
+        if device == "cuda" and world > gpus:  # NCCL refuses two ranks on one GPU
+            left = [t for t in transports if t not in NCCL_TRANSPORTS]
+            skipped += [{"transport": t, "mn": mn, "why": f"NCCL needs a GPU per rank: {world} ranks, {gpus} GPUs"}
+                        for t in transports if t in NCCL_TRANSPORTS]
+            if not left:
+                continue
+            run_cfg = {**cfg, "transports": left}
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
         with tempfile.TemporaryDirectory(prefix="msc-bench-") as tmp:
             procs = []
             for r in range(world):
                 cmd = [sys.executable, "-m", "msc.bench.m2n", "--rank", str(r), "--mn", str(mn), "--port", str(store.port),
-                       "--cfg", json.dumps(cfg), "--out", f"{tmp}/r{r}.json"]
+                       "--cfg", json.dumps(run_cfg), "--out", f"{tmp}/r{r}.json"]
                 procs.append(subprocess.Popen(cmd, stdout=open(f"{tmp}/log{r}", "w"), stderr=subprocess.STDOUT,
                                               env={**os.environ, "OMP_NUM_THREADS": "1"}))
             deadline = time.monotonic() + timeout_s
@@ -148,7 +219,7 @@ def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer
             per_rank_all = [json.loads(Path(f"{tmp}/r{r}.json").read_text()) for r in range(world)]
             per_rank = per_rank_all[:mn]  # latency is measured at the attention ranks
         for size in sizes:
-            for t in transports:
+            for t in run_cfg["transports"]:
                 samples = [v for res in per_rank for v in res[t][str(size)]["lat"]]
                 st = _stats(samples)
                 # CPU time per iteration summed over all 2·M ranks (the cores' real cost of one exchange)
@@ -161,11 +232,12 @@ def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer
         "benchmark": "m2n", "pattern": "M attention ranks -> N expert ranks -> back; latency per iteration at the attention ranks",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "platform": platform.platform()},
-        "config": cfg, "mn": mn_list, "rows": rows,
+        "config": cfg, "mn": mn_list, "rows": rows, "skipped": skipped,
+        **({"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)]} if gpus else {}),
     }
 
 
-def ratios(result: dict, baseline: str = "torch_dist") -> list[dict]:
+def ratios(result: dict, baseline: str = "torch_dist") -> list[dict]:  # on cuda, torch_dist is NCCL
     """Per (transport, M=N, size): p50 and p99 as a fraction of the baseline's, and throughput gain."""
     base = {(r["mn"], r["size"]): r for r in result["rows"] if r["transport"] == baseline}
     out = []
