@@ -82,3 +82,16 @@ def test_matches_hf_generate_on_the_left_padded_batch(tiny_bundle, tiny_hf):
     for row in out[:, width:].tolist():
         refs.append(row[: row.index(pad) + 1] if pad in row else row)
     assert run_bundle(tiny_bundle.path, PROMPTS, 8)["outputs"] == refs
+
+
+def test_profile_dir_gets_one_profile_per_role_and_the_same_tokens(tiny_bundle, tiny_hf, tmp_path):
+    """MSC_PROFILE_DIR (a debugging aid) profiles every role process without changing what it computes."""
+    import pstats
+
+    res = run_bundle(tiny_bundle.path, PROMPTS, 4, env={"MSC_PROFILE_DIR": str(tmp_path)})
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 4) for p in PROMPTS]
+    profiles = sorted(tmp_path.glob("role.*.prof"))
+    assert [p.name for p in profiles] == [f"role.{r}.prof" for r in range(len(tiny_bundle.roles))]
+    for p in profiles:
+        stats = pstats.Stats(str(p))
+        assert any(name == "run_worker" for (_, _, name) in stats.stats)

@@ -165,7 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-config", help="JSON overrides for this run: microbatches, delay_ms, trace_dir")
     args = ap.parse_args(argv)
     try:
-        run_worker(args.bundle, args.requests, args.result, args.run_config)
+        profile_dir = os.environ.get("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
+        if profile_dir:
+            import cProfile
+
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(run_worker, args.bundle, args.requests, args.result, args.run_config)
+            finally:
+                prof.dump_stats(str(Path(profile_dir) / f"role.{os.environ.get('RANK', 0)}.prof"))
+        else:
+            run_worker(args.bundle, args.requests, args.result, args.run_config)
     except MscError as e:
         print(f"msc worker rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
         return 1
