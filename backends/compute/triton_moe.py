@@ -412,9 +412,9 @@ def tma_possible(hidden: Tensor, gate_up: Tensor, down: Tensor) -> bool:
         return False
     if not (_interpreting() or (hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9)):
         return False
-    inter = down.shape[2]
-    return hidden.dtype in _TL_DTYPES and all(x.data_ptr() % 16 == 0 for x in (hidden, gate_up, down)) and (hidden.shape[1] * hidden.element_size()) % 16 == 0 \
-        and (inter * hidden.element_size()) % 16 == 0
+    row_bytes = (hidden.shape[1] * hidden.element_size(), down.shape[2] * hidden.element_size())  # H and I rows
+    return (hidden.dtype in _TL_DTYPES and all(x.data_ptr() % 16 == 0 for x in (hidden, gate_up, down))
+            and all(b % 16 == 0 for b in row_bytes))
 
 
 def supported(act: str, layout: str, gate_up_bias, down_bias) -> bool:
