@@ -5,8 +5,8 @@ each expert rank, once it has all M messages, sends S bytes back to each attenti
 latency is measured at each attention rank from its first send to its last reply (a dispatch plus a
 combine). Throughput is the bytes moved per iteration (2·M·N·S) over the median latency.
 
-All transports run in the same processes, interleaved size by size, so they see the same machine
-state. torch.distributed is measured the way a user would call it (raw `isend`/`irecv` of preallocated
+All transports run in the same processes and, for each size, take turns in blocks of iterations, so
+they see the same machine state. torch.distributed is measured the way a user would call it (raw `isend`/`irecv` of preallocated
 tensors, no framing); msc's transports carry their full message header.
 
 With device="cuda" the messages are GPU tensors, rank r on GPU r mod (GPUs on the host): msc's `cuda_ipc`
@@ -81,60 +81,83 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
             endpoints[t] = m2n.connect(t, rank, peers, store, prefix=f"bench/{t}", timeout_s=120.0,
                                        buffer_bytes=cfg["buffer_bytes"], borrow=True, device=device.type)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    out: dict[str, dict[int, list[float]]] = {t: {} for t in cfg["transports"]}
+    blocks = max(1, int(cfg.get("blocks", 5)))
+    out: dict[str, dict[int, dict]] = {t: {} for t in cfg["transports"]}
     for size in cfg["sizes"]:
         x = torch.empty(size, dtype=torch.uint8).random_(0, 255).to(device)  # [S] bytes
         back = {p: torch.empty(size, dtype=torch.uint8, device=device) for p in peers}
+        a2a = _all_to_all_buffers(rank, mn, size, device) if "nccl_all_to_all" in cfg["transports"] else None
         warm, iters = _iters(size, mn, cfg["scale"])
-        for t in cfg["transports"]:
-            _barrier(store, f"b/{size}/{t}", world)
-            if t == "nccl_all_to_all":
-                a2a = _all_to_all_buffers(rank, mn, size, device)
-            lat = []
-            for it in range(warm + iters):
-                if it == warm:
-                    cpu0 = time.process_time()
-                sync()
-                t0 = time.perf_counter()
-                if t == "torch_dist":
-                    if cuda:  # NCCL: one group of point-to-point operations per direction
-                        if attention:
-                            ops = [dist.P2POp(dist.isend, x, p) for p in peers] + [dist.P2POp(dist.irecv, back[p], p) for p in peers]
-                            for w in dist.batch_isend_irecv(ops):
-                                w.wait()
-                        else:
-                            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, back[p], p) for p in peers]):
-                                w.wait()
-                            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, p) for p in peers]):
-                                w.wait()
-                    elif attention:
-                        works = [dist.isend(x, p) for p in peers] + [dist.irecv(back[p], p) for p in peers]
-                        for w in works:
-                            w.wait()
-                    else:
-                        for w in [dist.irecv(back[p], p) for p in peers]:
-                            w.wait()
-                        for w in [dist.isend(x, p) for p in peers]:
-                            w.wait()
-                elif t == "nccl_all_to_all":
-                    send, recv, (d_in, d_out), (c_in, c_out) = a2a
-                    dist.all_to_all_single(recv, send, d_out, d_in)  # dispatch: attention -> experts
-                    dist.all_to_all_single(send, recv, c_out, c_in)  # combine: experts -> attention
-                else:
-                    ep = endpoints[t]
-                    recvs = [ep.irecv(p, it) for p in peers]
+
+        def one_round(t: str, it: int) -> None:
+            """One dispatch + combine over transport t (`it` tags the messages: the same on every rank)."""
+            if t == "torch_dist":
+                if cuda:  # NCCL: one group of point-to-point operations per direction
                     if attention:
-                        sends = [ep.isend(p, [x], it, flush=False) for p in peers]
-                        ep.wait_all(recvs + sends)  # the wait rings the doorbells
+                        ops = [dist.P2POp(dist.isend, x, p) for p in peers] + [dist.P2POp(dist.irecv, back[p], p) for p in peers]
+                        for w in dist.batch_isend_irecv(ops):
+                            w.wait()
                     else:
-                        ep.wait_all(recvs)
-                        ep.wait_all([ep.isend(p, [x], it, flush=False) for p in peers])
-                    for h in recvs:
-                        h.release()
+                        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, back[p], p) for p in peers]):
+                            w.wait()
+                        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, p) for p in peers]):
+                            w.wait()
+                elif attention:
+                    works = [dist.isend(x, p) for p in peers] + [dist.irecv(back[p], p) for p in peers]
+                    for w in works:
+                        w.wait()
+                else:
+                    for w in [dist.irecv(back[p], p) for p in peers]:
+                        w.wait()
+                    for w in [dist.isend(x, p) for p in peers]:
+                        w.wait()
+            elif t == "nccl_all_to_all":
+                send, recv, (d_in, d_out), (c_in, c_out) = a2a
+                dist.all_to_all_single(recv, send, d_out, d_in)  # dispatch: attention -> experts
+                dist.all_to_all_single(send, recv, c_out, c_in)  # combine: experts -> attention
+            else:
+                ep = endpoints[t]
+                recvs = [ep.irecv(p, it) for p in peers]
+                if attention:
+                    sends = [ep.isend(p, [x], it, flush=False) for p in peers]
+                    ep.wait_all(recvs + sends)  # the wait rings the doorbells
+                else:
+                    ep.wait_all(recvs)
+                    ep.wait_all([ep.isend(p, [x], it, flush=False) for p in peers])
+                for h in recvs:
+                    h.release()
+
+        # NOTE: the transports take turns in `blocks` blocks of iterations (after a warm-up of each), not
+        # one long run each: the machine's state drifts over seconds (on a shared VM by ±30 %), and a
+        # transport measured only before or only after a drift would take it alone.
+        seq = {t: 0 for t in cfg["transports"]}
+        for t in cfg["transports"]:
+            _barrier(store, f"w/{size}/{t}", world)
+            for _ in range(warm):
                 sync()
-                if attention and it >= warm:
-                    lat.append(time.perf_counter() - t0)
-            out[t][size] = {"lat": lat, "cpu_us": (time.process_time() - cpu0) / iters * 1e6}
+                one_round(t, seq[t])
+                seq[t] += 1
+        lat: dict[str, list[float]] = {t: [] for t in cfg["transports"]}
+        cpu = dict.fromkeys(cfg["transports"], 0.0)
+        for blk in range(blocks):
+            for t in cfg["transports"]:
+                _barrier(store, f"b/{size}/{t}/{blk}", world)
+                for _ in range(2):  # untimed: the ranks leave the barrier up to a poll interval apart
+                    sync()
+                    one_round(t, seq[t])
+                    seq[t] += 1
+                cpu0 = time.process_time()
+                for _ in range(iters // blocks + (blk < iters % blocks)):
+                    sync()
+                    t0 = time.perf_counter()
+                    one_round(t, seq[t])
+                    sync()
+                    if attention:
+                        lat[t].append(time.perf_counter() - t0)
+                    seq[t] += 1
+                cpu[t] += time.process_time() - cpu0
+        for t in cfg["transports"]:
+            out[t][size] = {"lat": lat[t], "cpu_us": cpu[t] / iters * 1e6}
     for ep in endpoints.values():
         ep.close()
     if dist.is_initialized():
@@ -169,7 +192,7 @@ def _stats(samples: list[float]) -> dict:
 
 
 def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer_bytes: int = 16 << 20,
-        timeout_s: float = 1800.0, progress=None, device: str = "cpu") -> dict:
+        timeout_s: float = 1800.0, progress=None, device: str = "cpu", blocks: int = 5) -> dict:
     """Run the benchmark grid on this machine; returns the JSON-able result."""
     sizes, mn_list = list(sizes or DEFAULT_SIZES), list(mn_list or DEFAULT_MN)
     if device not in ("cpu", "cuda"):
@@ -184,7 +207,8 @@ def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer
         gpus = torch.cuda.device_count()
         if gpus == 0:
             raise MscError("msc bench m2n --device cuda: this machine has no CUDA device")
-    cfg = {"transports": transports, "sizes": sizes, "scale": scale, "buffer_bytes": buffer_bytes, "device": device}
+    cfg = {"transports": transports, "sizes": sizes, "scale": scale, "buffer_bytes": buffer_bytes, "device": device,
+           "blocks": blocks}
     rows, skipped = [], []
     for mn in mn_list:
         world = 2 * mn
