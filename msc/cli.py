@@ -251,6 +251,7 @@ def plan_cmd(
     """Search deployment plans: attention/expert parallel sizes, replicas, micro-batches and batch."""
     import json as _json
 
+    _skip_teardown()
     from msc.planner.plan_spec import chosen_spec_dict, plan_spec, plan_timeline, write_chosen
     from msc.spec import load_spec
 
@@ -279,7 +280,6 @@ def plan_cmd(
             "gpus": colo.gpus_per_instance, "batch": colo.batch, "tpot_ms": colo.step_s * 1e3, "per_gpu": colo.per_gpu,
             "per_dollar_hour": colo.per_dollar_hour}, "evaluated": res.evaluated, "seconds": report.seconds,
             "chosen": chosen_spec_dict(s, report)["plan"]}))
-        _skip_teardown()
         return
     hw = s.hardware
     where = (f"{hw.pool.count}× {hw.pool.gpu}" if hw.pool else f"attention {hw.attention.count}× {hw.attention.gpu}, "
@@ -299,14 +299,13 @@ def plan_cmd(
         out.print("colocated baseline: no instance size fits the model within the TPOT target")
     out.print(f"searched {res.evaluated:,} step evaluations in {report.seconds['search']:.2f}s "
               f"(capture and cost model {report.seconds['capture']:.2f}s)" + (f"; wrote {output}" if output else ""))
-    _skip_teardown()
 
 
 _SKIP_TEARDOWN = False
 
 
 def _skip_teardown() -> None:
-    """Ask `main` to end the process without the interpreter's teardown once the command returns.
+    """Ask `main` to end the process without the interpreter's teardown once the command has succeeded.
 
     NOTE: for `msc plan` only: it has written and closed everything it makes, started no process or thread,
     and holds no temporary file; the teardown it skips is the garbage collector walking the objects that

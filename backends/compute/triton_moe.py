@@ -285,6 +285,13 @@ def _down_kernel(
 # boxes with zeros). With PERSISTENT the grid is one program per SM looping over the tiles in use (read from
 # the device, so no host sync); otherwise one program per tile of the static upper bound, as above.
 @triton.jit
+def _tma_tile(tile, num_m, num_n, block_expert_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """A persistent program's tile number -> (its expert, first row, first column)."""
+    pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+    return tl.load(block_expert_ptr + pid_m), pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
 def _gate_up_tma_kernel(
     x_desc, w_desc, h_desc, block_expert_ptr, tiles_used_ptr, inter, hidden, num_progs,
     ACT: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr, OUT_DTYPE: tl.constexpr,
@@ -294,10 +301,7 @@ def _gate_up_tma_kernel(
     num_n = tl.cdiv(inter, BLOCK_N)
     k_steps = tl.cdiv(hidden, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=FLATTEN):
-        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-        e = tl.load(block_expert_ptr + pid_m)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
+        e, m0, n0 = _tma_tile(tile, num_m, num_n, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
         w_row = e * 2 * inter + n0  # gate rows of expert e in the [E·2I, H] view; up rows start `inter` later
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -325,10 +329,7 @@ def _down_tma_kernel(
     num_n = tl.cdiv(hidden, BLOCK_N)
     k_steps = tl.cdiv(inter, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=FLATTEN):
-        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-        e = tl.load(block_expert_ptr + pid_m)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
+        e, m0, n0 = _tma_tile(tile, num_m, num_n, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_steps):
             k0 = ki * BLOCK_K

@@ -6,8 +6,8 @@ latency is measured at each attention rank from its first send to its last reply
 combine). Throughput is the bytes moved per iteration (2·M·N·S) over the median latency.
 
 All transports run in the same processes and, for each size, take turns in blocks of iterations, so
-they see the same machine state. torch.distributed is measured the way a user would call it (raw `isend`/`irecv` of preallocated
-tensors, no framing); msc's transports carry their full message header.
+they see the same machine state. torch.distributed is measured the way a user would call it (raw
+`isend`/`irecv` of preallocated tensors, no framing); msc's transports carry their full message header.
 
 With device="cuda" the messages are GPU tensors, rank r on GPU r mod (GPUs on the host): msc's `cuda_ipc`
 against NCCL, both as grouped send/recv (`torch_dist`) and as two `all_to_all_single` calls a round
@@ -37,7 +37,7 @@ DEFAULT_MN = [1, 2, 4, 8]
 DEFAULT_TRANSPORTS = ["shm", "tcp", "torch_dist"]
 CPU_TRANSPORTS = ("shm", "tcp", "torch_dist", "rdma")
 GPU_TRANSPORTS = ("cuda_ipc", "torch_dist", "nccl_all_to_all")
-NCCL_TRANSPORTS = ("torch_dist", "nccl_all_to_all")
+NCCL_TRANSPORTS = ("torch_dist", "nccl_all_to_all")  # on cuda; torch_dist runs gloo on cpu
 
 
 def _iters(size: int, mn: int, scale: float) -> tuple[int, int]:
@@ -71,7 +71,7 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
     peers = list(range(mn, world)) if attention else list(range(mn))
     endpoints = {}
     for t in cfg["transports"]:
-        if t in NCCL_TRANSPORTS or t == "torch_dist":
+        if t in NCCL_TRANSPORTS:  # through the process group
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("pg", store), rank=rank,
                                         world_size=world, timeout=timedelta(seconds=120),
@@ -131,21 +131,22 @@ def _rank_main(rank: int, mn: int, port: int, cfg: dict) -> dict:
         # one long run each: the machine's state drifts over seconds (on a shared VM by ±30 %), and a
         # transport measured only before or only after a drift would take it alone.
         seq = {t: 0 for t in cfg["transports"]}
-        for t in cfg["transports"]:
-            _barrier(store, f"w/{size}/{t}", world)
-            for _ in range(warm):
+
+        def untimed(t: str, rounds: int) -> None:
+            for _ in range(rounds):
                 sync()
                 one_round(t, seq[t])
                 seq[t] += 1
+
+        for t in cfg["transports"]:
+            _barrier(store, f"w/{size}/{t}", world)
+            untimed(t, warm)
         lat: dict[str, list[float]] = {t: [] for t in cfg["transports"]}
         cpu = dict.fromkeys(cfg["transports"], 0.0)
         for blk in range(blocks):
             for t in cfg["transports"]:
                 _barrier(store, f"b/{size}/{t}/{blk}", world)
-                for _ in range(2):  # untimed: the ranks leave the barrier up to a poll interval apart
-                    sync()
-                    one_round(t, seq[t])
-                    seq[t] += 1
+                untimed(t, 2)  # the ranks leave the barrier up to a poll interval apart
                 cpu0 = time.process_time()
                 for _ in range(iters // blocks + (blk < iters % blocks)):
                     sync()
