@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
 # as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune m2n m2nmps rolestrace   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,6 +26,13 @@ for stage in "$@"; do
     attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
     e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
     m2n) msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu.json" --plot "$OUT/m2n_gpu.png" 2>&1 | tee "$OUT/m2n.log" | tail -20 ;;
+    m2nmps) # the same M2N run with the CUDA MPS control daemon up (two processes on one GPU then share it
+            # instead of time-slicing); the daemon is stopped again afterwards
+            export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+            mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+            nvidia-cuda-mps-control -d && echo "MPS daemon started"
+            msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu_mps.json" --plot '' 2>&1 | tee "$OUT/m2n_mps.log" | tail -20
+            echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     rolestrace) python3 benchmarks/roles_trace.py ${ROLES_ARGS:-} --out "$OUT/roles_trace.json" 2>&1 | tee "$OUT/roles_trace.log" | tail -8 ;;
     profile) msc profile examples/mixtral-8x7b-h200.yaml ${PROFILE_ARGS:-} -o "$OUT/profile_mixtral_8x7b_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -16 ;;
     *) echo "unknown stage $stage" ;;

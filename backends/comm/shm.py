@@ -195,7 +195,10 @@ class Mailbox:
                 os.ftruncate(fd, size)
             elif os.fstat(fd).st_size != size:
                 raise MscError(f"{path} is {os.fstat(fd).st_size} bytes, expected an msc mailbox of {size}")
-            self.mm = mmap.mmap(fd, size)
+            # NOTE: MAP_POPULATE faults every page in now, once (the "registration" of the receive buffers):
+            # otherwise the first pass of each ring takes a page fault per 4 KB in the sender and the
+            # receiver, which showed up as the p99 of the first messages (measured: docs/notes.md).
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         finally:
             os.close(fd)
         self.head = np.frombuffer(self.mm, dtype=np.int64, count=2)
