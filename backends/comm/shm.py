@@ -49,6 +49,7 @@ _MAGIC = 0x52494E474D534331  # "RINGMSC1"
 W_POS, W_PID, W_CLOSED, W_WANTS_SPACE, R_POS, R_CLOSED, MAGIC_W, CAP_W = 0, 1, 2, 3, 8, 10, 16, 17
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_memmove = ctypes.memmove
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not PRIVATE): the word lives in a mapping of several processes
 
@@ -117,6 +118,13 @@ class Ring:
         # scalar indexing (same 8-byte aligned loads and stores, so the ordering argument is unchanged).
         self.w_pos = ctypes.c_int64.from_buffer(mm, offset + 8 * W_POS)
         self.r_pos = ctypes.c_int64.from_buffer(mm, offset + 8 * R_POS)
+        self.wants_space = ctypes.c_int64.from_buffer(mm, offset + 8 * W_WANTS_SPACE)
+        self.r_closed = ctypes.c_int64.from_buffer(mm, offset + 8 * R_CLOSED)
+        # For whole-message writes and reads (put_message / take_message): the data area as a memoryview
+        # (headers) and its address (payload copies straight from a tensor's memory with memmove).
+        # NOTE: the address stays valid while this ring lives: `data` and `mv` keep the mapping alive.
+        self.mv = memoryview(mm)[offset + PAGE : offset + PAGE + capacity]
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(mm, offset + PAGE))
         # Receiver-side state: `cursor` is how far we have read; R_POS (what the sender sees as free)
         # stops at the oldest byte still lent out by `borrow`.
         self.cursor = int(self.ctrl[R_POS])
@@ -129,7 +137,7 @@ class Ring:
         if src.nbytes < n:
             n = src.nbytes
         if n <= 0:
-            self.ctrl[W_WANTS_SPACE] = 1
+            self.wants_space.value = 1
             return 0
         at = w % cap
         first = min(n, cap - at)
@@ -138,6 +146,58 @@ class Ring:
             self.data[: n - first] = src[first:n]
         self.w_pos.value = w + n  # publish: the payload is in place before the position moves
         return n
+
+    def put_message(self, header: bytearray, parts: list[tuple[int, int]], payload: int) -> bool:
+        """Write a whole message (header, then each part given as (address, bytes)) and publish it with one
+        store; False, writing nothing, when the ring lacks room for all of it."""
+        cap = self.capacity
+        w = self.w_pos.value
+        hb = len(header)
+        if cap - (w - self.r_pos.value) < hb + payload:
+            return False
+        at = w % cap
+        if at + hb <= cap:
+            self.mv[at : at + hb] = header
+        else:
+            first = cap - at
+            self.mv[at:] = header[:first]
+            self.mv[: hb - first] = header[first:]
+        at = (at + hb) % cap
+        base = self.base
+        for addr, n in parts:
+            first = cap - at
+            if n <= first:
+                _memmove(base + at, addr, n)
+            else:
+                _memmove(base + at, addr, first)
+                _memmove(base, addr + first, n - first)
+            at = (at + n) % cap
+        self.w_pos.value = w + hb + payload  # publish: header and payload are in place
+        return True
+
+    def next_header(self, hb: int):
+        """The next message's header in place (a memoryview of hb bytes) once it has all arrived and does not
+        wrap around the ring's end; else None."""
+        r = self.cursor
+        if self.w_pos.value - r < hb:
+            return None
+        at = r % self.capacity
+        if at + hb > self.capacity:
+            return None
+        return self.mv[at : at + hb]
+
+    def take_message(self, hb: int, payload: int):
+        """Lend the message whose header next_header returned: (payload in place, its ring offset, hold) once
+        all of it has arrived and the payload does not wrap; None otherwise (then read it the usual way).
+        The hold covers header and payload; `release` gives both back."""
+        r = self.cursor
+        at = r % self.capacity + hb
+        if self.w_pos.value - r < hb + payload or at + payload > self.capacity:
+            return None
+        hold = [r, r + hb + payload, False]
+        self.holds.append(hold)
+        self.cursor = r + hb + payload
+        return self.data[at : at + payload], at, hold
 
     def read_some(self, dst: np.ndarray) -> int:
         cap, r = self.capacity, self.cursor
@@ -228,9 +288,20 @@ class ShmChannel:
         self._count = 0
 
     def write_some(self, data: np.ndarray) -> int:
-        if int(self.out.ctrl[R_CLOSED]):
+        if self.out.r_closed.value:
             return 0
         return self.out.write_some(data)
+
+    def put_message(self, header: bytearray, parts: list[tuple[int, int]], payload: int) -> bool:
+        if self.out.r_closed.value:
+            return False
+        return self.out.put_message(header, parts, payload)
+
+    def next_header(self, hb: int):
+        return self.inbound.next_header(hb)
+
+    def take_message(self, hb: int, payload: int):
+        return self.inbound.take_message(hb, payload)
 
     def flush(self) -> None:
         self._count = (self._count + 1) & 0xFFFFFF
@@ -250,8 +321,8 @@ class ShmChannel:
         self._room_freed()
 
     def _room_freed(self) -> None:
-        if int(self.inbound.ctrl[W_WANTS_SPACE]):
-            self.inbound.ctrl[W_WANTS_SPACE] = 0
+        if self.inbound.wants_space.value:
+            self.inbound.wants_space.value = 0
             self.peer_bell.ring(self._stamp | 0xFFFFFF)  # the sender waits for room: tell it there is some
 
     def alive(self) -> bool:

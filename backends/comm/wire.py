@@ -94,8 +94,8 @@ def _pack_parts(key: tuple) -> tuple[bytes, int]:
     return struct.pack(f"<{len(words)}q", *words), total
 
 
-def encode_header_for(seq: int, tag: int, key: tuple) -> np.ndarray:
-    """Header bytes (uint8 [HEADER_BYTES]) for a message whose parts are `key`: ((dtype, shape), ...)."""
+def encode_header_bytes(seq: int, tag: int, key: tuple) -> tuple[bytearray, int]:
+    """(header [HEADER_BYTES], payload bytes) for a message whose parts are `key`: ((dtype, shape), ...)."""
     packed = _encode_cache.get(key)
     if packed is None:
         packed = _pack_parts(key)
@@ -105,7 +105,12 @@ def encode_header_for(seq: int, tag: int, key: tuple) -> np.ndarray:
     parts, total = packed
     buf = bytearray(_FIXED.pack(MAGIC, seq, tag, len(key), total, 0, 0, 0) + parts)
     struct.pack_into("<q", buf, _CHECK_AT, _crc(buf))
-    return np.frombuffer(buf, dtype=np.uint8)
+    return buf, total
+
+
+def encode_header_for(seq: int, tag: int, key: tuple) -> np.ndarray:
+    """Header bytes (uint8 [HEADER_BYTES]) for a message whose parts are `key`: ((dtype, shape), ...)."""
+    return np.frombuffer(encode_header_bytes(seq, tag, key)[0], dtype=np.uint8)
 
 
 def encode_header(seq: int, tag: int, parts: list[PartSpec]) -> np.ndarray:
@@ -133,6 +138,12 @@ def _unpack_parts(raw: bytes, nparts: int) -> tuple[list[PartSpec], int] | str:
 
 def decode_header(buf, expected_seq: int, peer: str) -> tuple[int, list[PartSpec]]:
     """(tag, parts) of a received header (HEADER_BYTES bytes); CorruptMessage naming `peer` if a check fails."""
+    tag, parts, _ = decode_header_sized(buf, expected_seq, peer)
+    return tag, parts
+
+
+def decode_header_sized(buf, expected_seq: int, peer: str) -> tuple[int, list[PartSpec], int]:
+    """(tag, parts, payload bytes) of a received header; see decode_header."""
     buf = memoryview(buf).cast("B")  # any contiguous buffer: bytes, uint8 or int64 arrays
     magic, seq, tag, nparts, total, check = _FIXED.unpack_from(buf)[:6]
     if magic != MAGIC:
@@ -155,4 +166,4 @@ def decode_header(buf, expected_seq: int, peer: str) -> tuple[int, list[PartSpec
     parts, size = got
     if size != total:
         raise CorruptMessage(f"corrupted header from {peer}: part sizes do not add up to {total} bytes")
-    return tag, list(parts)
+    return tag, list(parts), total

@@ -116,16 +116,16 @@ def corrupt_header(rank: int, world: int, store, args: dict) -> dict:
     _maybe_init_pg(transport, rank, world, store)
     ep = _endpoint(transport, rank, [1 - rank], store, "corrupt", args)
     if rank == 0:
-        real = wire.encode_header_for
+        real = wire.encode_header_bytes  # what every transport's header encoding goes through
 
         def garbled(seq, tag, key):
-            words = real(seq, tag, key)
-            words.view(np.int64)[wire.FIXED_WORDS + 2] += 1000  # first dim of part 0, after the checksum was computed
-            return words
+            buf, total = real(seq, tag, key)
+            np.frombuffer(buf, dtype=np.int64)[wire.FIXED_WORDS + 2] += 1000  # first dim of part 0, after the checksum
+            return buf, total
 
-        wire.encode_header_for = garbled
+        wire.encode_header_bytes = garbled
         ep.isend(1, [torch.ones(4, 4)], 0)  # not waited: a torch_dist send completes only once received
-        wire.encode_header_for = real
+        wire.encode_header_bytes = real
         ep.recv(1, 9, timeout=args["timeout_s"] * 4)  # rank 1's "done" note: the other direction is intact
         return {}
     try:
