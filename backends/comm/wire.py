@@ -72,9 +72,17 @@ _encode_cache: dict[tuple, tuple[bytes, int]] = {}
 _decode_cache: dict[bytes, tuple[list[PartSpec], int] | str] = {}
 
 
+def _bytes_view(buf) -> memoryview:
+    """A flat byte memoryview of any contiguous buffer (bytes, bytearray, numpy arrays, a ring's memoryview).
+    NOTE: memoryview.cast costs ~1.5 us; a view that already is flat bytes (the shm rings') skips it."""
+    if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1:
+        return buf
+    return memoryview(buf).cast("B")
+
+
 def _crc(buf) -> int:
     """CRC-32 of a header with its checksum word taken as zero."""
-    mv = memoryview(buf).cast("B")
+    mv = _bytes_view(buf)
     return zlib.crc32(mv[_CHECK_AT + 8 :], zlib.crc32(_ZERO8, zlib.crc32(mv[:_CHECK_AT])))
 
 
@@ -144,7 +152,7 @@ def decode_header(buf, expected_seq: int, peer: str) -> tuple[int, list[PartSpec
 
 def decode_header_sized(buf, expected_seq: int, peer: str) -> tuple[int, list[PartSpec], int]:
     """(tag, parts, payload bytes) of a received header; see decode_header."""
-    buf = memoryview(buf).cast("B")  # any contiguous buffer: bytes, uint8 or int64 arrays
+    buf = _bytes_view(buf)  # any contiguous buffer: bytes, uint8 or int64 arrays
     magic, seq, tag, nparts, total, check = _FIXED.unpack_from(buf)[:6]
     if magic != MAGIC:
         raise CorruptMessage(f"corrupted header from {peer}: bad magic {magic:#x}")
