@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
 # as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune m2n m2nmps rolestrace   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune m2n m2nmps rolestrace commtests multidry   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,6 +20,10 @@ for stage in "$@"; do
   case $stage in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_colocated_engine.py 2>&1 | tail -25 ;;
     kerneltests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -25 ;;
+    commtests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/comm 2>&1 | tail -25 ;;
+    multidry) # benchmarks/multi_gpu.py on however many GPUs there are (role processes share them): a dry run
+              python3 benchmarks/multi_gpu.py ${MULTI_ARGS:---gpus 4 --layers 2 --max-batch 32 --input-len 64 --output-len 16} \
+                --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi.log" | tail -14 ;;
     tune) python3 benchmarks/moe_kernel.py --tune --write-config ${TUNE_ARGS:-} --tokens ${TUNE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -14
           cp backends/compute/moe_configs/*.json "$OUT/" ;;
     moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} ${MOE_ARGS:-} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10 ;;
