@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
 # as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune m2n m2nmps rolestrace commtests multidry   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,6 +13,7 @@ fi
 for d in backends passes models; do [ -e msc/$d ] || ln -s ../$d msc/$d; done
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 msc() { python3 -m msc.cli "$@"; }
+TAG=
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 for stage in "$@"; do
@@ -21,6 +22,7 @@ for stage in "$@"; do
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_colocated_engine.py 2>&1 | tail -25 ;;
     kerneltests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -25 ;;
     commtests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/comm 2>&1 | tail -25 ;;
+    ipcphases) python3 benchmarks/cuda_ipc_phases.py --size ${PHASE_SIZE:-256KB} --out "$OUT/cuda_ipc_phases$TAG.json" 2>&1 | tail -9 ;;
     multidry) # benchmarks/multi_gpu.py on however many GPUs there are (role processes share them): a dry run
               python3 benchmarks/multi_gpu.py ${MULTI_ARGS:---gpus 4 --layers 2 --max-batch 32 --input-len 64 --output-len 16} \
                 --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi.log" | tail -14 ;;
@@ -29,14 +31,13 @@ for stage in "$@"; do
     moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} ${MOE_ARGS:-} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10 ;;
     attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
     e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
-    m2n) msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu.json" --plot "$OUT/m2n_gpu.png" 2>&1 | tee "$OUT/m2n.log" | tail -20 ;;
-    m2nmps) # the same M2N run with the CUDA MPS control daemon up (two processes on one GPU then share it
-            # instead of time-slicing); the daemon is stopped again afterwards
-            export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-            mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-            nvidia-cuda-mps-control -d && echo "MPS daemon started"
-            msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu_mps.json" --plot '' 2>&1 | tee "$OUT/m2n_mps.log" | tail -20
-            echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+    m2n) msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu$TAG.json" --plot "$OUT/m2n_gpu$TAG.png" 2>&1 | tee "$OUT/m2n$TAG.log" | tail -20 ;;
+    mpson) # the CUDA MPS control daemon up: processes on one GPU then share it instead of time-slicing it.
+           # Stages after this one, until mpsoff, run under MPS (their files get the suffix _mps).
+           export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+           mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+           nvidia-cuda-mps-control -d && echo "MPS daemon started" && TAG=_mps ;;
+    mpsoff) echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; TAG= ;;
     rolestrace) python3 benchmarks/roles_trace.py ${ROLES_ARGS:-} --out "$OUT/roles_trace.json" 2>&1 | tee "$OUT/roles_trace.log" | tail -8 ;;
     profile) msc profile examples/mixtral-8x7b-h200.yaml ${PROFILE_ARGS:-} -o "$OUT/profile_mixtral_8x7b_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -16 ;;
     *) echo "unknown stage $stage" ;;

@@ -1,0 +1,103 @@
+"""Where a cuda_ipc round trip's time goes: per-phase timestamps of one dispatch + combine at M = N = 1.
+
+Rank 0 (attention) sends a message to rank 1 (expert), which sends one back; both stamp each phase with
+time.perf_counter_ns (one host clock for both processes) and the script prints the median timeline of a
+round relative to rank 0's start:
+
+    python benchmarks/cuda_ipc_phases.py [--size 256KB] [--rounds 300] [--out phases.json]
+
+Phases, rank 0: isend returned (the copy into the peer's ring is queued) / send done (its control message
+handed to shm once the copy finished) / reply received (copied out of our ring, delivered).
+Rank 1: request received / isend returned / send done. Both ranks use GPU (rank mod GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _rank(rank: int, port: int, size: int, rounds: int, out: str) -> None:
+    from msc.backends.comm import m2n
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=120))
+    ep = m2n.connect("cuda_ipc", rank, [1 - rank], store, prefix="phases", timeout_s=60.0, device="cuda")
+    x = torch.randint(0, 255, (size,), dtype=torch.uint8, device=device)  # [S] bytes
+    torch.cuda.synchronize()
+    ns = time.perf_counter_ns
+    stamps = []
+    for it in range(rounds):
+        if rank == 0:
+            t0 = ns()
+            h = ep.isend(1, [x], it)
+            t1 = ns()
+            ep.wait_all([h])
+            t2 = ns()
+            (back,) = ep.recv(1, it)
+            t3 = ns()
+        else:
+            t0 = ns()
+            (got,) = ep.recv(0, it)
+            t1 = ns()
+            h = ep.isend(0, [got], it)
+            t2 = ns()
+            ep.wait_all([h])
+            t3 = ns()
+        stamps.append((t0, t1, t2, t3))
+    torch.cuda.synchronize()
+    ep.close()
+    with open(out, "w") as f:
+        json.dump(stamps, f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="256KB")
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--out", default="cuda_ipc_phases.json")
+    ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--stamps", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    text = a.size.upper()
+    size = int(float(text[:-2]) * (1 << 20 if text.endswith("MB") else 1 << 10)) if text.endswith("B") else int(text)
+    if a.rank >= 0:
+        _rank(a.rank, a.port, size, a.rounds, a.stamps)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("cuda_ipc_phases needs a CUDA device")
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
+    files = [f"{a.out}.rank{r}" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--port", str(store.port), "--size", a.size,
+                               "--rounds", str(a.rounds), "--stamps", files[r]]) for r in range(2)]
+    for p in procs:
+        if p.wait(timeout=600) != 0:
+            sys.exit("a rank failed")
+    s0, s1 = (json.load(open(f)) for f in files)
+    skip = min(20, a.rounds // 5)  # first rounds: allocations, peer mappings
+    rel = lambda s, i, k: (s[i][k] - s0[i][0]) / 1e3  # noqa: E731  µs after rank 0's start of round i
+    med = lambda s, k: statistics.median(rel(s, i, k) for i in range(skip, a.rounds))  # noqa: E731
+    rows = [("rank 0: isend returned", med(s0, 1)), ("rank 0: send done (control sent)", med(s0, 2)),
+            ("rank 1: request received", med(s1, 1)), ("rank 1: isend returned", med(s1, 2)),
+            ("rank 1: send done", med(s1, 3)), ("rank 0: reply received (round trip)", med(s0, 3))]
+    print(f"cuda_ipc, {a.size}, median over {a.rounds - skip} rounds, µs after rank 0 starts a round")
+    for name, v in rows:
+        print(f"  {name:38s} {v:8.1f}")
+    result = {"size": size, "rounds": a.rounds, "phases_us": dict(rows), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__}
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
