@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--size", default="256KB")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--out", default="cuda_ipc_phases.json")
+    ap.add_argument("--profile", action="store_true", help="run the ranks under cProfile and print their top functions")
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--stamps", default="", help=argparse.SUPPRESS)
@@ -71,14 +72,20 @@ def main() -> None:
     text = a.size.upper()
     size = int(float(text[:-2]) * (1 << 20 if text.endswith("MB") else 1 << 10)) if text.endswith("B") else int(text)
     if a.rank >= 0:
-        _rank(a.rank, a.port, size, a.rounds, a.stamps)
+        if a.profile:  # where each rank's host time goes (cProfile), printed by the parent
+            import cProfile
+
+            cProfile.runctx("_rank(a.rank, a.port, size, a.rounds, a.stamps)", globals(), locals(), a.stamps + ".prof")
+        else:
+            _rank(a.rank, a.port, size, a.rounds, a.stamps)
         return
     if not torch.cuda.is_available():
         sys.exit("cuda_ipc_phases needs a CUDA device")
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
     files = [f"{a.out}.rank{r}" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--port", str(store.port), "--size", a.size,
-                               "--rounds", str(a.rounds), "--stamps", files[r]]) for r in range(2)]
+                               "--rounds", str(a.rounds), "--stamps", files[r]] + (["--profile"] if a.profile else []))
+             for r in range(2)]
     for p in procs:
         if p.wait(timeout=600) != 0:
             sys.exit("a rank failed")
@@ -97,6 +104,12 @@ def main() -> None:
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {a.out}")
+    if a.profile:
+        import pstats
+
+        for r in range(2):
+            print(f"--- rank {r}: top functions by own time")
+            pstats.Stats(files[r] + ".prof").sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Data path. Each process allocates on its current CUDA device one receive ring per sender (uint8,
 `capacity` bytes, once) and publishes a CUDA IPC handle for it in the rendezvous store; each sender
 maps, once, the ring each peer made for it. The sender copies a message's payload device to device,
-on a dedicated copy stream, into the peer's ring at its write position (through peer access between
+on the stream that was current at `isend` (so after the kernels that made the tensors), into the peer's
+ring at its write position (through peer access between
 GPUs, or within one GPU); messages larger than the free space stream through the ring in chunks.
 
 Control path: an inner shm endpoint (shm.py, prefix `<prefix>/ctl`) carries small int64 CPU messages:
@@ -56,6 +57,7 @@ class _Send(Handle):
         self.peer, self.header, self.parts, self.keep = peer, header, parts, keep
         self.total, self.sent, self.cursor, self.first = sum(p.numel() for p in parts), 0, [0, 0], True
         self.inner: Handle | None = None  # the inner (shm) send of its last control message
+        self.stream = None  # the stream current at isend: its copies into the ring run there
 
 
 class _Out:
@@ -103,7 +105,6 @@ class CudaIpcEndpoint(Endpoint):
                  device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S):
         super().__init__(rank, sorted(peers), timeout_s)
         self.inner, self.device = inner, device
-        self.copy_stream = torch.cuda.Stream(device=device)
         self._in = {p: _In(rings[p], inner.irecv(p, _T_DATA)) for p in self.peers}
         self._out = {p: _Out(peer_rings[p], inner.irecv(p, _T_CREDIT)) for p in self.peers}
         self._leaving: list[_Send] = []  # copied; done once their last control message is handed to shm
@@ -156,14 +157,14 @@ class CudaIpcEndpoint(Endpoint):
         header = wire.encode_header(o.seq, tag, [wire.PartSpec(t.dtype, tuple(t.shape)) for t in keep])
         o.seq += 1
         h = _Send(self, peer, header, [_bytes(t) for t in keep if t.numel()], keep)
-        if h.total:
-            # NOTE: the copy stream waits for everything queued so far on the caller's stream (which made
-            # the tensors), and `keep` holds them until their copy has completed, so the caching allocator
-            # cannot hand their memory out again while the copy stream still reads it.
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        # NOTE: the copies into the ring go on the caller's current stream, ordered after the kernels that
+        # made the tensors, and `keep` holds the tensors until their copy has completed. (A copy stream of
+        # our own cost ~0.1 ms of host time per message in stream switches and cross-stream waits, measured
+        # on the H200 with benchmarks/cuda_ipc_phases.py, far more than the overlap it could buy.)
+        h.stream = torch.cuda.current_stream(self.device) if h.total else None
         o.queue.append(h)
         if len(o.queue) == 1:
-            self._issue(peer, o)
+            self._issue(peer, o, on_current=True)
         if flush:
             self.flush()
         return h
@@ -171,8 +172,9 @@ class CudaIpcEndpoint(Endpoint):
     def flush(self) -> None:
         self.inner.flush()  # control messages already handed to shm: ring the peers' doorbells
 
-    def _issue(self, peer: int, o: _Out) -> bool:
-        """Copy queued payload into the peer's ring as far as its free space allows."""
+    def _issue(self, peer: int, o: _Out, on_current: bool = False) -> bool:
+        """Copy queued payload into the peer's ring as far as its free space allows (on_current: the head
+        message's stream is the current one, no switch needed)."""
         moved = False
         while o.queue:
             h = o.queue[0]
@@ -185,9 +187,12 @@ class CudaIpcEndpoint(Endpoint):
                 break  # never write into the memory of a dead peer; the wait reports it (stalled_peer)
             n, ev = min(left, free), None
             if n:
-                with torch.cuda.stream(self.copy_stream):
+                if on_current and h is o.queue[0] and h.first:
                     _ring_copy(o.ring, o.write, n, h.parts, h.cursor, into_ring=True)
-                ev = self._record(self.copy_stream)
+                else:  # a later chunk, copied from progress(): on the stream of its isend
+                    with torch.cuda.stream(h.stream):
+                        _ring_copy(o.ring, o.write, n, h.parts, h.cursor, into_ring=True)
+                ev = self._record(h.stream)
             ctrl = np.array([o.write, n], dtype=np.int64)
             if h.first:
                 ctrl, h.first = np.concatenate([ctrl, h.header.view(np.int64)]), False
@@ -221,7 +226,7 @@ class CudaIpcEndpoint(Endpoint):
         st.match.claim(h)
         return h
 
-    def _on_control(self, peer: int, st: _In, w: np.ndarray) -> None:
+    def _on_control(self, peer: int, st: _In, w: np.ndarray, stream) -> None:
         who = f"rank {peer} (cuda_ipc control)"
         if len(w) not in (2, 2 + wire.HEADER_WORDS):
             raise wire.CorruptMessage(f"corrupted header from {who}: control message of {len(w)} words")
@@ -243,7 +248,7 @@ class CudaIpcEndpoint(Endpoint):
             # the caller will use them; the message is delivered (and its ring space credited) only once
             # this copy has completed, so the parts are ready on any stream when the handle is done.
             _ring_copy(st.ring, start, n, cur[2], cur[3], into_ring=False)
-            ev = self._record(torch.cuda.current_stream(self.device))
+            ev = self._record(stream)
         st.read, cur[4] = st.read + n, cur[4] - n
         if cur[4] == 0:
             st.cur = None
@@ -266,12 +271,15 @@ class CudaIpcEndpoint(Endpoint):
         if self._closed:
             return False
         moved = self.inner.progress()
+        stream = None  # the current stream, asked for once a pass and only when a message came
         for peer in self.peers:
             st, o = self._in[peer], self._out[peer]
             while st.ctrl_h.done:
                 (msg,) = st.ctrl_h.result
                 st.ctrl_h = self.inner.irecv(peer, _T_DATA)
-                self._on_control(peer, st, msg.numpy())
+                if stream is None:
+                    stream = torch.cuda.current_stream(self.device)
+                self._on_control(peer, st, msg.numpy(), stream)
                 moved = True
             if st.pending:
                 moved |= self._finish_recvs(peer, st)
@@ -357,7 +365,7 @@ def _import(text: str, device: torch.device, capacity: int, rank: int, peer: int
     raw = {k: base64.b64decode(d[k]) for k in ("handle", "ref", "event")}
     try:
         # NOTE: the handle is opened on *our* device index: indices are per process (CUDA_VISIBLE_DEVICES),
-        # and what writes the ring is our copy stream, on our device (through peer access when the ring
+        # and what writes the ring is a copy on one of our streams, on our device (through peer access when the ring
         # lives on another GPU). The storage's offset inside the peer's cudaMalloc block is applied inside.
         return rebuild_cuda_tensor(torch.Tensor, (capacity,), (1,), 0, torch.UntypedStorage, torch.uint8, device.index,
                                    raw["handle"], d["size"], d["offset"], False, raw["ref"], d["ref_offset"],
