@@ -30,7 +30,8 @@ def _rank(rank: int, port: int, size: int, rounds: int, out: str) -> None:
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=120))
-    ep = m2n.connect("cuda_ipc", rank, [1 - rank], store, prefix="phases", timeout_s=60.0, device="cuda")
+    # borrow, as the runtime and `msc bench m2n` connect: a message that arrives whole is lent in place
+    ep = m2n.connect("cuda_ipc", rank, [1 - rank], store, prefix="phases", timeout_s=60.0, device="cuda", borrow=True)
     x = torch.randint(0, 255, (size,), dtype=torch.uint8, device=device)  # [S] bytes
     torch.cuda.synchronize()
     ns = time.perf_counter_ns
@@ -42,13 +43,17 @@ def _rank(rank: int, port: int, size: int, rounds: int, out: str) -> None:
             t1 = ns()
             ep.wait_all([h])
             t2 = ns()
-            (back,) = ep.recv(1, it)
+            r = ep.irecv(1, it)
+            (back,) = r.wait()
             t3 = ns()
+            r.release()
         else:
             t0 = ns()
-            (got,) = ep.recv(0, it)
+            r = ep.irecv(0, it)
+            (got,) = r.wait()
             t1 = ns()
             h = ep.isend(0, [got], it)
+            r.release()  # after the copy of `got` into rank 0's ring was queued on this stream
             t2 = ns()
             ep.wait_all([h])
             t3 = ns()

@@ -77,8 +77,20 @@ class _In:
         self.ring, self.cap, self.ctrl_h = ring, ring.numel(), ctrl_h
         self.read = self.freed = self.reported = self.seq = 0  # ring position; bytes copied out / credited
         self.cur = None  # the message being assembled: [tag, parts, byte views, cursor, bytes left]
-        self.pending: deque = deque()  # (event | None, nbytes, (tag, parts) | None), in copy order
+        # Ring regions in ring order, each [copy event | None, nbytes, (tag, parts) | None, hold | None]:
+        # copied-out messages wait for their copy's event to be delivered; a borrowed (lent) message was
+        # delivered at once and its hold, [lent, release event | None], frees it. Space is credited back
+        # in ring order, as the oldest regions become free.
+        self.pending: deque = deque()
         self.match = TagMatch()
+
+
+class _IpcRecv(_Recv):
+    def release(self) -> None:
+        """Give a borrowed message's ring space back (after the work queued on the current stream)."""
+        if self.holds:
+            self.endpoint._release(self.holds)
+            self.holds = []
 
 
 def _bytes(t: Tensor) -> Tensor:
@@ -102,9 +114,9 @@ class CudaIpcEndpoint(Endpoint):
     transport = "cuda_ipc"
 
     def __init__(self, rank: int, peers: Sequence[int], inner, rings: dict[int, Tensor], peer_rings: dict[int, Tensor],
-                 device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, borrow: bool = False):
         super().__init__(rank, sorted(peers), timeout_s)
-        self.inner, self.device = inner, device
+        self.inner, self.device, self.borrow = inner, device, borrow
         self._in = {p: _In(rings[p], inner.irecv(p, _T_DATA)) for p in self.peers}
         self._out = {p: _Out(peer_rings[p], inner.irecv(p, _T_CREDIT)) for p in self.peers}
         self._leaving: list[_Send] = []  # copied; done once their last control message is handed to shm
@@ -222,7 +234,7 @@ class CudaIpcEndpoint(Endpoint):
     # ------------------------------------------------------------------ receive
     def irecv(self, peer: int, tag: int = 0) -> Handle:
         st = self._state(self._in, peer)
-        h = _Recv(self, peer, tag)
+        h = _IpcRecv(self, peer, tag)
         st.match.claim(h)
         return h
 
@@ -234,8 +246,17 @@ class CudaIpcEndpoint(Endpoint):
         if len(w) > 2:  # the first chunk of a new message
             if st.cur is not None:
                 raise wire.CorruptMessage(f"corrupted stream from {who}: a new message began inside message #{st.seq - 1}")
-            tag, specs = wire.decode_header(w[2:], st.seq, who)
+            tag, specs, total = wire.decode_header_sized(w[2:], st.seq, who)
+            if start != st.read:
+                raise wire.CorruptMessage(f"corrupted stream from {who}: chunk at ring position {start}, expected {st.read}")
             st.seq += 1
+            lent = self._lend(st, start, n, total, specs) if self.borrow else None
+            if lent is not None:  # all of it in one piece of our ring: deliver views of the ring, no copy
+                hold = [True, None]
+                st.read += n
+                st.pending.append([None, n, None, hold])
+                st.match.deliver(tag, lent, [hold])
+                return
             parts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs]
             st.cur = [tag, parts, [_bytes(p) for p in parts if p.numel()], [0, 0], sum(s.nbytes for s in specs)]
         cur = st.cur
@@ -252,15 +273,62 @@ class CudaIpcEndpoint(Endpoint):
         st.read, cur[4] = st.read + n, cur[4] - n
         if cur[4] == 0:
             st.cur = None
-        st.pending.append((ev, n, (cur[0], cur[1]) if cur[4] == 0 else None))
+        st.pending.append([ev, n, (cur[0], cur[1]) if cur[4] == 0 else None, None])
+
+    @staticmethod
+    def _lend(st: _In, start: int, n: int, total: int, specs: list) -> list[Tensor] | None:
+        """The message's parts as views of our ring when it came whole, in one piece, aligned; else None."""
+        at = start % st.cap
+        # NOTE: a lent region holds back the credit of everything behind it until its release, so a message
+        # is lent only while the uncredited part of the ring stays within half of it; otherwise it is copied
+        # out (freed as soon as the copy completes). A holder that waits for more than half a ring of further
+        # data from the same peer before releasing would stall that peer (reported after the timeout).
+        if n != total or at + n > st.cap or st.read + n - st.freed > st.cap // 2:
+            return None
+        off = 0
+        for spec in specs:
+            if spec.nbytes and (at + off) % spec.dtype.itemsize:
+                return None  # misaligned for its dtype (after an odd-sized part): copy this message
+            off += spec.nbytes
+        out, off = [], at
+        for spec in specs:
+            if spec.nbytes == 0:
+                out.append(torch.empty(spec.shape, dtype=spec.dtype, device=st.ring.device))
+                continue
+            out.append(st.ring[off : off + spec.nbytes].view(spec.dtype).view(spec.shape))
+            off += spec.nbytes
+        return out
+
+    def _release(self, holds: list) -> None:
+        """A borrowed message's holder is done with it: once the work queued so far on the current stream
+        (which may still read the views) has run, its ring space can be credited back."""
+        stream = torch.cuda.current_stream(self.device)
+        for hold in holds:
+            hold[0], hold[1] = False, self._record(stream)
 
     def _finish_recvs(self, peer: int, st: _In) -> bool:
         moved = False
-        while st.pending and self._complete(st.pending[0][0]):
-            _, n, msg = st.pending.popleft()
-            st.freed, moved = st.freed + n, True
-            if msg is not None:
-                st.match.deliver(msg[0], msg[1])
+        # NOTE: copied-out messages are delivered once every copy before theirs has completed, even behind a
+        # lent region (its holder may be waiting for them); ring space is credited strictly in ring order.
+        for e in st.pending:
+            if e[0] is not None:
+                if not self._complete(e[0]):
+                    break
+                e[0] = None
+            if e[2] is not None:
+                st.match.deliver(*e[2])
+                e[2], moved = None, True
+        while st.pending:
+            e = st.pending[0]
+            if e[0] is not None or e[2] is not None:
+                break
+            hold = e[3]
+            if hold is not None:
+                if hold[0] or (hold[1] is not None and not self._complete(hold[1])):
+                    break
+                hold[1] = None
+            st.pending.popleft()
+            st.freed, moved = st.freed + e[1], True
         if st.freed - st.reported >= st.cap // 4:  # NOTE: credit in quarter rings: fewer control messages
             self.inner.isend(peer, [torch.tensor([st.freed], dtype=torch.int64)], _T_CREDIT, flush=False)
             st.reported = st.freed
@@ -303,14 +371,20 @@ class CudaIpcEndpoint(Endpoint):
         # NOTE: nobody rings our doorbell when our own GPU copies finish: while some are in flight, keep
         # polling (yielding the core); otherwise sleep on the shm doorbell, which peers ring when they send
         # control messages or return credit.
-        if any(o.inflight for o in self._out.values()) or any(st.pending for st in self._in.values()):
+        if any(o.inflight for o in self._out.values()) or any(self._gpu_pending(st) for st in self._in.values()):
             os.sched_yield()
             return
         self.inner.idle(idle_s, budget_s)
 
+    @staticmethod
+    def _gpu_pending(st: _In) -> bool:
+        """Whether some region of `st` waits for GPU work (a copy out, or the work before a release)."""
+        return any(e[0] is not None or (e[3] is not None and not e[3][0] and e[3][1] is not None) for e in st.pending)
+
     def stalled_peer(self, handles: Sequence[Handle]) -> str | None:
         # A receive whose bytes are already being copied out of our ring does not depend on the peer.
-        live = [h for h in handles if not h.done and not (isinstance(h, _Recv) and self._in[h.peer].pending)]
+        live = [h for h in handles if not h.done and not (isinstance(h, _Recv) and
+                                                          any(e[2] is not None for e in self._in[h.peer].pending))]
         return self.inner.stalled_peer(live)
 
     def close(self) -> None:
@@ -377,8 +451,11 @@ def _import(text: str, device: torch.device, capacity: int, rank: int, peer: int
 
 
 def connect_cuda_ipc(rank: int, peers: list[int], store, *, prefix: str = "m2n", timeout_s: float = DEFAULT_TIMEOUT_S,
-                     capacity: int = DEFAULT_CAPACITY) -> CudaIpcEndpoint:
-    """Allocate a GPU ring per peer on the current device, publish them, map the peers'; return the endpoint."""
+                     capacity: int = DEFAULT_CAPACITY, borrow: bool = False) -> CudaIpcEndpoint:
+    """Allocate a GPU ring per peer on the current device, publish them, map the peers'; return the endpoint.
+
+    borrow: a message that arrives whole and in one piece is delivered as views of the ring (no copy, no
+    allocation), valid until its handle's `release()`; the others are copied out as before."""
     if not torch.cuda.is_available():
         raise MscError(f"transport cuda_ipc needs a CUDA GPU, but torch.cuda.is_available() is False here (torch "
                        f"{torch.__version__}, CUDA build {torch.version.cuda}); use shm for CPU tensors")
@@ -402,7 +479,7 @@ def connect_cuda_ipc(rank: int, peers: list[int], store, *, prefix: str = "m2n",
             key = f"{prefix}/cuda_ipc/ring/{p}/{rank}"
             mapped[p] = _import(fetch_key(store, key, timeout_s, f"cuda_ipc: rank {p} did not publish its ring"),
                                 device, capacity, rank, p)
-        return CudaIpcEndpoint(rank, peers, inner, rings, mapped, device, timeout_s)
+        return CudaIpcEndpoint(rank, peers, inner, rings, mapped, device, timeout_s, borrow)
     except BaseException:
         inner.close()
         raise

@@ -543,7 +543,7 @@ def connect(transport: str, rank: int, peers: Sequence[int], store=None, *, time
     """Open this rank's endpoint of `transport` to `peers`, rendezvousing through `store` (a torch Store).
 
     borrow: received tensors may be views of the receive buffer, valid until their handle's
-    `release()` (shm only; other transports copy and ignore it).
+    `release()` (shm and cuda_ipc; the other transports copy and ignore it).
     """
     peers = sorted(peers)
     if transport == "shm":
@@ -561,7 +561,7 @@ def connect(transport: str, rank: int, peers: Sequence[int], store=None, *, time
     if transport == "cuda_ipc":
         from msc.backends.comm.cuda_ipc import connect_cuda_ipc
 
-        return connect_cuda_ipc(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes)
+        return connect_cuda_ipc(rank, peers, store, prefix=prefix, timeout_s=timeout_s, capacity=buffer_bytes, borrow=borrow)
     if transport == "rdma":
         from msc.backends.comm.rdma import connect_rdma
 

@@ -72,3 +72,45 @@ def corrupt_header(rank: int, world: int, store, args: dict) -> dict:
         err = str(e)
     ep.send(0, [torch.zeros(1, device="cuda")], 9)
     return {"error": err}
+
+
+def borrow_and_release(rank: int, world: int, store, args: dict) -> dict:
+    """Rank 0 sends 64 KB messages into rank 1's 1 MB ring. Phase 1, one message at a time: rank 1 releases
+    each before the next comes, so all of them (4 MB in all) come as views of its ring. Phase 2: 12 sent at
+    once, held before any is released: those that would take the uncredited part of the ring past half of
+    it (the 9th on) are copied out instead. Every message is checked against what was sent."""
+    ep = m2n.connect("cuda_ipc", rank, [1 - rank], store, timeout_s=args["timeout_s"], prefix="borrow", device="cuda",
+                     buffer_bytes=1 << 20, borrow=True)
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def message(i: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        return [torch.randn(64, 256, generator=g).to(dev)]  # [64, 256] float32: 64 KB
+
+    if rank == 0:
+        for i in range(64):  # one at a time: rank 1 acknowledges each after releasing it
+            ep.send(1, message(i), i)
+            ep.recv(1, 1000 + i)
+        sends = [ep.isend(1, message(i), i) for i in range(64, 76)]  # all at once
+        ep.wait_all(sends)
+        ep.recv(1, 999)  # rank 1's "done": the ring stays mapped until then
+        return {}
+    ring = ep._in[0].ring
+    lo, hi = ring.data_ptr(), ring.data_ptr() + ring.numel()
+    in_ring = lambda t: lo <= t.data_ptr() < hi  # noqa: E731
+    lent1, ok = 0, True
+    for i in range(64):
+        h = ep.irecv(0, i)
+        (got,) = h.wait()
+        ok &= torch.equal(got.cpu(), message(i)[0].cpu())
+        lent1 += in_ring(got)
+        h.release()
+        ep.send(0, [torch.zeros(1, device=dev)], 1000 + i)
+    held = [ep.irecv(0, i) for i in range(64, 76)]
+    got2 = [h.wait()[0] for h in held]
+    lent2 = sum(in_ring(t) for t in got2)
+    ok &= all(torch.equal(t.cpu(), message(i)[0].cpu()) for i, t in zip(range(64, 76), got2))
+    for h in held:
+        h.release()
+    ep.send(0, [torch.zeros(1, device=dev)], 999)
+    return {"ok": bool(ok), "lent1": lent1, "lent2": lent2}

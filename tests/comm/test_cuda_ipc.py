@@ -37,9 +37,11 @@ def test_connect_without_cuda_is_a_clear_error(monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_m_to_n_exchange_on_one_gpu_is_exact_for_every_shape_and_size():
+@pytest.mark.parametrize("borrow", [False, True])
+def test_m_to_n_exchange_on_one_gpu_is_exact_for_every_shape_and_size(borrow):
     # 3 MB messages stream through the 1 MB rings; tags go out in reverse, so most arrive before asked for.
-    results = run_ranks("tests.comm.scenarios:exchange", WORLD, ARGS, timeout_s=300)
+    # borrow: messages that arrive whole are delivered as views of the ring until released.
+    results = run_ranks("tests.comm.scenarios:exchange", WORLD, {**ARGS, "borrow": borrow}, timeout_s=300)
     assert [res["checked"] for res in results] == _expected()
 
 
@@ -69,3 +71,12 @@ def test_dead_peer_is_an_error_naming_it_within_the_timeout():
 def test_corrupted_header_is_a_clear_error():
     res = run_ranks("tests.comm.cuda_scenarios:corrupt_header", 2, {"timeout_s": 20.0}, timeout_s=120)
     assert res[1]["error"] is not None and "corrupted header from rank 0" in res[1]["error"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_borrowed_messages_are_views_of_the_ring_and_come_back_on_release():
+    res = run_ranks("tests.comm.cuda_scenarios:borrow_and_release", 2, {"timeout_s": 30.0}, timeout_s=180)
+    assert res[1]["ok"]
+    assert res[1]["lent1"] == 64  # released before the next came: every one of 4 MB through a 1 MB ring lent
+    assert res[1]["lent2"] == (1 << 20) // 2 // (64 << 10)  # held: lent while within half the ring (8), then copied
