@@ -26,8 +26,9 @@ logs "Producer process has been terminated before all shared CUDA tensors releas
 Verified where it was run: written without a GPU, where the import, the no-CUDA error and the protocol
 (positions, wrap-around, streaming, credit, tags, 8 parts, dead peer) ran with CPU stand-ins for the
 CUDA calls; then on one NVIDIA H200 (torch 2.11.0+cu130, several processes sharing the GPU):
-tests/comm/test_cuda_ipc.py -m gpu (exchange on one GPU, dead peer, corrupted header) and
-benchmarks/cuda_ipc_smoke.py passed. Not yet run: the exchange across two GPUs (peer access).
+tests/comm/test_cuda_ipc.py -m gpu (exchange on one GPU with and without borrow, borrow and release,
+dead peer, corrupted header) and benchmarks/cuda_ipc_smoke.py passed. Not yet run: the exchange across two
+GPUs (peer access).
 """
 from __future__ import annotations
 
