@@ -43,7 +43,26 @@ from msc.errors import MscError
 
 SHM_DIR = "/dev/shm"
 DEFAULT_CAPACITY = 4 << 20
-DEFAULT_SPIN_S = float(os.environ.get("MSC_SHM_SPIN_US", "300")) * 1e-6  # tuning knob, see ShmEndpoint.idle
+def _default_spin_s() -> float:
+    """How long a waiting endpoint polls before it sleeps on its doorbell (MSC_SHM_SPIN_US overrides).
+
+    NOTE: measured both ways. On a 2-core VM, where roles outnumber cores, 300 us is best (a spinning rank
+    takes turns with the ones doing work; longer spins were no better, docs/notes.md). On the 16-core H200
+    host a sleeping receiver woke ~0.2 ms late: spinning 5 ms cut a cuda_ipc round trip from 849 to 638 us
+    and two role processes' decode step from 76.9 to 65.8 ms (docs/gpu.md). So: long spins where cores
+    are plenty (more than 4 usable), short ones otherwise. Polling yields the core, so it costs others
+    little, but it does show as CPU time."""
+    env = os.environ.get("MSC_SHM_SPIN_US")
+    if env:
+        return float(env) * 1e-6
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 300e-6 if cores <= 4 else 5e-3
+
+
+DEFAULT_SPIN_S = _default_spin_s()
 PAGE = 4096
 _MAGIC = 0x52494E474D534331  # "RINGMSC1"
 W_POS, W_PID, W_CLOSED, W_WANTS_SPACE, R_POS, R_CLOSED, MAGIC_W, CAP_W = 0, 1, 2, 3, 8, 10, 16, 17
