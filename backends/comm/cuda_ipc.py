@@ -286,16 +286,13 @@ class CudaIpcEndpoint(Endpoint):
         # data from the same peer before releasing would stall that peer (reported after the timeout).
         if n != total or at + n > st.cap or st.read + n - st.freed > st.cap // 2:
             return None
-        off = 0
-        for spec in specs:
-            if spec.nbytes and (at + off) % spec.dtype.itemsize:
-                return None  # misaligned for its dtype (after an odd-sized part): copy this message
-            off += spec.nbytes
         out, off = [], at
         for spec in specs:
             if spec.nbytes == 0:
                 out.append(torch.empty(spec.shape, dtype=spec.dtype, device=st.ring.device))
                 continue
+            if off % spec.dtype.itemsize:
+                return None  # misaligned for its dtype (after an odd-sized part): copy this message
             out.append(st.ring[off : off + spec.nbytes].view(spec.dtype).view(spec.shape))
             off += spec.nbytes
         return out

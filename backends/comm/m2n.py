@@ -296,7 +296,8 @@ class TagMatch:
 class _Inbound:
     """Receive state of one peer's stream: the message being read and the messages read but not claimed."""
 
-    def __init__(self):
+    def __init__(self, label: str = "?"):
+        self.label = label  # who sends this stream, for error messages
         self.header = np.empty(wire.HEADER_BYTES, dtype=np.uint8)
         self.header_got = 0
         self.specs: list[wire.PartSpec] | None = None  # of the message whose payload comes next
@@ -330,7 +331,7 @@ class StreamEndpoint(Endpoint):
         self.borrow = borrow and all(hasattr(ch, "borrow") for ch in channels.values())
         self._out: dict[int, deque[_Send]] = {p: deque() for p in channels}
         self._out_seq = {p: 0 for p in channels}
-        self._in = {p: _Inbound() for p in channels}
+        self._in = {p: _Inbound(f"rank {p} ({ch.name})") for p, ch in channels.items()}
         self._dirty: set[int] = set()  # peers with data written but not yet signalled
         self._closed = False
         # NOTE: channels that can write or lend a whole message at once (shm: put_message / take_message)
@@ -411,7 +412,7 @@ class StreamEndpoint(Endpoint):
             if whole and st.specs is None and not st.header_got:
                 head = ch.next_header(wire.HEADER_BYTES)
                 if head is not None:
-                    tag, specs, payload = self._decode(st, peer, ch, head)
+                    tag, specs, payload = self._decode(st, head)
                     got = ch.take_message(wire.HEADER_BYTES, payload)
                     if got is not None:  # all of it is here, in one piece: lend it in place
                         view, at, hold = got
@@ -430,7 +431,7 @@ class StreamEndpoint(Endpoint):
                 if st.header_got < wire.HEADER_BYTES:
                     continue
                 st.header_got = 0
-                st.tag, specs, _ = self._decode(st, peer, ch, st.header)
+                st.tag, specs, _ = self._decode(st, st.header)
                 st.seq += 1
                 st.specs = specs
                 if not self.borrow:
@@ -460,9 +461,9 @@ class StreamEndpoint(Endpoint):
             self._deliver(st, st.tag, st.parts, [])
 
     @staticmethod
-    def _decode(st: _Inbound, peer: int, ch: Channel, header) -> tuple[int, list, int]:
+    def _decode(st: _Inbound, header) -> tuple[int, list, int]:
         try:
-            return wire.decode_header_sized(header, st.seq, f"rank {peer} ({ch.name})")
+            return wire.decode_header_sized(header, st.seq, st.label)
         except wire.CorruptMessage as e:
             st.broken = e  # the stream from this peer can no longer be trusted
             st.match.abandon()

@@ -43,6 +43,8 @@ from msc.errors import MscError
 
 SHM_DIR = "/dev/shm"
 DEFAULT_CAPACITY = 4 << 20
+
+
 def _default_spin_s() -> float:
     """How long a waiting endpoint polls before it sleeps on its doorbell (MSC_SHM_SPIN_US overrides).
 
@@ -111,22 +113,15 @@ class Doorbell:
         self.word = self.asleep = None  # drop the buffer exports so the mapping can go
 
 
-def process_alive(pid: int) -> bool:
-    """True while process `pid` exists and is not a zombie (on this host's /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return _state_alive(f.read())
-    except OSError:
-        return False
-
-
 def _state_alive(stat: bytes) -> bool:
+    """Whether a /proc/PID/stat text says the process still runs (neither zombie nor dead)."""
     state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
     return state not in (b"Z", b"X")
 
 
 class PidWatch:
-    """process_alive for one process, asked often (cuda_ipc asks before every write into a peer's memory).
+    """Whether one process still runs (not a zombie), asked often: cuda_ipc asks before every write into a
+    peer's memory, shm whenever a wait looks for a dead peer.
 
     NOTE: the /proc file is opened once and re-read with pread (a few µs, against tens for open + read +
     close). The open file keeps naming the process it was opened for: once that process is reaped, reads
@@ -333,8 +328,7 @@ class ShmChannel:
         self.name = f"shm {theirs.path}"
         self.inbound, self.out = mine.rings[peer], theirs.rings[rank]
         self.my_bell, self.peer_bell = mine.bell, theirs.bell
-        self.peer_pid = theirs.owner_pid
-        self.peer_watch = PidWatch(self.peer_pid)
+        self.peer_watch = PidWatch(theirs.owner_pid)
         self._stamp = (rank % 128) << 24
         self._count = 0
 
