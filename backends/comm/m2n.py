@@ -412,6 +412,11 @@ class StreamEndpoint(Endpoint):
             if whole and st.specs is None and not st.header_got:
                 head = ch.next_header(wire.HEADER_BYTES)
                 if head is not None:
+                    pad = self._skip(st, head)
+                    if pad is not None:  # a skip record: the sender went on at the ring's start
+                        ch.discard(wire.HEADER_BYTES + pad)
+                        moved = True
+                        continue
                     tag, specs, payload = self._decode(st, head)
                     got = ch.take_message(wire.HEADER_BYTES, payload)
                     if got is not None:  # all of it is here, in one piece: lend it in place
@@ -431,6 +436,10 @@ class StreamEndpoint(Endpoint):
                 if st.header_got < wire.HEADER_BYTES:
                     continue
                 st.header_got = 0
+                pad = self._skip(st, st.header) if self._whole else None
+                if pad is not None:  # a skip record read the general way: pass over what it covers
+                    ch.discard(pad)
+                    continue
                 st.tag, specs, _ = self._decode(st, st.header)
                 st.seq += 1
                 st.specs = specs
@@ -461,9 +470,18 @@ class StreamEndpoint(Endpoint):
             self._deliver(st, st.tag, st.parts, [])
 
     @staticmethod
+    def _skip(st: _Inbound, header) -> int | None:
+        return StreamEndpoint._checked(st, wire.skip_bytes, header, st.label)
+
+    @staticmethod
     def _decode(st: _Inbound, header) -> tuple[int, list, int]:
+        return StreamEndpoint._checked(st, wire.decode_header_sized, header, st.seq, st.label)
+
+    @staticmethod
+    def _checked(st: _Inbound, read, *args):
+        """read(*args), a header reader; on a corrupt header the stream from that peer is marked broken."""
         try:
-            return wire.decode_header_sized(header, st.seq, st.label)
+            return read(*args)
         except wire.CorruptMessage as e:
             st.broken = e  # the stream from this peer can no longer be trusted
             st.match.abandon()

@@ -38,6 +38,7 @@ from collections import deque
 
 import numpy as np
 
+from msc.backends.comm import wire
 from msc.backends.comm.m2n import _WAIT, DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
 
@@ -194,13 +195,23 @@ class Ring:
 
     def put_message(self, header: bytearray, parts: list[tuple[int, int]], payload: int) -> bool:
         """Write a whole message (header, then each part given as (address, bytes)) and publish it with one
-        store; False, writing nothing, when the ring lacks room for all of it."""
+        store; False, writing nothing, when the ring lacks room for all of it.
+
+        NOTE: a message that would wrap around the ring's end is put at the ring's start instead, behind a
+        skip record (wire.encode_skip) over the rest of the ring, when there is room for both: the receiver
+        can then lend it in place; a wrapped message would be copied out into a fresh allocation (page
+        faults: above 2 MB messages, shm's p99 was worse than gloo's before this)."""
         cap = self.capacity
         w = self.w_pos.value
         hb = len(header)
-        if cap - (w - self.r_pos.value) < hb + payload:
+        need = hb + payload
+        free = cap - (w - self.r_pos.value)
+        if free < need:
             return False
         at = w % cap
+        if at + need > cap and at + hb <= cap and cap - at + need <= free:
+            self.mv[at : at + hb] = wire.encode_skip(cap - at - hb)
+            w, at = w + cap - at, 0
         if at + hb <= cap:
             self.mv[at : at + hb] = header
         else:
@@ -217,7 +228,7 @@ class Ring:
                 _memmove(base + at, addr, first)
                 _memmove(base, addr + first, n - first)
             at = (at + n) % cap
-        self.w_pos.value = w + hb + payload  # publish: header and payload are in place
+        self.w_pos.value = w + need  # publish: skip record, header and payload are in place
         return True
 
     def next_header(self, hb: int):
@@ -243,6 +254,11 @@ class Ring:
         self.holds.append(hold)
         self.cursor = r + hb + payload
         return self.data[at : at + payload], at, hold
+
+    def discard(self, n: int) -> None:
+        """Pass over the next n bytes (a skip record and what it covers); they must have arrived."""
+        self.cursor += n
+        self._advance()
 
     def read_some(self, dst: np.ndarray) -> int:
         cap, r = self.capacity, self.cursor
@@ -347,6 +363,10 @@ class ShmChannel:
 
     def take_message(self, hb: int, payload: int):
         return self.inbound.take_message(hb, payload)
+
+    def discard(self, n: int) -> None:
+        self.inbound.discard(n)
+        self._room_freed()
 
     def flush(self) -> None:
         self._count = (self._count + 1) & 0xFFFFFF

@@ -22,6 +22,7 @@ import torch
 from msc.errors import MscError
 
 MAGIC = 0x4D53434D324E3031  # "MSCM2N01" (fits in a signed int64)
+SKIP_MAGIC = 0x50494B534D43534D  # "MSCSKIP" + "P": a skip record (see encode_skip)
 MAX_PARTS = 8
 MAX_DIMS = 4
 PART_WORDS = 2 + MAX_DIMS
@@ -114,6 +115,29 @@ def encode_header_bytes(seq: int, tag: int, key: tuple) -> tuple[bytearray, int]
     buf = bytearray(_FIXED.pack(MAGIC, seq, tag, len(key), total, 0, 0, 0) + parts)
     struct.pack_into("<q", buf, _CHECK_AT, _crc(buf))
     return buf, total
+
+
+def encode_skip(pad: int) -> bytearray:
+    """A skip record: a header-sized block that tells the receiver to pass over itself and the next `pad`
+    bytes (no message, no sequence number). Ring transports write one where a message would wrap around
+    the ring's end, so that the message starts again at the ring's start, in one piece."""
+    buf = bytearray(_FIXED.pack(SKIP_MAGIC, 0, 0, 0, pad, 0, 0, 0) + bytes(HEADER_BYTES - FIXED_WORDS * 8))
+    struct.pack_into("<q", buf, _CHECK_AT, _crc(buf))
+    return buf
+
+
+_SKIP_PREFIX = struct.pack("<q", SKIP_MAGIC)
+
+
+def skip_bytes(buf, peer: str) -> int | None:
+    """The bytes a skip record says to pass over after itself; None when `buf` is not a skip record."""
+    buf = _bytes_view(buf)
+    if buf[:8] != _SKIP_PREFIX:
+        return None
+    magic, seq, tag, nparts, pad, check = _FIXED.unpack_from(buf)[:6]
+    if check != _crc(buf) or nparts or not 0 <= pad <= MAX_PAYLOAD:
+        raise CorruptMessage(f"corrupted skip record from {peer}: {pad} bytes, {nparts} parts")
+    return pad
 
 
 def encode_header_for(seq: int, tag: int, key: tuple) -> np.ndarray:
