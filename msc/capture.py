@@ -187,8 +187,16 @@ def capture_layer_kinds(config, adapter: FamilyAdapter, dtype: str = "float32") 
     model = build_meta_model(config, DTYPES[dtype]).eval()
     adapter.prepare(model)
     found = _layer_kinds(model)
-    if found is not None and len(found[3]) < len(found[0]):
-        layers, path, _, traced, rep_of = found
+    if found is not None:
+        # NOTE: a layer's cost depends only on its kind, so one layer of each kind is traced: the first. (The
+        # layer template of `capture` also traces layer 0's successor, to know how one block feeds the next;
+        # costs do not need that, and tracing one layer instead of two saves a third of a plan's capture.)
+        layers, path, kinds, _, _ = found
+        first: dict = {}
+        for i, k in enumerate(kinds):
+            first.setdefault(k, i)
+        traced, rep_of = sorted(first.values()), {i: first[k] for i, k in enumerate(kinds)}
+    if found is not None and len(traced) < len(layers):
         gm = _export_layers(model, layers, path, traced, dynamic=False)
         # NOTE: in the shortened layer list a weight is named by its position; the cost model reads the layer
         # of a weight from its name, so name it by its own layer again (model.layers.1. -> model.layers.3.)
