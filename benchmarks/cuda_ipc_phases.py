@@ -74,8 +74,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--stamps", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    text = a.size.upper()
-    size = int(float(text[:-2]) * (1 << 20 if text.endswith("MB") else 1 << 10)) if text.endswith("B") else int(text)
+    from msc.bench.m2n import parse_sizes
+
+    (size,) = parse_sizes(a.size)
     if a.rank >= 0:
         if a.profile:  # where each rank's host time goes (cProfile), printed by the parent
             import cProfile

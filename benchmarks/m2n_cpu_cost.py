@@ -96,14 +96,6 @@ def measure(transport: str, mn: int, size: int, rounds: int, repeats: int, buffe
             "us_per_message": per_round / messages, "repeats_us": [t * 1e6 for t in times]}
 
 
-def _size(text: str) -> int:
-    text = text.strip().upper()
-    for unit, mult in (("KB", 1 << 10), ("MB", 1 << 20), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--transport", default="shm", help="comma-separated: shm, tcp")
@@ -114,10 +106,12 @@ def main() -> None:
     ap.add_argument("--buffer-bytes", type=int, default=4 << 20)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    from msc.bench.m2n import parse_sizes
+
     rows = []
     for t in a.transport.split(","):
         for mn in (int(v) for v in a.mn.split(",")):
-            for size in (_size(s) for s in a.sizes.split(",")):
+            for size in parse_sizes(a.sizes):
                 rows.append(measure(t, mn, size, a.rounds, a.repeats, a.buffer_bytes))
                 r = rows[-1]
                 print(f"| {t} | {mn} | {size >> 10} KB | {r['us_per_round']:.1f} | {r['us_per_rank']:.1f} | {r['us_per_message']:.1f} |",

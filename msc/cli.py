@@ -369,19 +369,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, w
 app.add_typer(bench_app, name="bench")
 
 
-def _size_list(text: str) -> list[int]:
-    units = {"b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20}
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        num = item.rstrip("kmb")
-        unit = item[len(num):] or "b"
-        if not num.isdigit() or unit not in units:
-            raise MscError(f"--sizes item '{item}': expected a byte count like 2048, 2KB or 8MB")
-        sizes.append(int(num) * units[unit])
-    return sizes
-
-
 @bench_app.command("m2n")
 def bench_m2n_cmd(
     transports: str = typer.Option("", help="comma-separated transports (default: shm,tcp,torch_dist on cpu; cuda_ipc,"
@@ -405,7 +392,7 @@ def bench_m2n_cmd(
     except ValueError:
         _fail(MscError(f"--mn '{mn}': expected comma-separated positive integers, like 1,2,4"))
     try:
-        size_list = _size_list(sizes)
+        size_list = m2n.parse_sizes(sizes)
         tlist = [t.strip() for t in transports.split(",") if t.strip()] or None
         if tlist is not None and "torch_dist" not in tlist:
             tlist.append("torch_dist")

@@ -200,7 +200,7 @@ class CudaIpcEndpoint(Endpoint):
                 break  # never write into the memory of a dead peer; the wait reports it (stalled_peer)
             n, ev = min(left, free), None
             if n:
-                if on_current and h is o.queue[0] and h.first:
+                if on_current and h.first:
                     _ring_copy(o.ring, o.write, n, h.parts, h.cursor, into_ring=True)
                 else:  # a later chunk, copied from progress(): on the stream of its isend
                     with torch.cuda.stream(h.stream):

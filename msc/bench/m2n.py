@@ -40,6 +40,20 @@ GPU_TRANSPORTS = ("cuda_ipc", "torch_dist", "nccl_all_to_all")
 NCCL_TRANSPORTS = ("torch_dist", "nccl_all_to_all")  # on cuda; torch_dist runs gloo on cpu
 
 
+def parse_sizes(text: str) -> list[int]:
+    """Byte counts from a comma-separated list like "2048,2KB,8MB"; MscError naming a bad item."""
+    units = {"b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20}
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        num = item.rstrip("kmb")
+        unit = item[len(num):] or "b"
+        if not num.isdigit() or unit not in units:
+            raise MscError(f"--sizes item '{item}': expected a byte count like 2048, 2KB or 8MB")
+        sizes.append(int(num) * units[unit])
+    return sizes
+
+
 def _iters(size: int, mn: int, scale: float) -> tuple[int, int]:
     """(warm-up, measured) iterations: many for small messages, fewer for large ones and many ranks."""
     n = 300 if size <= 256 << 10 else 100 if size <= 1 << 20 else 30
