@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import threading
 import time
@@ -106,6 +105,7 @@ def main() -> None:
     ap.add_argument("--buffer-bytes", type=int, default=4 << 20)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    from msc.bench import machine_info
     from msc.bench.m2n import parse_sizes
 
     rows = []
@@ -118,8 +118,7 @@ def main() -> None:
                       flush=True)
     if a.out:
         result = {"benchmark": "m2n_cpu_cost", "rows": rows,
-                  "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                              "torch": torch.__version__, "platform": platform.platform()}}
+                  "machine": machine_info(("torch",))}
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
 

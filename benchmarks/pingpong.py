@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", help="directory for timeline_m1.png and timeline_m3.png (largest delay)")
     a = ap.parse_args(argv)
 
-    import torch
-    import transformers
     from rich.console import Console
     from rich.table import Table
 
+    from msc.bench import machine_info
     from msc.compiler import compile_spec
     from msc.runtime.launcher import run_bundle
     from msc.spec import default_spec
@@ -109,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "pingpong", "model": "tiny Mixtral (embedded default)", "layers": layers, "prompts": len(PROMPTS),
         "new_tokens": a.tokens, "delays_ms": delays, "microbatches": ms,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": machine_info(),
         "rows": rows,
     }
     out = Path(a.out)

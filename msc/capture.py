@@ -178,26 +178,35 @@ class LayerKinds:
 
 
 def capture_layer_kinds(config, adapter: FamilyAdapter, dtype: str = "float32") -> LayerKinds:
-    """The planner's capture: the graph `capture` traces before its layer-template expansion (one layer per
-    kind), with the token count fixed at the example's instead of symbolic. What a cost reads (weights, the
-    head counts and widths at msc::attention, the stacked experts) depends on neither, and layers of one kind
-    cost the same (msc.planner.cost.model_cost_of_kinds; tested equal on every family). It halves the capture
-    (Mixtral-8x22B: 0.7 s instead of 1.45 s on 2 cores). `msc compile` always uses `capture`."""
+    """The planner's capture: the model with one layer per kind, traced at a fixed token count (make_fx over
+    fake tensors, not torch.export). What a cost reads (weights, the head counts and widths at msc::attention,
+    the stacked experts) depends on neither, and layers of one kind cost the same
+    (msc.planner.cost.model_cost_of_kinds; tested equal to the compiled graph's costs on every family).
+    `msc compile` always uses `capture`."""
     t0 = time.perf_counter()
     model = build_meta_model(config, DTYPES[dtype]).eval()
     adapter.prepare(model)
     found = _layer_kinds(model)
+    rep_of = None
     if found is not None:
         # NOTE: a layer's cost depends only on its kind, so one layer of each kind is traced: the first. (The
         # layer template of `capture` also traces layer 0's successor, to know how one block feeds the next;
-        # costs do not need that, and tracing one layer instead of two saves a third of a plan's capture.)
+        # costs do not need that.)
         layers, path, kinds, _, _ = found
         first: dict = {}
         for i, k in enumerate(kinds):
             first.setdefault(k, i)
         traced, rep_of = sorted(first.values()), {i: first[k] for i, k in enumerate(kinds)}
-    if found is not None and len(traced) < len(layers):
-        gm = _export_layers(model, layers, path, traced, dynamic=False)
+        if len(traced) >= len(layers):
+            rep_of = None
+    if rep_of is not None:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, attr, nn.ModuleList([layers[i] for i in traced]))
+        try:
+            gm = _trace_for_costs(model)
+        finally:
+            setattr(parent, attr, layers)
         # NOTE: in the shortened layer list a weight is named by its position; the cost model reads the layer
         # of a weight from its name, so name it by its own layer again (model.layers.1. -> model.layers.3.)
         layer_re = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
@@ -209,10 +218,52 @@ def capture_layer_kinds(config, adapter: FamilyAdapter, dtype: str = "float32") 
                 attrs[n.target] = t
         gm = fx.GraphModule(attrs, gm.graph)
     else:
-        gm = _unlift(_export(model, dynamic=False))
-        rep_of = None
+        gm = _trace_for_costs(model)
     constants = set(_buffers_on_cpu(model))
     return LayerKinds(gm, constants, rep_of, time.perf_counter() - t0)
+
+
+def _trace_for_costs(model: nn.Module) -> fx.GraphModule:
+    """The model's forward at a fixed token count as an aten graph whose weights are get_attr nodes named by
+    module path, like `_unlift(_export(model, dynamic=False))` gives, for the planner's cost model.
+
+    NOTE: make_fx over fake tensors instead of torch.export: the cost model reads only shapes, weights and
+    the msc ops, which both give alike, and a cold `msc plan` then never imports torch.export's tracing
+    machinery (aot_autograd and what it pulls in: ~0.5 s of a ~5 s plan on 2 cores). Fake tensors also keep
+    transformers' data-dependent checks (packed-sequence detection) on their tracing branch."""
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    wrapper = _LogitsOnly(model)
+    named = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}  # shared tensors once
+    names = list(named)
+
+    def forward(tensors, input_ids, position_ids):
+        return functional_call(wrapper, dict(zip(names, tensors)), (input_ids, position_ids))
+
+    ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
+    try:
+        with torch.no_grad():  # see _export: custom autograd.Functions are traced through their forward
+            traced = make_fx(forward, tracing_mode="fake")(list(named.values()), ids, ids.clone())
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MscError(f"could not trace {type(model).__name__} for the planner: {first}") from e
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    weights = dict(zip(placeholders, names))  # the flattened tensor list comes first, in order
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, torch.Tensor] = {}
+    for n in traced.graph.nodes:
+        if n in weights:
+            fqn = weights[n].removeprefix("m.")
+            attrs[fqn] = named[weights[n]]
+            new = g.get_attr(fqn)
+        else:
+            new = g.node_copy(n, lambda x: env[x])
+        new.meta.update({k: v for k, v in n.meta.items() if k in ("val", "tensor_meta")})
+        env[n] = new
+    g.eliminate_dead_code()
+    return fx.GraphModule(attrs, g)
 
 
 def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:

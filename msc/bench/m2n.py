@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from msc.bench import machine_info
 from msc.errors import MscError
 
 DEFAULT_SIZES = [2 << 10 << i for i in range(13)]  # 2 KB .. 8 MB
@@ -269,8 +269,7 @@ def run(transports=None, sizes=None, mn_list=None, *, scale: float = 1.0, buffer
             progress(mn)
     return {
         "benchmark": "m2n", "pattern": "M attention ranks -> N expert ranks -> back; latency per iteration at the attention ranks",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "platform": platform.platform()},
+        "machine": machine_info(("torch",)),
         "config": cfg, "mn": mn_list, "rows": rows, "skipped": skipped,
         **({"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)]} if gpus else {}),
     }

@@ -144,7 +144,8 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             w = n.args[1]
             lc(int(n.args[3])).attn_flops_per_token += 2.0 * fetch_attr(gm, w.target).numel()
         elif n.op == "call_function" and str(n.target) in _MATMULS:
-            w = next((w for w in map(_weight_of, n.args[:3]) if w is not None), None)
+            operands = n.args[1:3] if str(n.target) == "aten.addmm.default" else n.args[:2]  # addmm(bias, x, wᵀ)
+            w = next((w for w in map(_weight_of, operands) if w is not None), None)
             if w is not None:
                 flops = 2.0 * fetch_attr(gm, w.target).numel()
                 i = layer_of(w.target)
