@@ -1,4 +1,4 @@
-"""The `msc` command line: compile, run, verify, inspect, demo."""
+"""The `msc` command line: compile, run, serve, verify, inspect, plan, profile, bench, demo."""
 from __future__ import annotations
 
 import json
@@ -238,6 +238,47 @@ def inspect_cmd(
         if graph:
             program = next(r["program"] for r in rows if r["role"] == role)
             out.print((Path(bundle) / "programs" / f"{program}.py").read_text(), markup=False, highlight=False)
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the bundle's)"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
+                                        "reading a checkpoint (serves a bundle compiled for the meta device)"),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0,
+                                          help="how long a free replica waits for more requests before starting a wave"),
+):
+    """Serve a bundle over HTTP: POST /v1/generate (token ids in, greedy token ids out), GET /health."""
+    import uvicorn
+
+    from msc.runtime.serving import ServingEngine
+    from msc.server import create_app
+
+    try:
+        engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
+                               batch_window_s=batch_window_ms / 1e3)
+        with err.status(f"starting {len(engine.bundle.roles)} role processes"):
+            engine.start()
+    except MscError as e:
+        _fail(e)
+    try:
+        config = uvicorn.Config(create_app(engine), host=host, port=port, log_level="info")
+        server = uvicorn.Server(config)
+        h = engine.health()
+        err.print(f"serving {bundle} ({h['replicas']} attention replicas, roles {', '.join(h['roles'])}, "
+                  f"batch {h['batch_size']}): POST /v1/generate, GET /health")
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass  # NOTE: uvicorn re-raises the Ctrl-C it shut down on; for a server that is a normal stop
+    finally:
+        with err.status("stopping the role processes"):
+            engine.close()
+    err.print(f"stopped: served {engine.served} requests in {engine.waves} waves")
 
 
 @app.command("plan")

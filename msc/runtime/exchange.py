@@ -10,6 +10,19 @@ into its own number of micro-batches m_r; an expert node gathers micro-batch i o
 replicas with m_r > i.
 
 Both ends keep a current micro-batch `mb`, set by the role before it runs a stage of that micro-batch.
+
+A control message is [code, step, m, round, members]. Serving (msc.runtime.serving) adds a third code,
+PARK: a replica with no request to work on says so, and repeats it as a heartbeat while it waits (an expert
+node's bounded wait must not expire on a quiet server). The server hands out work in rounds; `members` is
+the bit mask of the replicas (by index) working in the round, so that every expert node groups the same
+replicas' forwards together.
+
+NOTE: why rounds. An expert node runs a forward for the replicas whose FORWARD it holds, gathering each layer
+from all of them. If a parked replica could rejoin at any time, one expert node might take it into its
+current forward and another only into its next one; the replica then waits on the second node for a layer
+that node will only run after the first node has seen the replica's next layer: a deadlock. So replicas
+join only when all of them are parked, and every expert node waits for the FORWARD of every member the
+round names before it starts; a replica leaves (PARK) in step, after its last forward.
 """
 from __future__ import annotations
 
@@ -21,7 +34,7 @@ from torch import Tensor
 from msc.backends.comm.m2n import Endpoint
 from msc.errors import MscError
 
-CTRL_DONE, CTRL_FORWARD = 0, 1
+CTRL_DONE, CTRL_FORWARD, CTRL_PARK = 0, 1, 2
 CONTROL_TAG = -1
 MAX_MICROBATCHES = 8
 
@@ -40,13 +53,23 @@ class AttentionExchange:
         self._sends: list = []
         self.step = 0
         self.mb = 0
+        self.round, self.members = 0, 0  # the serving round this replica works in and its member mask
         self.trace = None  # msc.runtime.trace.Trace, set by the role
+
+    def start_round(self, round_id: int, members: list[int]) -> None:
+        """Serving: the next forwards belong to round `round_id`, worked on by the replicas with these indices."""
+        self.round, self.members = round_id, sum(1 << i for i in set(members))
 
     def begin_forward(self, microbatches: int = 1) -> None:
         """Tell every expert node that a forward of `microbatches` micro-batches follows."""
         if not 1 <= microbatches <= MAX_MICROBATCHES:
             raise MscError(f"a forward has 1 to {MAX_MICROBATCHES} micro-batches, got {microbatches}")
         self._control(CTRL_FORWARD, microbatches)
+
+    def park(self) -> None:
+        """Tell every expert node that no forward of this replica follows until its next `begin_forward`
+        (a serving replica waiting for requests; repeated as a heartbeat while it waits)."""
+        self._control(CTRL_PARK, 0)
 
     def finish(self) -> None:
         """Tell every expert node that this replica sends no more forwards."""
@@ -55,7 +78,7 @@ class AttentionExchange:
         self._sends = []
 
     def _control(self, code: int, microbatches: int) -> None:
-        msg = torch.tensor([code, self.step, microbatches], dtype=torch.int64, device=self.device)
+        msg = torch.tensor([code, self.step, microbatches, self.round, self.members], dtype=torch.int64, device=self.device)
         self._sends = [h for h in self._sends if not h.done]
         self._sends += [self.ep.isend(r, [msg], CONTROL_TAG, flush=False) for r in self.expert_ranks]
         self.ep.flush()
@@ -98,9 +121,11 @@ class ExpertExchange:
 
     def __init__(self, endpoint: Endpoint, attention_ranks: list[int], device="cpu"):
         self.ep, self.device = endpoint, torch.device(device)
+        self.attention_ranks = list(attention_ranks)
         self.active = list(attention_ranks)
         self.microbatches_of: dict[int, int] = {}  # replica rank -> its micro-batches this forward
         self.microbatches = 0  # the most any replica sends this forward
+        self.parked: dict[int, object] = {}  # parked replica rank -> its posted control receive
         self._posted: dict[tuple[int, int], list] = {}  # (layer, mb) -> [(replica, handle)]
         self._sources: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._sends: list = []
@@ -108,23 +133,67 @@ class ExpertExchange:
         self.trace = None  # msc.runtime.trace.Trace, set by the role
 
     def begin_forward(self) -> bool:
-        """Wait for every active replica's control message; False once all of them are done."""
+        """Wait until a forward starts (one control message from every active replica); False once every
+        replica is done. When every replica left is parked (serving, between rounds), wait for the next
+        round instead (`_next_round`)."""
+        counts: dict[int, int] = {}
         handles = [self.ep.irecv(r, CONTROL_TAG) for r in self.active]
-        msgs = self.ep.wait_all(handles)
-        still, counts = [], {}
-        for r, (msg,), h in zip(self.active, msgs, handles):
-            code, m = (int(msg[0]), int(msg[2])) if msg.numel() == 3 else (-1, 0)
-            h.release()
-            if code == CTRL_FORWARD and 1 <= m <= MAX_MICROBATCHES:
-                still.append(r)
+        for r, h in zip(self.active, handles):
+            code, m, _, _ = self._read_control(r, h)
+            if code == CTRL_FORWARD:
                 counts[r] = m
-            elif code != CTRL_DONE:
-                raise MscError(f"corrupted control message from rank {r}: {msg.tolist()}")
-        self.active, self.microbatches_of = still, counts
+            elif code == CTRL_PARK:
+                self.parked[r] = self.ep.irecv(r, CONTROL_TAG)
+        if not counts and self.parked:
+            counts = self._next_round()
+        self.active, self.microbatches_of = sorted(counts), counts
         self.microbatches = max(counts.values(), default=0)
-        if not still:
+        if not counts:
             self.ep.wait_all(self._sends)
-        return bool(still)
+        return bool(counts)
+
+    def _next_round(self) -> dict[int, int]:
+        """Every replica left is parked: wait for the first FORWARD of a round, then for the FORWARD of every
+        other member it names (heartbeats absorbed on the way); {r: m} of the members, {} if all are done.
+
+        NOTE: each wait is the endpoint's bounded one; parked replicas send a heartbeat well within it, so only
+        a dead or silent replica makes it fail."""
+        members: list[int] | None = None
+        round_id, counts = None, {}
+        while True:
+            waiting = list(self.parked) if members is None else [r for r in members if r not in counts]
+            if not waiting:
+                return counts
+            missing = [r for r in waiting if r not in self.parked]
+            if missing:
+                raise MscError(f"round {round_id} names rank(s) {missing}, which already ended")
+            r = waiting[self.ep.wait_any([self.parked[r] for r in waiting])]
+            code, m, rnd, mask = self._read_control(r, self.parked.pop(r))
+            if code == CTRL_PARK:
+                self.parked[r] = self.ep.irecv(r, CONTROL_TAG)
+            elif code == CTRL_DONE:
+                if members is not None:
+                    raise MscError(f"rank {r} ended while round {round_id} was starting")
+            elif members is None:
+                members = [a for i, a in enumerate(self.attention_ranks) if mask >> i & 1]
+                round_id = rnd
+                if r not in members:
+                    raise MscError(f"rank {r} started round {rnd} without being one of its members {members}")
+                counts[r] = m
+            elif rnd != round_id:
+                raise MscError(f"rank {r} started round {rnd} while round {round_id} of ranks {members} was starting")
+            else:
+                counts[r] = m
+
+    def _read_control(self, r: int, h) -> tuple[int, int, int, int]:
+        """(code, micro-batches, round, members) of replica r's control message (handle h)."""
+        (msg,) = self.ep.wait_all([h])[0]
+        vals = msg.tolist() if msg.numel() == 5 else [-1, 0, 0, 0, 0]
+        h.release()
+        code, m = int(vals[0]), int(vals[2])
+        if not (code == CTRL_FORWARD and 1 <= m <= MAX_MICROBATCHES) and code not in (CTRL_PARK, CTRL_DONE):
+            raise MscError(f"corrupted control message from rank {r}: {msg.tolist()}")
+        return code, m, int(vals[3]), int(vals[4])
 
     def _post(self, layer: int, mb: int) -> list:
         key = (layer, mb)

@@ -38,6 +38,48 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
+def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, str] | None = None,
+                requests: Path | None = None) -> list[tuple[dict, subprocess.Popen]]:
+    """Start one worker process per role of `bundle` on this machine (rendezvous on 127.0.0.1), each
+    logging to workdir/NAME.log; `run_config` is written to workdir/run-config.json for them to read."""
+    (workdir / "run-config.json").write_text(json.dumps(run_config))
+    roles = bundle.roles
+    base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    procs = []
+    try:
+        for r in roles:
+            cmd = [sys.executable, "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
+                   "--result", str(workdir / "result.{rank}.json"), "--run-config", str(workdir / "run-config.json")]
+            if requests is not None:
+                cmd += ["--requests", str(requests)]
+            with open(workdir / f"{r['name']}.log", "w") as log:
+                procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"]), "LOCAL_RANK": str(r["rank"])},
+                                                  stdout=log, stderr=subprocess.STDOUT)))
+    except BaseException:
+        stop_roles(procs)
+        raise
+    return procs
+
+
+def stop_roles(procs: list[tuple[dict, subprocess.Popen]], grace_s: float = 0.0) -> None:
+    """Kill whatever of `procs` still runs (after up to grace_s for them to end by themselves) and reap it."""
+    deadline = time.monotonic() + grace_s
+    for _, p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def role_log_tail(workdir: Path, role: dict) -> str:
+    """The last lines a role process logged (for error messages)."""
+    return _tail(workdir / f"{role['name']}.log")
+
+
 def run_bundle(
     bundle_dir: str | Path,
     prompts: list[list[int]],
@@ -77,18 +119,9 @@ def run_bundle(
         tmp = Path(tmp)
         (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits}))
         run_config["trace_dir"] = str(tmp) if trace else None
-        (tmp / "run-config.json").write_text(json.dumps(run_config))
-        base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                    "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         procs = []
         try:
-            for r in roles:
-                log = open(tmp / f"{r['name']}.log", "w")
-                cmd = [sys.executable, "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
-                       "--requests", str(tmp / "requests.json"), "--result", str(tmp / "result.{rank}.json"),
-                       "--run-config", str(tmp / "run-config.json")]
-                procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"]), "LOCAL_RANK": str(r["rank"])}, stdout=log, stderr=subprocess.STDOUT)))
-                log.close()
+            procs = spawn_roles(bundle, tmp, run_config, env, requests=tmp / "requests.json")
             pending = list(procs)
             while pending:
                 for r, p in list(pending):
@@ -105,10 +138,7 @@ def run_bundle(
                     names = ", ".join(r["name"] for r, _ in pending)
                     raise MscError(f"run timed out; still running: {names}")
         finally:
-            for _, p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=10)
+            stop_roles(procs)
         outputs: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
         transport, used_m, step_times, decode_times = None, None, [], []

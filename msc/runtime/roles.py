@@ -147,22 +147,27 @@ class AttentionRole:
             self.on_forward(self.forwards)
         return torch.cat(rows)  # [B, V]
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[Tensor]]:
-        """Greedy generation; returns new tokens per prompt and, per prompt, logits [steps, V] of each step."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], *,
+                 finish: bool = True) -> tuple[list[list[int]], list[Tensor]]:
+        """Greedy generation; returns new tokens per prompt and, per prompt, logits [steps, V] of each step.
+        max_new_tokens: one limit for all prompts or one per prompt. finish: tell the expert nodes that this
+        replica is done afterwards (a serving replica generates again later and does not)."""
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        if len(limits) != len(prompts):
+            raise MscError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
         outputs: list[list[int]] = [[] for _ in prompts]
         step_logits: list[list[Tensor]] = [[] for _ in prompts]
-        for start in range(0, len(prompts), self.batch_size):
-            wave = list(range(start, min(start + self.batch_size, len(prompts))))
-            self._generate_wave(prompts, wave, max_new_tokens, outputs, step_logits)
-        self.comm.finish()
+        todo = [i for i in range(len(prompts)) if limits[i] > 0]
+        for start in range(0, len(todo), self.batch_size):
+            self._generate_wave(prompts, todo[start:start + self.batch_size], limits, outputs, step_logits)
+        if finish:
+            self.comm.finish()
         return outputs, [torch.stack(s) if s else torch.empty(0) for s in step_logits]
 
-    def _generate_wave(self, prompts, wave, max_new_tokens, outputs, step_logits) -> None:
-        if max_new_tokens <= 0:
-            return
+    def _generate_wave(self, prompts, wave, limits, outputs, step_logits) -> None:
         if self.paged:  # made at the first attention call, once the K/V shapes are known
             self.cache, self._meta_key = None, None
-            self._wave = (list(wave), max(len(prompts[i]) for i in wave) + max_new_tokens)
+            self._wave = (list(wave), max(len(prompts[i]) + limits[i] for i in wave))
             self._ctx_len = {i: 0 for i in wave}
         else:
             self.cache = KVCache(self.num_layers)
@@ -194,7 +199,7 @@ class AttentionRole:
                 outputs[i].append(tok)
                 step_logits[i].append(row)
                 lengths[i] += 1
-                if tok not in self.eos and len(outputs[i]) < max_new_tokens:
+                if tok not in self.eos and len(outputs[i]) < limits[i]:
                     still.append(i)
                 else:
                     self.cache.drop_sequence(i)

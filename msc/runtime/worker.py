@@ -8,7 +8,8 @@ take their share of the prompts (prompt i goes to replica i mod n_a) and write a
 
 `--run-config FILE` (JSON, every key optional) overrides the bundle for this run: `microbatches` (the
 plan's m), `delay_ms` ({"attention": ms, "expert": ms}, the spec's runtime.delay_ms) and `trace_dir`
-(each role writes its timeline there as trace.RANK.json).
+(each role writes its timeline there as trace.RANK.json), `serve` ({"host", "port", "token"}: the attention
+replicas take waves of requests from a serving process, msc.runtime.serving, instead of a requests file).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from msc.backends.comm import m2n
 from msc.bundle import Bundle
 from msc.errors import MscError
+from msc.runtime import wave_channel
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.runtime.roles import AttentionRole, ExpertRole
 from msc.runtime.trace import Trace
@@ -56,7 +58,7 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
     spec_delay = manifest["spec"]["runtime"].get("delay_ms") or {}
     cfg = {"microbatches": manifest["plan"]["microbatches"], "trace_dir": None,
            "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)},
-           "random_weights": False, "device": None}
+           "random_weights": False, "device": None, "serve": None}
     unknown = set(over) - set(cfg)
     if unknown:
         raise MscError(f"{source}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
@@ -70,6 +72,9 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
         raise MscError(f"{source}: microbatches must be an integer from 1 to 8, got {m!r}")
     if any(not isinstance(v, (int, float)) or v < 0 for v in cfg["delay_ms"].values()):
         raise MscError(f"{source}: delay_ms values must be milliseconds >= 0, got {cfg['delay_ms']}")
+    serve = cfg["serve"]
+    if serve is not None and (not isinstance(serve, dict) or set(serve) != {"host", "port", "token"}):
+        raise MscError(f"{source}: serve takes the keys host, port and token, got {serve!r}")
     if cfg["device"] not in (None, "cpu", "cuda"):
         raise MscError(f"{source}: device must be cpu or cuda, got {cfg['device']!r}")
     cfg["device"] = cfg["device"] or manifest["device"]
@@ -130,9 +135,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             worker.on_forward = _fault_hook(role["name"])
             worker.serve()
             return
-        req = json.loads(Path(requests).read_text())
         replica = att_ranks.index(rank)
-        mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
         m = bundle.manifest
         worker = AttentionRole(
             program, AttentionExchange(endpoint, exp_ranks, place), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
@@ -140,6 +143,16 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             trace=trace, kv_cache=m["spec"]["runtime"].get("kv_cache", "auto"),
         )
         worker.on_forward = _fault_hook(role["name"])
+        if cfg["serve"] is not None:
+            srv = cfg["serve"]
+            link = wave_channel.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
+            try:
+                serve_waves(worker, link, heartbeat_s=runtime["timeout_s"] / 4)
+            finally:
+                link.close()
+            return
+        req = json.loads(Path(requests).read_text())
+        mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
         outputs, logits = worker.generate([req["prompts"][i] for i in mine], int(req["max_new_tokens"]))
         out = Path(result.replace("{rank}", str(rank)))
         if req.get("dump_logits"):
@@ -155,6 +168,30 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             endpoint.close()
         if use_pg:
             dist.destroy_process_group()
+
+
+def serve_waves(worker: AttentionRole, link, heartbeat_s: float) -> None:
+    """A serving attention replica: generate each wave the server sends, answer with its outputs, until told
+    to stop.
+
+    NOTE: between waves the replica is parked at the expert nodes (exchange.CTRL_PARK), and repeats that
+    every heartbeat_s while it waits, so their bounded waits do not expire while the server is quiet. A
+    server that goes away ends the replica (MscError from the link), which ends the experts in turn."""
+    worker.comm.park()
+    link.send({"ready": True})
+    while True:
+        msg = link.wait(float("inf"), on_idle=worker.comm.park, idle_every_s=heartbeat_s)
+        if msg.get("stop"):
+            break
+        worker.comm.start_round(msg["wave"], msg["members"])
+        try:
+            outputs, _ = worker.generate(msg["prompts"], msg["max_new_tokens"], finish=False)
+        except MscError as e:
+            link.send({"wave": msg.get("wave"), "error": str(e)})
+            raise
+        worker.comm.park()
+        link.send({"wave": msg["wave"], "outputs": outputs})
+    worker.comm.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

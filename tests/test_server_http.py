@@ -1,0 +1,100 @@
+"""The HTTP front end (FastAPI) and `msc serve`, against transformers' generate."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from fastapi.testclient import TestClient
+
+from msc.runtime.serving import ServingEngine
+from msc.server import create_app
+from msc.verify import reference_generate
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    eng = ServingEngine(tiny_bundle.path).start(timeout_s=180)
+    with TestClient(create_app(eng)) as c:
+        yield c
+    eng.close()
+
+
+def test_generate_returns_the_reference_tokens(client, tiny_hf):
+    r = client.post("/v1/generate", json={"prompt_token_ids": [5, 17, 42], "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_ids"] == reference_generate(tiny_hf, [5, 17, 42], 6)
+    assert body["prompt_tokens"] == 3 and body["completion_tokens"] == 6 and body["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("payload,status,text", [
+    ({"prompt_token_ids": [5, 999]}, 400, "token id 999 is outside the model's vocabulary [0, 256)"),
+    ({"prompt_token_ids": []}, 422, "prompt_token_ids"),
+    ({"max_new_tokens": 4}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": [1], "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"prompt_token_ids": [1], "temperature": 0.7}, 422, "temperature"),
+])
+def test_bad_requests_get_a_clear_status_and_reason(client, payload, status, text):
+    r = client.post("/v1/generate", json=payload)
+    assert r.status_code == status
+    assert text in r.text
+
+
+def test_health_reports_the_roles_and_what_was_served(client):
+    h = client.get("/health")
+    assert h.status_code == 200
+    body = h.json()
+    assert body["status"] == "ok" and body["roles"] == ["attention.0", "expert.0", "expert.1"] and body["replicas"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_msc_serve_listens_on_localhost_answers_and_stops_cleanly_on_ctrl_c(tiny_bundle, tiny_hf):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from msc.cli import main; sys.exit(main())", "serve",
+                             str(tiny_bundle.path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # up once /health answers (role processes started, weights loaded)
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "msc serve did not come up within 180 s"
+            try:
+                status, body = _get(base + "/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        assert status == 200 and body["status"] == "ok"
+        status, body = _get(base + "/v1/generate", {"prompt_token_ids": [7, 7], "max_new_tokens": 5})
+        assert status == 200 and body["token_ids"] == reference_generate(tiny_hf, [7, 7], 5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out
+        assert "POST /v1/generate" in out and "stopped: served 1 requests in 1 waves" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
