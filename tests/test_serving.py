@@ -96,3 +96,21 @@ def test_a_dead_expert_fails_the_request_naming_it_and_the_engine_refuses_more(t
     finally:
         eng.close(grace_s=10)
     assert time.monotonic() - t0 < 90
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_serving_on_one_gpu_matches_hf(tmp_path, tiny_hf):
+    """Two replicas and two expert nodes as four processes on one GPU (paged KV cache, Triton kernels,
+    cuda_ipc), served in rounds: the tokens of transformers' generate."""
+    d = tiny_spec_dict()
+    d["device"] = "cuda"
+    d["plan"] = {"attention": {"replicas": 2}, "experts": {"nodes": 2}, "batch_size": 2}
+    bundle = compile_spec(parse_spec(d), tmp_path / "b")
+    eng = ServingEngine(bundle.path).start(timeout_s=300)
+    try:
+        futures = [eng.submit(p, n) for p, n in zip(PROMPTS, LIMITS)]
+        assert [f.result(timeout=300).token_ids for f in futures] == [reference_generate(tiny_hf, p, n) for p, n in zip(PROMPTS, LIMITS)]
+    finally:
+        eng.close()
+    assert [p.returncode for _, p in eng._procs] == [0, 0, 0, 0]
