@@ -12,6 +12,9 @@ sequence's context is (`block_tables`, `seq_lens`):
   decode step can be captured in a CUDA graph, with a static StepMeta updated in place between replays.
 - prefill (fresh sequences, no cached prefix): K/V are written at `slots` and causal attention runs on the
   step's own K/V with SDPA, sequences of equal length batched into one call.
+- mixed (the engine's general step: chunks of prompts that continue a cached prefix, beside decode tokens,
+  or attention sinks): K/V are written at `slots`, then each sequence's pages are gathered and its new
+  queries attend causally over its whole context.
 """
 from __future__ import annotations
 
@@ -160,6 +163,17 @@ class PagedKVCache:
 
 # ------------------------------------------------------------------------------------------ step meta
 @dataclass
+class MixedParts:
+    """A mixed step cut by kind: decode rows (their T indices and a decode meta of their own), fresh
+    prompts (spans along T), and chunks continuing a cached prefix (start, n, total length, pages)."""
+
+    decode_rows: Tensor  # [B_d] int64 indices along T
+    decode: "StepMeta | None"
+    fresh: list[tuple[int, int]]
+    continuing: list[tuple[int, int, int, list[int]]]
+
+
+@dataclass
 class StepMeta:
     """Where one step's tokens go and what each sequence's context is.
 
@@ -174,6 +188,45 @@ class StepMeta:
     seq_lens: Tensor
     decode: bool
     prefill_spans: list[tuple[int, int]] = field(default_factory=list)
+    mixed: "MixedParts | None" = None  # a mixed step's parts (for_step)
+
+    @classmethod
+    def for_step(cls, cache: PagedKVCache, seq_ids: list[int], contexts: list[int], counts: list[int]) -> "StepMeta":
+        """The general step: sequence i has contexts[i] tokens cached and adds counts[i] new ones (packed
+        along T in this order); ensures the blocks. Pure decode and fresh-prefill steps get the layouts of
+        for_decode / for_prefill; anything else is mixed: its decode rows still go through the decode
+        kernel together, fresh prompts through the batched prefill, and chunks that continue a cached
+        prefix gather their pages."""
+        if len(seq_ids) != len(contexts) or len(seq_ids) != len(counts) or any(n <= 0 for n in counts):
+            raise MscError(f"StepMeta.for_step: sequences {list(seq_ids)}, contexts {list(contexts)}, counts "
+                           f"{list(counts)}; expected one context and one positive count per sequence")
+        if all(n == 1 for n in counts):
+            return cls.for_decode(cache, seq_ids, list(contexts))
+        if all(c == 0 for c in contexts):
+            return cls.for_prefill(cache, seq_ids, counts)
+        spans, start, tok_seq, pos = [], 0, [], []
+        dec_rows, dec_ids, dec_pos, fresh, cont = [], [], [], [], []
+        for s, c, n in zip(seq_ids, contexts, counts):
+            cache.ensure(s, c + n)
+            spans.append((start, n))
+            if n == 1 and c > 0:
+                dec_rows.append(start)
+                dec_ids.append(s)
+                dec_pos.append(c)
+            elif c == 0:
+                fresh.append((start, n))
+            else:
+                cont.append((start, n, c + n, list(cache.blocks(s))))
+            start += n
+            tok_seq += [s] * n
+            pos += range(c, c + n)
+        lens = [c + n for c, n in zip(contexts, counts)]
+        parts = MixedParts(
+            torch.tensor(dec_rows, dtype=torch.long, device=cache.device),
+            cls.for_decode(cache, dec_ids, dec_pos) if dec_ids else None, fresh, cont)
+        return cls(cache.slots(tok_seq, pos), cache.block_table(list(seq_ids)),
+                   torch.tensor(lens, dtype=torch.int32, device=cache.device), decode=False, prefill_spans=spans,
+                   mixed=parts)
 
     @classmethod
     def for_decode(cls, cache: PagedKVCache, seq_ids: list[int], positions: list[int],
@@ -233,19 +286,85 @@ class StepMeta:
 
 # ------------------------------------------------------------------------------------------- attention
 def paged_attention(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, meta: StepMeta,
-                    scaling: float, sliding_window: int) -> Tensor:
+                    scaling: float, sliding_window: int, sinks: Tensor | None = None) -> Tensor:
     """q [1, nh, T, d], k [1, nkv, T, d], v [1, nkv, T, dv] -> [1, T, nh, dv] in q's dtype.
 
     Writes this step's K/V into the cache at meta.slots, then attends causally per sequence;
-    sliding_window > 0 lets a query at position p see keys j with p - window < j <= p.
+    sliding_window > 0 lets a query at position p see keys j with p - window < j <= p. `sinks` [nh]
+    (GPT-OSS): one extra logit per head that joins the softmax and carries no value.
     """
     _, nh, t, _ = q.shape
     if meta.slots.shape[0] != t:
         raise MscError(f"paged_attention: step has {t} tokens but meta has {meta.slots.shape[0]} slots")
     cache.write(layer, meta.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [T, nkv, d], [T, nkv, dv]
+    if sinks is not None:
+        # NOTE: the Triton decode kernel and the batched prefill have no sinks; such a model's steps gather
+        # each sequence's pages (correct everywhere, not the fast path)
+        return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, sinks)
     if meta.decode:
         return _decode(cache, layer, q, meta, scaling, sliding_window)
-    return _prefill(q, k, v, meta, scaling, sliding_window)
+    if meta.mixed is None:
+        return _prefill(q, k, v, meta.prefill_spans, scaling, sliding_window)
+    parts = meta.mixed
+    out = q.new_zeros(1, t, nh, cache.v_head_dim)  # [1, T, nh, dv]
+    if parts.decode is not None:
+        rows = parts.decode_rows  # [B_d]
+        out[0, rows] = _decode(cache, layer, q[:, :, rows], parts.decode, scaling, sliding_window)[0]
+    if parts.fresh:
+        _prefill(q, k, v, parts.fresh, scaling, sliding_window, out)
+    if parts.continuing:
+        _gathered(cache, layer, q, parts.continuing, scaling, sliding_window, None, out)
+    return out
+
+
+def _spans_of(meta: StepMeta) -> list[tuple[int, int, int, list[int]]]:
+    """(start along T, new tokens, total length, pages) of every sequence of a step (read on the host)."""
+    lens, tables = meta.seq_lens.tolist(), meta.block_tables.tolist()
+    spans = meta.prefill_spans or [(i, 1) for i in range(len(lens))]
+    return [(start, n, total, table) for (start, n), total, table in zip(spans, lens, tables)]
+
+
+def _gathered(cache: PagedKVCache, layer: int, q: Tensor, spans, scaling: float, sliding_window: int,
+              sinks: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """The new queries of each span (start along T, n, total length, pages) over the sequence's whole cached
+    context (its pages gathered), causal with the window; written into `out` [1, T, nh, dv]."""
+    _, nh, t, _ = q.shape
+    page = cache.page_size
+    if out is None:
+        out = q.new_zeros(1, t, nh, cache.v_head_dim)  # [1, T, nh, dv]
+    for start, n, total, table in spans:
+        if total == 0:
+            continue  # a padding row
+        blocks = torch.tensor(table[: -(-total // page)], dtype=torch.long, device=cache.device)
+        k = cache.k[layer][blocks].reshape(-1, cache.num_kv_heads, cache.head_dim)[:total].transpose(0, 1)  # [nkv, S, d]
+        v = cache.v[layer][blocks].reshape(-1, cache.num_kv_heads, cache.v_head_dim)[:total].transpose(0, 1)  # [nkv, S, dv]
+        q_pos = torch.arange(total - n, total, device=q.device)[:, None]  # [n, 1]
+        k_pos = torch.arange(total, device=q.device)[None, :]  # [1, S]
+        allowed = k_pos <= q_pos  # [n, S]
+        if sliding_window > 0:
+            allowed &= k_pos > q_pos - sliding_window
+        qs = q[0, :, start : start + n]  # [nh, n, d]
+        k, v = k.to(qs.dtype), v.to(qs.dtype)
+        if sinks is None:
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)  # [nh, n, dv]
+        else:
+            o = attention_with_sinks(qs, k, v, allowed, scaling, sinks)
+        out[0, start : start + n] = o.transpose(0, 1)
+    return out
+
+
+def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scaling: float, sinks: Tensor) -> Tensor:
+    """Softmax over [scores, sink] per head, the sink column dropped: q [nh, n, d], k/v [nkv, S, d] -> [nh, n, dv]."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)  # [nh, S, d]
+    scores = (q @ k.transpose(1, 2)) * scaling  # [nh, n, S]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)  # [nh, n, 1]
+    # the softmax runs in at least float32 (bf16/fp16 logits are upcast, float64 kept)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = torch.softmax(logits, dim=-1)[..., :-1].to(v.dtype)  # [nh, n, S]
+    return probs @ v
 
 
 def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
@@ -283,15 +402,18 @@ def _decode_gathered(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta,
     return out
 
 
-def _prefill(q: Tensor, k: Tensor, v: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
-    """Causal SDPA per sequence on the step's own K/V (no cached prefix); equal lengths share one call."""
+def _prefill(q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], scaling: float, sliding_window: int,
+             out: Tensor | None = None) -> Tensor:
+    """Causal SDPA per sequence on the step's own K/V (no cached prefix); equal lengths share one call.
+    spans: (start along T, length) of fresh sequences; with `out` given they may cover part of T."""
     _, nh, t, _ = q.shape
-    out = q.new_empty(1, t, nh, v.shape[-1])  # [1, T, nh, dv]
     by_len: dict[int, list[int]] = defaultdict(list)
-    for start, n in meta.prefill_spans:
+    for start, n in spans:
         by_len[n].append(start)
-    if sum(n * len(s) for n, s in by_len.items()) != t:
-        raise MscError(f"paged_attention: prefill spans {meta.prefill_spans} do not cover the step's {t} tokens")
+    if out is None:
+        out = q.new_empty(1, t, nh, v.shape[-1])  # [1, T, nh, dv]
+        if sum(n * len(s) for n, s in by_len.items()) != t:
+            raise MscError(f"paged_attention: prefill spans {spans} do not cover the step's {t} tokens")
     for n, starts in by_len.items():
         # NOTE: one gather per group of equal lengths (index [G, n] of token rows) instead of G slices
         idx = torch.tensor([[s + i for i in range(n)] for s in starts], device=q.device)  # [G, n]

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", default="result.{rank}.json")
     ap.add_argument("--run-config", help="JSON overrides for this run: microbatches, delay_ms, trace_dir")
     args = ap.parse_args(argv)
+    # NOTE: `kill -USR1 PID` prints every thread's Python stack to this role's log: where a stuck role waits
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         profile_dir = os.environ.get("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
         if profile_dir:

@@ -1,0 +1,92 @@
+"""What a request is to the engine: its prompt, its sampling parameters, and the tokens it has made."""
+from __future__ import annotations
+
+import enum
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from msc.errors import MscError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request's tokens are chosen and when it stops (the OpenAI / vLLM names).
+
+    temperature 0 is greedy; top_k 0 and top_p 1 keep every token; seed makes sampling repeatable (the same
+    seed gives the same tokens whatever else is in the batch); stop_token_ids end the request like the
+    model's end-of-sequence tokens do (unless ignore_eos); max_tokens bounds the new tokens."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise MscError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise MscError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise MscError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise MscError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def seed_value(self) -> int:
+        """The seed as a non-negative 63-bit integer (a request without one gets one from its id, set by the engine)."""
+        return (self.seed if self.seed is not None else 0) & ((1 << 63) - 1)
+
+
+def seed_from(text: str) -> int:
+    """A deterministic seed for a request that gave none (from its id)."""
+    return zlib.crc32(text.encode())
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One sequence the engine works on.
+
+    computed: how many of `tokens` (prompt + output) have K/V in the cache; the next step feeds
+    tokens[computed:] (a prompt chunk, or the last sampled token). After preemption computed is 0 and
+    the prompt plus the outputs so far are recomputed as one longer prompt."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: int = 0  # the engine step at which it was added
+    seq_id: int = -1  # its sequence id in the KV cache (set by the engine)
+    on_token: Callable[["Request", list[int]], None] | None = None  # called with the step's new tokens
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    computed: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    preemptions: int = 0
+    logits: list = field(default_factory=list)  # per sampled token, when the engine keeps logits (verify)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

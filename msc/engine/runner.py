@@ -1,0 +1,287 @@
+"""The model runner: executes one scheduled step of a program and returns the logits to sample from.
+
+One runner serves both kinds of program:
+- a **colocated** program (attention, router and experts in this process) runs whole, once per step; on a
+  GPU, decode-only steps replay a CUDA graph captured per batch bucket (static inputs, step metadata and
+  logits), so a step is not bound by kernel launches;
+- an **attention role** program (the experts behind `msc::dispatch` / `msc::combine`, on expert nodes)
+  runs as stages, the step's sequences cut into up to m micro-batches that go ping-pong: while one
+  micro-batch's tokens are at the expert nodes, the next one's attention runs.
+
+The runner is the runtime context the program's msc ops call: `attention` reads and writes the paged KV
+cache with the metadata of the micro-batch being run; `dispatch` / `combine` go to the exchange.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from msc.errors import MscError
+from msc.runtime import context
+from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention
+from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
+from msc.runtime.trace import Trace
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _logits(out) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class StepInput:
+    """The tokens of one step, packed along T: sequence i (cache id seq_ids[i]) feeds counts[i] tokens from
+    position contexts[i] on; `sample_rows` are the indices i whose last token's logits are wanted."""
+
+    seq_ids: list[int]
+    contexts: list[int]
+    counts: list[int]
+    token_ids: list[int]
+    sample_rows: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return all(n == 1 for n in self.counts)
+
+
+@dataclass
+class _Graph:
+    """Static buffers of one decode batch bucket and the CUDA graph that reads and writes them."""
+
+    batch: int
+    input_ids: Tensor  # [1, Bb]
+    positions: Tensor  # [1, Bb]
+    meta: StepMeta
+    logits: Tensor | None = None  # [Bb, V] written by the graph
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class ModelRunner:
+    """Runs steps of `program` (colocated, or an attention role's with `exchange`); see the module docstring."""
+
+    def __init__(self, program: fx.GraphModule, num_layers: int, device, *, exchange=None, microbatches: int = 1,
+                 cuda_graphs: bool = True, max_batch: int = 256, trace: Trace | None = None, delay_s: float = 0.0):
+        self.device = torch.device(device)
+        self.num_layers = num_layers
+        self.exchange = exchange
+        self.remote = exchange is not None
+        self.program = program
+        self.staged = StagedProgram(program) if self.remote else None
+        self.microbatches = microbatches
+        self.trace = trace or Trace("attention", 0, enabled=False)
+        if exchange is not None:
+            exchange.trace = self.trace
+        self.delay_s = delay_s
+        # NOTE: CUDA graphs cover the colocated program's decode steps; an attention role's stages hold
+        # host-side communication (dispatch picks each node's tokens on the host) and run eagerly
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.remote
+        self.buckets = tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
+        self.cache: PagedKVCache | None = None
+        self.meta: StepMeta | None = None
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None
+        self.mb, self.step_microbatches = 0, 1
+        self.step_no = 0
+
+    # ------------------------------------------------------------------ RuntimeContext
+    def attention(self, q, k, v, layer, scaling, sliding_window, sinks=None):
+        if self.delay_s > 0:
+            with self.trace.span("compute", "injected delay", layer, self.mb, injected=True):
+                time.sleep(self.delay_s / self.step_microbatches)
+        return paged_attention(self.cache, layer, q, k, v, self.meta, scaling, sliding_window, sinks)
+
+    def dispatch(self, hidden, idx, weights, layer, bounds):
+        if not self.remote:
+            raise MscError("a colocated program has no dispatch; this looks like an attention role's program")
+        return self.exchange.dispatch(hidden, idx, weights, layer, bounds)
+
+    def combine(self, ticket, hidden, layer):
+        return self.exchange.combine(ticket, hidden, layer)
+
+    def expert_recv(self, *a):
+        raise MscError("an expert node's program cannot run in the engine; give it the attention or colocated program")
+
+    expert_send = expert_recv
+
+    # ------------------------------------------------------------------ the cache
+    def kv_shape(self) -> tuple[int, int, int, torch.dtype]:
+        """nkv, d, dv and dtype of the KV cache, read off one token through the program (experts answered
+        with zeros: the probe needs the attention shapes only)."""
+        shapes = {}
+
+        class _Probe:
+            def attention(_, q, k, v, layer, scaling, sliding_window, sinks=None):
+                shapes.setdefault("kv", (k.shape[1], k.shape[3], v.shape[3], k.dtype))
+                return q.new_zeros(1, q.shape[2], q.shape[1], v.shape[3])
+
+            def dispatch(_, hidden, idx, weights, layer, bounds):
+                return torch.tensor([layer])
+
+            def combine(_, ticket, hidden, layer):
+                return torch.zeros_like(hidden)
+
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        with context.use(_Probe()), torch.no_grad():
+            self.program(ids, ids)
+        if "kv" not in shapes:
+            raise MscError("the program has no msc::attention: there is no KV cache to make")
+        return shapes["kv"]
+
+    def make_cache(self, num_blocks: int, page_size: int, max_seq_len: int) -> PagedKVCache:
+        nkv, d, dv, dtype = self.kv_shape()
+        self.cache = PagedKVCache(self.num_layers, num_blocks, page_size, nkv, d, dv, dtype, self.device, max_seq_len)
+        self.cache.k.zero_()
+        self.cache.v.zero_()
+        _ = self.cache.scratch_slot  # taken now, so the scheduler's page count never includes it
+        return self.cache
+
+    # ------------------------------------------------------------------ a step
+    def execute(self, step: StepInput) -> Tensor:
+        """Logits [len(step.sample_rows), V] of the last token of each sampled row."""
+        if self.remote:
+            return self._execute_staged(step)
+        if step.decode_only and self.cuda_graphs:
+            return self._execute_graph(step)
+        return self._execute_whole(step)
+
+    def _inputs(self, step: StepInput, rows) -> tuple[Tensor, Tensor, StepMeta, list[int]]:
+        """input_ids, position_ids [1, T], the meta of `rows` (indices into step) and each row's last token index."""
+        starts, acc = [], 0
+        for n in step.counts:
+            starts.append(acc)
+            acc += n
+        ids, pos, ends, t = [], [], [], 0
+        for i in rows:
+            n, c = step.counts[i], step.contexts[i]
+            ids += step.token_ids[starts[i]:starts[i] + n]
+            pos += range(c, c + n)
+            t += n
+            ends.append(t - 1)
+        meta = StepMeta.for_step(self.cache, [step.seq_ids[i] for i in rows], [step.contexts[i] for i in rows],
+                                 [step.counts[i] for i in rows])
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, T]
+        position_ids = torch.tensor([pos], dtype=torch.long, device=self.device)  # [1, T]
+        return input_ids, position_ids, meta, ends
+
+    def _execute_whole(self, step: StepInput) -> Tensor:
+        rows = list(range(len(step.seq_ids)))
+        input_ids, position_ids, self.meta, ends = self._inputs(step, rows)
+        self.step_microbatches = 1
+        with context.use(self), torch.no_grad():
+            logits = _logits(self.program(input_ids, position_ids))[0]  # [T, V]
+        return logits[[ends[i] for i in step.sample_rows]]  # [S, V]
+
+    def _execute_staged(self, step: StepInput) -> Tensor:
+        groups = split_microbatches(step.counts, self.microbatches)
+        self.step_microbatches = len(groups)
+        envs, metas, ends = [], [], []
+        for g in groups:
+            input_ids, position_ids, meta, e = self._inputs(step, list(g))
+            envs.append(self.staged.start(input_ids, position_ids))
+            metas.append(meta)
+            ends.append(e)
+        self.exchange.begin_step(self.step_no, len(groups))
+        stage_layers = self.staged.stage_layers
+        with context.use(self), torch.no_grad():
+            for stage, mb in ping_pong(self.staged.num_stages, len(groups)):
+                self.mb = self.exchange.mb = mb
+                self.meta = metas[mb]
+                layer = stage_layers[stage][-1] if stage_layers[stage] else None
+                with self.trace.span("compute", f"attention stage {stage}", layer, mb):
+                    self.staged.run_stage(stage, envs[mb])
+        wanted = set(step.sample_rows)
+        rows = []
+        for g, env, e in zip(groups, envs, ends):
+            pick = [k for k, i in enumerate(g) if i in wanted]
+            if pick:
+                logits = _logits(self.staged.output(env))[0]  # [T_mb, V]
+                rows.append(logits[[e[k] for k in pick]])
+        self.step_no += 1
+        return torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
+
+    # ------------------------------------------------------------------ CUDA graphs (colocated decode)
+    def _bucket(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise MscError(f"a step of {batch} sequences is larger than the largest batch bucket {self.buckets[-1]}")
+
+    def _graph_for(self, bb: int) -> _Graph:
+        g = self._graphs.get(bb)
+        if g is not None:
+            return g
+        dev, cache = self.device, self.cache
+        meta = StepMeta(slots=torch.full((bb,), cache.scratch_slot, dtype=torch.long, device=dev),
+                        block_tables=torch.zeros(bb, cache.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                        seq_lens=torch.zeros(bb, dtype=torch.int32, device=dev), decode=True)
+        g = _Graph(bb, torch.zeros(1, bb, dtype=torch.long, device=dev), torch.zeros(1, bb, dtype=torch.long, device=dev), meta)
+
+        def body():
+            self.meta = g.meta
+            with context.use(self), torch.no_grad():
+                g.logits = _logits(self.program(g.input_ids, g.positions))[0]  # [Bb, V]
+
+        # NOTE: warm up on a side stream first (Triton compiles, cuBLAS picks its kernels), as CUDA-graph
+        # capture requires; padding rows (seq_len 0) write to the scratch slot only.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self._pool):
+            body()
+        self._graphs[bb] = g
+        return g
+
+    def _execute_graph(self, step: StepInput) -> Tensor:
+        b = len(step.seq_ids)
+        g = self._graph_for(self._bucket(b))
+        meta = StepMeta.for_decode(self.cache, step.seq_ids, step.contexts, pad_to=g.batch)
+        g.meta.update_(meta)
+        ids = torch.zeros(1, g.batch, dtype=torch.long)
+        ids[0, :b] = torch.tensor(step.token_ids)
+        pos = torch.zeros(1, g.batch, dtype=torch.long)
+        pos[0, :b] = torch.tensor(step.contexts)
+        g.input_ids.copy_(ids, non_blocking=True)
+        g.positions.copy_(pos, non_blocking=True)
+        g.graph.replay()
+        return g.logits[step.sample_rows]  # [S, V]
+
+    # ------------------------------------------------------------------ timing (msc profile)
+    def time_decode(self, batch: int, context_len: int, steps: int = 20, warmup: int = 3) -> float:
+        """Median seconds of one decode step of `batch` sequences at `context_len` tokens each (synthetic:
+        the cache holds whatever is in it; the step does a real one's work, from its CUDA graph)."""
+        seq_ids = list(range(10_000_000, 10_000_000 + batch))  # ids no request uses
+        for s in seq_ids:
+            self.cache.add_sequence(s)
+            self.cache.ensure(s, context_len + 1)
+        step = StepInput(seq_ids, [context_len] * batch, [1] * batch, [1] * batch, list(range(batch)))
+        times = []
+        try:
+            for i in range(warmup + steps):
+                if self.device.type == "cuda":
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    self.execute(step)
+                    b.record()
+                    b.synchronize()
+                    dt = a.elapsed_time(b) / 1e3
+                else:
+                    t = time.perf_counter()
+                    self.execute(step)
+                    dt = time.perf_counter() - t
+                if i >= warmup:
+                    times.append(dt)
+        finally:
+            for s in seq_ids:
+                self.cache.drop_sequence(s)
+        return sorted(times)[len(times) // 2]
