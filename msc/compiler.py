@@ -197,6 +197,7 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = No
             "num_moe_layers": captured.num_moe_layers,
             "vocab_size": hf_config.vocab_size,
             "eos_token_id": hf_config.eos_token_id,
+            "max_position_embeddings": getattr(hf_config, "max_position_embeddings", None),
             **moe,
         }
         job = Lowering(spec=spec, plan=plan, moe=moe, model=model, captured=captured, adapter=adapter,

@@ -79,9 +79,17 @@ class RuntimeSpec(_Strict):
     buffer_bytes: int = Field(default=4 << 20, ge=4096)
     # Injected delay in milliseconds per layer (see DelaySpec); zero in real deployments.
     delay_ms: DelaySpec = Field(default_factory=DelaySpec)
-    # The attention role's KV cache: paged (preallocated pages, Triton decode attention; the GPU layout) or
-    # contiguous (per-sequence tensors grown by concatenation). auto: paged on CUDA, contiguous on the CPU.
-    kv_cache: Literal["auto", "paged", "contiguous"] = "auto"
+    # The attention side's KV cache is paged on every device (the engine allocates pages on demand);
+    # "auto" and "paged" mean the same and are kept so that older specs still load.
+    kv_cache: Literal["auto", "paged"] = "auto"
+    # The longest sequence (prompt + new tokens) a request may have; default: the model's
+    # max_position_embeddings, at most 4096.
+    max_seq_len: Optional[int] = Field(default=None, ge=1)
+    # The token budget of one engine step: prompt chunks and decode tokens together.
+    max_step_tokens: int = Field(default=8192, ge=1)
+    # The KV pool of each attention replica, in tokens; default: batch_size sequences of max_seq_len,
+    # capped at a quarter of the device's memory (1 GiB on the CPU).
+    kv_cache_tokens: Optional[int] = Field(default=None, ge=1)
 
 
 class PoolSpec(_Strict):

@@ -112,6 +112,8 @@ class ModelRunner:
     def kv_shape(self) -> tuple[int, int, int, torch.dtype]:
         """nkv, d, dv and dtype of the KV cache, read off one token through the program (experts answered
         with zeros: the probe needs the attention shapes only)."""
+        if getattr(self, "_kv_shape", None) is not None:
+            return self._kv_shape
         shapes = {}
 
         class _Probe:
@@ -130,7 +132,12 @@ class ModelRunner:
             self.program(ids, ids)
         if "kv" not in shapes:
             raise MscError("the program has no msc::attention: there is no KV cache to make")
-        return shapes["kv"]
+        self._kv_shape = shapes["kv"]
+        return self._kv_shape
+
+    def kv_bytes_per_token(self) -> int:
+        nkv, d, dv, dtype = self.kv_shape()
+        return self.num_layers * nkv * (d + dv) * torch.tensor([], dtype=dtype).element_size()
 
     def make_cache(self, num_blocks: int, page_size: int, max_seq_len: int) -> PagedKVCache:
         nkv, d, dv, dtype = self.kv_shape()

@@ -83,7 +83,7 @@ def role_log_tail(workdir: Path, role: dict) -> str:
 def run_bundle(
     bundle_dir: str | Path,
     prompts: list[list[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],
     *,
     dump_logits: bool = False,
     timeout_s: float | None = None,
@@ -93,6 +93,8 @@ def run_bundle(
     trace: str | Path | None = None,
     random_weights: bool = False,
     device: str | None = None,
+    sampling: list[dict] | None = None,
+    arrivals: list[int] | None = None,
 ) -> dict:
     """Generate greedily for `prompts` with the bundle's roles.
 
@@ -100,7 +102,11 @@ def run_bundle(
     replica), "decode_times" (the same, decode forwards only), "logits"?}. `microbatches` and `delay_ms` override the bundle's plan and spec for this run;
     `trace` writes the roles' merged timeline there (Chrome / Perfetto JSON). `random_weights`: every role
     makes its weights on its device (msc.random_weights; the way to run a meta-compiled bundle), on
-    `device` (cpu or cuda; default: the bundle's).
+    `device` (cpu or cuda; default: the bundle's). `max_new_tokens`: one limit or one per prompt;
+    `sampling`: per prompt, SamplingParams fields (temperature, top_k, top_p, seed, stop_token_ids,
+    ignore_eos); `arrivals`: per prompt, the step of its replica's engine at which it joins (continuous
+    batching without wall-clock timing). The result adds "finish_reasons" and "records" (per replica, the
+    engine's step records).
     """
     bundle = Bundle.open(bundle_dir)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -109,6 +115,10 @@ def run_bundle(
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    for name, val in (("sampling", sampling), ("arrivals", arrivals),
+                      ("max_new_tokens", max_new_tokens if isinstance(max_new_tokens, list) else None)):
+        if val is not None and len(val) != len(prompts):
+            raise MscError(f"{name} has {len(val)} entries for {len(prompts)} prompts; expected one per prompt")
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
     run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device}
@@ -117,7 +127,8 @@ def run_bundle(
     deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
     with tempfile.TemporaryDirectory(prefix="msc-run-") as tmp:
         tmp = Path(tmp)
-        (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits}))
+        (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits,
+                                                        "sampling": sampling, "arrivals": arrivals}))
         run_config["trace_dir"] = str(tmp) if trace else None
         procs = []
         try:
@@ -140,8 +151,9 @@ def run_bundle(
         finally:
             stop_roles(procs)
         outputs: list = [None] * len(prompts)
+        reasons: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
-        transport, used_m, step_times, decode_times = None, None, [], []
+        transport, used_m, step_times, decode_times, records = None, None, [], [], []
         for r in roles:
             if r["kind"] != "attention":
                 continue
@@ -149,8 +161,9 @@ def run_bundle(
             transport, used_m = res.get("transport"), res.get("microbatches")
             step_times.append(res.get("step_times", []))
             decode_times.append(res.get("decode_times", []))
-            for i, out in zip(res["indices"], res["outputs"]):
-                outputs[i] = out
+            records.append(res.get("records", []))
+            for i, out, why in zip(res["indices"], res["outputs"], res["finish_reasons"]):
+                outputs[i], reasons[i] = out, why
             if dump_logits:
                 f = tmp / f"result.{r['rank']}.safetensors"
                 saved = load_file(str(f)) if f.exists() else {}
@@ -162,8 +175,8 @@ def run_bundle(
                     "model": bundle.manifest["model"]["model_type"], "layers": bundle.manifest["model"]["num_hidden_layers"],
                     "roles": [r["name"] for r in roles], "transport": transport}
             merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
-    result = {"outputs": outputs, "transport": transport, "microbatches": used_m, "step_times": step_times,
-              "decode_times": decode_times}
+    result = {"outputs": outputs, "finish_reasons": reasons, "transport": transport, "microbatches": used_m,
+              "step_times": step_times, "decode_times": decode_times, "records": records}
     if dump_logits:
         result["logits"] = logits
     return result

@@ -1,31 +1,33 @@
-"""Serving: a bundle's role processes kept running, fed with requests as they come.
+"""Serving: a bundle's role processes kept running, fed with requests as they come (continuous batching).
 
 `ServingEngine` starts every role as a process (as `msc run` does), with the attention replicas in serve
-mode: each connects back to this process (msc.runtime.wave_channel) and generates the waves it is sent.
-Requests (one prompt each, with its own max_new_tokens) queue here. A scheduler thread works in rounds:
-it takes up to batch_size requests per replica, gives each replica its share as a wave, and waits for
-all of them, so concurrent requests are decoded together and the replicas work side by side. A monitor
-thread watches the processes: a role that dies fails every queued and running request with a message
-naming it, and the engine reports itself broken.
+mode: each connects back to this process (msc.runtime.wave_channel) and runs its engine (msc.engine) on
+the requests it is sent. A request goes at once to the replica with the fewest unfinished requests; the
+replica takes it into its next step (no rounds: a request never waits for others to finish), streams
+its tokens back step by step, and drops it at once when it is cancelled (`ServingRequest.cancel`, which
+the HTTP layer calls when a client goes away).
 
-NOTE: batching is static, per round: a request that arrives during a round waits for the next one, and a
-replica whose wave ends early waits for the round's others (msc.runtime.exchange says why replicas join
-the expert nodes only together). Adding requests to running waves (continuous batching) needs the KV
-cache to take sequences mid-wave and the expert nodes to regroup replicas mid-round; not built.
+A reader thread takes every replica's step events and hands them to the requests; a monitor thread
+watches the processes: a role that dies fails every unfinished request with a message naming it, and the
+engine reports itself broken (`health()`).
 """
 from __future__ import annotations
 
+import itertools
+import queue
 import secrets
+import select
 import shutil
 import tempfile
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from msc.bundle import Bundle
+from msc.engine.request import SamplingParams
 from msc.errors import MscError
 from msc.runtime.launcher import role_log_tail, spawn_roles, stop_roles
 from msc.runtime.wave_channel import Link, WaveServer
@@ -34,54 +36,103 @@ from msc.runtime.worker import resolve_run_config
 
 @dataclass
 class Completion:
-    """What a request gets back."""
+    """What a finished request gets back."""
 
     token_ids: list[int]
-    finish_reason: str  # "stop" (an end-of-sequence token) or "length" (max_new_tokens reached)
-    seconds: float  # from submission to the answer
+    finish_reason: str  # "stop" (end-of-sequence or a stop token), "length" (max_tokens) or "cancelled"
+    seconds: float  # from submission to the last token
     replica: int
+    first_token_s: float | None  # from submission to the first token (None if none came)
 
 
-@dataclass
-class _Request:
-    prompt: list[int]
-    max_new_tokens: int
-    future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.monotonic)
+class ServingRequest:
+    """A submitted request: its result (a Completion), its tokens as they stream in, and cancellation."""
+
+    def __init__(self, engine: "ServingEngine", request_id: str, prompt: list[int], params: SamplingParams):
+        self.engine, self.id, self.prompt, self.params = engine, request_id, prompt, params
+        self.future: Future = Future()
+        self.tokens: list[int] = []
+        self.token_times: list[float] = []  # monotonic time each token arrived here
+        self.submitted = time.monotonic()
+        self.replica: int | None = None
+        self._stream: queue.Queue = queue.Queue()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        return self.future.result(timeout=timeout)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its KV pages are freed); it finishes with reason "cancelled"."""
+        self.engine.cancel(self.id)
+
+    def stream(self, timeout: float | None = None) -> Iterator[list[int]]:
+        """The new tokens of each step as they come, until the request finishes (MscError if it fails;
+        `timeout` bounds each wait)."""
+        while True:
+            try:
+                item = self._stream.get(timeout=timeout)
+            except queue.Empty:
+                raise MscError(f"request {self.id}: no tokens within {timeout} s") from None
+            if item is None:
+                self.future.result()  # raises the failure, if it failed
+                return
+            yield item
+
+    # ---- called by the engine's reader thread
+    def _tokens(self, toks: list[int]) -> None:
+        if toks:
+            now = time.monotonic()
+            self.tokens += toks
+            self.token_times += [now] * len(toks)
+            self._stream.put(list(toks))
+
+    def _finish(self, reason: str) -> None:
+        now = time.monotonic()
+        first = self.token_times[0] - self.submitted if self.token_times else None
+        self.future.set_result(Completion(list(self.tokens), reason, now - self.submitted, self.replica, first))
+        self._stream.put(None)
+
+    def _fail(self, error: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(MscError(error))
+            self._stream.put(None)
 
 
 class ServingEngine:
     """A bundle's roles as long-running processes serving generation requests; see the module docstring."""
 
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
-                 microbatches: int | None = None, batch_window_s: float = 0.005, env: dict[str, str] | None = None,
-                 wave_timeout_s: float | None = None):
+                 microbatches: int | None = None, env: dict[str, str] | None = None,
+                 request_timeout_s: float | None = None):
         self.bundle = Bundle.open(bundle_dir)
         m = self.bundle.manifest
         self.vocab = m["model"]["vocab_size"]
-        eos = m["model"]["eos_token_id"]
-        self.eos = {e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
         self.batch_size = m["plan"]["batch_size"]
         self.timeout_s = m["spec"]["runtime"]["timeout_s"]
-        # NOTE: a wave's bound scales with what it holds: a full batch of long generations on a big model takes
-        # minutes; the runtime's timeout_s bounds every single wait inside the roles, this the whole wave.
-        self.wave_timeout_s = wave_timeout_s or self.timeout_s * 4
-        self.batch_window_s = batch_window_s
+        # NOTE: the runtime's timeout_s bounds every single wait inside the roles; this bounds a whole request
+        # for callers that wait on it (a long generation on a big model takes minutes)
+        self.request_timeout_s = request_timeout_s or self.timeout_s * 4
         self.replicas = [r for r in self.bundle.roles if r["kind"] == "attention"]
         self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device}
         resolve_run_config(dict(self._run_config), m)  # bad options fail here, before any process starts
         self._env = env
-        self._queue: deque[_Request] = deque()
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._requests: dict[str, ServingRequest] = {}  # unfinished, by id
+        self._load = [0] * len(self.replicas)  # unfinished requests per replica
+        self._ids = itertools.count()
         self._broken: str | None = None
         self._closing = False
+        self._stop = threading.Event()
         self._procs: list = []
         self._links: dict[int, Link] = {}
+        self._send_locks: dict[int, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
         self._workdir: Path | None = None
         self._server: WaveServer | None = None
-        self.waves = 0  # waves answered (one per member replica and round)
-        self.served = 0  # requests answered
+        self.served = 0  # requests finished
+        self.cancelled = 0
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout_s: float | None = None) -> "ServingEngine":
@@ -99,36 +150,33 @@ class ServingEngine:
                 msg = link.wait(timeout_s, on_idle=self._raise_if_a_role_died, idle_every_s=0.2)
                 if not msg.get("ready"):
                     raise MscError(f"attention replica {r} did not report ready: {msg}")
+            self._send_locks = {r: threading.Lock() for r in self._links}
         except BaseException:
             self._shutdown_processes(grace_s=0)
             raise
-        self._threads = [threading.Thread(target=self._round_loop, name="msc-rounds", daemon=True),
+        self._threads = [threading.Thread(target=self._read_loop, name="msc-reader", daemon=True),
                          threading.Thread(target=self._monitor, name="msc-monitor", daemon=True)]
         for t in self._threads:
             t.start()
         return self
 
     def close(self, grace_s: float = 30.0) -> None:
-        """Stop taking requests, fail the queued ones, tell the replicas to stop and wait for every role
+        """Stop taking requests, fail the unfinished ones, tell the replicas to stop and wait for every role
         process to end (killing what is left after grace_s)."""
-        with self._cv:
+        with self._lock:
             if self._closing:
                 return
             self._closing = True
-            queued = list(self._queue)
-            self._queue.clear()
-            self._cv.notify_all()
-        for req in queued:
-            req.future.set_exception(MscError("the server is shutting down"))
-        for t in self._threads:
-            if t.name == "msc-rounds":
-                t.join(timeout=self.wave_timeout_s)
-        for link in self._links.values():
-            try:
-                link.send({"stop": True})
-            except MscError:
-                pass  # that replica is gone already
+            left = list(self._requests.values())
+            self._requests.clear()
+        for req in left:
+            req._fail("the server is shutting down")
+        for r in list(self._links):
+            self._send(r, {"stop": True}, quiet=True)
+        self._stop.set()
         self._shutdown_processes(grace_s)
+        for t in self._threads:
+            t.join(timeout=5)
 
     def __enter__(self) -> "ServingEngine":
         return self.start()
@@ -137,104 +185,104 @@ class ServingEngine:
         self.close()
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt: list[int], max_new_tokens: int) -> Future:
-        """Queue one greedy generation; the Future's result is a Completion (MscError if it fails)."""
+    def submit(self, prompt: list[int], max_new_tokens: int | None = None, params: SamplingParams | None = None) -> ServingRequest:
+        """Send one request to the least loaded replica; its `result()` is a Completion (MscError if it fails).
+        Give either max_new_tokens (greedy) or SamplingParams."""
         if not prompt:
             raise MscError("the prompt needs at least one token id")
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab]
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab]
         if bad:
             raise MscError(f"token id {bad[0]!r} is outside the model's vocabulary [0, {self.vocab})")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        req = _Request(list(prompt), max_new_tokens)
-        with self._cv:
+        if params is None:
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            params = SamplingParams(max_tokens=max_new_tokens)
+        req = ServingRequest(self, f"r{next(self._ids)}", list(prompt), params)
+        with self._lock:
             if self._broken is not None:
                 raise MscError(f"the server cannot take requests: {self._broken}")
             if self._closing:
                 raise MscError("the server is shutting down")
-            self._queue.append(req)
-            self._cv.notify()
-        return req.future
+            r = min(range(len(self._load)), key=lambda i: (self._load[i], i))
+            req.replica = r
+            self._load[r] += 1
+            self._requests[req.id] = req
+        p = {k: v for k, v in params.__dict__.items() if v is not None}
+        p["stop_token_ids"] = list(params.stop_token_ids)
+        self._send(r, {"add": {"id": req.id, "prompt": req.prompt, "params": p}})
+        return req
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            req = self._requests.get(request_id)
+        if req is not None:
+            self._send(req.replica, {"cancel": request_id}, quiet=True)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Submit every prompt and wait for all of them (a convenience for scripts and tests)."""
-        futures = [self.submit(p, max_new_tokens) for p in prompts]
-        return [f.result(timeout=self.wave_timeout_s * (1 + len(prompts) // max(1, self.batch_size))).token_ids
-                for f in futures]
+        reqs = [self.submit(p, max_new_tokens) for p in prompts]
+        return [r.result(timeout=self.request_timeout_s).token_ids for r in reqs]
 
     def health(self) -> dict:
-        with self._cv:
-            queued = len(self._queue)
+        with self._lock:
+            running = len(self._requests)
+            load = list(self._load)
         return {"status": "broken" if self._broken else "closing" if self._closing else "ok", "error": self._broken,
                 "replicas": len(self.replicas), "roles": [r["name"] for r in self.bundle.roles],
-                "batch_size": self.batch_size, "queued": queued, "waves": self.waves, "served": self.served}
+                "batch_size": self.batch_size, "unfinished": running, "per_replica": load, "served": self.served,
+                "cancelled": self.cancelled}
 
     # ------------------------------------------------------------------ threads
-    def _take_round(self) -> list[_Request] | None:
-        """Up to batch_size requests per replica, once that many are queued or batch_window_s has passed
-        since a request was first seen waiting; None when the engine closes or breaks."""
-        most = self.batch_size * len(self.replicas)
-        deadline = None
-        with self._cv:
-            while True:
-                if self._closing or self._broken:
-                    return None
-                n, now = len(self._queue), time.monotonic()
-                if n and deadline is None:
-                    deadline = now + self.batch_window_s
-                if n >= most or (n and now >= deadline):
-                    return [self._queue.popleft() for _ in range(min(most, n))]
-                self._cv.wait(timeout=deadline - now if n else 0.5)
+    def _send(self, r: int, msg: dict, quiet: bool = False) -> None:
+        try:
+            with self._send_locks[r]:
+                self._links[r].send(msg)
+        except (MscError, KeyError) as e:
+            if not quiet:
+                self._break(self._role_death(within_s=2.0) or str(e))
+                raise MscError(f"the server cannot take requests: {self._broken}") from None
 
-    def _round_loop(self) -> None:
-        round_no = 0
-        while True:
-            reqs = self._take_round()
-            if reqs is None:
-                return
-            # NOTE: request i goes to replica i mod n, so a small round still spreads over the replicas
-            waves = {r: reqs[r::len(self.replicas)] for r in range(len(self.replicas))}
-            waves = {r: w for r, w in waves.items() if w}
-            members = sorted(waves)
-            deadline = time.monotonic() + self.wave_timeout_s
-            try:
-                for r, wave in waves.items():
-                    self._links[r].send({"wave": round_no, "members": members, "prompts": [q.prompt for q in wave],
-                                         "max_new_tokens": [q.max_new_tokens for q in wave]})
-                for r, wave in waves.items():
-                    msg = self._links[r].wait(max(0.0, deadline - time.monotonic()), on_idle=self._raise_if_broken,
-                                              idle_every_s=0.2)
-                    if "error" in msg:
-                        raise MscError(f"attention replica {r}: {msg['error']}")
-                    if msg.get("wave") != round_no or len(msg.get("outputs", ())) != len(wave):
-                        raise MscError(f"attention replica {r} answered wave {msg.get('wave')!r} with "
-                                       f"{len(msg.get('outputs', ()))} outputs; expected wave {round_no} with {len(wave)}")
-                    now = time.monotonic()
-                    for req, out in zip(wave, msg["outputs"]):
-                        reason = "stop" if out and out[-1] in self.eos else "length"
-                        req.future.set_result(Completion(out, reason, now - req.submitted, r))
-                    self.waves += 1
-                    self.served += len(wave)
-            except MscError as e:
+    def _read_loop(self) -> None:
+        by_sock = {link.sock: r for r, link in self._links.items()}
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select(list(by_sock), [], [], 0.2)
+                for sock in ready:
+                    r = by_sock[sock]
+                    msg = self._links[r].recv(0.0)
+                    if msg is not None:
+                        self._events(r, msg.get("events", []))
+        except (MscError, OSError, ValueError) as e:
+            if not self._closing:
                 # NOTE: a replica's link breaks when some role died; the process's exit names the culprit
                 # better than the broken link does, so wait (briefly, bounded) for an exit status first.
-                reason = self._broken or self._role_death(within_s=2.0) or str(e)
-                for req in reqs:
-                    if not req.future.done():
-                        req.future.set_exception(MscError(reason))
-                self._break(reason)
-                return
-            round_no += 1
+                self._break(self._role_death(within_s=2.0) or str(e))
+
+    def _events(self, r: int, events: list) -> None:
+        for rid, toks, reason, error in events:
+            with self._lock:
+                req = self._requests.get(rid)
+                if req is not None and reason is not None:
+                    del self._requests[rid]
+                    self._load[r] -= 1
+            if req is None:
+                continue
+            req._tokens(toks)
+            if reason == "error":
+                req._fail(error or "the replica could not run the request")
+            elif reason is not None:
+                self.served += 1
+                self.cancelled += reason == "cancelled"
+                req._finish(reason)
 
     def _monitor(self) -> None:
-        while not self._closing and self._broken is None:
+        while not self._stop.is_set() and self._broken is None:
             try:
                 self._raise_if_a_role_died()
             except MscError as e:
                 self._break(str(e))
                 return
-            with self._cv:
-                self._cv.wait(timeout=0.1)
+            self._stop.wait(0.1)
 
     def _raise_if_a_role_died(self) -> None:
         for role, p in self._procs:
@@ -251,25 +299,19 @@ class ServingEngine:
                 self._raise_if_a_role_died()
             except MscError as e:
                 return str(e)
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._closing:
                 return None
-            with self._cv:
-                self._cv.wait(timeout=0.05)
-
-    def _raise_if_broken(self) -> None:
-        if self._broken is not None:
-            raise MscError(self._broken)
+            time.sleep(0.05)
 
     def _break(self, reason: str) -> None:
-        """Mark the engine broken: queued requests fail with `reason`, no new ones are taken."""
-        with self._cv:
+        """Mark the engine broken: every unfinished request fails with `reason`, no new ones are taken."""
+        with self._lock:
             if self._broken is None:
                 self._broken = reason
-            queued = list(self._queue)
-            self._queue.clear()
-            self._cv.notify_all()
-        for req in queued:
-            req.future.set_exception(MscError(self._broken))
+            left = list(self._requests.values())
+            self._requests.clear()
+        for req in left:
+            req._fail(self._broken)
 
     def _shutdown_processes(self, grace_s: float) -> None:
         stop_roles(self._procs, grace_s)

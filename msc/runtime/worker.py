@@ -3,13 +3,15 @@
 Rendezvous is torch.distributed's env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which torchrun
 sets: rank 0 hosts a TCPStore that every role uses to find its peers, and the M2N endpoint of the
 bundle's transport is opened through it (`auto`: shared memory when all roles share a host, which
-LOCAL_WORLD_SIZE == WORLD_SIZE tells, else tcp). The rank picks the role from the bundle's manifest. Attention replicas read the requests file,
-take their share of the prompts (prompt i goes to replica i mod n_a) and write a result file.
+LOCAL_WORLD_SIZE == WORLD_SIZE tells, else tcp). The rank picks the role from the bundle's manifest.
+Attention replicas run the engine (msc.engine) on their share of the requests file's prompts (prompt i
+goes to replica i mod n_a; the file may give each prompt its sampling parameters and the engine step at
+which it arrives) and write a result file with the outputs and the engine's step records.
 
 `--run-config FILE` (JSON, every key optional) overrides the bundle for this run: `microbatches` (the
 plan's m), `delay_ms` ({"attention": ms, "expert": ms}, the spec's runtime.delay_ms) and `trace_dir`
 (each role writes its timeline there as trace.RANK.json), `serve` ({"host", "port", "token"}: the attention
-replicas take waves of requests from a serving process, msc.runtime.serving, instead of a requests file).
+replicas take requests from a serving process, msc.runtime.serving, instead of a requests file).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from msc.bundle import Bundle
 from msc.errors import MscError
 from msc.runtime import wave_channel
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
-from msc.runtime.roles import AttentionRole, ExpertRole
+from msc.engine.build import build_engine
+from msc.runtime.roles import AttentionRole, ExpertRole, sampling_from_json
 from msc.runtime.trace import Trace
 
 FAULT_ROLE = "MSC_FAULT_EXIT_ROLE"  # test hook: this role exits abruptly ...
@@ -39,12 +42,13 @@ FAULT_AFTER = "MSC_FAULT_EXIT_AFTER"  # ... after this many forwards
 
 
 def _fault_hook(role_name: str):
+    """Test hook: exit abruptly once this role has run FAULT_AFTER steps (attention) or batches (expert)."""
     if os.environ.get(FAULT_ROLE) != role_name:
         return None
     after = int(os.environ.get(FAULT_AFTER, "1"))
 
-    def hook(forwards: int) -> None:
-        if forwards >= after:
+    def hook(count: int) -> None:
+        if count >= after:
             os._exit(17)
 
     return hook
@@ -134,34 +138,46 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         if role["kind"] == "expert":
             worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, place),
                                 delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
-            worker.on_forward = _fault_hook(role["name"])
+            worker.on_batch = _fault_hook(role["name"])
             worker.serve()
             return
         replica = att_ranks.index(rank)
         m = bundle.manifest
-        worker = AttentionRole(
-            program, AttentionExchange(endpoint, exp_ranks, place), m["model"]["num_hidden_layers"], m["model"]["eos_token_id"],
-            m["plan"]["batch_size"], place, microbatches=cfg["microbatches"], delay_s=cfg["delay_ms"]["attention"] / 1e3,
-            trace=trace, kv_cache=m["spec"]["runtime"].get("kv_cache", "auto"),
-        )
-        worker.on_forward = _fault_hook(role["name"])
+        heartbeat_s = runtime["timeout_s"] / 4
+        exchange = AttentionExchange(endpoint, exp_ranks, place, heartbeat_s=heartbeat_s)
+        req = None if cfg["serve"] is not None else json.loads(Path(requests).read_text())
+        engine = build_engine(m, program, place, exchange=exchange, microbatches=cfg["microbatches"], trace=trace,
+                              delay_s=cfg["delay_ms"]["attention"] / 1e3, keep_logits=bool(req and req.get("dump_logits")))
+        worker = AttentionRole(engine, exchange)
+        worker.on_step = _fault_hook(role["name"])
         if cfg["serve"] is not None:
             srv = cfg["serve"]
             link = wave_channel.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
             try:
-                serve_waves(worker, link, heartbeat_s=runtime["timeout_s"] / 4)
+                worker.serve(link, heartbeat_s=heartbeat_s)
             finally:
                 link.close()
             return
-        req = json.loads(Path(requests).read_text())
-        mine = list(range(replica, len(req["prompts"]), len(att_ranks)))
-        outputs, logits = worker.generate([req["prompts"][i] for i in mine], int(req["max_new_tokens"]))
+        n = len(req["prompts"])
+        mine = list(range(replica, n, len(att_ranks)))
+        limits = req["max_new_tokens"] if isinstance(req["max_new_tokens"], list) else [req["max_new_tokens"]] * n
+        sampling = req.get("sampling") or [{}] * n
+        arrivals = req.get("arrivals") or [0] * n
+        params = [sampling_from_json({"max_tokens": limits[i], **sampling[i]}) for i in mine]
+        done = worker.run_batch([req["prompts"][i] for i in mine], params, [arrivals[i] for i in mine])
         out = Path(result.replace("{rank}", str(rank)))
         if req.get("dump_logits"):
-            save_file({f"prompt_{i}": t.contiguous() for i, t in zip(mine, logits) if t.numel()}, str(out.with_suffix(".safetensors")))
+            save_file({f"prompt_{i}": torch.stack(r.logits).contiguous() for i, r in zip(mine, done) if r.logits},
+                      str(out.with_suffix(".safetensors")))
+        steps, decode = worker.step_times()
+        records = [{"step": r.step, "decode": r.decode, "prefill": r.prefill, "preempted": r.preempted,
+                    "finished": r.finished} for r in engine.records]
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"indices": mine, "outputs": outputs, "forwards": worker.forwards, "transport": transport,
-                                   "step_times": worker.step_times, "decode_times": worker.decode_times, "microbatches": cfg["microbatches"]}))
+        tmp.write_text(json.dumps({"indices": mine, "outputs": [r.output for r in done],
+                                   "finish_reasons": [r.finish_reason for r in done],
+                                   "request_ids": [r.id for r in done], "records": records,
+                                   "forwards": len(steps), "transport": transport,
+                                   "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]}))
         tmp.replace(out)
     finally:
         if trace.enabled:
@@ -170,30 +186,6 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             endpoint.close()
         if use_pg:
             dist.destroy_process_group()
-
-
-def serve_waves(worker: AttentionRole, link, heartbeat_s: float) -> None:
-    """A serving attention replica: generate each wave the server sends, answer with its outputs, until told
-    to stop.
-
-    NOTE: between waves the replica is parked at the expert nodes (exchange.CTRL_PARK), and repeats that
-    every heartbeat_s while it waits, so their bounded waits do not expire while the server is quiet. A
-    server that goes away ends the replica (MscError from the link), which ends the experts in turn."""
-    worker.comm.park()
-    link.send({"ready": True})
-    while True:
-        msg = link.wait(float("inf"), on_idle=worker.comm.park, idle_every_s=heartbeat_s)
-        if msg.get("stop"):
-            break
-        worker.comm.start_round(msg["wave"], msg["members"])
-        try:
-            outputs, _ = worker.generate(msg["prompts"], msg["max_new_tokens"], finish=False)
-        except MscError as e:
-            link.send({"wave": msg.get("wave"), "error": str(e)})
-            raise
-        worker.comm.park()
-        link.send({"wave": msg["wave"], "outputs": outputs})
-    worker.comm.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
