@@ -70,19 +70,26 @@ def run_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the bundle's; --colocated: cuda if present)"),
     random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
                                         "reading a checkpoint (runs a bundle compiled for the meta device)"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="sample from the smallest set with this mass"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of every prompt's sampling (repeatable runs)"),
 ):
-    """Start every role as its own process and generate greedily (or, --colocated, run it all in one process)."""
+    """Start every role as its own process and generate (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
     from msc.verify import default_prompts
     from msc.bundle import Bundle
 
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if colocated:
-        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights)
+        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights, sampling)
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
+        if max_new_tokens < 1:
+            raise MscError("--max-new-tokens must be at least 1")
         delays = _parse_delays(delay_ms) if delay_ms else None
         result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace,
-                            random_weights=random_weights, device=device)
+                            random_weights=random_weights, device=device, sampling=[sampling] * len(prompts))
     except MscError as e:
         _fail(e)
     steps = result["step_times"][0] if result["step_times"] else []
@@ -101,11 +108,13 @@ def run_cmd(
 
 
 def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, device: Optional[str],
-                   random_weights: bool = False) -> None:
+                   random_weights: bool = False, sampling: dict | None = None) -> None:
+    """The bundle's colocated program on the engine in this process (the same engine the roles run)."""
     import torch
 
     from msc.bundle import Bundle
-    from msc.runtime.gpu_engine import ColocatedEngine
+    from msc.engine.build import build_engine
+    from msc.runtime.roles import sampling_from_json
     from msc.verify import default_prompts
 
     try:
@@ -116,21 +125,24 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
         if max_new_tokens < 1:
             raise MscError("--colocated needs --max-new-tokens >= 1")
+        params = sampling_from_json({"max_tokens": max_new_tokens, **(sampling or {})})
         gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights)
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        engine = ColocatedEngine(gm, b.manifest["model"]["num_hidden_layers"], dev, max_batch=max(len(prompts), 1),
-                                 max_seq_len=longest, page_size=16)
-        result = engine.generate(prompts, max_new_tokens)
+        engine = build_engine(b.manifest, gm, dev)
+        reqs = engine.generate(prompts, params)
     except MscError as e:
         _fail(e)
+    recs = [r for r in engine.records if r.tokens]
+    decode = sorted(r.seconds for r in recs if not r.prefill)
+    prefill_s = sum(r.seconds for r in recs if r.prefill)
     if as_json:
-        print(json.dumps({"outputs": result.tokens, "prefill_s": result.prefill_s, "step_s": result.step_s}))
+        print(json.dumps({"outputs": [r.output for r in reqs], "finish_reasons": [r.finish_reason for r in reqs],
+                          "prefill_s": prefill_s, "step_s": decode}))
         return
-    for p, o in zip(prompts, result.tokens):
-        out.print(f"{p} -> {o}")
-    if result.step_s:
-        err.print(f"colocated on {dev}: prefill {result.prefill_s * 1e3:.1f} ms, median decode step "
-                  f"{result.median_step_s * 1e3:.2f} ms over {len(result.step_s)} steps")
+    for p, r in zip(prompts, reqs):
+        out.print(f"{p} -> {r.output}")
+    if decode:
+        err.print(f"colocated on {dev}: prefill {prefill_s * 1e3:.1f} ms, median decode step "
+                  f"{decode[len(decode) // 2] * 1e3:.2f} ms over {len(decode)} steps")
 
 
 def _parse_delays(text: str) -> dict[str, float]:
@@ -249,18 +261,15 @@ def serve_cmd(
     random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
                                         "reading a checkpoint (serves a bundle compiled for the meta device)"),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
-    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0,
-                                          help="how long a free replica waits for more requests before starting a wave"),
 ):
-    """Serve a bundle over HTTP: POST /v1/generate (token ids in, greedy token ids out), GET /health."""
+    """Serve a bundle over HTTP: POST /v1/generate (token ids in, token ids out), GET /health."""
     import uvicorn
 
     from msc.runtime.serving import ServingEngine
     from msc.server import create_app
 
     try:
-        engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
-                               batch_window_s=batch_window_ms / 1e3)
+        engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches)
         with err.status(f"starting {len(engine.bundle.roles)} role processes"):
             engine.start()
     except MscError as e:
@@ -278,7 +287,7 @@ def serve_cmd(
     finally:
         with err.status("stopping the role processes"):
             engine.close()
-    err.print(f"stopped: served {engine.served} requests in {engine.waves} waves")
+    err.print(f"stopped: served {engine.served} requests")
 
 
 @app.command("plan")

@@ -39,12 +39,22 @@ def test_generate_returns_the_reference_tokens(client, tiny_hf):
     ({"prompt_token_ids": []}, 422, "prompt_token_ids"),
     ({"max_new_tokens": 4}, 422, "prompt_token_ids"),
     ({"prompt_token_ids": [1], "max_new_tokens": 0}, 422, "max_new_tokens"),
-    ({"prompt_token_ids": [1], "temperature": 0.7}, 422, "temperature"),
+    ({"prompt_token_ids": [1], "temperature": -0.5}, 422, "temperature"),
+    ({"prompt_token_ids": [1], "top_p": 0}, 422, "top_p"),
+    ({"prompt_token_ids": [1], "best_of": 2}, 422, "best_of"),
+    ({"prompt_token_ids": [1] * 4000, "max_new_tokens": 200}, 400, "this engine holds sequences of at most 4096"),
 ])
 def test_bad_requests_get_a_clear_status_and_reason(client, payload, status, text):
     r = client.post("/v1/generate", json=payload)
     assert r.status_code == status
     assert text in r.text
+
+
+def test_seeded_sampling_over_http_repeats(client):
+    body = {"prompt_token_ids": [5, 17, 42], "max_new_tokens": 12, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    a, b = client.post("/v1/generate", json=body).json(), client.post("/v1/generate", json=body).json()
+    c = client.post("/v1/generate", json={**body, "seed": 8}).json()
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12 and a["token_ids"] != c["token_ids"]
 
 
 def test_health_reports_the_roles_and_what_was_served(client):
@@ -89,10 +99,20 @@ def test_msc_serve_listens_on_localhost_answers_and_stops_cleanly_on_ctrl_c(tiny
         assert status == 200 and body["status"] == "ok"
         status, body = _get(base + "/v1/generate", {"prompt_token_ids": [7, 7], "max_new_tokens": 5})
         assert status == 200 and body["token_ids"] == reference_generate(tiny_hf, [7, 7], 5)
+        # a client that asks for a long generation and goes away: the server cancels its request
+        payload = json.dumps({"prompt_token_ids": [3, 4, 5], "max_new_tokens": 4000, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            while _get(base + "/health")[1]["unfinished"] == 0:  # the request has reached the engine
+                assert time.monotonic() < deadline + 60
+        while _get(base + "/health")[1]["cancelled"] == 0:  # bounded by the deadline below
+            assert time.monotonic() < deadline + 120, "the abandoned request was not cancelled"
+        assert _get(base + "/health")[1]["unfinished"] == 0
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, out
-        assert "POST /v1/generate" in out and "stopped: served 1 requests in 1 waves" in out
+        assert "POST /v1/generate" in out and "stopped: served 2 requests" in out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -120,6 +120,7 @@ class Endpoint:
     """Base class of all transports: bookkeeping of tags, timeouts and waiting."""
 
     transport = "?"
+    blocking_progress = False  # True: progress() may block until a wanted peer sends (torch_dist)
 
     def __init__(self, rank: int, peers: Sequence[int], timeout_s: float = DEFAULT_TIMEOUT_S):
         self.rank = rank

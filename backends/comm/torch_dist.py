@@ -50,6 +50,10 @@ def _finish(work, what: str, timeout_s: float) -> None:
 
 class TorchDistEndpoint(Endpoint):
     transport = "torch_dist"
+    # NOTE: gloo's point-to-point work objects never report completion before `wait()` (is_completed() stays
+    # False), so progress here blocks on a peer that someone waits for; callers that wait for any of
+    # several peers must make sure each of them sends soon (msc.runtime.exchange does)
+    blocking_progress = True
 
     def __init__(self, rank: int, peers: Sequence[int], device="cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
         if not dist.is_initialized():

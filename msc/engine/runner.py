@@ -150,11 +150,16 @@ class ModelRunner:
     # ------------------------------------------------------------------ a step
     def execute(self, step: StepInput) -> Tensor:
         """Logits [len(step.sample_rows), V] of the last token of each sampled row."""
+        t0 = time.time_ns()
         if self.remote:
-            return self._execute_staged(step)
-        if step.decode_only and self.cuda_graphs:
-            return self._execute_graph(step)
-        return self._execute_whole(step)
+            out = self._execute_staged(step)
+        elif step.decode_only and self.cuda_graphs:
+            out = self._execute_graph(step)
+        else:
+            out = self._execute_whole(step)
+        self.trace.mark_step(t0, time.time_ns(), len(step.token_ids), self.step_microbatches)
+        self.trace.step += 1
+        return out
 
     def _inputs(self, step: StepInput, rows) -> tuple[Tensor, Tensor, StepMeta, list[int]]:
         """input_ids, position_ids [1, T], the meta of `rows` (indices into step) and each row's last token index."""

@@ -52,7 +52,8 @@ class AttentionExchange:
         self._pending: dict[tuple[int, int], list] = {}
         self._sends: list = []
         self.step, self.mb, self.microbatches = 0, 0, 1
-        self.heartbeat_s = heartbeat_s
+        self.blocking = getattr(endpoint, "blocking_progress", False)
+        self.heartbeat_s = min(heartbeat_s, 0.05) if self.blocking else heartbeat_s
         self._last_sent = {r: time.monotonic() for r in expert_ranks}
         self.trace = None  # msc.runtime.trace.Trace, set by the runner
 
@@ -75,7 +76,7 @@ class AttentionExchange:
                 lo, hi = bounds[j], bounds[j + 1]
                 tok = ((idx >= lo) & (idx < hi)).any(dim=-1).nonzero().squeeze(1)  # [n_j]
                 n = tok.numel()
-                if n == 0:
+                if n == 0 and not self.blocking:
                     continue  # nothing for this node: it hears nothing (and owes nothing back)
                 parts = [self._header(KIND_DATA, layer, n), hidden[tok], idx[tok], weights[tok].float()]
                 self._sends.append(self.ep.isend(rank, parts, DATA_TAG, flush=False))

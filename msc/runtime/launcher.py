@@ -44,7 +44,11 @@ def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, 
     logging to workdir/NAME.log; `run_config` is written to workdir/run-config.json for them to read."""
     (workdir / "run-config.json").write_text(json.dumps(run_config))
     roles = bundle.roles
-    base_env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    # NOTE: Triton's interpreter (TRITON_INTERPRET=1, what the test suite sets to check kernels on a CPU) would
+    # make every CPU role run its decode attention through numpy; roles take the plain CPU path unless the
+    # caller's env asks for the interpreter explicitly.
+    inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    base_env = {**inherited, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                 "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     procs = []
     try:

@@ -83,7 +83,7 @@ class AttentionRole:
         link.send({"ready": True})
         stop = False
         while not stop:
-            wait = 0.0 if eng.has_work else heartbeat_s
+            wait = 0.0 if eng.has_work else min(heartbeat_s, self.exchange.heartbeat_s)
             while True:
                 msg = link.recv(wait)
                 if msg is None:

@@ -109,6 +109,8 @@ class ServingEngine:
         self.bundle = Bundle.open(bundle_dir)
         m = self.bundle.manifest
         self.vocab = m["model"]["vocab_size"]
+        eos = m["model"]["eos_token_id"]
+        self.eos = {e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
         self.batch_size = m["plan"]["batch_size"]
         self.timeout_s = m["spec"]["runtime"]["timeout_s"]
         # NOTE: the runtime's timeout_s bounds every single wait inside the roles; this bounds a whole request
