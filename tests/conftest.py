@@ -15,6 +15,12 @@ from torch import nn
 
 import msc.ops  # noqa: F401
 
+try:  # NOTE: the kernels are decorated now, under the setting above, whatever a test later sets TRITON_INTERPRET to
+    import msc.backends.compute.triton_attention  # noqa: F401
+    import msc.backends.compute.triton_moe  # noqa: F401
+except ImportError:  # no triton: the kernel tests skip themselves
+    pass
+
 TINY = dict(
     model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,

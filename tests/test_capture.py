@@ -8,7 +8,7 @@ from msc.ir import bind_device, fetch_attr, get_attr_targets
 from msc.models import adapter_for
 from msc.ops import is_op
 from msc.runtime import context
-from msc.runtime.kv_cache import KVCache, StepLayout, cached_attention
+from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention
 from tests.conftest import TINY
 
 
@@ -30,13 +30,16 @@ def test_one_node_per_moe_boundary(captured):
 class _Colocated:
     """Runs attention over a fresh KV cache for one packed step (no peers: experts run in place)."""
 
-    def __init__(self, layout):
-        self.cache, self.layout = KVCache(2), layout
-        for s in layout.seq_ids:
-            self.cache.add_sequence(s)
+    def __init__(self, lengths):
+        self.lengths, self.cache, self.meta = lengths, None, None
 
     def attention(self, q, k, v, layer, scaling, window, sinks=None):
-        return cached_attention(self.cache, self.layout, q, k, v, layer, scaling, window, sinks)
+        if self.cache is None:  # made at the first call, once the head shapes are known
+            self.cache = PagedKVCache(2, 16, 4, k.shape[1], k.shape[3], v.shape[3], k.dtype, "cpu", 32)
+            for s in range(len(self.lengths)):
+                self.cache.add_sequence(s)
+            self.meta = StepMeta.for_prefill(self.cache, list(range(len(self.lengths))), self.lengths)
+        return paged_attention(self.cache, layer, q, k, v, self.meta, scaling, window, sinks)
 
 
 @pytest.mark.parametrize("lengths", [[3], [9], [4, 1, 6]])
@@ -51,7 +54,7 @@ def test_captured_graph_runs_at_any_length_and_matches_hf(captured, tiny_hf, len
     prompts = [torch.randint(0, 256, (n,)) for n in lengths]
     ids = torch.cat(prompts)[None]  # [1, T]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]  # [1, T]
-    with context.use(_Colocated(StepLayout(list(range(len(lengths))), lengths))), torch.no_grad():
+    with context.use(_Colocated(lengths)), torch.no_grad():
         (logits,) = gm(ids, pos)  # [1, T, V]
     start = 0
     for p in prompts:

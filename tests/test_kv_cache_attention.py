@@ -1,4 +1,7 @@
-"""msc/runtime/kv_cache.py (`KVCache`, `StepLayout`, `cached_attention`) against a float64 per-sequence reference.
+"""The engine's paged KV cache on general steps (msc/runtime/paged_kv.py: `StepMeta.for_step`, `paged_attention`
+with prompt chunks after a cached prefix, decode tokens beside them, sinks) against a float64 per-sequence
+reference. The small `Paged` harness below drives the cache the way the engine's runner does: one StepMeta
+per step, built from each sequence's cached length and new tokens, shared by every layer.
 
 The reference keeps each sequence's whole key/value history itself and computes, for every new query
 token at absolute position p and every query head h (kv head h // (nh / nkv), as transformers' `repeat_kv`),
@@ -19,9 +22,63 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from msc.runtime.kv_cache import KVCache, StepLayout, cached_attention
+from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _plain_cpu_attention(monkeypatch):
+    # the CPU path; the Triton decode kernel (power-of-two head dims) has its own tests in tests/kernels
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+class StepLayout:
+    """Which sequences a step's T tokens belong to: seq_ids[i] owns lengths[i] tokens, packed in order."""
+
+    def __init__(self, seq_ids, lengths):
+        self.seq_ids, self.lengths = list(seq_ids), list(lengths)
+
+
+class Paged:
+    """The paged cache with 4-token pages, made at its first step (when the head shapes are known)."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers, self.cache, self.ctx = num_layers, None, {}
+        self.meta = None
+
+    def add_sequence(self, s):
+        self.ctx[s] = 0
+        if self.cache is not None:
+            self.cache.add_sequence(s)
+
+    def drop_sequence(self, s):
+        self.cache.drop_sequence(s)
+        del self.ctx[s]
+
+    def begin(self, layout, k, v):
+        if self.cache is None:
+            self.cache = PagedKVCache(self.num_layers, 64, 4, k.shape[1], k.shape[3], v.shape[3], k.dtype, "cpu", 128)
+            for s in self.ctx:
+                self.cache.add_sequence(s)
+        self.meta = StepMeta.for_step(self.cache, layout.seq_ids, [self.ctx[s] for s in layout.seq_ids], layout.lengths)
+        self.layout = layout
+
+    def end(self):
+        for s, n in zip(self.layout.seq_ids, self.layout.lengths):
+            self.ctx[s] += n
+
+
+def KVCache(num_layers):  # noqa: N802 (the old name, kept for the tests below)
+    return Paged(num_layers)
+
+
+def cached_attention(cache: Paged, layout, q, k, v, layer, scaling, window, sinks=None):
+    """One layer of a one-layer-at-a-time test step: begin, attend, end."""
+    cache.begin(layout, k, v)
+    out = paged_attention(cache.cache, layer, q, k, v, cache.meta, scaling, window, sinks)
+    cache.end()
+    return out
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -99,12 +156,15 @@ def _run(steps, nh, nkv, dk, dv, window, sinks=None, dtype=F64, seed=0, layers=(
     for step in steps:
         layout = StepLayout([s for s, _ in step], [n for _, n in step])
         t = sum(layout.lengths)
-        for layer in layers:
+        for i, layer in enumerate(layers):
             q, k, v = _qkv(g, t, nh, nkv, dk, dv, dtype)
-            got = cached_attention(cache, layout, q, k, v, layer, scaling, window, sinks)
+            if i == 0:
+                cache.begin(layout, k, v)  # one meta per step, shared by its layers (as the engine's runner does)
+            got = paged_attention(cache.cache, layer, q, k, v, cache.meta, scaling, window, sinks)
             assert got.shape == (1, t, nh, dv) and got.dtype == dtype
             want = refs[layer].step(layout, q, k, v, scaling, window, None if sinks is None else sinks.to(F64))
             results.append((got[0].to(F64), want))
+        cache.end()
     return results
 
 
@@ -252,7 +312,3 @@ def test_sinks_match_transformers_gpt_oss_eager(window):
         want, _ = eager_attention_forward(module, q, k_all, v_all, mask, scaling=d ** -0.5)  # [1, n, nh, d]
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         pos += n
-
-
-def test_step_layout_starts():
-    assert StepLayout([3, 1, 2], [4, 0, 2]).starts == [0, 4, 4]

@@ -46,13 +46,20 @@ def test_roles_on_one_gpu_match_hf(tmp_path, tiny_hf, m):
     assert res["outputs"] == [reference_generate(tiny_hf, p, 5) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("kv_cache", ["paged", "contiguous"])
-def test_prefill_in_chunks_gives_the_same_tokens(tmp_path, tiny_hf, kv_cache):
-    """Prompts of 5, 3, 9 and 2 tokens with at most 6 prompt tokens a prefill forward: 4 prefill forwards
-    (whole prompts each; the 9-token one alone), then decode; decode_times leaves the prefill out."""
+def test_prompts_go_in_chunks_under_the_step_token_budget(tmp_path, tiny_hf):
+    """Prompts of 5, 3, 9 and 2 tokens with a budget of 6 tokens a step: prompts are cut into chunks (the
+    9-token one over two steps), decodes share steps with chunks, and the tokens are transformers'."""
     d = tiny_spec_dict(microbatches=2)
-    d["runtime"] = {"kv_cache": kv_cache}
+    d["runtime"] = {"max_step_tokens": 6}
     bundle = compile_spec(parse_spec(d), tmp_path / "b")
-    res = run_bundle(bundle.path, PROMPTS, 4, env={"MSC_PREFILL_TOKENS": "6"})
+    res = run_bundle(bundle.path, PROMPTS, 4)
     assert res["outputs"] == [reference_generate(tiny_hf, p, 4) for p in PROMPTS]
-    assert len(res["step_times"][0]) == 4 + 3 and len(res["decode_times"][0]) == 3
+    recs = res["records"][0]
+    fed = {}
+    for r in recs:
+        assert sum(n for _, n in r["prefill"]) + len(r["decode"]) <= 6
+        for rid, n in r["prefill"]:
+            fed.setdefault(rid, []).append(n)
+    assert {rid: sum(ns) for rid, ns in fed.items()} == {"p0": 5, "p1": 3, "p2": 9, "p3": 2}
+    assert len(fed["p2"]) >= 2
+    assert len(res["decode_times"][0]) < len(res["step_times"][0])

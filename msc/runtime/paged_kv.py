@@ -368,8 +368,6 @@ def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scali
 
 
 def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
-    from msc.backends.compute.triton_attention import paged_decode_attention
-
     if q.shape[2] != meta.seq_lens.shape[0]:
         raise MscError(f"paged_attention: a decode step needs one token per sequence; got {q.shape[2]} tokens "
                        f"for {meta.seq_lens.shape[0]} sequences")
@@ -377,6 +375,8 @@ def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling:
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         out = _decode_gathered(cache, layer, qd, meta, scaling, sliding_window)  # [B, nh, dv]
     else:
+        from msc.backends.compute.triton_attention import paged_decode_attention
+
         out = paged_decode_attention(qd, cache.k[layer], cache.v[layer], meta.block_tables, meta.seq_lens,
                                      scaling, sliding_window)  # [B, nh, dv]
     return out.unsqueeze(0)  # [1, T, nh, dv]

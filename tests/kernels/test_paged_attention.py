@@ -3,7 +3,8 @@
 - the kernel against an independent float64 reference that gathers each sequence's contiguous K/V from
   the pages itself (random, non-contiguous block tables; lengths 1, non-multiples of the page; GQA;
   float32/float16; sliding window; split context), with the output poisoned before the call;
-- `paged_attention` (prefill, then decode steps) against `cached_attention`, the concatenating CPU cache;
+- `paged_attention` (prefill, decode steps, then mixed steps: decode rows through the kernel beside a fresh
+  prompt and a chunk continuing a cached prefix) against the float64 reference of tests/test_kv_cache_attention.py;
 - the block allocator and the cache's bookkeeping;
 - on a GPU only: bf16 at a realistic size, and a decode step replayed from a CUDA graph.
 
@@ -16,8 +17,8 @@ import pytest
 import torch
 
 from msc.errors import MscError
-from msc.runtime.kv_cache import KVCache, StepLayout, cached_attention
 from msc.runtime.paged_kv import BlockAllocator, PagedKVCache, StepMeta, paged_attention
+from tests.test_kv_cache_attention import Reference, StepLayout
 
 F64 = torch.float64
 NH, NKV = 4, 2
@@ -120,37 +121,33 @@ def _qkv(g, t, d, dv):
 
 
 @pytest.mark.parametrize("window", [-1, 5])
-def test_paged_attention_matches_cached_attention(window):
-    """Prefill three sequences (two of equal length: one batched SDPA call), then decode steps, two layers."""
+def test_paged_attention_matches_the_reference(window):
+    """Prefill three sequences (two of equal length: one batched SDPA call), decode steps, then mixed steps
+    (decode rows beside a fresh prompt, then beside a chunk that continues it), two layers."""
     g = torch.Generator().manual_seed(5)
     d, dv, layers, scale = 16, 32, 2, 0.25
     seqs, lengths = [10, 11, 12], [6, 9, 6]
     cache = PagedKVCache(layers, num_blocks=40, page_size=4, num_kv_heads=NKV, head_dim=d, v_head_dim=dv,
                          dtype=torch.float32, device=DEV, max_seq_len=32)
-    ref = KVCache(layers)
-    for s in seqs:
-        cache.add_sequence(s)
-        ref.add_sequence(s)
-
-    meta = StepMeta.for_prefill(cache, seqs, lengths)
-    layout = StepLayout(seqs, lengths)
-    for layer in range(layers):
-        q, k, v = _qkv(g, sum(lengths), d, dv)
-        got = paged_attention(cache, layer, q, k, v, meta, scale, window)
-        want = cached_attention(ref, layout, q, k, v, layer, scale, window)
-        assert got.shape == want.shape == (1, sum(lengths), NH, dv)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-    positions = list(lengths)
-    for _ in range(5):
-        meta = StepMeta.for_decode(cache, seqs, positions)
-        layout = StepLayout(seqs, [1] * len(seqs))
+    refs = [Reference() for _ in range(layers)]
+    ctx = {}
+    for s_ in seqs + [13]:
+        cache.add_sequence(s_)
+        ctx[s_] = 0
+    steps = [list(zip(seqs, lengths))] + [[(s_, 1) for s_ in seqs]] * 4
+    steps += [[(10, 1), (13, 5), (11, 1), (12, 1)], [(13, 3), (10, 1), (11, 1), (12, 1)]]
+    for step in steps:
+        ids, counts = [s_ for s_, _ in step], [n for _, n in step]
+        meta = StepMeta.for_step(cache, ids, [ctx[s_] for s_ in ids], counts)
+        layout = StepLayout(ids, counts)
         for layer in range(layers):
-            q, k, v = _qkv(g, len(seqs), d, dv)
+            q, k, v = _qkv(g, sum(counts), d, dv)
             got = paged_attention(cache, layer, q, k, v, meta, scale, window)
-            want = cached_attention(ref, layout, q, k, v, layer, scale, window)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        positions = [p + 1 for p in positions]
+            want = refs[layer].step(layout, q.cpu(), k.cpu(), v.cpu(), scale, window)
+            assert got.shape == (1, sum(counts), NH, dv)
+            torch.testing.assert_close(got[0].cpu().double(), want, rtol=1e-5, atol=1e-5)
+        for s_, n in step:
+            ctx[s_] += n
 
 
 def test_static_meta_update_and_padding():
