@@ -57,9 +57,14 @@ def test_two_attention_replicas_three_expert_nodes(tmp_path, tiny_hf):
     assert ours == [reference_generate(tiny_hf, p, 6) for p in PROMPTS]
 
 
-def test_small_batch_size_runs_prompts_in_waves(tmp_path, tiny_hf):
+def test_small_batch_size_queues_the_rest_and_admits_them_as_others_finish(tmp_path, tiny_hf):
     bundle = compile_spec(parse_spec({**tiny_spec_dict(), "plan": {"experts": {"nodes": 2}, "batch_size": 2}}), tmp_path / "b")
-    assert run_bundle(bundle.path, PROMPTS, 4)["outputs"] == [reference_generate(tiny_hf, p, 4) for p in PROMPTS]
+    limits = [2, 6, 4][: len(PROMPTS)]
+    res = run_bundle(bundle.path, PROMPTS, limits)
+    assert res["outputs"] == [reference_generate(tiny_hf, p, n) for p, n in zip(PROMPTS, limits)]
+    recs = res["records"][0]
+    assert all(len(r["decode"]) + len(r["prefill"]) <= 2 for r in recs)  # never more than batch_size running
+    assert any(r["prefill"] and r["decode"] for r in recs)  # a queued prompt joined while another decoded
 
 
 @pytest.mark.parametrize("role", ["expert.1", "attention.0"])

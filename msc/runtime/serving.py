@@ -1,7 +1,7 @@
 """Serving: a bundle's role processes kept running, fed with requests as they come (continuous batching).
 
 `ServingEngine` starts every role as a process (as `msc run` does), with the attention replicas in serve
-mode: each connects back to this process (msc.runtime.wave_channel) and runs its engine (msc.engine) on
+mode: each connects back to this process (msc.runtime.serve_link) and runs its engine (msc.engine) on
 the requests it is sent. A request goes at once to the replica with the fewest unfinished requests; the
 replica takes it into its next step (no rounds: a request never waits for others to finish), streams
 its tokens back step by step, and drops it at once when it is cancelled (`ServingRequest.cancel`, which
@@ -30,7 +30,7 @@ from msc.bundle import Bundle
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
 from msc.runtime.launcher import role_log_tail, spawn_roles, stop_roles
-from msc.runtime.wave_channel import Link, WaveServer
+from msc.runtime.serve_link import Link, LinkServer
 from msc.runtime.worker import resolve_run_config
 
 
@@ -132,7 +132,7 @@ class ServingEngine:
         self._send_locks: dict[int, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
         self._workdir: Path | None = None
-        self._server: WaveServer | None = None
+        self._server: LinkServer | None = None
         self.served = 0  # requests finished
         self.cancelled = 0
 
@@ -143,7 +143,7 @@ class ServingEngine:
         timeout_s = timeout_s or self.timeout_s * 4
         self._workdir = Path(tempfile.mkdtemp(prefix="msc-serve-"))
         token = secrets.token_hex(16)
-        self._server = WaveServer(token)
+        self._server = LinkServer(token)
         cfg = {**self._run_config, "serve": {"host": self._server.host, "port": self._server.port, "token": token}}
         try:
             self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from msc.backends.comm import m2n
 from msc.bundle import Bundle
 from msc.errors import MscError
-from msc.runtime import wave_channel
+from msc.runtime import serve_link
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.engine.build import build_engine
 from msc.runtime.roles import AttentionRole, ExpertRole, sampling_from_json
@@ -152,7 +152,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         worker.on_step = _fault_hook(role["name"])
         if cfg["serve"] is not None:
             srv = cfg["serve"]
-            link = wave_channel.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
+            link = serve_link.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
             try:
                 worker.serve(link, heartbeat_s=heartbeat_s)
             finally:

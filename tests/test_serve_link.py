@@ -7,13 +7,13 @@ import time
 import pytest
 
 from msc.errors import MscError
-from msc.runtime import wave_channel
+from msc.runtime import serve_link
 
 
 def _pair(replica: int = 0, replicas: int = 1):
-    server = wave_channel.WaveServer("secret")
+    server = serve_link.LinkServer("secret")
     box = {}
-    t = threading.Thread(target=lambda: box.update(link=wave_channel.connect(server.host, server.port, "secret", replica, 5.0)))
+    t = threading.Thread(target=lambda: box.update(link=serve_link.connect(server.host, server.port, "secret", replica, 5.0)))
     t.start()
     links = server.accept(replicas, timeout_s=10.0)
     t.join(timeout=10)
@@ -24,21 +24,21 @@ def test_messages_cross_both_ways_whole_and_in_order():
     server, at_server, at_replica = _pair()
     big = list(range(200_000))  # ~1.3 MB of JSON: several socket reads
     for i in range(3):
-        at_server.send({"wave": i, "prompts": [big if i == 1 else [i]]})
+        at_server.send({"add": i, "prompts": [big if i == 1 else [i]]})
     for i in range(3):
         msg = at_replica.wait(5.0)
-        assert msg["wave"] == i and msg["prompts"] == [big if i == 1 else [i]]
-    at_replica.send({"wave": 0, "outputs": [[1, 2]]})
-    assert at_server.wait(5.0) == {"wave": 0, "outputs": [[1, 2]]}
+        assert msg["add"] == i and msg["prompts"] == [big if i == 1 else [i]]
+    at_replica.send({"events": [["r0", [1, 2], None, None]]})
+    assert at_server.wait(5.0) == {"events": [["r0", [1, 2], None, None]]}
     assert at_server.peer == "attention replica 0"
     server.close()
 
 
 def test_a_wrong_token_is_turned_away_and_the_right_replica_still_gets_in():
-    server = wave_channel.WaveServer("secret")
-    intruder = wave_channel.connect(server.host, server.port, "guess", 0, 5.0)
+    server = serve_link.LinkServer("secret")
+    intruder = serve_link.connect(server.host, server.port, "guess", 0, 5.0)
     box = {}
-    t = threading.Thread(target=lambda: box.update(link=wave_channel.connect(server.host, server.port, "secret", 0, 5.0)))
+    t = threading.Thread(target=lambda: box.update(link=serve_link.connect(server.host, server.port, "secret", 0, 5.0)))
     t.start()
     links = server.accept(1, timeout_s=10.0)
     t.join(timeout=10)
@@ -50,15 +50,15 @@ def test_a_wrong_token_is_turned_away_and_the_right_replica_still_gets_in():
 
 
 def test_a_replica_index_out_of_range_is_an_error():
-    server = wave_channel.WaveServer("secret")
-    wave_channel.connect(server.host, server.port, "secret", 3, 5.0)
+    server = serve_link.LinkServer("secret")
+    serve_link.connect(server.host, server.port, "secret", 3, 5.0)
     with pytest.raises(MscError, match=r"connected as 3; expected one of 0..1"):
         server.accept(2, timeout_s=10.0)
     server.close()
 
 
 def test_accept_names_the_replicas_that_never_came_and_runs_the_check():
-    server = wave_channel.WaveServer("secret")
+    server = serve_link.LinkServer("secret")
     calls = []
     t0 = time.monotonic()
     with pytest.raises(MscError, match=r"replicas \[0, 1\] did not connect within 1 s"):

@@ -1,8 +1,10 @@
 """The link between a serving process and its attention replicas: JSON messages over a local TCP socket.
 
 The server (msc.runtime.serving) listens on 127.0.0.1; each attention replica connects, proves it knows
-the run's token and names its replica index. Then the server sends waves ({"wave", "prompts",
-"max_new_tokens"}) or {"stop": true}, and the replica answers each wave with its outputs (or an error).
+the run's token and names its replica index. Then the server sends requests ({"add": {"id", "prompt",
+"params"}}), cancellations ({"cancel": id}) or {"stop": true}, and the replica answers with the events of
+each step ({"events": [[id, new tokens, finish reason or null, error or null], ...]}); see
+msc.runtime.roles.AttentionRole.serve.
 
 A message is a 4-byte big-endian length and that many bytes of UTF-8 JSON: no pickle crosses the socket.
 Every read has a deadline; a peer that closes its end is an MscError naming it.
@@ -20,7 +22,7 @@ from typing import Callable
 from msc.errors import MscError
 
 _LEN = struct.Struct(">I")
-MAX_MESSAGE = 256 << 20  # a wave's prompts and outputs as JSON; larger is a corrupt length
+MAX_MESSAGE = 256 << 20  # a request's prompt or a step's events as JSON; larger is a corrupt length
 
 
 class Link:
@@ -92,7 +94,7 @@ class Link:
             pass
 
 
-class WaveServer:
+class LinkServer:
     """The server's listening socket: accepts one authenticated connection per attention replica."""
 
     def __init__(self, token: str, host: str = "127.0.0.1"):
