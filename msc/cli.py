@@ -94,10 +94,12 @@ def run_cmd(
         _fail(e)
     steps = result["step_times"][0] if result["step_times"] else []
     if as_json:
-        print(json.dumps({"outputs": result["outputs"], "microbatches": result["microbatches"], "step_times": result["step_times"]}))
+        print(json.dumps({"outputs": result["outputs"], "finish_reasons": result["finish_reasons"],
+                          "errors": result["errors"], "microbatches": result["microbatches"],
+                          "step_times": result["step_times"]}))
     else:
-        for p, o in zip(prompts, result["outputs"]):
-            out.print(f"{p} -> {o}")
+        for p, o, e in zip(prompts, result["outputs"], result["errors"]):
+            out.print(f"{p} -> {o}" if e is None else f"{p} -> error: {e}", markup=False)
         decode = sorted(result["decode_times"][0]) if result["decode_times"] else []
         if decode:
             prefill = sum(steps) - sum(decode)

@@ -100,3 +100,29 @@ def test_profile_dir_gets_one_profile_per_role_and_the_same_tokens(tiny_bundle, 
     for p in profiles:
         stats = pstats.Stats(str(p))
         assert any(name == "run_worker" for (_, _, name) in stats.stats)
+
+
+def test_preemption_in_the_role_processes_gives_the_same_tokens(tmp_path, tiny_hf):
+    """A KV pool of 4 pages (64 tokens) for 5 requests of up to 26 tokens each: the replica preempts and
+    recomputes, and every output is still transformers'."""
+    prompts = PROMPTS + [[9, 9, 9, 9], [4, 4]]
+    spec = parse_spec({**tiny_spec_dict(microbatches=2), "runtime": {"kv_cache_tokens": 64, "max_seq_len": 64}})
+    res = run_bundle(compile_spec(spec, tmp_path / "b").path, prompts, 18, arrivals=[0, 0, 1, 2, 3])
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 18) for p in prompts]
+    assert any(r["preempted"] for r in res["records"][0])
+
+
+def test_a_prompt_that_can_never_fit_fails_alone(tmp_path, tiny_hf):
+    spec = parse_spec({**tiny_spec_dict(), "runtime": {"kv_cache_tokens": 64, "max_seq_len": 64}})
+    res = run_bundle(compile_spec(spec, tmp_path / "b").path, [[1] * 70, [7, 7]], 4)
+    assert res["finish_reasons"][0] == "error" and "at most 64" in res["errors"][0] and res["outputs"][0] == []
+    assert res["outputs"][1] == reference_generate(tiny_hf, [7, 7], 4) and res["errors"][1] is None
+
+
+def test_seeded_sampling_repeats_across_runs_and_batch_mixes(tiny_bundle):
+    s = {"temperature": 1.0, "top_p": 0.9, "seed": 5, "ignore_eos": True}
+    a = run_bundle(tiny_bundle.path, [PROMPTS[0]], 10, sampling=[s])["outputs"][0]
+    mix = [s, {"temperature": 0.7, "seed": 1}, {}]
+    b = run_bundle(tiny_bundle.path, PROMPTS, 10, sampling=mix, microbatches=2, arrivals=[3, 0, 0])["outputs"][0]
+    c = run_bundle(tiny_bundle.path, [PROMPTS[0]], 10, sampling=[{**s, "seed": 6}])["outputs"][0]
+    assert a == b and len(a) == 10 and a != c

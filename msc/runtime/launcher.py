@@ -109,7 +109,8 @@ def run_bundle(
     `device` (cpu or cuda; default: the bundle's). `max_new_tokens`: one limit or one per prompt;
     `sampling`: per prompt, SamplingParams fields (temperature, top_k, top_p, seed, stop_token_ids,
     ignore_eos); `arrivals`: per prompt, the step of its replica's engine at which it joins (continuous
-    batching without wall-clock timing). The result adds "finish_reasons" and "records" (per replica, the
+    batching without wall-clock timing). The result adds "finish_reasons" ("stop", "length" or "error"),
+    "errors" (the message of a prompt that could never run, else None) and "records" (per replica, the
     engine's step records).
     """
     bundle = Bundle.open(bundle_dir)
@@ -156,6 +157,7 @@ def run_bundle(
             stop_roles(procs)
         outputs: list = [None] * len(prompts)
         reasons: list = [None] * len(prompts)
+        errors: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
         transport, used_m, step_times, decode_times, records = None, None, [], [], []
         for r in roles:
@@ -166,8 +168,8 @@ def run_bundle(
             step_times.append(res.get("step_times", []))
             decode_times.append(res.get("decode_times", []))
             records.append(res.get("records", []))
-            for i, out, why in zip(res["indices"], res["outputs"], res["finish_reasons"]):
-                outputs[i], reasons[i] = out, why
+            for i, out, why, err in zip(res["indices"], res["outputs"], res["finish_reasons"], res["errors"]):
+                outputs[i], reasons[i], errors[i] = out, why, err
             if dump_logits:
                 f = tmp / f"result.{r['rank']}.safetensors"
                 saved = load_file(str(f)) if f.exists() else {}
@@ -179,7 +181,7 @@ def run_bundle(
                     "model": bundle.manifest["model"]["model_type"], "layers": bundle.manifest["model"]["num_hidden_layers"],
                     "roles": [r["name"] for r in roles], "transport": transport}
             merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
-    result = {"outputs": outputs, "finish_reasons": reasons, "transport": transport, "microbatches": used_m,
+    result = {"outputs": outputs, "finish_reasons": reasons, "errors": errors, "transport": transport, "microbatches": used_m,
               "step_times": step_times, "decode_times": decode_times, "records": records}
     if dump_logits:
         result["logits"] = logits

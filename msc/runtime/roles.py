@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from msc.engine.engine import Engine
-from msc.engine.request import Request, SamplingParams
+from msc.engine.request import Request, SamplingParams, Status
 from msc.errors import MscError
 from msc.runtime import context
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
@@ -59,7 +59,11 @@ class AttentionRole:
         while k < len(order) or eng.has_work:
             while k < len(order) and arrivals[order[k]] <= eng.step_no:
                 i = order[k]
-                reqs[i] = eng.add_request(f"p{i}", prompts[i], params[i])
+                try:
+                    reqs[i] = eng.add_request(f"p{i}", prompts[i], params[i])
+                except MscError as e:  # this prompt can never run: it fails alone, the others go on
+                    reqs[i] = Request(f"p{i}", list(prompts[i]), params[i], status=Status.FINISHED,
+                                      finish_reason="error", error=str(e))
                 k += 1
             self._step()
         self.exchange.finish()

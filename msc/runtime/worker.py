@@ -175,6 +175,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"indices": mine, "outputs": [r.output for r in done],
                                    "finish_reasons": [r.finish_reason for r in done],
+                                   "errors": [r.error for r in done],
                                    "request_ids": [r.id for r in done], "records": records,
                                    "forwards": len(steps), "transport": transport,
                                    "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]}))
