@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
 # as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh enginetests enginestep tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,6 +41,8 @@ for stage in "$@"; do
     servetests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_serving.py tests/test_paged_roles.py 2>&1 | tail -15 ;;
     serveload) python3 benchmarks/serve_load.py ${SERVE_ARGS:---model mixtral --layers 16 --device cuda --batch 64 --requests 128 --concurrency 64 --input-len 571 --output-len 32} \
                  --out "$OUT/serve_load$TAG.json" 2>&1 | tee "$OUT/serve_load$TAG.log" | tail -12 ;;
+    enginestep) python3 benchmarks/engine_step.py ${ENGINE_ARGS:-} --out "$OUT/engine_step$TAG.json" 2>&1 | tee "$OUT/engine_step$TAG.log" | tail -20 ;;
+    enginetests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_serving.py tests/test_paged_roles.py tests/test_colocated_engine.py tests/kernels 2>&1 | tail -25 ;;
     rolestrace) python3 benchmarks/roles_trace.py ${ROLES_ARGS:-} --out "$OUT/roles_trace.json" 2>&1 | tee "$OUT/roles_trace.log" | tail -8 ;;
     profile) msc profile examples/mixtral-8x7b-h200.yaml ${PROFILE_ARGS:-} -o "$OUT/profile_mixtral_8x7b_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -16 ;;
     *) echo "unknown stage $stage" ;;
