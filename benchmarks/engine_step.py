@@ -58,20 +58,23 @@ def _bundle(tmp: str, model: str, layers: int, batch: int, max_seq_len: int, m: 
     return compile_spec(spec, f"{tmp}/b{batch}")
 
 
-def colocated(bundle, prompts, output_len: int, device: str) -> dict:
+def colocated(bundle, prompts, batches: list[int], output_len: int, device: str) -> list[dict]:
+    """Per batch size: decode step wall time on the engine, and the replay-only time (weights loaded once)."""
     from msc.engine.build import build_engine
     from msc.engine.request import SamplingParams
 
     gm = bundle.load_program(bundle.manifest["colocated"]["program"], device, random_weights=True)
     eng = build_engine(bundle.manifest, gm, device)
     eng.generate(prompts[:2], SamplingParams(max_tokens=3, ignore_eos=True))  # warm-up: kernels, a graph
-    first = eng.step_no
-    eng.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
-    recs = [r for r in eng.records if r.step >= first and r.tokens]
-    decode = [r.seconds for r in recs if not r.prefill and len(r.decode) == len(prompts)]
-    replay = eng.runner.time_decode(len(prompts), len(prompts[0]) + output_len // 2)
-    out = {"step_s": statistics.median(decode), "replay_step_s": replay, "decode_steps": len(decode),
-           "prefill_s": sum(r.seconds for r in recs if r.prefill)}
+    out = []
+    for b in batches:
+        first = eng.step_no
+        eng.generate(prompts[:b], SamplingParams(max_tokens=output_len, ignore_eos=True))
+        recs = [r for r in eng.records if r.step >= first and r.tokens]
+        decode = [r.seconds for r in recs if not r.prefill and len(r.decode) == b]
+        replay = eng.runner.time_decode(b, len(prompts[0]) + output_len // 2)
+        out.append({"part": "colocated", "batch": b, "step_s": statistics.median(decode), "replay_step_s": replay,
+                    "decode_steps": len(decode), "prefill_s": sum(r.seconds for r in recs if r.prefill)})
     del eng, gm
     gc.collect()
     if device == "cuda":
@@ -164,9 +167,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="msc-engine-step-") as tmp:
         bundle = _bundle(tmp, args.model, args.layers, most, max_seq_len)
+        if "colocated" in parts:
+            for row in colocated(bundle, prompts, batches, args.output_len, dev):
+                emit(row)
         for b in batches:
-            if "colocated" in parts:
-                emit({"part": "colocated", "batch": b, **colocated(bundle, prompts[:b], args.output_len, dev)})
             if "roles" in parts:
                 for m in ints(args.m):
                     emit({"part": "roles", "batch": b, "m": m, **roles(bundle, prompts[:b], args.output_len, m, dev)})
