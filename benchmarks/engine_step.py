@@ -90,10 +90,11 @@ def roles(bundle, prompts, output_len: int, m: int, device: str) -> dict:
     full = [r for r in res["records"][0] if not r["prefill"] and len(r["decode"]) == len(prompts)]
     times = res["decode_times"][0]
     steps = times[-len(full):] if full else times  # decode-only steps of the whole batch (the last ones)
-    return {"step_s": statistics.median(steps), "decode_steps": len(steps)}
+    return {"step_s": statistics.median(steps), "decode_steps": len(steps), "outputs": res["outputs"]}
 
 
-def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: int, device: str) -> dict:
+def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: int, device: str,
+          reference: list[list[int]] | None = None) -> dict:
     from msc.engine.request import SamplingParams
     from msc.runtime.serving import ServingEngine
 
@@ -104,7 +105,7 @@ def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: in
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     try:
         eng.submit(prompts[0], params=SamplingParams(max_tokens=4, ignore_eos=True)).result(timeout=300)  # warm-up
-        done, lock = [], threading.Lock()
+        done, lock = [], threading.Lock()  # (prompt index, handle)
         todo = iter(range(clients * per_client))
 
         def client() -> None:
@@ -116,7 +117,7 @@ def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: in
                 h = eng.submit(prompts[i % len(prompts)], params=params)
                 h.result(timeout=1200)
                 with lock:
-                    done.append(h)
+                    done.append((i % len(prompts), h))
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
         t0 = time.perf_counter()
@@ -127,10 +128,15 @@ def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: in
         wall = time.perf_counter() - t0
     finally:
         eng.close()
-    ttft = [h.token_times[0] - h.submitted for h in done]
-    tpot = [(h.token_times[-1] - h.token_times[0]) / (len(h.tokens) - 1) for h in done if len(h.tokens) > 1]
-    gen = sum(len(h.tokens) for h in done)
+    ttft = [h.token_times[0] - h.submitted for _, h in done]
+    tpot = [(h.token_times[-1] - h.token_times[0]) / (len(h.tokens) - 1) for _, h in done if len(h.tokens) > 1]
+    gen = sum(len(h.tokens) for _, h in done)
+    same = None
+    if reference is not None:  # greedy tokens of the same prompts from `msc run` on the same bundle
+        checked = [(i, h) for i, h in done if i < len(reference)]
+        same = f"{sum(h.tokens == reference[i] for i, h in checked)}/{len(checked)}"
     return {"clients": clients, "requests": len(done), "seconds": wall, "tokens_per_s": gen / wall,
+            "same_tokens_as_roles": same,
             "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99), "tpot_p50_s": _pct(tpot, 0.5),
             "tpot_p99_s": _pct(tpot, 0.99), "startup_s": startup}
 
@@ -163,7 +169,7 @@ def main() -> None:
 
     def emit(row: dict) -> None:
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "outputs"}), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="msc-engine-step-") as tmp:
         bundle = _bundle(tmp, args.model, args.layers, most, max_seq_len)
@@ -176,9 +182,12 @@ def main() -> None:
                     emit({"part": "roles", "batch": b, "m": m, **roles(bundle, prompts[:b], args.output_len, m, dev)})
         if "serve" in parts:
             for c in ints(args.serve):
-                steps = {r["m"]: r["step_s"] for r in rows if r["part"] == "roles" and r["batch"] == c}
+                runs = {r["m"]: r for r in rows if r["part"] == "roles" and r["batch"] == c}
+                steps = {k: r["step_s"] for k, r in runs.items()}
                 m = min(steps, key=steps.get) if steps else 1
-                row = {"part": "serve", "m": m, **serve(bundle, prompts, c, args.requests_per_client, args.output_len, m, dev)}
+                ref = runs[m]["outputs"] if steps else None
+                row = {"part": "serve", "m": m, **serve(bundle, prompts, c, args.requests_per_client, args.output_len, m,
+                                                        dev, ref)}
                 if steps:
                     row["decode_tokens_per_s"] = c / steps[m]
                     row["serve_over_decode"] = row["tokens_per_s"] / row["decode_tokens_per_s"]
@@ -203,11 +212,14 @@ def main() -> None:
             print(f"serve {r['clients']} clients (m = {r['m']}): {r['tokens_per_s']:,.0f} tok/s"
                   + (f" = {r['serve_over_decode']:.2f}x the roles' decode" if "serve_over_decode" in r else "")
                   + f"; TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms p99 {r['ttft_p99_s'] * 1e3:.0f} ms; "
-                  f"TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms p99 {r['tpot_p99_s'] * 1e3:.1f} ms")
+                  f"TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms p99 {r['tpot_p99_s'] * 1e3:.1f} ms; "
+                  f"same tokens as msc run: {r['same_tokens_as_roles']}")
     from msc.bench import machine_info
 
     meta = {**machine_info(("torch", "triton", "transformers")), "gpu": gpu, "model": args.model,
             "layers": args.layers, "input_len": args.input_len, "output_len": args.output_len}
+    for r in rows:
+        r.pop("outputs", None)
     Path(args.out).write_text(json.dumps({"benchmark": "engine_step", "meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 

@@ -39,7 +39,7 @@ for stage in "$@"; do
            nvidia-cuda-mps-control -d && echo "MPS daemon started" && TAG=_mps ;;
     mpsoff) echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; TAG= ;;
     servetests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_serving.py tests/test_paged_roles.py 2>&1 | tail -15 ;;
-    serveload) python3 benchmarks/serve_load.py ${SERVE_ARGS:---model mixtral --layers 16 --device cuda --batch 64 --requests 128 --concurrency 64 --input-len 571 --output-len 32} \
+    serveload) python3 benchmarks/engine_step.py --parts roles,serve ${SERVE_ARGS:---batch 64 --m 1 --serve 64} \
                  --out "$OUT/serve_load$TAG.json" 2>&1 | tee "$OUT/serve_load$TAG.log" | tail -12 ;;
     enginestep) python3 benchmarks/engine_step.py ${ENGINE_ARGS:-} --out "$OUT/engine_step$TAG.json" 2>&1 | tee "$OUT/engine_step$TAG.log" | tail -20 ;;
     enginetests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_serving.py tests/test_paged_roles.py tests/test_colocated_engine.py tests/kernels 2>&1 | tail -25 ;;
