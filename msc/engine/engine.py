@@ -145,7 +145,7 @@ class Engine:
         work = self.scheduler.schedule(record)
         if work:
             step = StepInput([s.request.seq_id for s in work], [s.start for s in work], [s.count for s in work],
-                             [t for s in work for t in s.request.tokens[s.start:s.start + s.count]],
+                             [t for s in work for t in s.request.token_slice(s.start, s.count)],
                              [i for i, s in enumerate(work) if s.sample])
             logits = self.runner.execute(step)  # [S, V]
             sampled = [work[i] for i in step.sample_rows]

@@ -83,6 +83,15 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_slice(self, start: int, count: int) -> list[int]:
+        """tokens[start:start + count] without building the whole list."""
+        p = len(self.prompt)
+        if start + count <= p:
+            return self.prompt[start:start + count]
+        if start >= p:
+            return self.output[start - p:start - p + count]
+        return self.prompt[start:] + self.output[:start + count - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)

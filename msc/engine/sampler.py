@@ -41,11 +41,11 @@ def uniform_noise(seeds: Tensor, positions: Tensor, vocab: int) -> Tensor:
 class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors [B]."""
 
-    temperature: Tensor  # float32; 0 = greedy
-    top_k: Tensor  # int64; 0 = all
-    top_p: Tensor  # float32; 1 = all
-    seeds: Tensor  # int64
-    positions: Tensor  # int64: the position the sampled token will take (the noise counter)
+    temperature: Tensor | None  # float32; 0 = greedy (None: every row greedy)
+    top_k: Tensor | None  # int64; 0 = all
+    top_p: Tensor | None  # float32; 1 = all
+    seeds: Tensor | None  # int64
+    positions: Tensor | None  # int64: the position the sampled token will take (the noise counter)
 
     @property
     def all_greedy(self) -> bool:
@@ -53,13 +53,18 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list, positions: list[int], device) -> "SamplingBatch":
-        """From the rows' SamplingParams (msc.engine.request) and the positions their new tokens take."""
+        """From the rows' SamplingParams (msc.engine.request) and the positions their new tokens take. An
+        all-greedy batch makes no tensors (sample() then only takes the argmax)."""
+        if all(p.greedy for p in params):
+            b = cls(None, None, None, None, None)
+            b._all_greedy = True
+            return b
         b = cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
                 torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
                 torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
                 torch.tensor([p.seed_value for p in params], dtype=torch.int64, device=device),
                 torch.tensor(positions, dtype=torch.int64, device=device))
-        b._all_greedy = all(p.greedy for p in params)
+        b._all_greedy = False
         return b
 
 

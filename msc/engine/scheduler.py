@@ -118,6 +118,8 @@ class Scheduler:
     def _reserve(self, req: Request, tokens: int, fresh: bool = False) -> bool:
         """Pages for `tokens` of req, if the pool has them (all or nothing)."""
         sid = self._sid(req)
+        if not fresh and tokens <= len(self.cache.blocks(sid)) * self.cache.page_size:
+            return True  # the common decode step: its page has room
         if fresh:
             self.cache.drop_sequence(sid)
             self.cache.add_sequence(sid)

@@ -128,29 +128,34 @@ class PagedKVCache:
             return torch.empty(0, dtype=torch.long, device=self.device)
         uniq = list(dict.fromkeys(seq_ids))
         row_of = {s: i for i, s in enumerate(uniq)}
-        table = self._host_table(uniq).long()  # [U, max_blocks]
-        n_blocks = torch.tensor([len(self.blocks(s)) for s in uniq])  # [U]
-        rows = torch.tensor([row_of[s] for s in seq_ids])  # [T]
+        return self._slots(self._host_table(uniq), [row_of[s] for s in seq_ids], pos, seq_ids).to(self.device)
+
+    def _slots(self, table: Tensor, rows: list[int], pos: Tensor, seq_ids: list[int]) -> Tensor:
+        """Host slots [T] of tokens at `pos` of the sequences in table's `rows` (their pages checked)."""
+        n_blocks = torch.tensor([len(self._blocks[s]) for s in dict.fromkeys(seq_ids)])  # [U] in table row order
+        rows_t = torch.tensor(rows)  # [T]
         page = pos // self.page_size  # [T]
-        bad = (pos < 0) | (page >= n_blocks[rows])
+        bad = (pos < 0) | (page >= n_blocks[rows_t])
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise MscError(f"PagedKVCache.slots: position {int(pos[i])} of sequence {seq_ids[i]} is outside its "
                            f"{self.capacity(seq_ids[i])} allocated tokens; call ensure() first")
-        slots = table[rows, page] * self.page_size + pos % self.page_size  # [T]
-        return slots.to(self.device)
+        return table[rows_t, page].long() * self.page_size + pos % self.page_size  # [T]
 
     def block_table(self, seq_ids: list[int]) -> Tensor:
         """IntTensor [B, max_blocks_per_seq] on the cache device, unused entries 0."""
         return self._host_table(seq_ids).to(self.device)
 
     def _host_table(self, seq_ids: list[int]) -> Tensor:
-        table = torch.zeros(len(seq_ids), self.max_blocks_per_seq, dtype=torch.int32)  # [B, max_blocks]
-        for i, s in enumerate(seq_ids):
+        # NOTE: one tensor from padded lists (a torch.tensor per sequence cost ~5 us each: 1 ms a step at 256)
+        width = self.max_blocks_per_seq
+        rows = []
+        for s in seq_ids:
             blocks = self.blocks(s)
-            if blocks:
-                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return table
+            rows.append(blocks + [0] * (width - len(blocks)))
+        if not rows:
+            return torch.zeros(0, width, dtype=torch.int32)
+        return torch.tensor(rows, dtype=torch.int32)  # [B, max_blocks]
 
     # ---- device side
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
@@ -241,14 +246,16 @@ class StepMeta:
             raise MscError(f"StepMeta.for_decode: {len(seq_ids)} sequences do not fit pad_to={pad_to}")
         for s, p in zip(seq_ids, positions):
             cache.ensure(s, p + 1)
-        slots = cache.slots(list(seq_ids), list(positions))  # [B]
-        table = cache.block_table(list(seq_ids))  # [B, max_blocks]
-        lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=cache.device)  # [B]
-        if pad:
-            dev = cache.device
-            slots = torch.cat([slots, torch.full((pad,), cache.scratch_slot, dtype=torch.long, device=dev)])
-            table = torch.cat([table, torch.zeros(pad, table.shape[1], dtype=torch.int32, device=dev)])
-            lens = torch.cat([lens, torch.zeros(pad, dtype=torch.int32, device=dev)])
+        host = cache._host_table(list(seq_ids))  # [B, max_blocks], built once for the slots and the table
+        pos = torch.tensor(list(positions), dtype=torch.long)  # [B]
+        slots = cache._slots(host, list(range(len(seq_ids))), pos, list(seq_ids)) if seq_ids else pos  # [B]
+        lens = (pos + 1).to(torch.int32)  # [B]
+        if pad:  # padded on the host, then one copy each to the device
+            slots = torch.cat([slots, torch.full((pad,), cache.scratch_slot, dtype=torch.long)])
+            host = torch.cat([host, torch.zeros(pad, host.shape[1], dtype=torch.int32)])
+            lens = torch.cat([lens, torch.zeros(pad, dtype=torch.int32)])
+        dev = cache.device
+        slots, table, lens = slots.to(dev), host.to(dev), lens.to(dev)
         return cls(slots, table, lens, decode=True)
 
     @classmethod
