@@ -263,17 +263,23 @@ def serve_cmd(
     random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
                                         "reading a checkpoint (serves a bundle compiled for the meta device)"),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
+    colocated: bool = typer.Option(False, "--colocated", help="serve the colocated program in this process "
+                                   "(the same engine, experts in process) instead of the role processes"),
 ):
     """Serve a bundle over HTTP: POST /v1/generate (token ids in, token ids out), GET /health."""
     import uvicorn
 
-    from msc.runtime.serving import ServingEngine
+    from msc.runtime.serving import ColocatedServingEngine, ServingEngine
     from msc.server import create_app
 
     try:
-        engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches)
-        with err.status(f"starting {len(engine.bundle.roles)} role processes"):
-            engine.start()
+        if colocated:
+            with err.status("loading the colocated program"):
+                engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device).start()
+        else:
+            engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches)
+            with err.status(f"starting {len(engine.bundle.roles)} role processes"):
+                engine.start()
     except MscError as e:
         _fail(e)
     try:
@@ -287,7 +293,7 @@ def serve_cmd(
         except KeyboardInterrupt:
             pass  # NOTE: uvicorn re-raises the Ctrl-C it shut down on; for a server that is a normal stop
     finally:
-        with err.status("stopping the role processes"):
+        with err.status("stopping the engine"):
             engine.close()
     err.print(f"stopped: served {engine.served} requests")
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
-from msc.runtime.serving import ServingEngine
+from msc.runtime.serving import ColocatedServingEngine, ServingEngine
 
 DISCONNECT_POLL_S = 0.25
 
@@ -52,7 +52,7 @@ class GenerateResponse(BaseModel):
     replica: int
 
 
-def create_app(engine: ServingEngine) -> FastAPI:
+def create_app(engine: ServingEngine | ColocatedServingEngine) -> FastAPI:
     """The API over a started engine (the caller owns its life cycle)."""
     app = FastAPI(title="msc", description="disaggregated MoE inference: generation over token ids")
 

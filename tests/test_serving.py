@@ -144,3 +144,31 @@ def test_serving_on_one_gpu_matches_hf(tmp_path, tiny_hf):
     finally:
         eng.close()
     assert [p.returncode for _, p in eng._procs] == [0, 0, 0, 0]
+
+
+def test_colocated_serving_is_the_same_engine_in_process(tiny_bundle, tiny_hf, monkeypatch):
+    """`msc serve --colocated`: requests joining a running batch, cancel, and the HTTP app over it."""
+    from fastapi.testclient import TestClient
+
+    from msc.runtime.serving import ColocatedServingEngine
+    from msc.server import create_app
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU attention path, not the kernel in Triton's interpreter
+    eng = ColocatedServingEngine(tiny_bundle.path, device="cpu").start()
+    try:
+        long = eng.submit([5, 17, 42], 100)
+        next(long.stream(timeout=60))
+        handles = [eng.submit(p, n) for p, n in zip(PROMPTS, LIMITS)]
+        assert [h.result(timeout=60).token_ids for h in handles] == [reference_generate(tiny_hf, p, n) for p, n in zip(PROMPTS, LIMITS)]
+        assert not long.done()  # the short ones joined while it decoded, and ended first
+        long.cancel()
+        assert long.result(timeout=60).finish_reason == "cancelled"
+        with pytest.raises(MscError, match="at most 4096"):
+            eng.submit([1] * 4090, 10).result(timeout=60)
+        with TestClient(create_app(eng)) as c:
+            r = c.post("/v1/generate", json={"prompt_token_ids": [7, 7], "max_new_tokens": 5})
+            assert r.status_code == 200 and r.json()["token_ids"] == reference_generate(tiny_hf, [7, 7], 5)
+            assert c.get("/health").json()["roles"] == ["colocated"]
+    finally:
+        eng.close()
+    assert eng.health()["unfinished"] == 0

@@ -323,3 +323,132 @@ class ServingEngine:
             self._server.close()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+class ColocatedServingEngine:
+    """`msc serve --colocated`: the bundle's colocated program on the engine in this process, stepped by a
+    thread; the same interface as ServingEngine (submit, cancel, generate, health, close) and the same
+    engine as every other path, with the experts in process instead of on expert nodes."""
+
+    def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
+                 request_timeout_s: float | None = None):
+        import torch
+
+        from msc.engine.build import build_engine
+
+        self.bundle = Bundle.open(bundle_dir)
+        m = self.bundle.manifest
+        if "colocated" not in m:
+            raise MscError(f"bundle {bundle_dir} has no colocated program (compiled by an older msc); compile it again")
+        self.vocab = m["model"]["vocab_size"]
+        self.batch_size = m["plan"]["batch_size"]
+        self.timeout_s = m["spec"]["runtime"]["timeout_s"]
+        self.request_timeout_s = request_timeout_s or self.timeout_s * 4
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        resolve_run_config({"random_weights": random_weights, "device": self.device}, m)
+        program = self.bundle.load_program(m["colocated"]["program"], self.device, random_weights=random_weights)
+        self.engine = build_engine(m, program, self.device)
+        self.replicas = [{"name": "colocated"}]
+        self._lock = threading.Lock()
+        self._requests: dict[str, ServingRequest] = {}
+        self._ids = itertools.count()
+        self._broken: str | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.served = 0
+        self.cancelled = 0
+
+    def start(self, timeout_s: float | None = None) -> "ColocatedServingEngine":
+        self._thread = threading.Thread(target=self._loop, name="msc-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, grace_s: float = 30.0) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            left = list(self._requests.values())
+            self._requests.clear()
+        for req in left:
+            req._fail("the server is shutting down")
+        self.engine.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=grace_s)
+
+    def __enter__(self) -> "ColocatedServingEngine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, prompt: list[int], max_new_tokens: int | None = None,
+               params: SamplingParams | None = None) -> ServingRequest:
+        if not prompt:
+            raise MscError("the prompt needs at least one token id")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab]
+        if bad:
+            raise MscError(f"token id {bad[0]!r} is outside the model's vocabulary [0, {self.vocab})")
+        if params is None:
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            params = SamplingParams(max_tokens=max_new_tokens)
+        req = ServingRequest(self, f"r{next(self._ids)}", list(prompt), params)
+        req.replica = 0
+        with self._lock:
+            if self._broken is not None:
+                raise MscError(f"the server cannot take requests: {self._broken}")
+            if self._closing:
+                raise MscError("the server is shutting down")
+            self._requests[req.id] = req
+        self.engine.submit(req.id, req.prompt, params, self._on_token)
+        return req
+
+    def _on_token(self, r, toks: list[int]) -> None:
+        """Called on the engine thread with a step's new tokens of request r (and at its end)."""
+        with self._lock:
+            req = self._requests.get(r.id)
+            if req is not None and r.finished:
+                del self._requests[r.id]
+        if req is None:
+            return
+        req._tokens(toks)
+        if r.finished:
+            self.engine.forget(r.id)
+            if r.finish_reason == "error":
+                req._fail(r.error or "the engine could not run the request")
+            else:
+                self.served += 1
+                self.cancelled += r.finish_reason == "cancelled"
+                req._finish(r.finish_reason)
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel_threadsafe(request_id)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        reqs = [self.submit(p, max_new_tokens) for p in prompts]
+        return [r.result(timeout=self.request_timeout_s).token_ids for r in reqs]
+
+    def health(self) -> dict:
+        with self._lock:
+            running = len(self._requests)
+        return {"status": "broken" if self._broken else "closing" if self._closing else "ok", "error": self._broken,
+                "replicas": 1, "roles": ["colocated"], "device": self.device, "batch_size": self.batch_size,
+                "unfinished": running, "per_replica": [running], "served": self.served, "cancelled": self.cancelled}
+
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while not self._closing:
+                if not eng.has_work:
+                    eng.wakeup.wait(0.5)  # woken by submit / cancel; the bound only rechecks _closing
+                    continue
+                eng.step()
+        except Exception as e:  # noqa: BLE001 (any failure of a step ends the server with its reason)
+            reason = f"the engine failed: {type(e).__name__}: {e}"
+            with self._lock:
+                self._broken = reason
+                left = list(self._requests.values())
+                self._requests.clear()
+            for req in left:
+                req._fail(reason)
