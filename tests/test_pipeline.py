@@ -106,3 +106,17 @@ def test_microbatches_without_the_pipeline_pass_is_refused_and_nothing_written(t
     with pytest.raises(MscError, match="needs the pipeline_microbatches pass"):
         compile_spec(spec, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_stage_graph_bookkeeping_gives_the_same_tokens(tmp_path, tiny_hf, m):
+    """The attention role's decode steps through msc.engine.stage_graphs (MSC_STAGE_GRAPHS=emulate: the static
+    buffers, padding to batch buckets, per-bucket step metadata and cloned outputs of the CUDA-graph path,
+    without CUDA), two replicas, requests joining while others decode: transformers' tokens."""
+    spec = parse_spec({**tiny_spec_dict(microbatches=m), "plan": {"attention": {"replicas": 2}, "experts": {"nodes": 2},
+                                                                  "microbatches": m}})
+    bundle = compile_spec(spec, tmp_path / "b")
+    prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6]]
+    res = run_bundle(bundle.path, prompts, 9, arrivals=[0, 0, 2, 3, 5, 6], env={"MSC_STAGE_GRAPHS": "emulate"})
+    assert res["outputs"] == [reference_generate(tiny_hf, p, 9) for p in prompts]
+    assert all(n > 0 for n in res["captured_segments"])

@@ -13,6 +13,7 @@ cache with the metadata of the micro-batch being run; `dispatch` / `combine` go 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -80,6 +81,17 @@ class ModelRunner:
         # NOTE: CUDA graphs cover the colocated program's decode steps; an attention role's stages hold
         # host-side communication (dispatch picks each node's tokens on the host) and run eagerly
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.remote
+        # NOTE: an attention role's decode steps replay CUDA graphs of the compute between its communication
+        # ops (msc.engine.stage_graphs); MSC_STAGE_GRAPHS=off turns that off, =emulate runs the same
+        # bookkeeping without CUDA (tests on a CPU)
+        mode = os.environ.get("MSC_STAGE_GRAPHS", "on")
+        self.stage_graphs = None
+        if self.remote and cuda_graphs and (mode == "emulate" or (mode == "on" and self.device.type == "cuda")):
+            from msc.engine.stage_graphs import StageGraphs
+
+            self.stage_graphs = StageGraphs(self.staged.root, self.staged.num_stages, self.staged.weight_args, self,
+                                            emulate=self.device.type != "cuda")
+        self._static_metas: dict[int, StepMeta] = {}
         self.buckets = tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
         self.cache: PagedKVCache | None = None
         self.meta: StepMeta | None = None
@@ -191,9 +203,16 @@ class ModelRunner:
     def _execute_staged(self, step: StepInput) -> Tensor:
         groups = split_microbatches(step.counts, self.microbatches)
         self.step_microbatches = len(groups)
-        envs, metas, ends = [], [], []
+        graphs = self.stage_graphs if step.decode_only and self.stage_graphs is not None else None
+        envs, metas, ends, buckets = [], [], [], []
         for g in groups:
-            input_ids, position_ids, meta, e = self._inputs(step, list(g))
+            if graphs is None:
+                input_ids, position_ids, meta, e = self._inputs(step, list(g))
+                buckets.append(None)
+            else:  # padded to its bucket: the rows past the batch write to the scratch slot and are dropped
+                bb = self._bucket(len(g))
+                input_ids, position_ids, meta, e = self._padded_decode(step, list(g), bb)
+                buckets.append(bb)
             envs.append(self.staged.start(input_ids, position_ids))
             metas.append(meta)
             ends.append(e)
@@ -202,10 +221,15 @@ class ModelRunner:
         with context.use(self), torch.no_grad():
             for stage, mb in ping_pong(self.staged.num_stages, len(groups)):
                 self.mb = self.exchange.mb = mb
-                self.meta = metas[mb]
                 layer = stage_layers[stage][-1] if stage_layers[stage] else None
                 with self.trace.span("compute", f"attention stage {stage}", layer, mb):
-                    self.staged.run_stage(stage, envs[mb])
+                    if graphs is None:
+                        self.meta = metas[mb]
+                        self.staged.run_stage(stage, envs[mb])
+                    else:
+                        bb = buckets[mb]
+                        self.meta = self._static_meta(bb).update_(metas[mb])
+                        self.staged.run_stage(stage, envs[mb], call=lambda s, args: graphs.call(s, args, bb))
         wanted = set(step.sample_rows)
         rows = []
         for g, env, e in zip(groups, envs, ends):
@@ -215,6 +239,32 @@ class ModelRunner:
                 rows.append(logits[[e[k] for k in pick]])
         self.step_no += 1
         return torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
+
+    @property
+    def captured_segments(self) -> int:
+        """How many (stage, segment, bucket) graphs the attention role captured (0 without stage graphs)."""
+        return len(self.stage_graphs._captured) if self.stage_graphs is not None else 0
+
+    def _padded_decode(self, step: StepInput, rows: list[int], bb: int):
+        """A decode micro-batch padded to bb rows: input_ids, position_ids [1, bb], its meta, last-token rows."""
+        b = len(rows)
+        ids = torch.zeros(1, bb, dtype=torch.long)
+        ids[0, :b] = torch.tensor([step.token_ids[i] for i in rows])
+        pos = torch.zeros(1, bb, dtype=torch.long)
+        pos[0, :b] = torch.tensor([step.contexts[i] for i in rows])
+        meta = StepMeta.for_decode(self.cache, [step.seq_ids[i] for i in rows], [step.contexts[i] for i in rows], pad_to=bb)
+        return ids.to(self.device), pos.to(self.device), meta, list(range(b))
+
+    def _static_meta(self, bb: int) -> StepMeta:
+        """The step metadata a bucket's captured segments read (refreshed in place before each replay)."""
+        m = self._static_metas.get(bb)
+        if m is None:
+            dev, cache = self.device, self.cache
+            m = StepMeta(slots=torch.full((bb,), cache.scratch_slot, dtype=torch.long, device=dev),
+                         block_tables=torch.zeros(bb, cache.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                         seq_lens=torch.zeros(bb, dtype=torch.int32, device=dev), decode=True)
+            self._static_metas[bb] = m
+        return m
 
     # ------------------------------------------------------------------ CUDA graphs (colocated decode)
     def _bucket(self, batch: int) -> int:

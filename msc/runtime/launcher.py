@@ -159,7 +159,7 @@ def run_bundle(
         reasons: list = [None] * len(prompts)
         errors: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
-        transport, used_m, step_times, decode_times, records = None, None, [], [], []
+        transport, used_m, step_times, decode_times, records, captured = None, None, [], [], [], []
         for r in roles:
             if r["kind"] != "attention":
                 continue
@@ -168,6 +168,7 @@ def run_bundle(
             step_times.append(res.get("step_times", []))
             decode_times.append(res.get("decode_times", []))
             records.append(res.get("records", []))
+            captured.append(res.get("captured_segments", 0))
             for i, out, why, err in zip(res["indices"], res["outputs"], res["finish_reasons"], res["errors"]):
                 outputs[i], reasons[i], errors[i] = out, why, err
             if dump_logits:
@@ -182,7 +183,8 @@ def run_bundle(
                     "roles": [r["name"] for r in roles], "transport": transport}
             merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
     result = {"outputs": outputs, "finish_reasons": reasons, "errors": errors, "transport": transport, "microbatches": used_m,
-              "step_times": step_times, "decode_times": decode_times, "records": records}
+              "step_times": step_times, "decode_times": decode_times, "records": records,
+              "captured_segments": captured}
     if dump_logits:
         result["logits"] = logits
     return result

@@ -80,6 +80,7 @@ class StagedProgram:
         self._stage_nodes: list[list[fx.Node]] = [[] for _ in range(self.num_stages)]
         self._output: fx.Node | None = None
         stage_of_call: dict[fx.Node, int] = {}
+        self.weight_args: list[set[int]] = [set() for _ in range(self.num_stages)]  # stage inputs that are weights
         for n in self.root.graph.nodes:
             if n.op == "placeholder":
                 self._inputs.append(n)
@@ -89,6 +90,7 @@ class StagedProgram:
                 s = int(n.target.removeprefix("submod_"))
                 stage_of_call[n] = s
                 self._stage_nodes[s].append(n)
+                self.weight_args[s] = {i for i, a in enumerate(n.args) if isinstance(a, fx.Node) and a.op == "get_attr"}
             elif n.op == "call_function":  # getitem unpacking a stage's outputs
                 src = n.args[0]
                 self._stage_nodes[stage_of_call[src]].append(n)
@@ -103,10 +105,15 @@ class StagedProgram:
         env.update(zip(self._inputs, inputs))
         return env
 
-    def run_stage(self, stage: int, env: dict) -> None:
+    def run_stage(self, stage: int, env: dict, call=None) -> None:
+        """Run stage `stage` on a micro-batch's env; `call(stage, args)`, if given, runs the stage's submodule
+        in place of calling it (msc.engine.stage_graphs replays its captured segments)."""
         for n in self._stage_nodes[stage]:
             args = fx.node.map_arg(n.args, env.__getitem__)
             kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            if n.op == "call_module" and call is not None and not kwargs:
+                env[n] = call(stage, args)
+                continue
             fn = getattr(self.root, n.target) if n.op == "call_module" else n.target
             env[n] = fn(*args, **kwargs)
 

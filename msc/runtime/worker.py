@@ -178,6 +178,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                                    "errors": [r.error for r in done],
                                    "request_ids": [r.id for r in done], "records": records,
                                    "forwards": len(steps), "transport": transport,
+                                   "captured_segments": engine.runner.captured_segments,
                                    "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]}))
         tmp.replace(out)
     finally:
