@@ -82,15 +82,17 @@ def colocated(bundle, prompts, batches: list[int], output_len: int, device: str)
     return out
 
 
-def roles(bundle, prompts, output_len: int, m: int, device: str) -> dict:
+def roles(bundle, prompts, output_len: int, m: int, device: str, stage_graphs: str = "on") -> dict:
     from msc.runtime.launcher import run_bundle
 
     res = run_bundle(bundle.path, prompts, output_len, random_weights=True, device=device, microbatches=m,
-                     sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580)
+                     sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580,
+                     env={"MSC_STAGE_GRAPHS": stage_graphs})
     full = [r for r in res["records"][0] if not r["prefill"] and len(r["decode"]) == len(prompts)]
     times = res["decode_times"][0]
     steps = times[-len(full):] if full else times  # decode-only steps of the whole batch (the last ones)
-    return {"step_s": statistics.median(steps), "decode_steps": len(steps), "outputs": res["outputs"]}
+    return {"step_s": statistics.median(steps), "decode_steps": len(steps), "outputs": res["outputs"],
+            "stage_graphs": stage_graphs, "captured_segments": res["captured_segments"][0]}
 
 
 def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: int, device: str,
@@ -154,6 +156,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=571)
     ap.add_argument("--output-len", type=int, default=159)
     ap.add_argument("--parts", default="colocated,roles,serve")
+    ap.add_argument("--eager-m", default="1", help="micro-batch counts also run without stage CUDA graphs")
     ap.add_argument("--out", default="engine_step.json")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -180,9 +183,12 @@ def main() -> None:
             if "roles" in parts:
                 for m in ints(args.m):
                     emit({"part": "roles", "batch": b, "m": m, **roles(bundle, prompts[:b], args.output_len, m, dev)})
+                for m in ints(args.eager_m):
+                    emit({"part": "roles", "batch": b, "m": m,
+                          **roles(bundle, prompts[:b], args.output_len, m, dev, stage_graphs="off")})
         if "serve" in parts:
             for c in ints(args.serve):
-                runs = {r["m"]: r for r in rows if r["part"] == "roles" and r["batch"] == c}
+                runs = {r["m"]: r for r in rows if r["part"] == "roles" and r["batch"] == c and r["stage_graphs"] == "on"}
                 steps = {k: r["step_s"] for k, r in runs.items()}
                 m = min(steps, key=steps.get) if steps else 1
                 ref = runs[m]["outputs"] if steps else None
@@ -206,7 +212,8 @@ def main() -> None:
         for r in rows:
             if r["part"] == "roles" and r["batch"] == b:
                 rel = f"{r['step_s'] / col['step_s']:.2f}" if col else "-"
-                print(f"| {b} | two role processes, m = {r['m']} | {r['step_s'] * 1e3:.2f} | {rel} |")
+                how = "stage CUDA graphs" if r["stage_graphs"] == "on" else "eager stages"
+                print(f"| {b} | two role processes, m = {r['m']}, {how} | {r['step_s'] * 1e3:.2f} | {rel} |")
     for r in rows:
         if r["part"] == "serve":
             print(f"serve {r['clients']} clients (m = {r['m']}): {r['tokens_per_s']:,.0f} tok/s"
