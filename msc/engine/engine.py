@@ -202,21 +202,30 @@ class Engine:
 
     # ------------------------------------------------------------------ a batch, to the end
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 arrivals: list[int] | None = None) -> list[Request]:
-        """Run `prompts` to completion (request i added at step arrivals[i], default 0); the finished
-        requests in prompt order."""
+                 arrivals: list[int] | None = None, *, ids: list[str] | None = None,
+                 on_step: Callable[[StepRecord], None] | None = None) -> list[Request]:
+        """Run `prompts` to completion (request i added at step arrivals[i] after the first, default 0); the
+        finished requests in prompt order. A prompt that can never run fails alone (finish reason "error").
+        on_step is called after every step (role processes send heartbeats there)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         arrivals = arrivals or [0] * len(prompts)
         if len(plist) != len(prompts) or len(arrivals) != len(prompts):
             raise MscError(f"{len(prompts)} prompts with {len(plist)} sampling parameters and {len(arrivals)} arrivals")
         order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
         base = self.step_no
-        ids = [f"gen-{base}-{i}" for i in range(len(prompts))]
+        ids = ids or [f"gen-{base}-{i}" for i in range(len(prompts))]
+        reqs: dict[int, Request] = {}
         k = 0
         while k < len(order) or self.scheduler.has_work:
             while k < len(order) and arrivals[order[k]] <= self.step_no - base:
                 i = order[k]
-                self.add_request(ids[i], prompts[i], plist[i])
+                try:
+                    reqs[i] = self.add_request(ids[i], prompts[i], plist[i])
+                except MscError as e:
+                    reqs[i] = Request(ids[i], list(prompts[i]), plist[i], status=Status.FINISHED,
+                                      finish_reason="error", error=str(e))
                 k += 1
-            self.step()
-        return [self.requests[i] for i in ids]
+            record = self.step()
+            if on_step is not None:
+                on_step(record)
+        return [reqs[i] for i in range(len(prompts))]

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from msc.engine.engine import Engine
-from msc.engine.request import Request, SamplingParams, Status
+from msc.engine.request import Request, SamplingParams
 from msc.errors import MscError
 from msc.runtime import context
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
@@ -44,30 +44,18 @@ class AttentionRole:
         self.engine, self.exchange = engine, exchange
         self.on_step = None  # fault-injection hook for tests: called with the number of steps run
 
-    def _step(self) -> None:
-        self.engine.step()
+    def _after_step(self, _record=None) -> None:
         self.exchange.heartbeat()
         if self.on_step is not None:
             self.on_step(self.engine.step_no)
 
     def run_batch(self, prompts: list[list[int]], params: list[SamplingParams], arrivals: list[int]) -> list[Request]:
-        """Every prompt to the end (prompt i joins at step arrivals[i]); then tell the expert nodes we are done."""
-        eng = self.engine
-        order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
-        reqs: dict[int, Request] = {}
-        k = 0
-        while k < len(order) or eng.has_work:
-            while k < len(order) and arrivals[order[k]] <= eng.step_no:
-                i = order[k]
-                try:
-                    reqs[i] = eng.add_request(f"p{i}", prompts[i], params[i])
-                except MscError as e:  # this prompt can never run: it fails alone, the others go on
-                    reqs[i] = Request(f"p{i}", list(prompts[i]), params[i], status=Status.FINISHED,
-                                      finish_reason="error", error=str(e))
-                k += 1
-            self._step()
+        """Every prompt to the end (prompt i joins at step arrivals[i]; one that can never run fails alone);
+        then tell the expert nodes we are done."""
+        done = self.engine.generate(prompts, params, arrivals, ids=[f"p{i}" for i in range(len(prompts))],
+                                    on_step=self._after_step)
         self.exchange.finish()
-        return [reqs[i] for i in range(len(prompts))]
+        return done
 
     def serve(self, link, heartbeat_s: float) -> None:
         """Serve the requests a serving process sends over `link` until it says stop.
@@ -106,7 +94,8 @@ class AttentionRole:
                 else:
                     raise MscError(f"the server sent a message this replica does not understand: {sorted(msg)}")
             if not stop and eng.has_work:
-                self._step()
+                eng.step()
+                self._after_step()
             elif not stop:
                 self.exchange.heartbeat(force=True)
             if events:
