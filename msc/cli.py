@@ -74,6 +74,9 @@ def run_cmd(
     top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely tokens (0: all)"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="sample from the smallest set with this mass"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of every prompt's sampling (repeatable runs)"),
+    mps: Optional[str] = typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM "
+                                      "shares: attention,expert percent (e.g. 40,60), or auto (from the spec's "
+                                      "planner.profile, measured by msc profile)"),
 ):
     """Start every role as its own process and generate (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
@@ -88,8 +91,10 @@ def run_cmd(
         if max_new_tokens < 1:
             raise MscError("--max-new-tokens must be at least 1")
         delays = _parse_delays(delay_ms) if delay_ms else None
+        shares = _mps_shares(Bundle.open(bundle), mps) if mps else None
         result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace,
-                            random_weights=random_weights, device=device, sampling=[sampling] * len(prompts))
+                            random_weights=random_weights, device=device, sampling=[sampling] * len(prompts),
+                            mps=shares)
     except MscError as e:
         _fail(e)
     steps = result["step_times"][0] if result["step_times"] else []
@@ -145,6 +150,27 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
     if decode:
         err.print(f"colocated on {dev}: prefill {prefill_s * 1e3:.1f} ms, median decode step "
                   f"{decode[len(decode) // 2] * 1e3:.2f} ms over {len(decode)} steps")
+
+
+def _mps_shares(bundle, text: str) -> dict[str, int]:
+    """--mps: explicit shares, or auto: in proportion to the profiled attention and expert times."""
+    from msc.runtime.mps import parse_shares, shares_from_profile
+
+    if text != "auto":
+        return parse_shares(text)
+    spec = bundle.manifest["spec"]
+    path = (spec.get("planner") or {}).get("profile")
+    if not path:
+        raise MscError("--mps auto needs a measured profile: run `msc profile SPEC -o profile.json` and name it in "
+                       "the spec (planner: {profile: profile.json}), or give the shares (--mps 40,60)")
+    from msc.planner.perf import load_profile
+
+    work = spec.get("workload") or {}
+    context = work.get("input_len", 571) + work.get("output_len", 159) / 2
+    shares = shares_from_profile(load_profile(path), bundle.manifest["plan"]["batch_size"],
+                                 bundle.manifest["model"]["top_k"], context)
+    err.print(f"MPS shares from {path}: attention {shares['attention']} %, expert {shares['expert']} %")
+    return shares
 
 
 def _parse_delays(text: str) -> dict[str, float]:

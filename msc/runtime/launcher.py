@@ -39,9 +39,10 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, str] | None = None,
-                requests: Path | None = None) -> list[tuple[dict, subprocess.Popen]]:
+                requests: Path | None = None, mps=None) -> list[tuple[dict, subprocess.Popen]]:
     """Start one worker process per role of `bundle` on this machine (rendezvous on 127.0.0.1), each
-    logging to workdir/NAME.log; `run_config` is written to workdir/run-config.json for them to read."""
+    logging to workdir/NAME.log; `run_config` is written to workdir/run-config.json for them to read.
+    mps: (MpsDaemon, {"attention": %, "expert": %}) to run each role under MPS with its SM share."""
     (workdir / "run-config.json").write_text(json.dumps(run_config))
     roles = bundle.roles
     # NOTE: Triton's interpreter (TRITON_INTERPRET=1, what the test suite sets to check kernels on a CPU) would
@@ -58,7 +59,11 @@ def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, 
             if requests is not None:
                 cmd += ["--requests", str(requests)]
             with open(workdir / f"{r['name']}.log", "w") as log:
-                procs.append((r, subprocess.Popen(cmd, env={**base_env, "RANK": str(r["rank"]), "LOCAL_RANK": str(r["rank"])},
+                role_env = {**base_env, "RANK": str(r["rank"]), "LOCAL_RANK": str(r["rank"])}
+                if mps is not None:
+                    daemon, shares = mps
+                    role_env.update(daemon.env(shares[r["kind"]]))
+                procs.append((r, subprocess.Popen(cmd, env=role_env,
                                                   stdout=log, stderr=subprocess.STDOUT)))
     except BaseException:
         stop_roles(procs)
@@ -99,6 +104,7 @@ def run_bundle(
     device: str | None = None,
     sampling: list[dict] | None = None,
     arrivals: list[int] | None = None,
+    mps: dict[str, int] | None = None,
 ) -> dict:
     """Generate greedily for `prompts` with the bundle's roles.
 
@@ -109,7 +115,8 @@ def run_bundle(
     `device` (cpu or cuda; default: the bundle's). `max_new_tokens`: one limit or one per prompt;
     `sampling`: per prompt, SamplingParams fields (temperature, top_k, top_p, seed, stop_token_ids,
     ignore_eos); `arrivals`: per prompt, the step of its replica's engine at which it joins (continuous
-    batching without wall-clock timing). The result adds "finish_reasons" ("stop", "length" or "error"),
+    batching without wall-clock timing). `mps`: {"attention": %, "expert": %}, run the roles (on one GPU) under
+    CUDA MPS with those SM shares (msc.runtime.mps). The result adds "finish_reasons" ("stop", "length" or "error"),
     "errors" (the message of a prompt that could never run, else None) and "records" (per replica, the
     engine's step records).
     """
@@ -135,9 +142,16 @@ def run_bundle(
         (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits,
                                                         "sampling": sampling, "arrivals": arrivals}))
         run_config["trace_dir"] = str(tmp) if trace else None
-        procs = []
+        procs, daemon = [], None
         try:
-            procs = spawn_roles(bundle, tmp, run_config, env, requests=tmp / "requests.json")
+            if mps is not None:
+                if (device or bundle.manifest["device"]) != "cuda":
+                    raise MscError("--mps shares a GPU between role processes: run with --device cuda")
+                from msc.runtime.mps import MpsDaemon
+
+                daemon = MpsDaemon(tmp).start()
+            procs = spawn_roles(bundle, tmp, run_config, env, requests=tmp / "requests.json",
+                                mps=(daemon, mps) if daemon is not None else None)
             pending = list(procs)
             while pending:
                 for r, p in list(pending):
@@ -155,6 +169,8 @@ def run_bundle(
                     raise MscError(f"run timed out; still running: {names}")
         finally:
             stop_roles(procs)
+            if daemon is not None:
+                daemon.stop()
         outputs: list = [None] * len(prompts)
         reasons: list = [None] * len(prompts)
         errors: list = [None] * len(prompts)

@@ -42,3 +42,10 @@ def test_role_processes_on_the_gpu(tmp_path):
     bundle, refs = _family("mixtral", tmp_path, microbatches=2)
     res = run_bundle(bundle.path, PROMPTS, 7, arrivals=ARRIVALS)
     assert res["outputs"] == refs and res["transport"] == "cuda_ipc"
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvidia-cuda-mps-control") is None, reason="needs NVIDIA's MPS control")
+def test_role_processes_under_mps(tmp_path):
+    bundle, refs = _family("mixtral", tmp_path, microbatches=2)
+    res = run_bundle(bundle.path, PROMPTS, 7, arrivals=ARRIVALS, mps={"attention": 40, "expert": 60})
+    assert res["outputs"] == refs
