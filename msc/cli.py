@@ -73,7 +73,7 @@ def run_cmd(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
     top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely tokens (0: all)"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="sample from the smallest set with this mass"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed of every prompt's sampling (repeatable runs)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed: prompt i draws with seed + i (repeatable runs)"),
     mps: Optional[str] = typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM "
                                       "shares: attention,expert percent (e.g. 40,60), or auto (from the spec's "
                                       "planner.profile, measured by msc profile)"),
@@ -93,7 +93,7 @@ def run_cmd(
         delays = _parse_delays(delay_ms) if delay_ms else None
         shares = _mps_shares(Bundle.open(bundle), mps) if mps else None
         result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace,
-                            random_weights=random_weights, device=device, sampling=[sampling] * len(prompts),
+                            random_weights=random_weights, device=device, sampling=_per_prompt(sampling, len(prompts)),
                             mps=shares)
     except MscError as e:
         _fail(e)
@@ -132,7 +132,7 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
         if max_new_tokens < 1:
             raise MscError("--colocated needs --max-new-tokens >= 1")
-        params = sampling_from_json({"max_tokens": max_new_tokens, **(sampling or {})})
+        params = [sampling_from_json({"max_tokens": max_new_tokens, **s}) for s in _per_prompt(sampling or {}, len(prompts))]
         gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights)
         engine = build_engine(b.manifest, gm, dev)
         reqs = engine.generate(prompts, params)
@@ -150,6 +150,13 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
     if decode:
         err.print(f"colocated on {dev}: prefill {prefill_s * 1e3:.1f} ms, median decode step "
                   f"{decode[len(decode) // 2] * 1e3:.2f} ms over {len(decode)} steps")
+
+
+def _per_prompt(sampling: dict, n: int) -> list[dict]:
+    """The run's sampling options per prompt. NOTE: a seed is a stream of noise per position, so prompts
+    that shared one would draw alike; prompt i gets seed + i (the run stays repeatable)."""
+    seed = sampling.get("seed")
+    return [{**sampling, "seed": None if seed is None else seed + i} for i in range(n)]
 
 
 def _mps_shares(bundle, text: str) -> dict[str, int]:
