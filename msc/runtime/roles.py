@@ -118,6 +118,9 @@ class ExpertRole:
         self.trace = trace or Trace("expert", 0, enabled=False)
         comm.trace = self.trace
         self.stage_of_layer = {layers[0]: s for s, layers in enumerate(self.program.stage_layers) if layers}
+        # NOTE: the first call of any torch.library custom op imports torch._dynamo (0.6-1.2 s); done here, at
+        # start-up, it stays out of the first request's time to first token
+        import torch._dynamo  # noqa: F401
         self.batches = 0
         self.on_batch = None  # fault-injection hook for tests
 
