@@ -81,10 +81,10 @@ class ModelRunner:
         # NOTE: CUDA graphs cover the colocated program's decode steps; an attention role's stages hold
         # host-side communication (dispatch picks each node's tokens on the host) and run eagerly
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.remote
-        # NOTE: an attention role's decode steps replay CUDA graphs of the compute between its communication
-        # ops (msc.engine.stage_graphs); MSC_STAGE_GRAPHS=off turns that off, =emulate runs the same
-        # bookkeeping without CUDA (tests on a CPU)
-        mode = os.environ.get("MSC_STAGE_GRAPHS", "on")
+        # NOTE: an attention role's decode steps can replay CUDA graphs of the compute between its communication
+        # ops (msc.engine.stage_graphs): MSC_STAGE_GRAPHS=on. Off by default until it has run on a GPU (it has
+        # only run emulated: =emulate runs the same bookkeeping without CUDA, as the CPU tests do)
+        mode = os.environ.get("MSC_STAGE_GRAPHS", "off")
         self.stage_graphs = None
         if self.remote and cuda_graphs and (mode == "emulate" or (mode == "on" and self.device.type == "cuda")):
             from msc.engine.stage_graphs import StageGraphs

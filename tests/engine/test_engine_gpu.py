@@ -38,10 +38,12 @@ def test_colocated_engine_on_the_gpu(tmp_path, name):
     assert eng.runner._graphs  # decode-only steps replayed a CUDA graph
 
 
-def test_role_processes_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("stage_graphs", ["off", "on"])
+def test_role_processes_on_the_gpu(tmp_path, stage_graphs):
     bundle, refs = _family("mixtral", tmp_path, microbatches=2)
-    res = run_bundle(bundle.path, PROMPTS, 7, arrivals=ARRIVALS)
+    res = run_bundle(bundle.path, PROMPTS, 7, arrivals=ARRIVALS, env={"MSC_STAGE_GRAPHS": stage_graphs})
     assert res["outputs"] == refs and res["transport"] == "cuda_ipc"
+    assert (res["captured_segments"][0] > 0) == (stage_graphs == "on")
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvidia-cuda-mps-control") is None, reason="needs NVIDIA's MPS control")
