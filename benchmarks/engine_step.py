@@ -96,11 +96,12 @@ def roles(bundle, prompts, output_len: int, m: int, device: str, stage_graphs: s
 
 
 def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: int, device: str,
-          reference: list[list[int]] | None = None) -> dict:
+          reference: list[list[int]] | None = None, stage_graphs: str = "off") -> dict:
     from msc.engine.request import SamplingParams
     from msc.runtime.serving import ServingEngine
 
-    eng = ServingEngine(bundle.path, random_weights=True, device=device, microbatches=m, request_timeout_s=1200)
+    eng = ServingEngine(bundle.path, random_weights=True, device=device, microbatches=m, request_timeout_s=1200,
+                        env={"MSC_STAGE_GRAPHS": stage_graphs})
     t0 = time.perf_counter()
     eng.start(timeout_s=300)
     startup = time.perf_counter() - t0
@@ -188,14 +189,15 @@ def main() -> None:
                           **roles(bundle, prompts[:b], args.output_len, m, dev, stage_graphs="off")})
         if "serve" in parts:
             for c in ints(args.serve):
-                runs = {r["m"]: r for r in rows if r["part"] == "roles" and r["batch"] == c and r["stage_graphs"] == "on"}
+                runs = {(r["m"], r["stage_graphs"]): r for r in rows if r["part"] == "roles" and r["batch"] == c}
                 steps = {k: r["step_s"] for k, r in runs.items()}
-                m = min(steps, key=steps.get) if steps else 1
-                ref = runs[m]["outputs"] if steps else None
-                row = {"part": "serve", "m": m, **serve(bundle, prompts, c, args.requests_per_client, args.output_len, m,
-                                                        dev, ref)}
+                best = min(steps, key=steps.get) if steps else (1, "off")
+                m, graphs = best
+                ref = runs[best]["outputs"] if steps else None
+                row = {"part": "serve", "m": m, "stage_graphs": graphs,
+                       **serve(bundle, prompts, c, args.requests_per_client, args.output_len, m, dev, ref, graphs)}
                 if steps:
-                    row["decode_tokens_per_s"] = c / steps[m]
+                    row["decode_tokens_per_s"] = c / steps[best]
                     row["serve_over_decode"] = row["tokens_per_s"] / row["decode_tokens_per_s"]
                 emit(row)
 
@@ -216,7 +218,7 @@ def main() -> None:
                 print(f"| {b} | two role processes, m = {r['m']}, {how} | {r['step_s'] * 1e3:.2f} | {rel} |")
     for r in rows:
         if r["part"] == "serve":
-            print(f"serve {r['clients']} clients (m = {r['m']}): {r['tokens_per_s']:,.0f} tok/s"
+            print(f"serve {r['clients']} clients (m = {r['m']}, stage graphs {r['stage_graphs']}): {r['tokens_per_s']:,.0f} tok/s"
                   + (f" = {r['serve_over_decode']:.2f}x the roles' decode" if "serve_over_decode" in r else "")
                   + f"; TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms p99 {r['ttft_p99_s'] * 1e3:.0f} ms; "
                   f"TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms p99 {r['tpot_p99_s'] * 1e3:.1f} ms; "
