@@ -17,8 +17,6 @@ import time
 from collections import deque
 from typing import Callable, Iterable
 
-import torch
-
 from msc.engine.request import Request, SamplingParams, Status, seed_from
 from msc.engine.runner import ModelRunner, StepInput
 from msc.engine.sampler import SamplingBatch, sample

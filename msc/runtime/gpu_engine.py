@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from msc.engine.engine import Engine
 from msc.engine.request import SamplingParams
-from msc.engine.runner import DEFAULT_BUCKETS, ModelRunner  # noqa: F401  (re-exported)
+from msc.engine.runner import ModelRunner
 from msc.errors import MscError
 
 
