@@ -78,12 +78,12 @@ class ModelRunner:
         if exchange is not None:
             exchange.trace = self.trace
         self.delay_s = delay_s
-        # NOTE: CUDA graphs cover the colocated program's decode steps; an attention role's stages hold
-        # host-side communication (dispatch picks each node's tokens on the host) and run eagerly
+        # NOTE: a colocated program's decode steps replay one CUDA graph per batch bucket. An attention role's
+        # stages hold host-side communication (dispatch picks each node's tokens on the host), so only the
+        # compute between its communication ops can be captured (msc.engine.stage_graphs): MSC_STAGE_GRAPHS=on.
+        # Off by default until it has run on a GPU (=emulate runs the same bookkeeping without CUDA, as the
+        # CPU tests do)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.remote
-        # NOTE: an attention role's decode steps can replay CUDA graphs of the compute between its communication
-        # ops (msc.engine.stage_graphs): MSC_STAGE_GRAPHS=on. Off by default until it has run on a GPU (it has
-        # only run emulated: =emulate runs the same bookkeeping without CUDA, as the CPU tests do)
         mode = os.environ.get("MSC_STAGE_GRAPHS", "off")
         self.stage_graphs = None
         if self.remote and cuda_graphs and (mode == "emulate" or (mode == "on" and self.device.type == "cuda")):
@@ -212,6 +212,7 @@ class ModelRunner:
             else:  # padded to its bucket: the rows past the batch write to the scratch slot and are dropped
                 bb = self._bucket(len(g))
                 input_ids, position_ids, meta, e = self._padded_decode(step, list(g), bb)
+                input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
                 buckets.append(bb)
             envs.append(self.staged.start(input_ids, position_ids))
             metas.append(meta)
@@ -246,25 +247,21 @@ class ModelRunner:
         return len(self.stage_graphs._captured) if self.stage_graphs is not None else 0
 
     def _padded_decode(self, step: StepInput, rows: list[int], bb: int):
-        """A decode micro-batch padded to bb rows: input_ids, position_ids [1, bb], its meta, last-token rows."""
+        """A decode micro-batch padded to bb rows: input_ids, position_ids [1, bb] (on the host), its meta
+        (on the device) and its last-token rows."""
         b = len(rows)
-        ids = torch.zeros(1, bb, dtype=torch.long)
+        ids = torch.zeros(1, bb, dtype=torch.long)  # [1, bb]
         ids[0, :b] = torch.tensor([step.token_ids[i] for i in rows])
-        pos = torch.zeros(1, bb, dtype=torch.long)
+        pos = torch.zeros(1, bb, dtype=torch.long)  # [1, bb]
         pos[0, :b] = torch.tensor([step.contexts[i] for i in rows])
         meta = StepMeta.for_decode(self.cache, [step.seq_ids[i] for i in rows], [step.contexts[i] for i in rows], pad_to=bb)
-        return ids.to(self.device), pos.to(self.device), meta, list(range(b))
+        return ids, pos, meta, list(range(b))
 
     def _static_meta(self, bb: int) -> StepMeta:
         """The step metadata a bucket's captured segments read (refreshed in place before each replay)."""
-        m = self._static_metas.get(bb)
-        if m is None:
-            dev, cache = self.device, self.cache
-            m = StepMeta(slots=torch.full((bb,), cache.scratch_slot, dtype=torch.long, device=dev),
-                         block_tables=torch.zeros(bb, cache.max_blocks_per_seq, dtype=torch.int32, device=dev),
-                         seq_lens=torch.zeros(bb, dtype=torch.int32, device=dev), decode=True)
-            self._static_metas[bb] = m
-        return m
+        if bb not in self._static_metas:
+            self._static_metas[bb] = StepMeta.static(self.cache, bb)
+        return self._static_metas[bb]
 
     # ------------------------------------------------------------------ CUDA graphs (colocated decode)
     def _bucket(self, batch: int) -> int:
@@ -277,69 +274,78 @@ class ModelRunner:
         g = self._graphs.get(bb)
         if g is not None:
             return g
-        dev, cache = self.device, self.cache
-        meta = StepMeta(slots=torch.full((bb,), cache.scratch_slot, dtype=torch.long, device=dev),
-                        block_tables=torch.zeros(bb, cache.max_blocks_per_seq, dtype=torch.int32, device=dev),
-                        seq_lens=torch.zeros(bb, dtype=torch.int32, device=dev), decode=True)
-        g = _Graph(bb, torch.zeros(1, bb, dtype=torch.long, device=dev), torch.zeros(1, bb, dtype=torch.long, device=dev), meta)
+        dev = self.device
+        g = _Graph(bb, torch.zeros(1, bb, dtype=torch.long, device=dev), torch.zeros(1, bb, dtype=torch.long, device=dev),
+                   StepMeta.static(self.cache, bb))
 
         def body():
             self.meta = g.meta
             with context.use(self), torch.no_grad():
                 g.logits = _logits(self.program(g.input_ids, g.positions))[0]  # [Bb, V]
 
-        # NOTE: warm up on a side stream first (Triton compiles, cuBLAS picks its kernels), as CUDA-graph
-        # capture requires; padding rows (seq_len 0) write to the scratch slot only.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._pool):
-            body()
+        g.graph = self.capture(body, warmups=2)  # padding rows (seq_len 0) write to the scratch slot only
         self._graphs[bb] = g
         return g
 
-    def _execute_graph(self, step: StepInput) -> Tensor:
-        b = len(step.seq_ids)
-        g = self._graph_for(self._bucket(b))
-        meta = StepMeta.for_decode(self.cache, step.seq_ids, step.contexts, pad_to=g.batch)
+    def capture(self, run, warmups: int = 1) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of `run()` in the runner's memory pool (shared by every graph it captures).
+
+        NOTE: `run` first runs `warmups` times on a side stream (Triton compiles, cuBLAS picks its kernels), as
+        graph capture requires; capture itself executes nothing."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            run()
+        return graph
+
+    def _load_graph(self, step: StepInput) -> _Graph:
+        """The decode step's bucket graph with the step's ids, positions and metadata in its static inputs."""
+        g = self._graph_for(self._bucket(len(step.seq_ids)))
+        ids, pos, meta, _ = self._padded_decode(step, list(range(len(step.seq_ids))), g.batch)
         g.meta.update_(meta)
-        ids = torch.zeros(1, g.batch, dtype=torch.long)
-        ids[0, :b] = torch.tensor(step.token_ids)
-        pos = torch.zeros(1, g.batch, dtype=torch.long)
-        pos[0, :b] = torch.tensor(step.contexts)
         g.input_ids.copy_(ids, non_blocking=True)
         g.positions.copy_(pos, non_blocking=True)
+        return g
+
+    def _execute_graph(self, step: StepInput) -> Tensor:
+        g = self._load_graph(step)
         g.graph.replay()
         return g.logits[step.sample_rows]  # [S, V]
 
     # ------------------------------------------------------------------ timing (msc profile)
     def time_decode(self, batch: int, context_len: int, steps: int = 20, warmup: int = 3) -> float:
         """Median seconds of one decode step of `batch` sequences at `context_len` tokens each (synthetic:
-        the cache holds whatever is in it; the step does a real one's work, from its CUDA graph)."""
+        the cache holds whatever is in it; the step does a real one's work). With a colocated program's CUDA
+        graph this times its replays alone (device events), the step's host work left out; otherwise whole
+        `execute` calls."""
         seq_ids = list(range(10_000_000, 10_000_000 + batch))  # ids no request uses
         for s in seq_ids:
             self.cache.add_sequence(s)
             self.cache.ensure(s, context_len + 1)
         step = StepInput(seq_ids, [context_len] * batch, [1] * batch, [1] * batch, list(range(batch)))
+        run = (lambda: self.execute(step))
+        if self.cuda_graphs:
+            run = self._load_graph(step).graph.replay  # the inputs stay: every replay is the same step
         times = []
         try:
             for i in range(warmup + steps):
                 if self.device.type == "cuda":
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     a.record()
-                    self.execute(step)
+                    run()
                     b.record()
                     b.synchronize()
                     dt = a.elapsed_time(b) / 1e3
                 else:
                     t = time.perf_counter()
-                    self.execute(step)
+                    run()
                     dt = time.perf_counter() - t
                 if i >= warmup:
                     times.append(dt)

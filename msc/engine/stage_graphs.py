@@ -79,7 +79,6 @@ class StageGraphs:
         self.placeholders = [[n for n in sub.graph.nodes if n.op == "placeholder"] for sub in self.subs]
         self.weight_args = weight_args  # per stage: indices of its inputs that are weights (used in place)
         self._captured: dict[tuple[int, int, int], _Captured] = {}
-        self._pool = None
 
     def call(self, stage: int, args: tuple, bucket: int):
         """The stage submodule's result for these inputs (a decode micro-batch padded to `bucket`)."""
@@ -130,18 +129,8 @@ class StageGraphs:
         if self.emulate:
             run()
             return cap
-        # NOTE: warm up on a side stream (Triton compiles, cuBLAS picks kernels), as graph capture requires;
-        # the warm-up computes this very micro-batch (its K/V writes are the ones the replay repeats)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        cap.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cap.graph, pool=self._pool):
-            run()
+        # NOTE: the warm-up computes this very micro-batch (its K/V writes are the ones the replay repeats)
+        cap.graph = self.runner.capture(run, warmups=1)
         cap.graph.replay()
         return cap
 

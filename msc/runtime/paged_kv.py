@@ -275,6 +275,15 @@ class StepMeta:
         lens = torch.tensor(list(lengths), dtype=torch.int32, device=cache.device)  # [B]
         return cls(slots, cache.block_table(list(seq_ids)), lens, decode=False, prefill_spans=spans)
 
+    @classmethod
+    def static(cls, cache: PagedKVCache, batch: int) -> "StepMeta":
+        """A decode meta of `batch` padding rows (scratch slot, length 0) on the cache's device: the static
+        input a CUDA graph reads, refreshed in place with `update_` before each replay."""
+        dev = cache.device
+        return cls(slots=torch.full((batch,), cache.scratch_slot, dtype=torch.long, device=dev),
+                   block_tables=torch.zeros(batch, cache.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                   seq_lens=torch.zeros(batch, dtype=torch.int32, device=dev), decode=True)
+
     def update_(self, other: "StepMeta") -> "StepMeta":
         """Copy `other`'s tensor contents into this meta's tensors in place (a CUDA graph's static inputs)."""
         for name in ("slots", "block_tables", "seq_lens"):
@@ -378,35 +387,15 @@ def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling:
     if q.shape[2] != meta.seq_lens.shape[0]:
         raise MscError(f"paged_attention: a decode step needs one token per sequence; got {q.shape[2]} tokens "
                        f"for {meta.seq_lens.shape[0]} sequences")
-    qd = q[0].transpose(0, 1)  # [B, nh, d] (a view)
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        out = _decode_gathered(cache, layer, qd, meta, scaling, sliding_window)  # [B, nh, dv]
-    else:
-        from msc.backends.compute.triton_attention import paged_decode_attention
+        # NOTE: Triton has no CPU backend (its interpreter is for tests): a CPU run gathers each sequence's
+        # pages and calls SDPA, one sequence at a time
+        return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, None)
+    from msc.backends.compute.triton_attention import paged_decode_attention
 
-        out = paged_decode_attention(qd, cache.k[layer], cache.v[layer], meta.block_tables, meta.seq_lens,
-                                     scaling, sliding_window)  # [B, nh, dv]
+    out = paged_decode_attention(q[0].transpose(0, 1), cache.k[layer], cache.v[layer], meta.block_tables,
+                                 meta.seq_lens, scaling, sliding_window)  # [B, nh, dv]
     return out.unsqueeze(0)  # [1, T, nh, dv]
-
-
-def _decode_gathered(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float,
-                     sliding_window: int) -> Tensor:
-    """NOTE: Triton has no CPU backend (its interpreter is for tests), so a CPU run gathers each sequence's
-    pages and calls SDPA, one sequence at a time. q [B, nh, d] -> [B, nh, dv]."""
-    page = cache.page_size
-    out = q.new_zeros(q.shape[0], q.shape[1], cache.v_head_dim)  # [B, nh, dv]
-    for b, n in enumerate(meta.seq_lens.tolist()):
-        if n == 0:
-            continue
-        blocks = meta.block_tables[b, : -(-n // page)].long()
-        k = cache.k[layer][blocks].reshape(-1, cache.num_kv_heads, cache.head_dim)[:n]  # [n, nkv, d]
-        v = cache.v[layer][blocks].reshape(-1, cache.num_kv_heads, cache.v_head_dim)[:n]  # [n, nkv, dv]
-        if sliding_window > 0:
-            k, v = k[max(0, n - sliding_window):], v[max(0, n - sliding_window):]
-        o = F.scaled_dot_product_attention(q[b, :, None].to(k.dtype), k.transpose(0, 1), v.transpose(0, 1),
-                                           scale=scaling, enable_gqa=True)  # [nh, 1, dv]
-        out[b] = o[:, 0].to(out.dtype)
-    return out
 
 
 def _prefill(q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], scaling: float, sliding_window: int,
