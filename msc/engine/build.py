@@ -14,14 +14,12 @@ CPU_KV_BYTES = 1 << 30  # the default KV pool's cap on the CPU
 GPU_KV_FRACTION = 0.25  # ... and on a GPU, of its memory (roles of one GPU share it)
 
 
-def engine_sizes(manifest: dict, runner: ModelRunner, *, max_batch: int | None = None,
-                 max_seq_len: int | None = None) -> dict:
+def engine_sizes(manifest: dict, runner: ModelRunner) -> dict:
     """max_batch, max_seq_len, max_step_tokens and kv_tokens of an engine for this bundle on runner's device."""
     rt = manifest["spec"]["runtime"]
-    model = manifest["model"]
-    max_batch = max_batch or manifest["plan"]["batch_size"]
-    longest = model.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
-    max_seq_len = max_seq_len or rt.get("max_seq_len") or min(longest, DEFAULT_MAX_SEQ_LEN)
+    max_batch = manifest["plan"]["batch_size"]
+    longest = manifest["model"].get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
+    max_seq_len = rt.get("max_seq_len") or min(longest, DEFAULT_MAX_SEQ_LEN)
     kv_tokens = rt.get("kv_cache_tokens")
     if kv_tokens is None:
         per_token = runner.kv_bytes_per_token()
@@ -38,17 +36,11 @@ def engine_sizes(manifest: dict, runner: ModelRunner, *, max_batch: int | None =
 
 def build_engine(manifest: dict, program: fx.GraphModule, device, *, exchange=None, microbatches: int = 1,
                  trace: Trace | None = None, delay_s: float = 0.0, keep_logits: bool = False,
-                 cuda_graphs: bool = True, **sizes) -> Engine:
+                 cuda_graphs: bool = True) -> Engine:
     """The engine of one attention replica (exchange given: the experts are remote) or of a colocated program."""
     model = manifest["model"]
-    max_batch = sizes.get("max_batch") or manifest["plan"]["batch_size"]
     runner = ModelRunner(program, model["num_hidden_layers"], device, exchange=exchange, microbatches=microbatches,
-                         cuda_graphs=cuda_graphs, max_batch=max_batch, trace=trace, delay_s=delay_s)
-    s = engine_sizes(manifest, runner, max_batch=max_batch, max_seq_len=sizes.get("max_seq_len"))
-    if sizes.get("kv_tokens"):
-        s["kv_tokens"] = sizes["kv_tokens"]
-    if sizes.get("max_step_tokens"):
-        s["max_step_tokens"] = sizes["max_step_tokens"]
+                         cuda_graphs=cuda_graphs, max_batch=manifest["plan"]["batch_size"], trace=trace, delay_s=delay_s)
     eos = model["eos_token_id"]
     return Engine(runner, eos if isinstance(eos, (list, tuple)) else [eos], keep_logits=keep_logits,
-                  vocab_size=model["vocab_size"], **s)
+                  vocab_size=model["vocab_size"], **engine_sizes(manifest, runner))

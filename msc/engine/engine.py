@@ -77,7 +77,7 @@ class Engine:
                            f"({self.num_pages * self.page_size} tokens)")
         if params.seed is None and not params.greedy:
             params = SamplingParams(**{**params.__dict__, "seed": seed_from(request_id)})
-        req = Request(request_id, list(prompt), params, arrival=self.step_no, on_token=on_token, seq_id=self._next_seq)
+        req = Request(request_id, list(prompt), params, on_token=on_token, seq_id=self._next_seq)
         self._next_seq += 1
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -94,10 +94,6 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self._inbox)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
 
     @property
     def num_waiting(self) -> int:
@@ -186,11 +182,6 @@ class Engine:
             record.finished.append((req.id, reason))
         if req.on_token is not None:
             req.on_token(req, last or [])
-
-    def fail_all(self, error: str) -> None:
-        """Every unfinished request ends with reason "error" (a peer died under the engine)."""
-        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(req, "error", error)
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's bookkeeping (long-running servers call this once it was answered)."""

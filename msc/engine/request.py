@@ -61,14 +61,13 @@ class Status(enum.Enum):
 class Request:
     """One sequence the engine works on.
 
-    computed: how many of `tokens` (prompt + output) have K/V in the cache; the next step feeds
-    tokens[computed:] (a prompt chunk, or the last sampled token). After preemption computed is 0 and
+    computed: how many of its tokens (prompt + output) have K/V in the cache; the next step feeds the ones
+    after them (a prompt chunk, or the last sampled token). After preemption computed is 0 and
     the prompt plus the outputs so far are recomputed as one longer prompt."""
 
     id: str
     prompt: list[int]
     params: SamplingParams
-    arrival: int = 0  # the engine step at which it was added
     seq_id: int = -1  # its sequence id in the KV cache (set by the engine)
     on_token: Callable[["Request", list[int]], None] | None = None  # called with the step's new tokens
     output: list[int] = field(default_factory=list)
@@ -78,10 +77,6 @@ class Request:
     error: str | None = None
     preemptions: int = 0
     logits: list = field(default_factory=list)  # per sampled token, when the engine keeps logits (verify)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
 
     def token_slice(self, start: int, count: int) -> list[int]:
         """tokens[start:start + count] without building the whole list."""

@@ -46,26 +46,19 @@ class SamplingBatch:
     top_p: Tensor | None  # float32; 1 = all
     seeds: Tensor | None  # int64
     positions: Tensor | None  # int64: the position the sampled token will take (the noise counter)
-
-    @property
-    def all_greedy(self) -> bool:
-        return self._all_greedy
+    all_greedy: bool = False
 
     @classmethod
     def build(cls, params: list, positions: list[int], device) -> "SamplingBatch":
         """From the rows' SamplingParams (msc.engine.request) and the positions their new tokens take. An
         all-greedy batch makes no tensors (sample() then only takes the argmax)."""
         if all(p.greedy for p in params):
-            b = cls(None, None, None, None, None)
-            b._all_greedy = True
-            return b
-        b = cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-                torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-                torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-                torch.tensor([p.seed_value for p in params], dtype=torch.int64, device=device),
-                torch.tensor(positions, dtype=torch.int64, device=device))
-        b._all_greedy = False
-        return b
+            return cls(None, None, None, None, None, all_greedy=True)
+        return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+                   torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([p.seed_value for p in params], dtype=torch.int64, device=device),
+                   torch.tensor(positions, dtype=torch.int64, device=device))
 
 
 def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:

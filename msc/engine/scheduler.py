@@ -65,7 +65,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.cache.drop_sequence(self._sid(req))
+        self.cache.drop_sequence(req.seq_id)
 
     @property
     def has_work(self) -> bool:
@@ -73,10 +73,6 @@ class Scheduler:
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.cache.page_size)
-
-    @staticmethod
-    def _sid(req: Request) -> int:
-        return req.seq_id
 
     # ------------------------------------------------------------------ one step
     def schedule(self, record: StepRecord) -> list[Scheduled]:
@@ -107,8 +103,8 @@ class Scheduler:
             self.running.append(req)
             out.append(Scheduled(req, 0, n, n == req.num_tokens))
             budget -= n
-        for s in out:
-            if s.sample and s.count == 1 and s.start > 0 and s.start == s.request.num_tokens - 1 and s.request.output:
+        for s in out:  # a decode feeds back its one last sample; everything else is prompt (or recomputed) tokens
+            if s.count == 1 and s.request.output and s.start == s.request.num_tokens - 1:
                 record.decode.append(s.request.id)
             else:
                 record.prefill.append((s.request.id, s.count))
@@ -117,7 +113,7 @@ class Scheduler:
 
     def _reserve(self, req: Request, tokens: int, fresh: bool = False) -> bool:
         """Pages for `tokens` of req, if the pool has them (all or nothing)."""
-        sid = self._sid(req)
+        sid = req.seq_id
         if not fresh and tokens <= len(self.cache.blocks(sid)) * self.cache.page_size:
             return True  # the common decode step: its page has room
         if fresh:
@@ -133,7 +129,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, record: StepRecord) -> None:
         self.running.remove(req)
-        self.cache.drop_sequence(self._sid(req))
+        self.cache.drop_sequence(req.seq_id)
         req.status, req.computed = Status.WAITING, 0
         req.preemptions += 1
         self.waiting.appendleft(req)
