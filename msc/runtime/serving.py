@@ -48,7 +48,7 @@ class Completion:
 class ServingRequest:
     """A submitted request: its result (a Completion), its tokens as they stream in, and cancellation."""
 
-    def __init__(self, engine: "ServingEngine", request_id: str, prompt: list[int], params: SamplingParams):
+    def __init__(self, engine: "_Server", request_id: str, prompt: list[int], params: SamplingParams):
         self.engine, self.id, self.prompt, self.params = engine, request_id, prompt, params
         self.future: Future = Future()
         self.tokens: list[int] = []
@@ -100,12 +100,11 @@ class ServingRequest:
             self._stream.put(None)
 
 
-class ServingEngine:
-    """A bundle's roles as long-running processes serving generation requests; see the module docstring."""
+class _Server:
+    """What both servers share: the bundle's limits, the unfinished requests, validation, delivery of tokens
+    and ends, breaking, and health. A subclass places a request (`_place`, under the lock) and sends it."""
 
-    def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
-                 microbatches: int | None = None, env: dict[str, str] | None = None,
-                 request_timeout_s: float | None = None):
+    def __init__(self, bundle_dir: str | Path, request_timeout_s: float | None):
         self.bundle = Bundle.open(bundle_dir)
         m = self.bundle.manifest
         self.vocab = m["model"]["vocab_size"]
@@ -116,16 +115,105 @@ class ServingEngine:
         # NOTE: the runtime's timeout_s bounds every single wait inside the roles; this bounds a whole request
         # for callers that wait on it (a long generation on a big model takes minutes)
         self.request_timeout_s = request_timeout_s or self.timeout_s * 4
+        self._lock = threading.Lock()
+        self._requests: dict[str, ServingRequest] = {}  # unfinished, by id
+        self._ids = itertools.count()
+        self._broken: str | None = None
+        self._closing = False
+        self.served = 0  # requests finished
+        self.cancelled = 0
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _new_request(self, prompt: list[int], max_new_tokens: int | None, params: SamplingParams | None) -> ServingRequest:
+        """A checked, registered request (placed by `_place`); MscError for bad input or a server that cannot
+        take it. Give either max_new_tokens (greedy) or SamplingParams."""
+        if not prompt:
+            raise MscError("the prompt needs at least one token id")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab]
+        if bad:
+            raise MscError(f"token id {bad[0]!r} is outside the model's vocabulary [0, {self.vocab})")
+        if params is None:
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            params = SamplingParams(max_tokens=max_new_tokens)
+        req = ServingRequest(self, f"r{next(self._ids)}", list(prompt), params)
+        with self._lock:
+            if self._broken is not None:
+                raise MscError(f"the server cannot take requests: {self._broken}")
+            if self._closing:
+                raise MscError("the server is shutting down")
+            self._place(req)
+            self._requests[req.id] = req
+        return req
+
+    def _place(self, req: ServingRequest) -> None:
+        req.replica = 0
+
+    def _finished(self, req: ServingRequest) -> None:
+        """Bookkeeping once req has ended (called under the lock)."""
+
+    def _deliver(self, rid: str, toks: list[int], reason: str | None, error: str | None) -> None:
+        """A step's new tokens of request rid, and its end when reason is set."""
+        with self._lock:
+            req = self._requests.get(rid)
+            if req is not None and reason is not None:
+                del self._requests[rid]
+                self._finished(req)
+        if req is None:
+            return
+        req._tokens(toks)
+        if reason == "error":
+            req._fail(error or "the engine could not run the request")
+        elif reason is not None:
+            self.served += 1
+            self.cancelled += reason == "cancelled"
+            req._finish(reason)
+
+    def _fail_unfinished(self, reason: str) -> None:
+        with self._lock:
+            left = list(self._requests.values())
+            self._requests.clear()
+        for req in left:
+            req._fail(reason)
+
+    def _break(self, reason: str) -> None:
+        """Mark the server broken: every unfinished request fails with `reason`, no new ones are taken."""
+        with self._lock:
+            if self._broken is None:
+                self._broken = reason
+        self._fail_unfinished(self._broken)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Submit every prompt and wait for all of them (a convenience for scripts and tests)."""
+        reqs = [self.submit(p, max_new_tokens) for p in prompts]
+        return [r.result(timeout=self.request_timeout_s).token_ids for r in reqs]
+
+    def _health(self, **extra) -> dict:
+        with self._lock:
+            running = len(self._requests)
+        return {"status": "broken" if self._broken else "closing" if self._closing else "ok", "error": self._broken,
+                "batch_size": self.batch_size, "unfinished": running, "served": self.served,
+                "cancelled": self.cancelled, **extra}
+
+
+class ServingEngine(_Server):
+    """A bundle's roles as long-running processes serving generation requests; see the module docstring."""
+
+    def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
+                 microbatches: int | None = None, env: dict[str, str] | None = None,
+                 request_timeout_s: float | None = None):
+        super().__init__(bundle_dir, request_timeout_s)
+        m = self.bundle.manifest
         self.replicas = [r for r in self.bundle.roles if r["kind"] == "attention"]
         self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device}
         resolve_run_config(dict(self._run_config), m)  # bad options fail here, before any process starts
         self._env = env
-        self._lock = threading.Lock()
-        self._requests: dict[str, ServingRequest] = {}  # unfinished, by id
         self._load = [0] * len(self.replicas)  # unfinished requests per replica
-        self._ids = itertools.count()
-        self._broken: str | None = None
-        self._closing = False
         self._stop = threading.Event()
         self._procs: list = []
         self._links: dict[int, Link] = {}
@@ -133,8 +221,6 @@ class ServingEngine:
         self._threads: list[threading.Thread] = []
         self._workdir: Path | None = None
         self._server: LinkServer | None = None
-        self.served = 0  # requests finished
-        self.cancelled = 0
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout_s: float | None = None) -> "ServingEngine":
@@ -169,10 +255,7 @@ class ServingEngine:
             if self._closing:
                 return
             self._closing = True
-            left = list(self._requests.values())
-            self._requests.clear()
-        for req in left:
-            req._fail("the server is shutting down")
+        self._fail_unfinished("the server is shutting down")
         for r in list(self._links):
             self._send(r, {"stop": True}, quiet=True)
         self._stop.set()
@@ -180,39 +263,23 @@ class ServingEngine:
         for t in self._threads:
             t.join(timeout=5)
 
-    def __enter__(self) -> "ServingEngine":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], max_new_tokens: int | None = None, params: SamplingParams | None = None) -> ServingRequest:
         """Send one request to the least loaded replica; its `result()` is a Completion (MscError if it fails).
         Give either max_new_tokens (greedy) or SamplingParams."""
-        if not prompt:
-            raise MscError("the prompt needs at least one token id")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab]
-        if bad:
-            raise MscError(f"token id {bad[0]!r} is outside the model's vocabulary [0, {self.vocab})")
-        if params is None:
-            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-                raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-            params = SamplingParams(max_tokens=max_new_tokens)
-        req = ServingRequest(self, f"r{next(self._ids)}", list(prompt), params)
-        with self._lock:
-            if self._broken is not None:
-                raise MscError(f"the server cannot take requests: {self._broken}")
-            if self._closing:
-                raise MscError("the server is shutting down")
-            r = min(range(len(self._load)), key=lambda i: (self._load[i], i))
-            req.replica = r
-            self._load[r] += 1
-            self._requests[req.id] = req
-        p = {k: v for k, v in params.__dict__.items() if v is not None}
-        p["stop_token_ids"] = list(params.stop_token_ids)
-        self._send(r, {"add": {"id": req.id, "prompt": req.prompt, "params": p}})
+        req = self._new_request(prompt, max_new_tokens, params)
+        p = {k: v for k, v in req.params.__dict__.items() if v is not None}
+        p["stop_token_ids"] = list(req.params.stop_token_ids)
+        self._send(req.replica, {"add": {"id": req.id, "prompt": req.prompt, "params": p}})
         return req
+
+    def _place(self, req: ServingRequest) -> None:
+        r = min(range(len(self._load)), key=lambda i: (self._load[i], i))
+        req.replica = r
+        self._load[r] += 1
+
+    def _finished(self, req: ServingRequest) -> None:
+        self._load[req.replica] -= 1
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -220,19 +287,10 @@ class ServingEngine:
         if req is not None:
             self._send(req.replica, {"cancel": request_id}, quiet=True)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Submit every prompt and wait for all of them (a convenience for scripts and tests)."""
-        reqs = [self.submit(p, max_new_tokens) for p in prompts]
-        return [r.result(timeout=self.request_timeout_s).token_ids for r in reqs]
-
     def health(self) -> dict:
         with self._lock:
-            running = len(self._requests)
             load = list(self._load)
-        return {"status": "broken" if self._broken else "closing" if self._closing else "ok", "error": self._broken,
-                "replicas": len(self.replicas), "roles": [r["name"] for r in self.bundle.roles],
-                "batch_size": self.batch_size, "unfinished": running, "per_replica": load, "served": self.served,
-                "cancelled": self.cancelled}
+        return self._health(replicas=len(self.replicas), roles=[r["name"] for r in self.bundle.roles], per_replica=load)
 
     # ------------------------------------------------------------------ threads
     def _send(self, r: int, msg: dict, quiet: bool = False) -> None:
@@ -262,20 +320,7 @@ class ServingEngine:
 
     def _events(self, r: int, events: list) -> None:
         for rid, toks, reason, error in events:
-            with self._lock:
-                req = self._requests.get(rid)
-                if req is not None and reason is not None:
-                    del self._requests[rid]
-                    self._load[r] -= 1
-            if req is None:
-                continue
-            req._tokens(toks)
-            if reason == "error":
-                req._fail(error or "the replica could not run the request")
-            elif reason is not None:
-                self.served += 1
-                self.cancelled += reason == "cancelled"
-                req._finish(reason)
+            self._deliver(rid, toks, reason, error)
 
     def _monitor(self) -> None:
         while not self._stop.is_set() and self._broken is None:
@@ -305,16 +350,6 @@ class ServingEngine:
                 return None
             time.sleep(0.05)
 
-    def _break(self, reason: str) -> None:
-        """Mark the engine broken: every unfinished request fails with `reason`, no new ones are taken."""
-        with self._lock:
-            if self._broken is None:
-                self._broken = reason
-            left = list(self._requests.values())
-            self._requests.clear()
-        for req in left:
-            req._fail(self._broken)
-
     def _shutdown_processes(self, grace_s: float) -> None:
         stop_roles(self._procs, grace_s)
         for link in self._links.values():
@@ -325,7 +360,7 @@ class ServingEngine:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-class ColocatedServingEngine:
+class ColocatedServingEngine(_Server):
     """`msc serve --colocated`: the bundle's colocated program on the engine in this process, stepped by a
     thread; the same interface as ServingEngine (submit, cancel, generate, health, close) and the same
     engine as every other path, with the experts in process instead of on expert nodes."""
@@ -336,27 +371,16 @@ class ColocatedServingEngine:
 
         from msc.engine.build import build_engine
 
-        self.bundle = Bundle.open(bundle_dir)
+        super().__init__(bundle_dir, request_timeout_s)
         m = self.bundle.manifest
         if "colocated" not in m:
             raise MscError(f"bundle {bundle_dir} has no colocated program (compiled by an older msc); compile it again")
-        self.vocab = m["model"]["vocab_size"]
-        self.batch_size = m["plan"]["batch_size"]
-        self.timeout_s = m["spec"]["runtime"]["timeout_s"]
-        self.request_timeout_s = request_timeout_s or self.timeout_s * 4
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         resolve_run_config({"random_weights": random_weights, "device": self.device}, m)
         program = self.bundle.load_program(m["colocated"]["program"], self.device, random_weights=random_weights)
         self.engine = build_engine(m, program, self.device)
         self.replicas = [{"name": "colocated"}]
-        self._lock = threading.Lock()
-        self._requests: dict[str, ServingRequest] = {}
-        self._ids = itertools.count()
-        self._broken: str | None = None
-        self._closing = False
         self._thread: threading.Thread | None = None
-        self.served = 0
-        self.cancelled = 0
 
     def start(self, timeout_s: float | None = None) -> "ColocatedServingEngine":
         self._thread = threading.Thread(target=self._loop, name="msc-engine", daemon=True)
@@ -368,73 +392,29 @@ class ColocatedServingEngine:
             if self._closing:
                 return
             self._closing = True
-            left = list(self._requests.values())
-            self._requests.clear()
-        for req in left:
-            req._fail("the server is shutting down")
+        self._fail_unfinished("the server is shutting down")
         self.engine.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=grace_s)
 
-    def __enter__(self) -> "ColocatedServingEngine":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def submit(self, prompt: list[int], max_new_tokens: int | None = None,
                params: SamplingParams | None = None) -> ServingRequest:
-        if not prompt:
-            raise MscError("the prompt needs at least one token id")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab]
-        if bad:
-            raise MscError(f"token id {bad[0]!r} is outside the model's vocabulary [0, {self.vocab})")
-        if params is None:
-            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-                raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-            params = SamplingParams(max_tokens=max_new_tokens)
-        req = ServingRequest(self, f"r{next(self._ids)}", list(prompt), params)
-        req.replica = 0
-        with self._lock:
-            if self._broken is not None:
-                raise MscError(f"the server cannot take requests: {self._broken}")
-            if self._closing:
-                raise MscError("the server is shutting down")
-            self._requests[req.id] = req
-        self.engine.submit(req.id, req.prompt, params, self._on_token)
+        req = self._new_request(prompt, max_new_tokens, params)
+        self.engine.submit(req.id, req.prompt, req.params, self._on_token)
         return req
 
     def _on_token(self, r, toks: list[int]) -> None:
         """Called on the engine thread with a step's new tokens of request r (and at its end)."""
-        with self._lock:
-            req = self._requests.get(r.id)
-            if req is not None and r.finished:
-                del self._requests[r.id]
-        if req is None:
-            return
-        req._tokens(toks)
         if r.finished:
             self.engine.forget(r.id)
-            if r.finish_reason == "error":
-                req._fail(r.error or "the engine could not run the request")
-            else:
-                self.served += 1
-                self.cancelled += r.finish_reason == "cancelled"
-                req._finish(r.finish_reason)
+        self._deliver(r.id, toks, r.finish_reason if r.finished else None, r.error)
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel_threadsafe(request_id)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        reqs = [self.submit(p, max_new_tokens) for p in prompts]
-        return [r.result(timeout=self.request_timeout_s).token_ids for r in reqs]
-
     def health(self) -> dict:
-        with self._lock:
-            running = len(self._requests)
-        return {"status": "broken" if self._broken else "closing" if self._closing else "ok", "error": self._broken,
-                "replicas": 1, "roles": ["colocated"], "device": self.device, "batch_size": self.batch_size,
-                "unfinished": running, "per_replica": [running], "served": self.served, "cancelled": self.cancelled}
+        return self._health(replicas=1, roles=["colocated"], device=self.device,
+                            per_replica=[len(self._requests)])
 
     def _loop(self) -> None:
         eng = self.engine
@@ -445,10 +425,4 @@ class ColocatedServingEngine:
                     continue
                 eng.step()
         except Exception as e:  # noqa: BLE001 (any failure of a step ends the server with its reason)
-            reason = f"the engine failed: {type(e).__name__}: {e}"
-            with self._lock:
-                self._broken = reason
-                left = list(self._requests.values())
-                self._requests.clear()
-            for req in left:
-                req._fail(reason)
+            self._break(f"the engine failed: {type(e).__name__}: {e}")
