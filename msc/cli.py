@@ -85,6 +85,10 @@ def run_cmd(
 
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if colocated:
+        roles_only = {"--microbatches": microbatches, "--delay-ms": delay_ms, "--trace": trace, "--mps": mps}
+        given = [name for name, v in roles_only.items() if v is not None]
+        if given:
+            _fail(MscError(f"{', '.join(given)} apply to the role processes; --colocated runs one process without them"))
         return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights, sampling)
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
@@ -307,6 +311,8 @@ def serve_cmd(
 
     try:
         if colocated:
+            if microbatches is not None:
+                raise MscError("--microbatches applies to the role processes; --colocated serves one process without them")
             with err.status("loading the colocated program"):
                 engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device).start()
         else:

@@ -140,3 +140,26 @@ def test_msc_run_samples_alike_colocated_and_as_role_processes(tiny_bundle):
         outs.append(json.loads(res.output.strip().splitlines()[-1])["outputs"])
     assert outs[0] == outs[1] and len(outs[0][0]) == 6
     assert outs[0][0][:3] != outs[0][1][1:4]  # with one shared seed these would line up by position
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"sampling": [{"temperature": -1}]}, "temperature must be >= 0"),
+    ({"sampling": [{"best_of": 2}]}, r"unknown sampling parameters \['best_of'\]"),
+    ({"sampling": [{"seed": "7"}]}, "seed must be an integer"),
+    ({"sampling": [{"stop_token_ids": [2, "x"]}]}, "stop_token_ids must be token ids"),
+    ({"arrivals": [-1]}, "arrivals are engine steps"),
+])
+def test_bad_run_options_are_refused_before_any_process_starts(tiny_bundle, kw, match, monkeypatch):
+    import msc.runtime.launcher as launcher
+
+    def no_spawn(*a, **k):
+        raise AssertionError("a role process was started")
+
+    monkeypatch.setattr(launcher, "spawn_roles", no_spawn)
+    with pytest.raises(MscError, match=match):
+        run_bundle(tiny_bundle.path, [[5, 17, 42]], 4, **kw)
+
+
+def test_role_options_with_colocated_are_refused(tiny_bundle):
+    res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--colocated", "--trace", "t.json", "--microbatches", "2"])
+    assert res.exit_code == 1 and "--microbatches, --trace apply to the role processes" in res.output

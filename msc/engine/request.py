@@ -34,7 +34,12 @@ class SamplingParams:
             raise MscError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise MscError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise MscError(f"seed must be an integer, got {self.seed!r}")
+        ids = tuple(self.stop_token_ids)
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+            raise MscError(f"stop_token_ids must be token ids (integers >= 0), got {list(ids)!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
 
     @property
     def greedy(self) -> bool:

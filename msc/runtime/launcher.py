@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from msc.bundle import Bundle
 from msc.errors import MscError
+from msc.runtime.roles import sampling_from_json
 from msc.runtime.trace import merge_traces
 from msc.runtime.worker import resolve_run_config
 
@@ -131,6 +132,11 @@ def run_bundle(
                       ("max_new_tokens", max_new_tokens if isinstance(max_new_tokens, list) else None)):
         if val is not None and len(val) != len(prompts):
             raise MscError(f"{name} has {len(val)} entries for {len(prompts)} prompts; expected one per prompt")
+    if arrivals is not None and any(not isinstance(a, int) or isinstance(a, bool) or a < 0 for a in arrivals):
+        raise MscError(f"arrivals are engine steps (integers >= 0), got {arrivals!r}")
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    for n, extra in zip(limits, sampling or [{}] * len(prompts)):  # bad parameters fail here, not in a role process
+        sampling_from_json({"max_tokens": n, **extra})
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
     run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device}
