@@ -136,13 +136,11 @@ class ExpertExchange:
 
     def __init__(self, endpoint: Endpoint, attention_ranks: list[int], device="cpu"):
         self.ep, self.device = endpoint, torch.device(device)
-        self.attention_ranks = list(attention_ranks)
         self._rx = {r: self.ep.irecv(r, DATA_TAG) for r in attention_ranks}  # one posted receive per live replica
         self._waiting: list[_Message] = []  # arrived, not yet run (arrival order)
         self._batch: list[_Message] = []
         self._sends: list = []
         self.mb, self.microbatches = 0, 1  # of the batch being run (its first message's)
-        self.batches = 0
         self.trace = None  # msc.runtime.trace.Trace, set by the role
 
     @property
@@ -232,7 +230,6 @@ class ExpertExchange:
                 start += m.n
             self.ep.flush()
         self._batch = []
-        self.batches += 1
 
 
 def _span(trace, cat: str, name: str, layer: int | None = None, mb: int | None = None):

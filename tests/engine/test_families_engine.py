@@ -47,7 +47,7 @@ def test_colocated_engine(family, monkeypatch):
     reqs = eng.generate(PROMPTS, SamplingParams(max_tokens=NEW), arrivals=ARRIVALS)
     assert [r.output for r in reqs] == refs
     assert any(r.decode and r.prefill for r in eng.records)  # prompts joined running decodes
-    assert any(r.preempted == [] and len(r.prefill) and r.tokens == 9 for r in eng.records)  # a full budget
+    assert any(r.prefill and r.tokens == 9 for r in eng.records)  # a prompt chunk filled the step's budget
 
 
 @pytest.mark.parametrize("case", [0, 1])
