@@ -57,13 +57,13 @@ class AttentionRole:
         self.exchange.finish()
         return done
 
-    def serve(self, link, heartbeat_s: float) -> None:
+    def serve(self, link) -> None:
         """Serve the requests a serving process sends over `link` until it says stop.
 
         Between steps every message waiting on the link is taken in ({"add": {...}}, {"cancel": id},
         {"stop": true}); each step's new tokens and finished requests go back as one {"events": [...]}
         message of [id, new tokens, finish reason or null, error or null]. With nothing to do the replica
-        blocks on the link, sending the expert nodes a heartbeat every heartbeat_s."""
+        blocks on the link, sending the expert nodes a heartbeat every exchange.heartbeat_s."""
         eng = self.engine
         events: list = []
 
@@ -75,7 +75,7 @@ class AttentionRole:
         link.send({"ready": True})
         stop = False
         while not stop:
-            wait = 0.0 if eng.has_work else min(heartbeat_s, self.exchange.heartbeat_s)
+            wait = 0.0 if eng.has_work else self.exchange.heartbeat_s
             while True:
                 msg = link.recv(wait)
                 if msg is None:

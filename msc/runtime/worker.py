@@ -154,7 +154,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             srv = cfg["serve"]
             link = serve_link.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
             try:
-                worker.serve(link, heartbeat_s=heartbeat_s)
+                worker.serve(link)
             finally:
                 link.close()
             return
