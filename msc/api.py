@@ -281,6 +281,7 @@ def compile(
             "num_moe_layers": facts["num_moe_layers"],
             "vocab_size": facts["vocab_size"],
             "eos_token_id": eos,
+            "tokenizer": None,  # a user's module brings no tokenizer: token ids only
             **moe,
             "python_class": f"{type(model).__module__}.{type(model).__qualname__}",
         }

@@ -18,6 +18,30 @@ err = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import msc
+
+        out.print(f"msc {msc.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print msc's version and exit"),
+    log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error (Python logging of msc "
+                                  "and the server)"),
+) -> None:
+    """msc: compile Hugging Face MoE models for disaggregated serving."""
+    import logging
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        _fail(MscError(f"--log-level {log_level!r}: expected debug, info, warning or error"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("msc").setLevel(level)
+
+
 def _fail(e: MscError) -> None:
     err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -302,13 +326,25 @@ def serve_cmd(
     microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
     colocated: bool = typer.Option(False, "--colocated", help="serve the colocated program in this process "
                                    "(the same engine, experts in process) instead of the role processes"),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="the model id clients name "
+                                                    "(default: the bundle folder's name)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSC_API_KEY", help="require 'Authorization: "
+                                          "Bearer KEY' on /v1/ paths (also read from MSC_API_KEY)"),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one JSON line per request on stderr"),
 ):
-    """Serve a bundle over HTTP: POST /v1/generate (token ids in, token ids out), GET /health."""
+    """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
+    /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
+    import logging
+
     import uvicorn
 
     from msc.runtime.serving import ColocatedServingEngine, ServingEngine
     from msc.server import create_app
+    from msc.tokenizer import load_tokenizer
 
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this address can use the server"
+                  + ("" if api_key else " (no --api-key is set)"), highlight=False)
     try:
         if colocated:
             if microbatches is not None:
@@ -322,11 +358,27 @@ def serve_cmd(
     except MscError as e:
         _fail(e)
     try:
-        config = uvicorn.Config(create_app(engine), host=host, port=port, log_level="info")
+        try:
+            tokenizer = load_tokenizer(engine.bundle.path, engine.bundle.manifest)
+        except MscError as e:
+            _fail(e)
+        if access_log:
+            logging.getLogger("msc.access").setLevel(logging.INFO)
+            if not logging.getLogger().handlers:
+                logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app_ = create_app(engine, tokenizer=tokenizer, model_name=served_model_name, api_key=api_key)
+        level = logging.getLevelName(logging.getLogger("msc").getEffectiveLevel()).lower()
+        # NOTE: uvicorn's own access log is off: msc's gate logs each request once, as JSON
+        config = uvicorn.Config(app_, host=host, port=port, log_level=level if level != "notset" else "warning",
+                                access_log=False)
         server = uvicorn.Server(config)
         h = engine.health()
-        err.print(f"serving {bundle} ({h['replicas']} attention replicas, roles {', '.join(h['roles'])}, "
-                  f"batch {h['batch_size']}): POST /v1/generate, GET /health")
+        name = app_.state.msc.model_name
+        err.print(f"serving {bundle} as '{name}' on http://{host}:{port} ({h['replicas']} attention replicas, roles "
+                  f"{', '.join(h['roles'])}, batch {h['batch_size']}, "
+                  f"{'text and token ids' if tokenizer is not None else 'token ids only: the bundle has no tokenizer'})\n"
+                  "  POST /v1/completions, /v1/chat/completions, /v1/generate; GET /v1/models, /health, /metrics",
+                  highlight=False)
         try:
             server.run()
         except KeyboardInterrupt:

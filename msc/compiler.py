@@ -25,6 +25,7 @@ import torch.fx as fx
 from msc.bundle import Bundle, versions, write_bundle
 from msc.capture import DTYPES, Captured, capture
 from msc.checkpoint import CheckpointReader, materialize_random
+from msc.tokenizer import record_tokenizer
 from msc.errors import MscError
 from msc.ir import graph_meta
 from msc.models import adapter_for
@@ -198,6 +199,8 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = No
             "vocab_size": hf_config.vocab_size,
             "eos_token_id": hf_config.eos_token_id,
             "max_position_embeddings": getattr(hf_config, "max_position_embeddings", None),
+            # NOTE: by reference for a checkpoint (its folder), a small one built into the bundle otherwise
+            "tokenizer": record_tokenizer(stage, hf_config, spec.model.path, say),
             **moe,
         }
         job = Lowering(spec=spec, plan=plan, moe=moe, model=model, captured=captured, adapter=adapter,

@@ -1,71 +1,79 @@
 """HTTP front end of a serving engine (FastAPI): `msc serve BUNDLE` runs it under uvicorn.
 
-    POST /v1/generate   {"prompt_token_ids": [5, 17, 42], "max_new_tokens": 16,
-                         optional: "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
-                        -> {"token_ids": [...], "finish_reason": "stop" | "length", "prompt_tokens": 3,
-                            "completion_tokens": 16, "seconds": 0.41, "first_token_seconds": 0.05, "replica": 0}
-    GET  /health        -> 200 {"status": "ok", "unfinished": 0, "served": 12, ...}; 503 once a role died
+    POST /v1/completions        OpenAI's completions: text or token-id prompts, streaming, n, stop, logprobs
+    POST /v1/chat/completions   OpenAI's chat completions through the tokenizer's chat template
+    GET  /v1/models             the one model this server serves
+    POST /v1/generate           msc's native call: token ids in, token ids out
+    GET  /health                200 {"status": "ok", "running": ..., ...}; 503 once a role died
+    GET  /metrics               Prometheus text format
 
-Errors: a malformed body is a 422 (FastAPI's validation, naming the field); a token id outside the
-vocabulary or a request that can never fit the KV cache a 400; a broken or stopping engine a 503 with the
-reason; a request not answered within the engine's request bound a 504. A client that goes away cancels
-its request (the replica frees its KV pages at the next step). Token ids in, token ids out: bundles carry
-no tokenizer.
+Errors are OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}: 400 for an invalid
+parameter (malformed JSON and unknown fields included: never FastAPI's 422 shape), 401 for a missing
+API key, 404 for an unknown model or path, 503 for a broken or stopping engine, 504 for a request not
+answered within the engine's request bound. A client that goes away cancels its request (the replica
+frees its KV pages at the next step). The OpenAI routes live in msc.openai_routes.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from msc.engine.build import max_seq_len_of
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
+from msc.http_middleware import MAX_BODY_BYTES, ServerGate
+from msc.metrics import ServerMetrics
+from msc.openai_protocol import ApiError, GenerateRequest, GenerateResponse, error_response, validation_param
+from msc.openai_routes import DISCONNECT_POLL_S, ServeState, engine_error, register
 from msc.runtime.serving import ColocatedServingEngine, ServingEngine
 
-DISCONNECT_POLL_S = 0.25
 
+def create_app(engine: ServingEngine | ColocatedServingEngine, *, tokenizer=None, model_name: str | None = None,
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The API over a started engine (the caller owns its life cycle). tokenizer: a transformers tokenizer
+    for text requests (None: token ids only); model_name: the id /v1/models lists (default: the bundle's
+    folder name); api_key: required as `Authorization: Bearer KEY` on /v1/ paths when given."""
+    manifest = engine.bundle.manifest
+    name = model_name or engine.bundle.path.name
+    metrics = ServerMetrics(name)
+    state = ServeState(engine, tokenizer, name, max_seq_len_of(manifest), metrics)
+    app = FastAPI(title="msc", description="disaggregated MoE inference with an OpenAI-compatible API")
+    app.state.msc = state
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
 
-    prompt_token_ids: list[int] = Field(min_length=1, description="the prompt as token ids")
-    max_new_tokens: int = Field(16, ge=1, le=1 << 16, description="tokens to generate at most")
-    temperature: float = Field(0.0, ge=0, description="0: greedy")
-    top_k: int = Field(0, ge=0, description="0: no limit")
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: Optional[int] = Field(None, description="the same seed gives the same tokens")
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        param = validation_param(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        if first.get("type") == "extra_forbidden":
+            return error_response(400, f"unknown parameter '{param}'", param)
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return error_response(400, f"{param}: {msg}" if param else msg, param)
 
-
-class GenerateResponse(BaseModel):
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    first_token_seconds: Optional[float]
-    replica: int
-
-
-def create_app(engine: ServingEngine | ColocatedServingEngine) -> FastAPI:
-    """The API over a started engine (the caller owns its life cycle)."""
-    app = FastAPI(title="msc", description="disaggregated MoE inference: generation over token ids")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else "server_error")
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest, http: Request) -> GenerateResponse:
         try:
             params = SamplingParams(max_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                     top_p=req.top_p, seed=req.seed, stop_token_ids=tuple(req.stop_token_ids),
-                                    ignore_eos=req.ignore_eos)
+                                    ignore_eos=req.ignore_eos, logprobs=req.logprobs)
             handle = engine.submit(req.prompt_token_ids, params=params)
         except MscError as e:
-            status = 400 if engine.health()["status"] == "ok" else 503
-            raise HTTPException(status_code=status, detail=str(e)) from None
+            raise engine_error(engine, e, "prompt_token_ids") from None
         # NOTE: the engine's reader thread fills a concurrent Future; awaiting it keeps the event loop free.
         # Every DISCONNECT_POLL_S the handler looks whether the client went away, and if so cancels the
         # request, so an abandoned generation does not hold a place in the batch.
@@ -77,23 +85,32 @@ def create_app(engine: ServingEngine | ColocatedServingEngine) -> FastAPI:
                 break
             if await http.is_disconnected():
                 handle.cancel()
-                raise HTTPException(status_code=499, detail="the client closed the connection")
+                raise ApiError(499, "the client closed the connection")
             if time.monotonic() > deadline:
                 handle.cancel()
-                raise HTTPException(status_code=504, detail=f"no answer within {engine.request_timeout_s:.0f} s")
+                raise ApiError(504, f"no answer within {engine.request_timeout_s:.0f} s", type="timeout")
         try:
             result = fut.result()
         except MscError as e:
-            status = 400 if engine.health()["status"] == "ok" else 503
-            raise HTTPException(status_code=status, detail=str(e)) from None
+            raise engine_error(engine, e, "prompt_token_ids") from None
+        metrics.request_done(len(req.prompt_token_ids), len(result.token_ids), result.finish_reason, result.seconds,
+                             result.first_token_s)
         return GenerateResponse(token_ids=result.token_ids, finish_reason=result.finish_reason,
                                 prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(result.token_ids),
                                 seconds=result.seconds, first_token_seconds=result.first_token_s,
-                                replica=result.replica)
+                                replica=result.replica, logprobs=result.logprobs)
+
+    register(app, state)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        h = engine.health()
+        h = {**engine.health(), **engine.stats(), "model": name, "tokenizer": tokenizer is not None}
         return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(engine.stats()), media_type=metrics.content_type)
+
+    # NOTE: the gate wraps the whole app (FastAPI included), so bodies are bounded before they are parsed
+    app.add_middleware(ServerGate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     return app

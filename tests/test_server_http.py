@@ -36,18 +36,19 @@ def test_generate_returns_the_reference_tokens(client, tiny_hf):
 
 @pytest.mark.parametrize("payload,status,text", [
     ({"prompt_token_ids": [5, 999]}, 400, "token id 999 is outside the model's vocabulary [0, 256)"),
-    ({"prompt_token_ids": []}, 422, "prompt_token_ids"),
-    ({"max_new_tokens": 4}, 422, "prompt_token_ids"),
-    ({"prompt_token_ids": [1], "max_new_tokens": 0}, 422, "max_new_tokens"),
-    ({"prompt_token_ids": [1], "temperature": -0.5}, 422, "temperature"),
-    ({"prompt_token_ids": [1], "top_p": 0}, 422, "top_p"),
-    ({"prompt_token_ids": [1], "best_of": 2}, 422, "best_of"),
+    ({"prompt_token_ids": []}, 400, "prompt_token_ids"),
+    ({"max_new_tokens": 4}, 400, "prompt_token_ids"),
+    ({"prompt_token_ids": [1], "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ({"prompt_token_ids": [1], "temperature": -0.5}, 400, "temperature"),
+    ({"prompt_token_ids": [1], "top_p": 0}, 400, "top_p"),
+    ({"prompt_token_ids": [1], "best_of": 2}, 400, "best_of"),
     ({"prompt_token_ids": [1] * 4000, "max_new_tokens": 200}, 400, "this engine holds sequences of at most 4096"),
 ])
 def test_bad_requests_get_a_clear_status_and_reason(client, payload, status, text):
     r = client.post("/v1/generate", json=payload)
     assert r.status_code == status
     assert text in r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}  # OpenAI's error shape
 
 
 def test_seeded_sampling_over_http_repeats(client):

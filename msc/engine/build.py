@@ -14,12 +14,17 @@ CPU_KV_BYTES = 1 << 30  # the default KV pool's cap on the CPU
 GPU_KV_FRACTION = 0.25  # ... and on a GPU, of its memory (roles of one GPU share it)
 
 
+def max_seq_len_of(manifest: dict) -> int:
+    """The longest sequence (prompt + generated tokens) an engine of this bundle holds."""
+    longest = manifest["model"].get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
+    return manifest["spec"]["runtime"].get("max_seq_len") or min(longest, DEFAULT_MAX_SEQ_LEN)
+
+
 def engine_sizes(manifest: dict, runner: ModelRunner) -> dict:
     """max_batch, max_seq_len, max_step_tokens and kv_tokens of an engine for this bundle on runner's device."""
     rt = manifest["spec"]["runtime"]
     max_batch = manifest["plan"]["batch_size"]
-    longest = manifest["model"].get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
-    max_seq_len = rt.get("max_seq_len") or min(longest, DEFAULT_MAX_SEQ_LEN)
+    max_seq_len = max_seq_len_of(manifest)
     kv_tokens = rt.get("kv_cache_tokens")
     if kv_tokens is None:
         per_token = runner.kv_bytes_per_token()

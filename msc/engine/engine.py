@@ -17,9 +17,11 @@ import time
 from collections import deque
 from typing import Callable, Iterable
 
+import torch
+
 from msc.engine.request import Request, SamplingParams, Status, seed_from
 from msc.engine.runner import ModelRunner, StepInput
-from msc.engine.sampler import SamplingBatch, sample
+from msc.engine.sampler import SamplingBatch, sample, token_logprobs
 from msc.engine.scheduler import Scheduler, StepRecord
 from msc.errors import MscError
 
@@ -99,6 +101,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def stats(self) -> dict:
+        """Running and waiting requests and KV pages in use (the scratch page of CUDA graphs not counted)."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_pages_used": self.scheduler.cache.blocks_in_use, "kv_pages_total": self.num_pages}
+
     # ------------------------------------------------------------------ requests (other threads)
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                on_token: Callable[[Request, list[int]], None]) -> None:
@@ -147,7 +154,9 @@ class Engine:
             if sampled:
                 batch = SamplingBatch.build([s.request.params for s in sampled],
                                             [s.request.num_tokens for s in sampled], logits.device)
-                new = sample(logits, batch).tolist()  # the step's one host sync
+                new_t = sample(logits, batch)  # [B]
+                self._logprobs(sampled, logits, new_t)
+                new = new_t.tolist()  # the step's one host sync (two with logprobs)
             for s in work:
                 s.request.computed = s.start + s.count
             for s, tok, row in zip(sampled, new, logits if self.keep_logits else [None] * len(new)):
@@ -165,6 +174,20 @@ class Engine:
         self.records.append(record)
         self.step_no += 1
         return record
+
+    @staticmethod
+    def _logprobs(sampled, logits, tokens) -> None:
+        """Append the sampled tokens' log-probabilities to the requests that asked for them."""
+        rows = [j for j, s in enumerate(sampled) if s.request.params.logprobs is not None]
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=logits.device)
+        k = max(sampled[j].request.params.logprobs for j in rows)
+        chosen, top_vals, top_ids = token_logprobs(logits.index_select(0, idx), tokens.index_select(0, idx), k)
+        chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+        for n, j in enumerate(rows):
+            kk = sampled[j].request.params.logprobs
+            sampled[j].request.logprobs.append([chosen[n], [[t, v] for t, v in zip(top_ids[n][:kk], top_vals[n][:kk])]])
 
     def _stop_reason(self, req: Request, tok: int) -> str | None:
         p = req.params

@@ -8,6 +8,8 @@ from typing import Callable
 
 from msc.errors import MscError
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -40,6 +43,9 @@ class SamplingParams:
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
             raise MscError(f"stop_token_ids must be token ids (integers >= 0), got {list(ids)!r}")
         object.__setattr__(self, "stop_token_ids", ids)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise MscError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +88,9 @@ class Request:
     error: str | None = None
     preemptions: int = 0
     logits: list = field(default_factory=list)  # per sampled token, when the engine keeps logits (verify)
+    # per sampled token when params.logprobs is set: [its log-probability, [[token id, log-probability] of the
+    # params.logprobs most likely tokens]] (of the model's distribution, before temperature and filters)
+    logprobs: list = field(default_factory=list)
 
     def token_slice(self, start: int, count: int) -> list[int]:
         """tokens[start:start + count] without building the whole list."""

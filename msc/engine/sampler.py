@@ -84,3 +84,12 @@ def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
     gumbel = -torch.log(-torch.log(u))
     sampled = (x + gumbel).argmax(dim=-1)  # [B]
     return torch.where(batch.temperature > 0, sampled, greedy)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities of the model's distribution (before temperature and filters): logits [B, V], the
+    sampled tokens [B] -> (theirs [B], the k largest [B, k], their token ids [B, k])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = lp.gather(1, tokens[:, None])[:, 0]  # [B]
+    top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])  # [B, k]
+    return chosen, top_vals, top_ids

@@ -97,6 +97,11 @@ class PagedKVCache:
             raise MscError(f"PagedKVCache: unknown sequence {seq_id}; call add_sequence({seq_id}) first")
         return self._blocks[seq_id]
 
+    @property
+    def blocks_in_use(self) -> int:
+        """Blocks that sequences hold (the scratch block not counted)."""
+        return sum(len(b) for b in self._blocks.values())
+
     def capacity(self, seq_id: int) -> int:
         """Tokens the sequence's blocks hold."""
         return len(self.blocks(seq_id)) * self.page_size

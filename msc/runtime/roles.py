@@ -62,13 +62,15 @@ class AttentionRole:
 
         Between steps every message waiting on the link is taken in ({"add": {...}}, {"cancel": id},
         {"stop": true}); each step's new tokens and finished requests go back as one {"events": [...]}
-        message of [id, new tokens, finish reason or null, error or null]. With nothing to do the replica
+        message of [id, new tokens, finish reason or null, error or null, log-probabilities or null], with
+        the engine's stats (running, waiting, KV pages). With nothing to do the replica
         blocks on the link, sending the expert nodes a heartbeat every exchange.heartbeat_s."""
         eng = self.engine
         events: list = []
 
         def on_token(req: Request, toks: list[int]) -> None:
-            events.append([req.id, toks, req.finish_reason, req.error])
+            lps = req.logprobs[len(req.logprobs) - len(toks):] if req.params.logprobs is not None and toks else None
+            events.append([req.id, toks, req.finish_reason, req.error, lps])
             if req.finished:
                 eng.forget(req.id)
 
@@ -90,7 +92,7 @@ class AttentionRole:
                     try:
                         eng.add_request(str(a["id"]), list(a["prompt"]), sampling_from_json(a.get("params") or {}), on_token)
                     except MscError as e:
-                        events.append([a.get("id"), [], "error", str(e)])
+                        events.append([a.get("id"), [], "error", str(e), None])
                 else:
                     raise MscError(f"the server sent a message this replica does not understand: {sorted(msg)}")
             if not stop and eng.has_work:
@@ -99,7 +101,7 @@ class AttentionRole:
             elif not stop:
                 self.exchange.heartbeat(force=True)
             if events:
-                link.send({"events": events})
+                link.send({"events": events, "stats": eng.stats()})
                 events = []
         self.exchange.finish()
 

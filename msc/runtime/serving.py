@@ -13,6 +13,7 @@ engine reports itself broken (`health()`).
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import secrets
@@ -24,7 +25,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from msc.bundle import Bundle
 from msc.engine.request import SamplingParams
@@ -43,6 +44,7 @@ class Completion:
     seconds: float  # from submission to the last token
     replica: int
     first_token_s: float | None  # from submission to the first token (None if none came)
+    logprobs: list | None = None  # per token, when asked for (msc.engine.request.Request.logprobs)
 
 
 class ServingRequest:
@@ -52,10 +54,13 @@ class ServingRequest:
         self.engine, self.id, self.prompt, self.params = engine, request_id, prompt, params
         self.future: Future = Future()
         self.tokens: list[int] = []
+        self.logprobs: list = []  # per token when params.logprobs is set (msc.engine.request.Request.logprobs)
         self.token_times: list[float] = []  # monotonic time each token arrived here
         self.submitted = time.monotonic()
         self.replica: int | None = None
-        self._stream: queue.Queue = queue.Queue()
+        self._stream: queue.Queue = queue.Queue()  # (tokens, logprobs or None) per step; None at the end
+        self._push_lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
 
     def result(self, timeout: float | None = None) -> Completion:
         return self.future.result(timeout=timeout)
@@ -78,26 +83,61 @@ class ServingRequest:
             if item is None:
                 self.future.result()  # raises the failure, if it failed
                 return
+            yield item[0]
+
+    async def chunks(self, timeout: float | None = None) -> AsyncIterator[tuple[list[int], list | None]]:
+        """For an asyncio caller (the HTTP layer): (new tokens, their logprobs or None) of each step, until
+        the request finishes (MscError if it fails; `timeout` bounds each wait). One consumer per request."""
+        q: asyncio.Queue = asyncio.Queue()
+        with self._push_lock:  # what came before the consumer arrived goes first
+            while True:
+                try:
+                    q.put_nowait(self._stream.get_nowait())
+                except queue.Empty:
+                    break
+            self._async = (asyncio.get_running_loop(), q)
+        while True:
+            try:
+                item = await asyncio.wait_for(q.get(), timeout)
+            except asyncio.TimeoutError:
+                raise MscError(f"request {self.id}: no tokens within {timeout} s") from None
+            if item is None:
+                self.future.result()
+                return
             yield item
 
     # ---- called by the engine's reader thread
-    def _tokens(self, toks: list[int]) -> None:
+    def _push(self, item) -> None:
+        with self._push_lock:
+            if self._async is None:
+                self._stream.put(item)
+                return
+            loop, q = self._async
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is gone (server shutting down)
+            pass
+
+    def _tokens(self, toks: list[int], logprobs: list | None = None) -> None:
         if toks:
             now = time.monotonic()
             self.tokens += toks
             self.token_times += [now] * len(toks)
-            self._stream.put(list(toks))
+            if logprobs:
+                self.logprobs += logprobs
+            self._push((list(toks), logprobs))
 
     def _finish(self, reason: str) -> None:
         now = time.monotonic()
         first = self.token_times[0] - self.submitted if self.token_times else None
-        self.future.set_result(Completion(list(self.tokens), reason, now - self.submitted, self.replica, first))
-        self._stream.put(None)
+        self.future.set_result(Completion(list(self.tokens), reason, now - self.submitted, self.replica, first,
+                                          list(self.logprobs) if self.params.logprobs is not None else None))
+        self._push(None)
 
     def _fail(self, error: str) -> None:
         if not self.future.done():
             self.future.set_exception(MscError(error))
-            self._stream.put(None)
+            self._push(None)
 
 
 class _Server:
@@ -157,8 +197,9 @@ class _Server:
     def _finished(self, req: ServingRequest) -> None:
         """Bookkeeping once req has ended (called under the lock)."""
 
-    def _deliver(self, rid: str, toks: list[int], reason: str | None, error: str | None) -> None:
-        """A step's new tokens of request rid, and its end when reason is set."""
+    def _deliver(self, rid: str, toks: list[int], reason: str | None, error: str | None,
+                 logprobs: list | None = None) -> None:
+        """A step's new tokens of request rid (and their logprobs), and its end when reason is set."""
         with self._lock:
             req = self._requests.get(rid)
             if req is not None and reason is not None:
@@ -166,7 +207,7 @@ class _Server:
                 self._finished(req)
         if req is None:
             return
-        req._tokens(toks)
+        req._tokens(toks, logprobs)
         if reason == "error":
             req._fail(error or "the engine could not run the request")
         elif reason is not None:
@@ -214,6 +255,7 @@ class ServingEngine(_Server):
         resolve_run_config(dict(self._run_config), m)  # bad options fail here, before any process starts
         self._env = env
         self._load = [0] * len(self.replicas)  # unfinished requests per replica
+        self._replica_stats: dict[int, dict] = {}  # each replica's engine stats, as of its last step
         self._stop = threading.Event()
         self._procs: list = []
         self._links: dict[int, Link] = {}
@@ -287,6 +329,12 @@ class ServingEngine(_Server):
         if req is not None:
             self._send(req.replica, {"cancel": request_id}, quiet=True)
 
+    def stats(self) -> dict:
+        """The replicas' engines together (as of their last steps): running, waiting, kv_pages_used/total."""
+        keys = ("running", "waiting", "kv_pages_used", "kv_pages_total")
+        stats = list(self._replica_stats.values())
+        return {k: sum(st.get(k, 0) for st in stats) for k in keys}
+
     def health(self) -> dict:
         with self._lock:
             load = list(self._load)
@@ -311,16 +359,18 @@ class ServingEngine(_Server):
                     r = by_sock[sock]
                     msg = self._links[r].recv(0.0)
                     if msg is not None:
-                        self._events(r, msg.get("events", []))
+                        self._events(r, msg)
         except (MscError, OSError, ValueError) as e:
             if not self._closing:
                 # NOTE: a replica's link breaks when some role died; the process's exit names the culprit
                 # better than the broken link does, so wait (briefly, bounded) for an exit status first.
                 self._break(self._role_death(within_s=2.0) or str(e))
 
-    def _events(self, r: int, events: list) -> None:
-        for rid, toks, reason, error in events:
-            self._deliver(rid, toks, reason, error)
+    def _events(self, r: int, msg: dict) -> None:
+        if "stats" in msg:
+            self._replica_stats[r] = msg["stats"]
+        for rid, toks, reason, error, logprobs in msg.get("events", []):
+            self._deliver(rid, toks, reason, error, logprobs)
 
     def _monitor(self) -> None:
         while not self._stop.is_set() and self._broken is None:
@@ -407,7 +457,11 @@ class ColocatedServingEngine(_Server):
         """Called on the engine thread with a step's new tokens of request r (and at its end)."""
         if r.finished:
             self.engine.forget(r.id)
-        self._deliver(r.id, toks, r.finish_reason if r.finished else None, r.error)
+        lps = r.logprobs[len(r.logprobs) - len(toks):] if r.params.logprobs is not None and toks else None
+        self._deliver(r.id, toks, r.finish_reason if r.finished else None, r.error, lps)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel_threadsafe(request_id)

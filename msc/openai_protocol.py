@@ -1,0 +1,195 @@
+"""The OpenAI API's request bodies and error shape, as far as msc serves them (pydantic models).
+
+Fields follow OpenAI's completions and chat completions APIs, plus the extensions vLLM users know
+(`top_k`, `stop_token_ids`, `ignore_eos`). Unknown fields are refused, and so are OpenAI fields msc
+does not implement when they ask for something (a non-zero penalty, a logit bias): a request is never
+silently served differently from what it asked.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 16  # choices per request
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.type, self.code)
+
+
+def error_response(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="0 or -1: no limit (a vLLM extension)")
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: bool = False
+    user: Optional[str] = None  # accepted and ignored, as OpenAI's own servers only log it
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("penalties are not implemented by msc; leave it 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not implemented by msc")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("up to 4 non-empty stop strings")
+        return v
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        if v not in (None, 1):
+            raise ValueError("best_of is not implemented by msc (use n)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix (insertion) is not implemented by msc")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list, each text or token ids; ApiError for an empty one."""
+        p = self.prompt
+        items: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not items or any(len(x) == 0 for x in items):
+            raise ApiError(400, "prompt must not be empty", "prompt")
+        return items
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id ... go to the chat template as they are
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True  # a vLLM extension
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class GenerateRequest(BaseModel):
+    """msc's native request: token ids in, token ids out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_token_ids: list[int] = Field(min_length=1, description="the prompt as token ids")
+    max_new_tokens: int = Field(16, ge=1, le=1 << 16, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_k: int = Field(0, ge=0, description="0: no limit")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: Optional[int] = Field(None, description="the same seed gives the same tokens")
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+class GenerateResponse(BaseModel):
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    first_token_seconds: Optional[float]
+    replica: int
+    logprobs: Optional[list] = None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
+def validation_param(loc: tuple) -> str | None:
+    """The parameter a pydantic error location names ('body', 'messages', 0, 'role' -> 'messages[0].role')."""
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in _TYPE_TAGS or "[" in str(p) or str(p).startswith("function-"):
+            continue  # the member of a union pydantic tried: not a parameter name
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
