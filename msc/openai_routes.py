@@ -127,7 +127,7 @@ def register(app: FastAPI, state: ServeState) -> None:
                 if req.include_usage:
                     yield {**head, "choices": [], "usage": _usage(choices, req.n)}
 
-            return _sse(http, chunks(), choices)
+            return _sse(state, chunks(), choices)
 
         await _run_to_end(state, http, choices)
         body = {**head, "choices": [
@@ -176,7 +176,7 @@ def register(app: FastAPI, state: ServeState) -> None:
                 if req.include_usage:
                     yield {**h, "choices": [], "usage": _usage(choices, req.n)}
 
-            return _sse(http, chunks(), choices)
+            return _sse(state, chunks(), choices)
 
         await _run_to_end(state, http, choices)
         body = {**head, "object": "chat.completion", "choices": [
@@ -303,10 +303,13 @@ async def _events(state: ServeState, choices: list[Choice]) -> AsyncIterator[tup
             t.cancel()
 
 
-def _cancel_unfinished(choices: list[Choice]) -> None:
+def _cancel_unfinished(state: ServeState, choices: list[Choice]) -> None:
+    """The request ended before these choices did (the client went away, or one failed): cancel them."""
     for c in choices:
         if c.finish_reason is None:
             c.handle.cancel()
+            c.finish_reason = "cancelled"
+            _record(state, c)
 
 
 async def _run_to_end(state: ServeState, http: Request, choices: list[Choice]) -> None:
@@ -332,10 +335,10 @@ async def _run_to_end(state: ServeState, http: Request, choices: list[Choice]) -
     finally:
         if not task.done():
             task.cancel()
-        _cancel_unfinished(choices)
+        _cancel_unfinished(state, choices)
 
 
-def _sse(http: Request, chunks: AsyncIterator[dict], choices: list[Choice]) -> StreamingResponse:
+def _sse(state: ServeState, chunks: AsyncIterator[dict], choices: list[Choice]) -> StreamingResponse:
     """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`; a failure mid-stream is sent as an
     error event. The choices are cancelled if the stream ends early (the client went away)."""
 
@@ -348,7 +351,7 @@ def _sse(http: Request, chunks: AsyncIterator[dict], choices: list[Choice]) -> S
             yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            _cancel_unfinished(choices)
+            _cancel_unfinished(state, choices)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -114,3 +114,41 @@ def create_app(engine: ServingEngine | ColocatedServingEngine, *, tokenizer=None
     # NOTE: the gate wraps the whole app (FastAPI included), so bodies are bounded before they are parsed
     app.add_middleware(ServerGate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     return app
+
+
+class ServerThread:
+    """An app under uvicorn on a background thread (tests, `msc bench serve --bundle`):
+
+        with ServerThread(app) as url:   # http://127.0.0.1:PORT once it accepts connections
+            ...
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self._thread = threading.Thread(target=self.server.run, name="msc-http", daemon=True)
+        self._start_timeout_s = start_timeout_s
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise MscError(f"the HTTP server on {self.url} stopped while starting (port taken?)")
+            if time.monotonic() > deadline:
+                raise MscError(f"the HTTP server on {self.url} did not start within {self._start_timeout_s:.0f} s")
+            self._thread.join(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)

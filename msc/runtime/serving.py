@@ -268,6 +268,8 @@ class ServingEngine(_Server):
     def start(self, timeout_s: float | None = None) -> "ServingEngine":
         """Start the role processes and wait until every attention replica is ready (weights loaded,
         transport connected); MscError naming the role if one of them fails meanwhile."""
+        if self._procs:
+            raise MscError("this server was started already")
         timeout_s = timeout_s or self.timeout_s * 4
         self._workdir = Path(tempfile.mkdtemp(prefix="msc-serve-"))
         token = secrets.token_hex(16)
@@ -433,6 +435,8 @@ class ColocatedServingEngine(_Server):
         self._thread: threading.Thread | None = None
 
     def start(self, timeout_s: float | None = None) -> "ColocatedServingEngine":
+        if self._thread is not None:
+            raise MscError("this server was started already")
         self._thread = threading.Thread(target=self._loop, name="msc-engine", daemon=True)
         self._thread.start()
         return self
