@@ -574,6 +574,66 @@ def bench_m2n_cmd(
         out.print(f"wrote {plot_path}")
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    url: Optional[str] = typer.Option(None, "--url", help="a running server's base URL, e.g. http://127.0.0.1:8000"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="start msc's server for this bundle in this process"),
+    colocated: bool = typer.Option(False, "--colocated", help="with --bundle: serve the colocated program (one process)"),
+    device: Optional[str] = typer.Option(None, "--device", help="with --bundle: cpu or cuda (default: the bundle's)"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="with --bundle: make random weights on the device"),
+    num_requests: int = typer.Option(200, "--num-requests", min=1, help="requests to send"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="closed loop: this many clients, each "
+                                              "sending its next request when its last one finished; with --request-rate: "
+                                              "at most this many in flight (default without a rate: 64)"),
+    request_rate: Optional[float] = typer.Option(None, "--request-rate", help="open loop: Poisson arrivals at this many "
+                                                 "requests/s"),
+    input_len: int = typer.Option(571, "--input-len", min=1, help="prompt tokens (the median, for reference)"),
+    output_len: int = typer.Option(159, "--output-len", min=1, help="generated tokens (the median, for reference)"),
+    distribution: str = typer.Option("reference", "--distribution", help="fixed (exact lengths) or reference (log-normal "
+                                     "around the medians, σ 0.5, clipped to 4× the median and to the context)"),
+    seed: int = typer.Option(0, "--seed", help="seeds the lengths, prompt token ids and arrival times"),
+    model: Optional[str] = typer.Option(None, "--model", help="the model id to send (default: the server's, from /v1/models)"),
+    token_range: str = typer.Option("10..200", "--token-range", help="prompt token ids are drawn from [LO, HI)"),
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take before it counts as an error"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSC_API_KEY", help="sent as 'Authorization: Bearer "
+                                          "KEY' (also read from MSC_API_KEY)"),
+    output: Path = typer.Option(Path("serve-bench.json"), "-o", "--output", help="JSON result"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """Load an OpenAI-compatible server with streaming completions: TTFT, TPOT, latency and throughput."""
+    from contextlib import ExitStack
+
+    from msc.bench import serve
+
+    try:
+        if (url is None) == (bundle is None):
+            raise MscError("give exactly one of --url (a running server) or --bundle (start one in this process)")
+        if url is not None and (colocated or device or random_weights):
+            raise MscError("--colocated, --device and --random-weights apply to --bundle (a server started here)")
+        tokens = serve.parse_token_range(token_range)
+        with ExitStack() as stack:
+            if bundle is not None:
+                with err.status(f"starting a server for {bundle}"):
+                    url = stack.enter_context(serve.local_server(bundle, colocated=colocated, device=device,
+                                                                 random_weights=random_weights))
+            result = serve.run_bench(url, num_requests=num_requests, concurrency=concurrency, request_rate=request_rate,
+                                     input_len=input_len, output_len=output_len, distribution=distribution, seed=seed,
+                                     model=model, timeout_s=timeout, progress=not no_progress, token_range=tokens,
+                                     api_key=api_key)
+            if bundle is not None:
+                result["config"]["bundle"] = str(bundle)
+                result["config"]["colocated"] = colocated
+        serve.print_table(result, out)
+        serve.write_json(result, output)
+    except MscError as e:
+        _fail(e)
+    for message, count in list(result["error_messages"].items())[:5]:
+        err.print(f"{count} request(s) failed: {message}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {output}")
+    if result["requests"] == 0:
+        _fail(MscError(f"none of the {result['errors']} requests completed"))
+
+
 def main() -> None:
     try:
         app()
