@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
 # as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh enginetests enginestep tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -43,6 +43,22 @@ for stage in "$@"; do
                  --out "$OUT/serve_load$TAG.json" 2>&1 | tee "$OUT/serve_load$TAG.log" | tail -12 ;;
     enginestep) python3 benchmarks/engine_step.py ${ENGINE_ARGS:-} --out "$OUT/engine_step$TAG.json" 2>&1 | tee "$OUT/engine_step$TAG.log" | tail -20 ;;
     enginetests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_serving.py tests/test_paged_roles.py tests/test_colocated_engine.py tests/kernels 2>&1 | tail -25 ;;
+    benchserve) # msc serve (the role processes, random weights on the GPU) of a Mixtral-8x7B-shape bundle, loaded by
+                # msc bench serve from a separate process (the reference's workload; env BS_LAYERS, BS_BATCH, BS_M, BS_REQUESTS)
+          printf '%s\n' "model:" \
+            "  config: {model_type: mixtral, vocab_size: 32000, hidden_size: 4096, intermediate_size: 14336," \
+            "           num_hidden_layers: ${BS_LAYERS:-16}, num_attention_heads: 32, num_key_value_heads: 8," \
+            "           num_local_experts: 8, num_experts_per_tok: 2, max_position_embeddings: 32768, rope_theta: 1000000.0}" \
+            "  dtype: bfloat16" "device: meta" \
+            "plan: {attention: {replicas: 1}, experts: {nodes: 1}, microbatches: ${BS_M:-1}, batch_size: ${BS_BATCH:-64}}" \
+            "runtime: {timeout_s: 600, max_seq_len: 4096}" > /tmp/m8x7b.yaml
+          rm -rf /tmp/m8x7b; msc compile /tmp/m8x7b.yaml -o /tmp/m8x7b > /dev/null || continue
+          msc serve /tmp/m8x7b --random-weights --device cuda --port 8123 --no-access-log > "$OUT/serve$TAG.log" 2>&1 &
+          SERVE_PID=$!
+          for i in $(seq 600); do curl -sf localhost:8123/health > /dev/null && break; sleep 0.5; done
+          msc bench serve --url http://127.0.0.1:8123 --concurrency ${BS_BATCH:-64} --num-requests ${BS_REQUESTS:-192} \
+            --no-progress -o "$OUT/bench_serve$TAG.json" 2>&1 | tail -22
+          kill -INT $SERVE_PID; wait $SERVE_PID; tail -2 "$OUT/serve$TAG.log" ;;
     rolestrace) python3 benchmarks/roles_trace.py ${ROLES_ARGS:-} --out "$OUT/roles_trace.json" 2>&1 | tee "$OUT/roles_trace.log" | tail -8 ;;
     profile) msc profile examples/mixtral-8x7b-h200.yaml ${PROFILE_ARGS:-} -o "$OUT/profile_mixtral_8x7b_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -16 ;;
     *) echo "unknown stage $stage" ;;
