@@ -66,6 +66,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    recorded: bool = False  # counted in the metrics (once, whichever path ends it first)
 
 
 @dataclass
@@ -258,12 +259,15 @@ async def _choice_events(state: ServeState, c: Choice) -> AsyncIterator[Event]:
     done = c.handle.result(timeout=0)
     tail = c.text.finish() if c.text is not None else ""
     c.output += tail
-    c.finish_reason = done.finish_reason
+    c.finish_reason = c.finish_reason or done.finish_reason
     _record(state, c)
     yield Event(c.index, tail, [], None, c.finish_reason)
 
 
 def _record(state: ServeState, c: Choice) -> None:
+    if c.recorded:
+        return
+    c.recorded = True
     h = c.handle
     first = h.token_times[0] - h.submitted if h.token_times else None
     last = (h.token_times[-1] if h.token_times else time.monotonic()) - h.submitted

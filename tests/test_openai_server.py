@@ -272,3 +272,47 @@ def test_an_api_key_is_required_when_set(server):
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).models.list()
         assert [m.id for m in good.data] == ["k"]
         assert httpx.get(url + "/health", timeout=10).status_code == 200  # health stays open for probes
+
+
+def test_echo_returns_the_prompt_before_the_completion(client):
+    plain = client.completions.create(model="tiny-chat", prompt="The quick", max_tokens=5, temperature=0)
+    echoed = client.completions.create(model="tiny-chat", prompt="The quick", max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The quick" + plain.choices[0].text
+
+
+def test_a_list_of_prompts_and_n_streamed_gives_every_choice_its_own_index(client):
+    chunks = list(client.completions.create(model="tiny-chat", prompt=["The fox", [5, 17, 42]], n=2, max_tokens=4,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    texts: dict[int, list[int]] = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts.setdefault(ch.index, []).extend(ch.token_ids or [])
+    assert sorted(texts) == [0, 1, 2, 3] and all(len(v) == 4 for v in texts.values())
+    assert texts[0] == texts[1] and texts[2] == texts[3]  # greedy: both choices of a prompt agree
+
+
+def test_a_client_that_disconnects_before_a_plain_answer_frees_its_slot(server):
+    import socket
+    from urllib.parse import urlparse
+
+    url = server[0]
+    u = urlparse(url)
+    payload = json.dumps({"prompt": [5, 6, 7], "max_tokens": 220, "ignore_eos": True}).encode()
+    before = _cancelled(url)
+    with socket.create_connection((u.hostname, u.port)) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        deadline = time.monotonic() + 30
+        while _running(url) == 0:  # the request is in the engine
+            assert time.monotonic() < deadline
+    deadline = time.monotonic() + 30
+    while _running(url) != 0:
+        assert time.monotonic() < deadline, "the abandoned request still holds its place in the batch"
+        time.sleep(0.05)
+    assert _cancelled(url) == before + 1
+
+
+def _cancelled(url: str) -> float:
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    lines = [ln for ln in metrics.splitlines() if ln.startswith('msc_requests_finished_total{finish_reason="cancelled"')]
+    return float(lines[0].split()[-1]) if lines else 0.0

@@ -118,3 +118,15 @@ def test_msc_serve_listens_on_localhost_answers_and_stops_cleanly_on_ctrl_c(tiny
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_msc_version_and_log_level():
+    from typer.testing import CliRunner
+
+    import msc
+    from msc.cli import app
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"msc {msc.__version__}"
+    r = CliRunner().invoke(app, ["--log-level", "loud", "inspect", "nowhere"])
+    assert r.exit_code == 1 and "--log-level 'loud'" in r.output
