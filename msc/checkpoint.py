@@ -4,6 +4,8 @@ A weight source (stored per parameter in a role's weight map) says how to build 
 from checkpoint tensors:
   {"key": K}                      the tensor K
   {"key": K, "rows": [a, b]}      rows a..b-1 of K (an expert node's slice of a fused experts tensor)
+  {"key": K, "cols": [a, b]}      columns a..b-1 of a 2-D K (a tensor-parallel rank's share of a row-parallel
+                                  projection; may be combined with "rows")
   {"stack": [GROUP, ...]}         stack over experts (new dim 0) of the concatenation (dim 0) of each GROUP;
                                   a GROUP is a list of items, each either
                                     K                           the whole tensor K, or
@@ -89,9 +91,11 @@ class Piece:
 
     key: str
     rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None  # columns [start, stop) of a 2-D tensor
 
     def describe(self) -> str:
-        return f"'{self.key}'" + (f" rows [{self.rows[0]}, {self.rows[1]})" if self.rows else "")
+        return (f"'{self.key}'" + (f" rows [{self.rows[0]}, {self.rows[1]})" if self.rows else "")
+                + (f" columns [{self.cols[0]}, {self.cols[1]})" if self.cols else ""))
 
 
 def source_groups(source: dict) -> tuple[bool, list[list[Piece]]]:
@@ -106,8 +110,9 @@ def source_groups(source: dict) -> tuple[bool, list[list[Piece]]]:
 def _piece(item: str | dict) -> Piece:
     if isinstance(item, str):
         return Piece(item)
-    rows = item.get("rows")
-    return Piece(item["key"], (int(rows[0]), int(rows[1])) if rows is not None else None)
+    rows, cols = item.get("rows"), item.get("cols")
+    return Piece(item["key"], (int(rows[0]), int(rows[1])) if rows is not None else None,
+                 (int(cols[0]), int(cols[1])) if cols is not None else None)
 
 
 def describe_source(source: dict) -> str:
@@ -210,6 +215,12 @@ class CheckpointReader:
     # ------------------------------------------------------------------ shapes (headers only)
     def _piece_shape(self, piece: Piece) -> list[int]:
         shape = self.shape(piece.key)
+        if piece.cols is not None:
+            a, b = piece.cols
+            if len(shape) != 2 or not 0 <= a <= b <= shape[1]:
+                raise MscError(f"columns [{a}, {b}) are out of range for checkpoint tensor '{piece.key}' of shape "
+                               f"{shape} (column slices are for 2-D tensors)")
+            shape = [shape[0], b - a]
         if piece.rows is None:
             return shape
         a, b = piece.rows
@@ -244,7 +255,10 @@ class CheckpointReader:
         for group in source_groups(source)[1]:
             for p in group:
                 info = self.info(p.key)
-                total += info.nbytes if p.rows is None else (p.rows[1] - p.rows[0]) * info.row_bytes
+                n = info.nbytes if p.rows is None else (p.rows[1] - p.rows[0]) * info.row_bytes
+                if p.cols is not None:
+                    n = n * (p.cols[1] - p.cols[0]) // max(1, info.shape[1])
+                total += n
         return total
 
     def check(self, target: str, source: dict, shape: list[int], where: str = "",
@@ -301,7 +315,17 @@ class CheckpointReader:
         # temporary holds them for the conversion, so the peak stays the role's bytes + one tensor.
         buf = out if out.dtype == info.dtype else torch.empty(out.shape, dtype=info.dtype)
         assert buf.is_contiguous(), "a piece's destination is a run of dim-0 rows of a contiguous tensor"
-        if nbytes:
+        if nbytes and piece.cols is not None:
+            # NOTE: a column slice is one run per row (a row-parallel rank's share): strided reads, but only
+            # the bytes of this rank's columns leave the disk
+            fh = self.open(info.path)
+            a, b = piece.cols
+            item = info.dtype.itemsize
+            raw = buf.view(torch.uint8).numpy()  # [R, (b - a) * item]
+            for i in range(buf.shape[0]):
+                fh.seek(info.offset + (start + i) * info.row_bytes + a * item)
+                _readinto_exact(fh, raw[i], (b - a) * item, piece.key, info.path)
+        elif nbytes:
             fh = self.open(info.path)
             fh.seek(info.offset + start * info.row_bytes)
             _readinto_exact(fh, buf.reshape(-1).view(torch.uint8).numpy(), nbytes, piece.key, info.path)

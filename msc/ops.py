@@ -43,6 +43,22 @@ def _attention_fake(q, k, v, layer, scaling, sliding_window, sinks=None):
     return q.new_empty(b, t, nh, v.shape[-1])
 
 
+# ---------------------------------------------------------------- tensor parallelism
+@torch.library.custom_op("msc::tp_all_reduce", mutates_args=())
+def tp_all_reduce(x: Tensor, layer: int) -> Tensor:
+    """The sum of x over this role's tensor-parallel ranks (after a row-parallel projection); the identity
+    outside a tensor-parallel group. `layer` names the layer in traces and errors."""
+    from msc.runtime import tensor_parallel
+
+    out = tensor_parallel.all_reduce(x)
+    return out if out is not x else x.clone()  # NOTE: a custom op may not return an alias of its input
+
+
+@tp_all_reduce.register_fake
+def _tp_all_reduce_fake(x, layer):
+    return torch.empty_like(x)
+
+
 # ---------------------------------------------------------------- router
 @torch.library.custom_op("msc::router", mutates_args=())
 def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:

@@ -270,3 +270,24 @@ def test_expert_node_peak_memory_is_its_share(tmp_path):
     # of a layer, or keeping a second copy of the share would reach >= 0.5 x total. The gap between the
     # share and 0.5 x total (~13 MB here) leaves room for the program graph, Python objects and allocator noise.
     assert 0.2 * total < m["load"] < 0.5 * total, m
+
+
+def test_a_column_slice_reads_only_its_columns(tmp_path):
+    """A row-parallel rank's share ({"cols": [a, b]}): the right numbers, and only its bytes leave the disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    from msc.checkpoint import CheckpointReader
+
+    w, b = torch.randn(6, 10), torch.randn(4, 8).to(torch.bfloat16)
+    save_file({"w": w, "b": b}, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.build({"key": "w", "cols": [3, 7]}), w[:, 3:7])
+    assert torch.equal(reader.build({"key": "w", "cols": [3, 7], "rows": [1, 4]}), w[1:4, 3:7])
+    assert torch.equal(reader.build({"key": "b", "cols": [2, 5]}, dtype=torch.float32), b[:, 2:5].float())
+    assert reader.source_nbytes({"key": "w", "cols": [3, 7]}) == 6 * 4 * 4
+    before = reader.bytes_read
+    reader.build({"key": "w", "cols": [0, 5]})
+    assert reader.bytes_read - before == 6 * 5 * 4
+    with pytest.raises(MscError, match="columns \\[8, 12\\) are out of range"):
+        reader.source_shape({"key": "w", "cols": [8, 12]})

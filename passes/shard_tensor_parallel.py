@@ -1,0 +1,186 @@
+"""shard_tensor_parallel: one tensor-parallel rank's share of a program's attention.
+
+Before (each layer, one rank holds every head):
+    q = linear(x, Wq, bq) ─┐
+    k = linear(x, Wk, bk) ─┼─▶ (views, norms, rotary) ─▶ msc::attention(q, k, v, ..., sinks) ─▶ (views)
+    v = linear(x, Wv, bv) ─┘                                                                     │
+    y = linear(a, Wo, bo) ◀──────────────────────────────────────────────────────────────────────┘
+After, on rank r of tp (heads split over the ranks):
+    q, k, v = linear(x, rows of Wq/Wk/Wv (and bq/bk/bv) of rank r's heads)       column-parallel
+    msc::attention over rank r's heads (sinks: rank r's entries)
+    y = linear(a, columns of Wo of rank r's heads); y = msc::tp_all_reduce(y); y = y + bo   row-parallel
+
+Rank r holds query heads [r·nh/tp, (r+1)·nh/tp) and the key/value heads they read: [r·nkv/tp, ...) when
+tp divides nkv; when tp exceeds nkv (and is a multiple of it) each key/value head is replicated on the
+tp/nkv ranks whose query heads use it. The KV cache of a rank holds its own key/value heads only.
+
+NOTE: router, norms, embedding and LM head stay replicated: the router and norms are small, and a
+replicated LM head gives every rank the full logits without a gather, so every rank samples the same
+token from the same numbers (at the cost of vocab × hidden bytes per rank). The views between the
+projections and the attention take their head count from the tensor (-1), so the graph itself needs no
+other change; a program that names a head count in a shape would fail the shape check at the end, and
+is refused there.
+
+The projections are found from the graph, not from names: for each msc::attention node, the one aten.linear
+each of q, k and v comes from (searching back through view, norm and rotary nodes), and the first
+aten.linear its output reaches (searching forward through views). An attention whose q, k or v comes
+from more than one projection (MLA's low-rank paths) or from a fused QKV projection is refused, naming
+the layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from msc.errors import MscError
+from msc.ir import fetch_attr
+from msc.ops import MSC_OPS, is_op
+
+LINEAR = torch.ops.aten.linear.default
+MSC_OP_TARGETS = set(MSC_OPS.values())
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
+          torch.ops.aten._unsafe_view.default, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
+
+
+def check_tp(tp: int, num_heads: int, num_kv_heads: int, key: str = "plan.attention.tp") -> None:
+    """MscError naming the numbers when tp cannot split these heads."""
+    if tp < 1 or num_heads % tp:
+        raise MscError(f"{key} = {tp} does not divide the model's {num_heads} attention heads")
+    if num_kv_heads % tp and tp % num_kv_heads:
+        raise MscError(f"{key} = {tp} neither divides the model's {num_kv_heads} key/value heads nor is a multiple of "
+                       "them (then each key/value head would be replicated on tp / heads ranks)")
+
+
+def head_rows(rank: int, tp: int, heads: int, head_dim: int) -> tuple[int, int]:
+    """Rows of a [heads·head_dim, ...] projection that rank `rank` of tp holds."""
+    if heads % tp == 0:
+        per = heads // tp
+        return rank * per * head_dim, (rank + 1) * per * head_dim
+    h = rank // (tp // heads)  # replicated: the key/value head of this rank's query heads
+    return h * head_dim, (h + 1) * head_dim
+
+
+def _source_linear(node: fx.Node, layer: int, what: str) -> fx.Node:
+    """The one aten.linear that `node` (an attention input) is computed from."""
+    found, seen, todo = [], set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target is LINEAR:
+            found.append(n)
+            continue
+        if n.target in MSC_OP_TARGETS:  # another msc op (an earlier layer's experts ...): not this projection
+            continue
+        todo.extend(n.all_input_nodes)
+    if len(found) != 1:
+        raise MscError(f"tensor parallelism: layer {layer}'s attention input {what} comes from {len(found)} projections; "
+                       "msc shards attention whose q, k and v each come from one linear projection (not MLA's "
+                       "low-rank paths yet)")
+    return found[0]
+
+
+def _output_linear(attn: fx.Node, layer: int) -> fx.Node:
+    """The linear projection the attention output goes through (o_proj), past views only."""
+    n = attn
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            break
+        u = users[0]
+        if u.op == "call_function" and u.target is LINEAR and u.args[0] is n:
+            return u
+        if u.op == "call_function" and u.target in _VIEWS:
+            n = u
+            continue
+        break
+    raise MscError(f"tensor parallelism: layer {layer}'s attention output does not go straight (through views) into "
+                   "one linear projection; msc cannot split it row-parallel")
+
+
+def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_kv_heads: int
+                    ) -> tuple[fx.GraphModule, dict[str, dict]]:
+    """Rank `rank`'s program (a new GraphModule, same parameters object) and the slice of each sharded
+    parameter: {target: {"rows": [a, b]} or {"cols": [a, b]}}; see the module docstring."""
+    check_tp(tp, num_heads, num_kv_heads)
+    graph = fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    slices: dict[str, dict] = {}
+
+    def param(node) -> str:
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            raise MscError(f"tensor parallelism: expected a parameter, found {node}")
+        return node.target
+
+    def put(target: str, sl: dict) -> None:
+        if target in slices and slices[target] != sl:
+            raise MscError(f"tensor parallelism: parameter '{target}' would be split two ways (a fused or shared "
+                           "projection); msc does not shard it")
+        slices[target] = sl
+
+    for attn in [n for n in new.graph.nodes if is_op(n, "attention")]:
+        layer = attn.args[3]
+        linears = {}
+        for what, arg, heads in (("q", attn.args[0], num_heads), ("k", attn.args[1], num_kv_heads),
+                                 ("v", attn.args[2], num_kv_heads)):
+            lin = _source_linear(arg, layer, what)
+            shared = [w for w, other in linears.items() if other is lin]
+            if shared:
+                raise MscError(f"tensor parallelism: layer {layer}'s attention inputs {shared[0]} and {what} come from one "
+                               "projection (a fused QKV projection, or MLA's shared key/value up-projection); msc does "
+                               "not shard it yet")
+            linears[what] = lin
+            w = param(lin.args[1])
+            features = fetch_attr(new, w).shape[0]
+            if features % heads:
+                raise MscError(f"tensor parallelism: layer {layer}'s {what} projection has {features} outputs, not a "
+                               f"multiple of its {heads} heads")
+            a, b = head_rows(rank, tp, heads, features // heads)
+            put(w, {"rows": [a, b]})
+            if len(lin.args) > 2 and lin.args[2] is not None:
+                put(param(lin.args[2]), {"rows": [a, b]})
+        sinks = attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("sinks")
+        if sinks is not None:
+            per = num_heads // tp
+            put(param(sinks), {"rows": [rank * per, (rank + 1) * per]})
+        o = _output_linear(attn, layer)
+        w = param(o.args[1])
+        cols = fetch_attr(new, w).shape[1]
+        a, b = head_rows(rank, tp, num_heads, cols // num_heads)
+        put(w, {"cols": [a, b]})
+        bias = o.args[2] if len(o.args) > 2 else None
+        o.args = (o.args[0], o.args[1])
+        with new.graph.inserting_after(o):
+            reduced = new.graph.call_function(torch.ops.msc.tp_all_reduce.default, (o, layer))
+        o.replace_all_uses_with(reduced, delete_user_cb=lambda u: u is not reduced)
+        if bias is not None:
+            with new.graph.inserting_after(reduced):
+                added = new.graph.call_function(torch.ops.aten.add.Tensor, (reduced, bias))
+            reduced.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
+    new.graph.lint()
+    new.recompile()
+    return new, slices
+
+
+def slice_tensor(t: torch.Tensor, sl: dict) -> torch.Tensor:
+    """A parameter's share under one slice ({"rows": [a, b]} and/or {"cols": [a, b]})."""
+    if "rows" in sl:
+        t = t[sl["rows"][0]:sl["rows"][1]]
+    if "cols" in sl:
+        t = t[:, sl["cols"][0]:sl["cols"][1]]
+    return t.contiguous()
+
+
+def with_sliced_parameters(gm: fx.GraphModule, slices: dict[str, dict]) -> fx.GraphModule:
+    """gm with each sliced parameter replaced by its share (the tensors are copied; others shared)."""
+    from msc.ir import get_attr_targets
+
+    attrs = {}
+    for target in get_attr_targets(gm.graph):
+        t = fetch_attr(gm, target)
+        attrs[target] = slice_tensor(t, slices[target]) if target in slices else t
+    return fx.GraphModule(attrs, gm.graph)
