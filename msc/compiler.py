@@ -98,6 +98,30 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def attention_and_expert_roles(plan, programs: dict) -> list[dict]:
+    """The bundle's role processes, by rank: attention replicas (the leader, tp rank 0, of each), expert nodes,
+    then the other tensor-parallel ranks of the replicas (kind "attention_tp"). Each attention role names its
+    tp group: {"rank": r, "size": tp, "ranks": the group's global ranks, leader first}."""
+    tp, replicas = plan.attention.tp, plan.attention.replicas
+    experts = sorted(n for n in programs if not n.startswith("attention"))
+    # NOTE: leaders keep ranks 0..replicas-1 and the expert nodes follow them, as without tp: the ranks that
+    # talk to each other over M2N do not depend on tp; the followers only talk inside their group
+    follower_rank = lambda i, r: replicas + len(experts) + i * (tp - 1) + (r - 1)  # noqa: E731
+    roles = []
+    for i in range(replicas):
+        group = [i] + [follower_rank(i, r) for r in range(1, tp)]
+        program = "attention" if tp == 1 else "attention.tp0"
+        roles.append({"name": f"attention.{i}", "program": program, "kind": "attention", "rank": i,
+                      "tp": {"rank": 0, "size": tp, "ranks": group}})
+    roles += [{"name": name, "program": name, "kind": "expert", "rank": replicas + j} for j, name in enumerate(experts)]
+    for i in range(replicas):
+        group = roles[i]["tp"]["ranks"]
+        for r in range(1, tp):
+            roles.append({"name": f"attention.{i}.tp{r}", "program": f"attention.tp{r}", "kind": "attention_tp",
+                          "rank": follower_rank(i, r), "tp": {"rank": r, "size": tp, "ranks": group}})
+    return roles
+
+
 def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> None:
     """Passes -> role programs -> ranks -> manifest; write the bundle into `stage` (checkpoint already there)."""
     spec, plan, captured = job.spec, job.plan, job.captured
@@ -126,11 +150,7 @@ def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> Non
     if plan.microbatches > 1 and "pipeline" not in graph_meta(gm):
         raise MscError(f"plan.microbatches = {plan.microbatches} needs the pipeline_microbatches pass, "
                        "which the spec's passes: list leaves out")
-    roles = [{"name": f"attention.{i}", "program": "attention", "kind": "attention", "rank": i} for i in range(plan.attention.replicas)]
-    roles += [
-        {"name": name, "program": name, "kind": "expert", "rank": plan.attention.replicas + j}
-        for j, name in enumerate(sorted(n for n in programs if n != "attention"))
-    ]
+    roles = attention_and_expert_roles(plan, programs)
     manifest = {
         "format": 1,
         "versions": versions(),

@@ -58,7 +58,8 @@ class Pass:
 
 PASSES: dict[str, type[Pass]] = {}
 
-DEFAULT_PIPELINE = ["annotate_roles", "split_roles", "place_experts", "insert_dispatch_combine", "lower_roles", "pipeline_microbatches"]
+DEFAULT_PIPELINE = ["annotate_roles", "split_roles", "place_experts", "insert_dispatch_combine", "lower_roles", "pipeline_microbatches",
+                    "shard_tensor_parallel"]
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:

@@ -5,5 +5,6 @@ from msc.passes import (  # noqa: F401
     lower_roles,
     pipeline_microbatches,
     place_experts,
+    shard_tensor_parallel,
     split_roles,
 )

@@ -33,8 +33,10 @@ import torch
 import torch.fx as fx
 
 from msc.errors import MscError
-from msc.ir import fetch_attr
+from msc.ir import ROLE_ATTENTION, fetch_attr, get_attr_targets, graph_meta, node_meta
 from msc.ops import MSC_OPS, is_op
+from msc.pass_manager import Pass, PassResult, register_pass, require_ran
+from msc.runtime.staged import STAGE_KEY
 
 LINEAR = torch.ops.aten.linear.default
 MSC_OP_TARGETS = set(MSC_OPS.values())
@@ -157,10 +159,15 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
         with new.graph.inserting_after(o):
             reduced = new.graph.call_function(torch.ops.msc.tp_all_reduce.default, (o, layer))
         o.replace_all_uses_with(reduced, delete_user_cb=lambda u: u is not reduced)
+        added_nodes = [reduced]
         if bias is not None:
             with new.graph.inserting_after(reduced):
                 added = new.graph.call_function(torch.ops.aten.add.Tensor, (reduced, bias))
             reduced.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
+            added_nodes.append(added)
+        if STAGE_KEY in node_meta(o):  # pipelined already: the new nodes run in the projection's stage
+            for n in added_nodes:
+                node_meta(n)[STAGE_KEY] = node_meta(o)[STAGE_KEY]
     new.graph.lint()
     new.recompile()
     return new, slices
@@ -177,10 +184,91 @@ def slice_tensor(t: torch.Tensor, sl: dict) -> torch.Tensor:
 
 def with_sliced_parameters(gm: fx.GraphModule, slices: dict[str, dict]) -> fx.GraphModule:
     """gm with each sliced parameter replaced by its share (the tensors are copied; others shared)."""
-    from msc.ir import get_attr_targets
-
     attrs = {}
     for target in get_attr_targets(gm.graph):
         t = fetch_attr(gm, target)
         attrs[target] = slice_tensor(t, slices[target]) if target in slices else t
     return fx.GraphModule(attrs, gm.graph)
+
+
+def tp_program_name(rank: int) -> str:
+    return f"{ROLE_ATTENTION}.tp{rank}"
+
+
+def model_heads(hf_config) -> tuple[int, int]:
+    """(query heads, key/value heads) of a transformers config."""
+    nh = getattr(hf_config, "num_attention_heads", None)
+    if nh is None:
+        raise MscError(f"tensor parallelism: the {hf_config.model_type} config names no num_attention_heads")
+    return nh, getattr(hf_config, "num_key_value_heads", None) or nh
+
+
+@register_pass
+class ShardTensorParallel(Pass):
+    """With plan.attention.tp > 1: the attention program becomes one program per tp rank ("attention.tp<r>"),
+    each with its share of the weights (see the module docstring). With tp = 1 it changes nothing."""
+
+    name = "shard_tensor_parallel"
+
+    def requires(self, gm, ctx):
+        require_ran(gm, "lower_roles", self.name)
+
+    def run(self, gm, ctx):
+        tp = ctx.plan.attention.tp
+        programs = graph_meta(gm)["programs"]
+        if tp == 1:
+            return PassResult(gm, {"attention_tp": 1})
+        from msc.passes.lower_roles import Program
+
+        nh, nkv = model_heads(ctx.hf_config)
+        base = programs.pop(ROLE_ATTENTION)
+        for r in range(tp):
+            prog, slices = shard_attention(base.gm, tp, r, nh, nkv)
+            weights, shapes = {}, {}
+            for target in get_attr_targets(prog.graph):
+                src, shape = dict(base.weights[target]), list(base.shapes[target])
+                sl = slices.get(target)
+                if sl is not None:
+                    if "key" not in src or "rows" in src or "cols" in src:
+                        raise MscError(f"tensor parallelism: parameter '{target}' is built from {src}; msc slices only "
+                                       "whole checkpoint tensors")
+                    src.update(sl)
+                    if "rows" in sl:
+                        shape[0] = sl["rows"][1] - sl["rows"][0]
+                    if "cols" in sl:
+                        shape[1] = sl["cols"][1] - sl["cols"][0]
+                    if ctx.checkpoint is not None and ctx.checkpoint.source_shape(src) != shape:
+                        raise MscError(f"tensor parallelism: '{target}' from {src} is not of shape {shape}")
+                weights[target], shapes[target] = src, shape
+            programs[tp_program_name(r)] = Program(tp_program_name(r), prog, weights, shapes,
+                                                   {t: base.dtypes[t] for t in weights})
+        self._check_shapes(programs[tp_program_name(0)])
+        return PassResult(gm, {"attention_tp": tp, "heads_per_rank": nh // tp, "kv_heads_per_rank": max(1, nkv // tp)})
+
+    @staticmethod
+    def _check_shapes(prog) -> None:
+        """Run rank 0's program on meta tensors of its sliced shapes: a head count fixed in a view fails here."""
+        import torch
+
+        from msc.runtime import context
+
+        attrs = {t: torch.empty(s, dtype=getattr(torch, prog.dtypes[t]), device="meta") for t, s in prog.shapes.items()}
+        gm = fx.GraphModule(attrs, prog.gm.graph)
+
+        class _Meta:
+            def attention(self, q, k, v, layer, scaling, window, sinks=None):
+                return q.new_empty(1, q.shape[2], q.shape[1], v.shape[3])
+
+            def dispatch(self, hidden, idx, weights, layer, bounds):
+                return torch.empty(1, dtype=torch.long, device="meta")
+
+            def combine(self, ticket, hidden, layer):
+                return torch.empty_like(hidden)
+
+        ids = torch.zeros(1, 3, dtype=torch.long, device="meta")
+        try:
+            with context.use(_Meta()), torch.no_grad():
+                gm(ids, ids)
+        except Exception as e:  # noqa: BLE001 (the program does not fit its sliced weights)
+            raise MscError(f"tensor parallelism: the attention program does not run on one rank's share of the heads "
+                           f"({type(e).__name__}: {e}); a shape in the graph may name the head count") from None

@@ -63,7 +63,7 @@ def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, 
                 role_env = {**base_env, "RANK": str(r["rank"]), "LOCAL_RANK": str(r["rank"])}
                 if mps is not None:
                     daemon, shares = mps
-                    role_env.update(daemon.env(shares[r["kind"]]))
+                    role_env.update(daemon.env(shares["expert" if r["kind"] == "expert" else "attention"]))
                 procs.append((r, subprocess.Popen(cmd, env=role_env,
                                                   stdout=log, stderr=subprocess.STDOUT)))
     except BaseException:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from msc.engine.engine import Engine
 from msc.engine.request import Request, SamplingParams
 from msc.errors import MscError
-from msc.runtime import context
+from msc.runtime import context, tensor_parallel
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.runtime.staged import StagedProgram
 from msc.runtime.trace import Trace
@@ -75,26 +75,20 @@ class AttentionRole:
                 eng.forget(req.id)
 
         link.send({"ready": True})
+        tp = tensor_parallel.size() > 1
         stop = False
         while not stop:
             wait = 0.0 if eng.has_work else self.exchange.heartbeat_s
+            msgs = []
             while True:
                 msg = link.recv(wait)
                 if msg is None:
                     break
                 wait = 0.0
-                if msg.get("stop"):
-                    stop = True
-                elif "cancel" in msg:
-                    eng.cancel(str(msg["cancel"]))
-                elif "add" in msg:
-                    a = msg["add"]
-                    try:
-                        eng.add_request(str(a["id"]), list(a["prompt"]), sampling_from_json(a.get("params") or {}), on_token)
-                    except MscError as e:
-                        events.append([a.get("id"), [], "error", str(e), None])
-                else:
-                    raise MscError(f"the server sent a message this replica does not understand: {sorted(msg)}")
+                msgs.append(msg)
+            if tp:  # the other ranks of this replica's tp group take in the same messages, in the same step
+                tensor_parallel.mirror_messages(msgs)
+            stop = self._take_in(msgs, on_token, events)
             if not stop and eng.has_work:
                 eng.step()
                 self._after_step()
@@ -104,6 +98,38 @@ class AttentionRole:
                 link.send({"events": events, "stats": eng.stats()})
                 events = []
         self.exchange.finish()
+
+    def serve_follower(self) -> None:
+        """A tensor-parallel follower of a serving replica: the leader's messages each step, the same steps."""
+        eng = self.engine
+
+        def on_token(req: Request, toks: list[int]) -> None:
+            if req.finished:
+                eng.forget(req.id)
+
+        stop = False
+        while not stop:
+            stop = self._take_in(tensor_parallel.mirror_messages(None), on_token, [])
+            if not stop and eng.has_work:
+                eng.step()
+
+    def _take_in(self, msgs: list, on_token, events: list) -> bool:
+        """Apply a serving link's messages to the engine; True once one says stop."""
+        eng, stop = self.engine, False
+        for msg in msgs:
+            if msg.get("stop"):
+                stop = True
+            elif "cancel" in msg:
+                eng.cancel(str(msg["cancel"]))
+            elif "add" in msg:
+                a = msg["add"]
+                try:
+                    eng.add_request(str(a["id"]), list(a["prompt"]), sampling_from_json(a.get("params") or {}), on_token)
+                except MscError as e:
+                    events.append([a.get("id"), [], "error", str(e), None])
+            else:
+                raise MscError(f"the server sent a message this replica does not understand: {sorted(msg)}")
+        return stop
 
     def step_times(self) -> tuple[list[float], list[float]]:
         """Seconds of every step, and of the decode-only ones."""

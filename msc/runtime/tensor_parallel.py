@@ -1,14 +1,27 @@
-"""The tensor-parallel group of this process: the ranks that share one role's layers.
+"""The tensor-parallel group of this process: the ranks that share one attention replica's layers.
 
-A role process that is one of tp ranks joins its group once at start (`join`); the `msc::tp_all_reduce`
-op of its program then sums partial results over the group (gloo on the CPU, NCCL on a GPU). Outside a
-group (tp = 1, or a program run in a test without one) the op is the identity.
+A role process that is one of tp ranks joins its group once at start (`make_group` + `join`); the
+`msc::tp_all_reduce` op of its program then sums partial results over the group (gloo on the CPU, NCCL on
+a GPU). Outside a group (tp = 1, or a program run in a test without one) the op is the identity.
+
+NOTE: the replica's M2N endpoint is its tp rank 0 (the leader): it alone dispatches the step's tokens to
+the expert nodes and gathers their answers, then broadcasts the combined hidden states to the other ranks
+of its group (`LeaderExchange` / `FollowerExchange`), so no byte crosses the network twice and the expert
+nodes see one peer per replica, as without tp. Every rank runs the same engine on the same requests (the
+leader forwards what its serving link brings, `mirror_messages`), so their schedules, KV pages and sampled
+tokens agree without further messages: the logits are the same numbers on every rank (the LM head is
+replicated), and sampling is a pure function of them and the request's seed.
 """
 from __future__ import annotations
+
+import json
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from msc.errors import MscError
 
 _group: dict = {"pg": None, "rank": 0, "size": 1}
 
@@ -30,6 +43,18 @@ def size() -> int:
     return _group["size"]
 
 
+def make_group(store, tp: dict, device: str, timeout: timedelta):
+    """The process group of this rank's tp group ({"rank", "size", "ranks"} of its role), on its own
+    prefix of the run's TCPStore: gloo on the CPU, NCCL on a GPU (one rank per GPU)."""
+    prefix = dist.PrefixStore(f"msc-tp-{tp['ranks'][0]}/", store)
+    if str(device).startswith("cuda"):
+        # NOTE: unverified on hardware so far (one GPU per rank is needed); the CPU path is tested through gloo
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefix, tp["rank"], tp["size"], opts)
+    return dist.ProcessGroupGloo(prefix, tp["rank"], tp["size"], timeout)
+
+
 def all_reduce(x: Tensor) -> Tensor:
     """The sum of x over the group (a new tensor; x itself is left as it was)."""
     if _group["pg"] is None or _group["size"] == 1:
@@ -37,9 +62,83 @@ def all_reduce(x: Tensor) -> Tensor:
     out = x.contiguous().clone()
     # NOTE: reduced in float32 when x is a lower precision on the CPU (gloo sums bf16 poorly); on a GPU NCCL
     # sums in the tensor's own dtype, as every tensor-parallel engine does
-    if out.device.type == "cpu" and out.dtype in (torch.bfloat16, torch.float16):
-        wide = out.float()
-        dist.all_reduce(wide, group=_group["pg"])
-        return wide.to(x.dtype)
-    dist.all_reduce(out, group=_group["pg"])
-    return out
+    wide = out.float() if out.device.type == "cpu" and out.dtype in (torch.bfloat16, torch.float16) else out
+    _wait(_group["pg"].allreduce([wide]), "all-reduce")
+    return wide.to(x.dtype) if wide is not out else out
+
+
+def broadcast_(x: Tensor, root: int = 0) -> Tensor:
+    """x on every rank of the group becomes the root's x (in place)."""
+    _wait(_group["pg"].broadcast(x, root), "broadcast")
+    return x
+
+
+def _wait(work, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:  # a rank died or hung: the group's timeout expired
+        raise MscError(f"tensor-parallel {what} failed (a rank of this replica's tp group died or hung): {e}") from None
+
+
+def mirror_messages(messages: list | None) -> list:
+    """The leader's list of serving messages, on every rank of the group (the leader passes its list, the
+    others None): JSON bytes, their length first."""
+    leader = _group["rank"] == 0
+    data = json.dumps(messages).encode() if leader else b""
+    n = broadcast_(torch.tensor([len(data)], dtype=torch.int64))
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if leader else torch.empty(int(n.item()), dtype=torch.uint8)
+    if int(n.item()):
+        broadcast_(buf)
+    return messages if leader else json.loads(bytes(buf.numpy()).decode() or "[]")
+
+
+class LeaderExchange:
+    """The leader's exchange: the replica's own (to the expert nodes), whose combined results it broadcasts."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        if name == "inner":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def combine(self, ticket: Tensor, hidden: Tensor, layer: int) -> Tensor:
+        out = self.inner.combine(ticket, hidden, layer)  # [T, H]
+        return _broadcast_device(out)
+
+
+class FollowerExchange:
+    """A follower's exchange: it sends nothing; each combine takes the leader's combined hidden states."""
+
+    def __init__(self, heartbeat_s: float):
+        self.heartbeat_s = heartbeat_s
+        self.step, self.mb, self.microbatches = 0, 0, 1
+        self.trace = None
+
+    def begin_step(self, step: int, microbatches: int) -> None:
+        self.step, self.microbatches = step, microbatches
+
+    def dispatch(self, hidden: Tensor, idx: Tensor, weights: Tensor, layer: int, bounds: list[int]) -> Tensor:
+        return torch.tensor([layer], dtype=torch.int64)
+
+    def combine(self, ticket: Tensor, hidden: Tensor, layer: int) -> Tensor:
+        return _broadcast_device(torch.empty_like(hidden))  # [T, H]
+
+    def heartbeat(self, force: bool = False) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _broadcast_device(x: Tensor) -> Tensor:
+    """Broadcast from the leader; gloo moves CPU tensors, so a CPU copy travels when x is on a GPU without NCCL."""
+    if x.device.type == "cpu" or not isinstance(_group["pg"], dist.ProcessGroupGloo):
+        return broadcast_(x.contiguous())
+    host = broadcast_(x.cpu())
+    return host.to(x.device)

@@ -34,6 +34,7 @@ from msc.errors import MscError
 from msc.runtime import serve_link
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.engine.build import build_engine
+from msc.runtime import tensor_parallel
 from msc.runtime.roles import AttentionRole, ExpertRole, sampling_from_json
 from msc.runtime.trace import Trace
 
@@ -128,29 +129,41 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     if use_pg:
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     endpoint = None
+    tp = role.get("tp") or {"rank": 0, "size": 1, "ranks": [rank]}
     try:
-        att_ranks = [r["rank"] for r in roles if r["kind"] == "attention"]
+        att_ranks = [r["rank"] for r in roles if r["kind"] == "attention"]  # the replicas (their tp leaders)
         exp_ranks = [r["rank"] for r in roles if r["kind"] == "expert"]
+        if tp["size"] > 1:
+            tensor_parallel.join(tensor_parallel.make_group(store, tp, place, timeout), tp["rank"], tp["size"])
         peers = att_ranks if role["kind"] == "expert" else exp_ranks
         host = os.environ.get("MSC_M2N_HOST", "127.0.0.1")
-        endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
-                               buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
+        if role["kind"] != "attention_tp":  # NOTE: a tp follower talks to its leader only (tensor_parallel)
+            endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
+                                   buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
         if role["kind"] == "expert":
             worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, place),
                                 delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
             worker.on_batch = _fault_hook(role["name"])
             worker.serve()
             return
-        replica = att_ranks.index(rank)
+        replica = att_ranks.index(tp["ranks"][0])
         m = bundle.manifest
         heartbeat_s = runtime["timeout_s"] / 4
-        exchange = AttentionExchange(endpoint, exp_ranks, place, heartbeat_s=heartbeat_s)
+        if role["kind"] == "attention_tp":
+            exchange = tensor_parallel.FollowerExchange(heartbeat_s)
+        else:
+            exchange = AttentionExchange(endpoint, exp_ranks, place, heartbeat_s=heartbeat_s)
+            if tp["size"] > 1:
+                exchange = tensor_parallel.LeaderExchange(exchange)
         req = None if cfg["serve"] is not None else json.loads(Path(requests).read_text())
         engine = build_engine(m, program, place, exchange=exchange, microbatches=cfg["microbatches"], trace=trace,
                               delay_s=cfg["delay_ms"]["attention"] / 1e3, keep_logits=bool(req and req.get("dump_logits")))
         worker = AttentionRole(engine, exchange)
         worker.on_step = _fault_hook(role["name"])
         if cfg["serve"] is not None:
+            if role["kind"] == "attention_tp":
+                worker.serve_follower()
+                return
             srv = cfg["serve"]
             link = serve_link.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
             try:
@@ -165,6 +178,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         arrivals = req.get("arrivals") or [0] * n
         params = [sampling_from_json({"max_tokens": limits[i], **sampling[i]}) for i in mine]
         done = worker.run_batch([req["prompts"][i] for i in mine], params, [arrivals[i] for i in mine])
+        if role["kind"] == "attention_tp":
+            return  # its leader reports the replica's results (the same tokens)
         out = Path(result.replace("{rank}", str(rank)))
         if req.get("dump_logits"):
             save_file({f"prompt_{i}": torch.stack(r.logits).contiguous() for i, r in zip(mine, done) if r.logits},

@@ -18,7 +18,7 @@ from msc.compiler import compile_spec
 from msc.errors import MscError
 from msc.spec import parse_spec
 from msc.verify import reference_generate
-from passes.shard_tensor_parallel import check_tp, head_rows, shard_attention
+from msc.passes.shard_tensor_parallel import check_tp, head_rows, shard_attention
 from tests.models.families import FAMILIES
 
 PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
@@ -43,7 +43,7 @@ def _rank_main(rank: int, tp: int, port: int, bundle_dir: str, heads: tuple[int,
     from msc.engine.build import build_engine
     from msc.engine.request import SamplingParams
     from msc.runtime import tensor_parallel
-    from passes.shard_tensor_parallel import with_sliced_parameters
+    from msc.passes.shard_tensor_parallel import with_sliced_parameters
 
     try:
         store = dist.TCPStore("127.0.0.1", port, tp, rank == 0, timeout=timedelta(seconds=60))
