@@ -293,10 +293,10 @@ def inspect_cmd(
                   f"({model.get('num_moe_layers', '?')} MoE), {cap['parameters']:,} parameters ({human_bytes(cap['bytes'])})")
         out.print(f"  ops: {top}{' …' if len(cap['ops']) > 8 else ''}")
     t = Table(title=f"{bundle} ({model['model_type']}, {model['dtype']}): split graph per role")
-    for col in ("role", "rank", "program", "layers", "nodes", "stages", "msc ops", "parameters", "bytes"):
+    for col in ("role", "rank", "tp group", "program", "layers", "nodes", "stages", "msc ops", "parameters", "bytes"):
         t.add_column(col, justify="right" if col in ("rank", "nodes", "stages", "parameters", "bytes") else "left")
     for r in rows:
-        t.add_row(r["role"], str(r["rank"]), r["program"], r["layers"], str(r["nodes"]), str(r["stages"]), r["msc_ops"],
+        t.add_row(r["role"], str(r["rank"]), r["tp"], r["program"], r["layers"], str(r["nodes"]), str(r["stages"]), r["msc_ops"],
                   f"{r['parameters']:,}", r["bytes_h"])
     out.print(t)
     out.print("passes: " + " -> ".join(p["name"] for p in manifest["passes"]))

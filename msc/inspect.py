@@ -105,6 +105,14 @@ def role_layers(bundle_dir, role: str) -> list[dict]:
              "msc_ops": ", ".join(f"{o}×{c}" for o, c in sorted(rows[k]["ops"].items()))} for k in order]
 
 
+def _tp_group(role: dict) -> str:
+    """'rank r of tp, group [global ranks]' for a tensor-parallel attention rank, '-' otherwise."""
+    tp = role.get("tp")
+    if not tp or tp["size"] == 1:
+        return "-"
+    return f"{tp['rank']}/{tp['size']} {tp['ranks']}"
+
+
 def role_table(bundle_dir) -> tuple[list[dict], dict]:
     b = Bundle.open(bundle_dir)
     rows = []
@@ -122,6 +130,7 @@ def role_table(bundle_dir) -> tuple[list[dict], dict]:
         layers = {layer_of(p) for p in wmap} - {None}
         rows.append({
             "role": role["name"], "rank": role["rank"], "program": role["program"], "nodes": len(prog["nodes"]),
+            "tp": _tp_group(role),
             "stages": len(stages), "layers": _layer_ranges(layers),
             "msc_ops": ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())), "parameters": params, "bytes": nbytes,
             "bytes_h": human_bytes(nbytes),

@@ -108,3 +108,18 @@ def test_tp_serving_streams_the_same_tokens(reference, tmp_path):
         a, b = (h.result(timeout=120).token_ids for h in seeded)
         assert a == b
         assert engine.health()["status"] == "ok"
+
+
+def test_inspect_shows_the_tp_groups(reference, tmp_path):
+    from msc.inspect import role_table
+
+    d, _, _ = reference("mixtral")
+    spec = parse_spec({**d, "plan": {**d["plan"], "attention": {"replicas": 2, "tp": 2}}})
+    bundle = compile_spec(spec, tmp_path / "b")
+    rows, _ = role_table(bundle.path)
+    groups = {r["role"]: r["tp"] for r in rows}
+    assert groups == {"attention.0": "0/2 [0, 4]", "attention.1": "0/2 [1, 5]", "expert.0": "-", "expert.1": "-",
+                      "attention.0.tp1": "1/2 [0, 4]", "attention.1.tp1": "1/2 [1, 5]"}
+    # the followers hold the same number of parameters as their leaders (each its own share)
+    by = {r["role"]: r for r in rows}
+    assert by["attention.0"]["parameters"] == by["attention.0.tp1"]["parameters"]
