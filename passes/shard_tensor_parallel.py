@@ -126,16 +126,15 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
 
     for attn in [n for n in new.graph.nodes if is_op(n, "attention")]:
         layer = attn.args[3]
-        linears = {}
-        for what, arg, heads in (("q", attn.args[0], num_heads), ("k", attn.args[1], num_kv_heads),
-                                 ("v", attn.args[2], num_kv_heads)):
-            lin = _source_linear(arg, layer, what)
-            shared = [w for w, other in linears.items() if other is lin]
-            if shared:
-                raise MscError(f"tensor parallelism: layer {layer}'s attention inputs {shared[0]} and {what} come from one "
+        linears = {what: _source_linear(arg, layer, what) for what, arg in
+                   (("q", attn.args[0]), ("k", attn.args[1]), ("v", attn.args[2]))}
+        for a_, b_ in (("q", "k"), ("q", "v"), ("k", "v")):
+            if linears[a_] is linears[b_]:
+                raise MscError(f"tensor parallelism: layer {layer}'s attention inputs {a_} and {b_} come from one "
                                "projection (a fused QKV projection, or MLA's shared key/value up-projection); msc does "
                                "not shard it yet")
-            linears[what] = lin
+        for what, heads in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads)):
+            lin = linears[what]
             w = param(lin.args[1])
             features = fetch_attr(new, w).shape[0]
             if features % heads:
