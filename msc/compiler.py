@@ -99,27 +99,31 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
 
 
 def attention_and_expert_roles(plan, programs: dict) -> list[dict]:
-    """The bundle's role processes, by rank: attention replicas (the leader, tp rank 0, of each), expert nodes,
-    then the other tensor-parallel ranks of the replicas (kind "attention_tp"). Each attention role names its
-    tp group: {"rank": r, "size": tp, "ranks": the group's global ranks, leader first}."""
-    tp, replicas = plan.attention.tp, plan.attention.replicas
-    experts = sorted(n for n in programs if not n.startswith("attention"))
-    # NOTE: leaders keep ranks 0..replicas-1 and the expert nodes follow them, as without tp: the ranks that
-    # talk to each other over M2N do not depend on tp; the followers only talk inside their group
-    follower_rank = lambda i, r: replicas + len(experts) + i * (tp - 1) + (r - 1)  # noqa: E731
-    roles = []
+    """The bundle's role processes, by rank: attention replicas (the leader, tp rank 0, of each), expert nodes
+    (likewise), then the other tensor-parallel ranks of the replicas (kind "attention_tp") and of the expert
+    nodes ("expert_tp"). A role of a tp group names it: {"rank": r, "size": tp, "ranks": the group's global
+    ranks, leader first}."""
+    tp, etp, replicas = plan.attention.tp, plan.experts.tp, plan.attention.replicas
+    nodes = sorted({n.split(".tp")[0] for n in programs if not n.startswith("attention")}, key=lambda n: int(n.split(".")[1]))
+    # NOTE: leaders keep ranks 0..replicas-1 and replicas.. for the expert nodes, as without tp: the ranks that
+    # talk to each other over M2N do not depend on tp; the followers only talk inside their groups
+    first_follower = replicas + len(nodes)
+    att_f = lambda i, r: first_follower + i * (tp - 1) + (r - 1)  # noqa: E731
+    exp_f = lambda j, r: first_follower + replicas * (tp - 1) + j * (etp - 1) + (r - 1)  # noqa: E731
+    leaders, followers = [], []
     for i in range(replicas):
-        group = [i] + [follower_rank(i, r) for r in range(1, tp)]
-        program = "attention" if tp == 1 else "attention.tp0"
-        roles.append({"name": f"attention.{i}", "program": program, "kind": "attention", "rank": i,
-                      "tp": {"rank": 0, "size": tp, "ranks": group}})
-    roles += [{"name": name, "program": name, "kind": "expert", "rank": replicas + j} for j, name in enumerate(experts)]
-    for i in range(replicas):
-        group = roles[i]["tp"]["ranks"]
-        for r in range(1, tp):
-            roles.append({"name": f"attention.{i}.tp{r}", "program": f"attention.tp{r}", "kind": "attention_tp",
-                          "rank": follower_rank(i, r), "tp": {"rank": r, "size": tp, "ranks": group}})
-    return roles
+        group = {"size": tp, "ranks": [i] + [att_f(i, r) for r in range(1, tp)]}
+        leaders.append({"name": f"attention.{i}", "program": "attention" if tp == 1 else "attention.tp0",
+                        "kind": "attention", "rank": i, "tp": {"rank": 0, **group}})
+        followers += [{"name": f"attention.{i}.tp{r}", "program": f"attention.tp{r}", "kind": "attention_tp",
+                       "rank": att_f(i, r), "tp": {"rank": r, **group}} for r in range(1, tp)]
+    for j, name in enumerate(nodes):
+        group = {"size": etp, "ranks": [replicas + j] + [exp_f(j, r) for r in range(1, etp)]}
+        leaders.append({"name": name, "program": name if etp == 1 else f"{name}.tp0", "kind": "expert",
+                        "rank": replicas + j, "tp": {"rank": 0, **group}})
+        followers += [{"name": f"{name}.tp{r}", "program": f"{name}.tp{r}", "kind": "expert_tp", "rank": exp_f(j, r),
+                       "tp": {"rank": r, **group}} for r in range(1, etp)]
+    return sorted(leaders + followers, key=lambda role: role["rank"])
 
 
 def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> None:

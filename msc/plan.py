@@ -49,7 +49,4 @@ def resolve_plan(spec: PlanSpec, num_experts: int) -> Plan:
         microbatches=spec.microbatches or DEFAULTS["microbatches"],
         batch_size=spec.batch_size or DEFAULTS["batch_size"],
     )
-    if plan.experts.tp != 1:
-        raise MscError(f"plan.experts.tp = {plan.experts.tp}: tensor parallelism inside an expert node is not implemented "
-                       "yet; use 1 (plan.attention.tp may be more)")
     return plan

@@ -190,6 +190,75 @@ def with_sliced_parameters(gm: fx.GraphModule, slices: dict[str, dict]) -> fx.Gr
     return fx.GraphModule(attrs, gm.graph)
 
 
+def _split_item(item, part: tuple[int, int], length: int, rank: int, tp: int) -> list:
+    """Pieces of one stack item covering `part` = [start, stop) of its rows, rank's 1/tp of each."""
+    key = item if isinstance(item, str) else item["key"]
+    base = 0 if isinstance(item, str) or "rows" not in item else item["rows"][0]
+    if not isinstance(item, str) and "cols" in item:
+        raise MscError(f"tensor parallelism: expert tensor '{key}' is already a column slice")
+    per = length // tp
+    return [{"key": key, "rows": [base + part[0] + rank * per, base + part[0] + (rank + 1) * per]}]
+
+
+def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], tp: int, rank: int, intermediate: int
+                  ) -> tuple[fx.GraphModule, dict[str, dict], dict[str, list[int]]]:
+    """Rank `rank`'s share of an expert node's program: the intermediate dimension of every expert split
+    over tp ranks (gate and up rows, down columns), a msc::tp_all_reduce after each experts call (the
+    partial sums add up inside the node, so the node still answers each replica once), the down bias on
+    rank 0 only. Returns (program, weight sources, shapes of the sliced parameters)."""
+    if intermediate % tp:
+        raise MscError(f"plan.experts.tp = {tp} does not divide the experts' intermediate size {intermediate}")
+    per = intermediate // tp
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    new = fx.GraphModule(gm, graph)
+    sources, shapes = {}, {}
+    for node in [n for n in new.graph.nodes if is_op(n, "experts")]:
+        layer = node.args[5]
+        layout = node.args[10] if len(node.args) > 10 else node.kwargs.get("layout", "")
+        biases = [node.args[i] for i in (7, 8) if i < len(node.args) and node.args[i] is not None]
+        if layout or biases:
+            raise MscError(f"tensor parallelism: layer {layer}'s experts use layout '{layout}'"
+                           f"{' and biases' if biases else ''}; msc splits experts stored as [E, 2I, H] / [E, H, I] "
+                           "without biases so far")
+        gate_up, down = node.args[3].target, node.args[4].target
+        gu, dn = weights[gate_up], weights[down]
+        if "stack" not in gu or "stack" not in dn:
+            raise MscError(f"tensor parallelism: layer {layer}'s experts come from fused checkpoint tensors "
+                           f"({gu}); msc splits per-expert checkpoint tensors so far")
+        groups = []
+        for group in gu["stack"]:
+            if len(group) == 2:  # gate and up, each [I, H]
+                groups.append([p for item in group for p in _split_item(item, (0, intermediate), intermediate, rank, tp)])
+            elif len(group) == 1:  # gate and up in one [2I, H]
+                item = group[0]
+                groups.append(_split_item(item, (0, intermediate), intermediate, rank, tp)
+                              + _split_item(item, (intermediate, 2 * intermediate), intermediate, rank, tp))
+            else:
+                raise MscError(f"tensor parallelism: layer {layer}'s gate/up experts tensor is built from {len(group)} "
+                               "pieces per expert; msc expects gate and up, or one fused gate_up")
+        sources[gate_up] = {"stack": groups}
+        down_groups = []
+        for group in dn["stack"]:
+            if len(group) != 1 or (not isinstance(group[0], str) and ("rows" in group[0] or "cols" in group[0])):
+                raise MscError(f"tensor parallelism: layer {layer}'s down experts tensor is built from {group}; msc "
+                               "expects one [H, I] tensor per expert")
+            key = group[0] if isinstance(group[0], str) else group[0]["key"]
+            down_groups.append([{"key": key, "cols": [rank * per, (rank + 1) * per]}])
+        sources[down] = {"stack": down_groups}
+        e = len(groups)
+        shapes[gate_up] = [e, 2 * per, list(fetch_attr(new, gate_up).shape)[2]]
+        shapes[down] = [e, list(fetch_attr(new, down).shape)[1], per]
+        with new.graph.inserting_after(node):
+            reduced = new.graph.call_function(torch.ops.msc.tp_all_reduce.default, (node, layer))
+        node.replace_all_uses_with(reduced, delete_user_cb=lambda u: u is not reduced)
+        if STAGE_KEY in node_meta(node):
+            node_meta(reduced)[STAGE_KEY] = node_meta(node)[STAGE_KEY]
+    new.graph.lint()
+    new.recompile()
+    return new, sources, shapes
+
+
 def tp_program_name(rank: int) -> str:
     return f"{ROLE_ATTENTION}.tp{rank}"
 
@@ -205,7 +274,8 @@ def model_heads(hf_config) -> tuple[int, int]:
 @register_pass
 class ShardTensorParallel(Pass):
     """With plan.attention.tp > 1: the attention program becomes one program per tp rank ("attention.tp<r>"),
-    each with its share of the weights (see the module docstring). With tp = 1 it changes nothing."""
+    each with its share of the heads (see the module docstring); with plan.experts.tp > 1 each expert node's
+    program becomes one per tp rank ("expert.<j>.tp<r>", shard_experts). With both 1 it changes nothing."""
 
     name = "shard_tensor_parallel"
 
@@ -215,9 +285,25 @@ class ShardTensorParallel(Pass):
     def run(self, gm, ctx):
         tp = ctx.plan.attention.tp
         programs = graph_meta(gm)["programs"]
-        if tp == 1:
-            return PassResult(gm, {"attention_tp": 1})
         from msc.passes.lower_roles import Program
+
+        etp = ctx.plan.experts.tp
+        if etp > 1:
+            intermediate = ctx.moe["intermediate_size"]
+            for name in sorted(n for n in programs if not n.startswith(ROLE_ATTENTION)):
+                base = programs.pop(name)
+                for r in range(etp):
+                    prog, sources, sliced = shard_experts(base.gm, base.weights, etp, r, intermediate)
+                    weights = {t: sources.get(t, base.weights[t]) for t in base.weights}
+                    shapes = {t: sliced.get(t, base.shapes[t]) for t in base.shapes}
+                    if ctx.checkpoint is not None:
+                        for t in sources:
+                            if ctx.checkpoint.source_shape(sources[t]) != shapes[t]:
+                                raise MscError(f"tensor parallelism: '{t}' from its slices is not of shape {shapes[t]}")
+                    pname = f"{name}.tp{r}"
+                    programs[pname] = Program(pname, prog, weights, shapes, dict(base.dtypes))
+        if tp == 1:
+            return PassResult(gm, {"attention_tp": 1, "experts_tp": etp})
 
         nh, nkv = model_heads(ctx.hf_config)
         base = programs.pop(ROLE_ATTENTION)
@@ -242,7 +328,8 @@ class ShardTensorParallel(Pass):
             programs[tp_program_name(r)] = Program(tp_program_name(r), prog, weights, shapes,
                                                    {t: base.dtypes[t] for t in weights})
         self._check_shapes(programs[tp_program_name(0)])
-        return PassResult(gm, {"attention_tp": tp, "heads_per_rank": nh // tp, "kv_heads_per_rank": max(1, nkv // tp)})
+        return PassResult(gm, {"attention_tp": tp, "heads_per_rank": nh // tp, "kv_heads_per_rank": max(1, nkv // tp),
+                               "experts_tp": etp})
 
     @staticmethod
     def _check_shapes(prog) -> None:

@@ -142,3 +142,46 @@ def _broadcast_device(x: Tensor) -> Tensor:
         return broadcast_(x.contiguous())
     host = broadcast_(x.cpu())
     return host.to(x.device)
+
+
+class ExpertLeaderExchange(LeaderExchange):
+    """An expert node's leader: its own exchange with the replicas; each batch it takes (layer, tokens, routing)
+    goes to its followers, which compute their share of the same experts on it."""
+
+    def next_layer(self) -> int | None:
+        layer = self.inner.next_layer()
+        broadcast_(torch.tensor([-1 if layer is None else layer, self.inner.mb], dtype=torch.int64))
+        return layer
+
+    def expert_recv(self, layer: int, hidden_size: int, top_k: int, dtype) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, idx, weights = self.inner.expert_recv(layer, hidden_size, top_k, dtype)
+        hidden, idx, weights = hidden.to(dtype), idx.long(), weights.float()  # the dtypes the followers expect
+        broadcast_(torch.tensor([hidden.shape[0]], dtype=torch.int64))
+        return _broadcast_device(hidden), _broadcast_device(idx), _broadcast_device(weights)
+
+    def combine(self, ticket, hidden, layer):  # not an attention exchange
+        raise MscError("an expert node has no combine")
+
+
+class ExpertFollowerExchange:
+    """An expert node's follower: the batches its leader took, no sends (the leader answers the replicas)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.mb, self.microbatches = 0, 1
+        self.trace = None
+
+    def next_layer(self) -> int | None:
+        head = broadcast_(torch.empty(2, dtype=torch.int64))
+        layer, self.mb = int(head[0]), int(head[1])
+        return None if layer < 0 else layer
+
+    def expert_recv(self, layer: int, hidden_size: int, top_k: int, dtype) -> tuple[Tensor, Tensor, Tensor]:
+        n = int(broadcast_(torch.empty(1, dtype=torch.int64)).item())
+        hidden = torch.empty(n, hidden_size, dtype=dtype, device=self.device)  # [n, H]
+        idx = torch.empty(n, top_k, dtype=torch.int64, device=self.device)  # [n, K]
+        weights = torch.empty(n, top_k, dtype=torch.float32, device=self.device)  # [n, K]
+        return _broadcast_device(hidden), _broadcast_device(idx), _broadcast_device(weights)
+
+    def expert_send(self, hidden: Tensor, layer: int) -> None:
+        pass

@@ -137,12 +137,17 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             tensor_parallel.join(tensor_parallel.make_group(store, tp, place, timeout), tp["rank"], tp["size"])
         peers = att_ranks if role["kind"] == "expert" else exp_ranks
         host = os.environ.get("MSC_M2N_HOST", "127.0.0.1")
-        if role["kind"] != "attention_tp":  # NOTE: a tp follower talks to its leader only (tensor_parallel)
+        if role["kind"] not in ("attention_tp", "expert_tp"):  # NOTE: a tp follower talks to its leader only
             endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                    buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
-        if role["kind"] == "expert":
-            worker = ExpertRole(program, ExpertExchange(endpoint, att_ranks, place),
-                                delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
+        if role["kind"] in ("expert", "expert_tp"):
+            if role["kind"] == "expert_tp":
+                comm = tensor_parallel.ExpertFollowerExchange(place)
+            else:
+                comm = ExpertExchange(endpoint, att_ranks, place)
+                if tp["size"] > 1:
+                    comm = tensor_parallel.ExpertLeaderExchange(comm)
+            worker = ExpertRole(program, comm, delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
             worker.on_batch = _fault_hook(role["name"])
             worker.serve()
             return
