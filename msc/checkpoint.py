@@ -4,8 +4,9 @@ A weight source (stored per parameter in a role's weight map) says how to build 
 from checkpoint tensors:
   {"key": K}                      the tensor K
   {"key": K, "rows": [a, b]}      rows a..b-1 of K (an expert node's slice of a fused experts tensor)
-  {"key": K, "cols": [a, b]}      columns a..b-1 of a 2-D K (a tensor-parallel rank's share of a row-parallel
-                                  projection; may be combined with "rows")
+  {"key": K, "cols": [a, b]}      indices a..b-1 of K's last dimension (a tensor-parallel rank's share of a
+                                  row-parallel projection); {"key": K, "dim1": [a, b]}: of its second dimension
+                                  (of a 3-D experts tensor); either may be combined with "rows"
   {"stack": [GROUP, ...]}         stack over experts (new dim 0) of the concatenation (dim 0) of each GROUP;
                                   a GROUP is a list of items, each either
                                     K                           the whole tensor K, or
@@ -20,6 +21,7 @@ is its own bytes (plus one tensor when a dtype conversion is needed), and `bytes
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -91,11 +93,22 @@ class Piece:
 
     key: str
     rows: tuple[int, int] | None = None
-    cols: tuple[int, int] | None = None  # columns [start, stop) of a 2-D tensor
+    cols: tuple[int, int] | None = None  # [start, stop) of the last dimension
+    dim1: tuple[int, int] | None = None  # [start, stop) of the second dimension (3-D tensors)
 
     def describe(self) -> str:
         return (f"'{self.key}'" + (f" rows [{self.rows[0]}, {self.rows[1]})" if self.rows else "")
-                + (f" columns [{self.cols[0]}, {self.cols[1]})" if self.cols else ""))
+                + (f" columns [{self.cols[0]}, {self.cols[1]})" if self.cols else "")
+                + (f" dim-1 [{self.dim1[0]}, {self.dim1[1]})" if self.dim1 else ""))
+
+    @property
+    def inner_slice(self) -> tuple[int, tuple[int, int]] | None:
+        """(dimension, [start, stop)) of the one non-leading dimension this piece slices, if any."""
+        if self.cols is not None and self.dim1 is not None:
+            raise MscError(f"checkpoint tensor '{self.key}': a piece slices at most one dimension besides the rows")
+        if self.cols is not None:
+            return -1, self.cols
+        return (1, self.dim1) if self.dim1 is not None else None
 
 
 def source_groups(source: dict) -> tuple[bool, list[list[Piece]]]:
@@ -110,9 +123,8 @@ def source_groups(source: dict) -> tuple[bool, list[list[Piece]]]:
 def _piece(item: str | dict) -> Piece:
     if isinstance(item, str):
         return Piece(item)
-    rows, cols = item.get("rows"), item.get("cols")
-    return Piece(item["key"], (int(rows[0]), int(rows[1])) if rows is not None else None,
-                 (int(cols[0]), int(cols[1])) if cols is not None else None)
+    pair = lambda v: (int(v[0]), int(v[1])) if v is not None else None  # noqa: E731
+    return Piece(item["key"], pair(item.get("rows")), pair(item.get("cols")), pair(item.get("dim1")))
 
 
 def describe_source(source: dict) -> str:
@@ -215,12 +227,14 @@ class CheckpointReader:
     # ------------------------------------------------------------------ shapes (headers only)
     def _piece_shape(self, piece: Piece) -> list[int]:
         shape = self.shape(piece.key)
-        if piece.cols is not None:
-            a, b = piece.cols
-            if len(shape) != 2 or not 0 <= a <= b <= shape[1]:
-                raise MscError(f"columns [{a}, {b}) are out of range for checkpoint tensor '{piece.key}' of shape "
-                               f"{shape} (column slices are for 2-D tensors)")
-            shape = [shape[0], b - a]
+        inner = piece.inner_slice
+        if inner is not None:
+            d, (a, b) = inner
+            d = d % len(shape) if shape else 0
+            if len(shape) < 2 or d == 0 or not 0 <= a <= b <= shape[d]:
+                what = "columns" if inner[0] == -1 else "dim-1 indices"
+                raise MscError(f"{what} [{a}, {b}) are out of range for checkpoint tensor '{piece.key}' of shape {shape}")
+            shape = [*shape[:d], b - a, *shape[d + 1:]]
         if piece.rows is None:
             return shape
         a, b = piece.rows
@@ -255,10 +269,7 @@ class CheckpointReader:
         for group in source_groups(source)[1]:
             for p in group:
                 info = self.info(p.key)
-                n = info.nbytes if p.rows is None else (p.rows[1] - p.rows[0]) * info.row_bytes
-                if p.cols is not None:
-                    n = n * (p.cols[1] - p.cols[0]) // max(1, info.shape[1])
-                total += n
+                total += math.prod(self._piece_shape(p)) * info.dtype.itemsize
         return total
 
     def check(self, target: str, source: dict, shape: list[int], where: str = "",
@@ -315,16 +326,24 @@ class CheckpointReader:
         # temporary holds them for the conversion, so the peak stays the role's bytes + one tensor.
         buf = out if out.dtype == info.dtype else torch.empty(out.shape, dtype=info.dtype)
         assert buf.is_contiguous(), "a piece's destination is a run of dim-0 rows of a contiguous tensor"
-        if nbytes and piece.cols is not None:
-            # NOTE: a column slice is one run per row (a row-parallel rank's share): strided reads, but only
-            # the bytes of this rank's columns leave the disk
+        if nbytes and piece.inner_slice is not None:
+            # NOTE: a slice of an inner dimension is one run per index of the dimensions before it (a tensor-
+            # parallel rank's share): strided reads, but only this rank's bytes leave the disk
             fh = self.open(info.path)
-            a, b = piece.cols
+            d, (a, b) = piece.inner_slice
+            full = list(info.shape)
+            d = d % len(full)
             item = info.dtype.itemsize
-            raw = buf.view(torch.uint8).numpy()  # [R, (b - a) * item]
-            for i in range(buf.shape[0]):
-                fh.seek(info.offset + (start + i) * info.row_bytes + a * item)
-                _readinto_exact(fh, raw[i], (b - a) * item, piece.key, info.path)
+            inner = math.prod(full[d + 1:]) * item  # bytes of one index of dimension d
+            lead = [range(start, start + buf.shape[0])] + [range(n) for n in full[1:d]]
+            raw = buf.reshape(-1).view(torch.uint8).numpy()
+            run, pos = (b - a) * inner, 0
+            strides = [math.prod(full[k + 1:]) * item for k in range(len(full))]
+            for index in itertools.product(*lead):
+                off = sum(i * st for i, st in zip(index, strides)) + a * strides[d]
+                fh.seek(info.offset + off)
+                _readinto_exact(fh, raw[pos:pos + run], run, piece.key, info.path)
+                pos += run
         elif nbytes:
             fh = self.open(info.path)
             fh.seek(info.offset + start * info.row_bytes)

@@ -200,8 +200,32 @@ def _split_item(item, part: tuple[int, int], length: int, rank: int, tp: int) ->
     return [{"key": key, "rows": [base + part[0] + rank * per, base + part[0] + (rank + 1) * per]}]
 
 
-def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], tp: int, rank: int, intermediate: int
-                  ) -> tuple[fx.GraphModule, dict[str, dict], dict[str, list[int]]]:
+def _split_stacked(gu: dict, dn: dict, layer: int, intermediate: int, rank: int, tp: int) -> tuple[dict, dict]:
+    """Rank's share of experts built by stacking per-expert tensors: gate and up rows, down columns."""
+    per = intermediate // tp
+    groups = []
+    for group in gu["stack"]:
+        if len(group) == 2:  # gate and up, each [I, H]
+            groups.append([p for item in group for p in _split_item(item, (0, intermediate), intermediate, rank, tp)])
+        elif len(group) == 1:  # gate and up in one [2I, H]
+            item = group[0]
+            groups.append(_split_item(item, (0, intermediate), intermediate, rank, tp)
+                          + _split_item(item, (intermediate, 2 * intermediate), intermediate, rank, tp))
+        else:
+            raise MscError(f"tensor parallelism: layer {layer}'s gate/up experts tensor is built from {len(group)} "
+                           "pieces per expert; msc expects gate and up, or one fused gate_up")
+    down_groups = []
+    for group in dn["stack"]:
+        if len(group) != 1 or (not isinstance(group[0], str) and set(group[0]) - {"key"}):
+            raise MscError(f"tensor parallelism: layer {layer}'s down experts tensor is built from {group}; msc "
+                           "expects one [H, I] tensor per expert")
+        key = group[0] if isinstance(group[0], str) else group[0]["key"]
+        down_groups.append([{"key": key, "cols": [rank * per, (rank + 1) * per]}])
+    return {"stack": groups}, {"stack": down_groups}
+
+
+def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], base_shapes: dict[str, list[int]], tp: int, rank: int,
+                  intermediate: int) -> tuple[fx.GraphModule, dict[str, dict], dict[str, list[int]]]:
     """Rank `rank`'s share of an expert node's program: the intermediate dimension of every expert split
     over tp ranks (gate and up rows, down columns), a msc::tp_all_reduce after each experts call (the
     partial sums add up inside the node, so the node still answers each replica once), the down bias on
@@ -216,39 +240,35 @@ def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], tp: int, rank: i
     for node in [n for n in new.graph.nodes if is_op(n, "experts")]:
         layer = node.args[5]
         layout = node.args[10] if len(node.args) > 10 else node.kwargs.get("layout", "")
-        biases = [node.args[i] for i in (7, 8) if i < len(node.args) and node.args[i] is not None]
-        if layout or biases:
-            raise MscError(f"tensor parallelism: layer {layer}'s experts use layout '{layout}'"
-                           f"{' and biases' if biases else ''}; msc splits experts stored as [E, 2I, H] / [E, H, I] "
-                           "without biases so far")
         gate_up, down = node.args[3].target, node.args[4].target
         gu, dn = weights[gate_up], weights[down]
-        if "stack" not in gu or "stack" not in dn:
-            raise MscError(f"tensor parallelism: layer {layer}'s experts come from fused checkpoint tensors "
-                           f"({gu}); msc splits per-expert checkpoint tensors so far")
-        groups = []
-        for group in gu["stack"]:
-            if len(group) == 2:  # gate and up, each [I, H]
-                groups.append([p for item in group for p in _split_item(item, (0, intermediate), intermediate, rank, tp)])
-            elif len(group) == 1:  # gate and up in one [2I, H]
-                item = group[0]
-                groups.append(_split_item(item, (0, intermediate), intermediate, rank, tp)
-                              + _split_item(item, (intermediate, 2 * intermediate), intermediate, rank, tp))
-            else:
-                raise MscError(f"tensor parallelism: layer {layer}'s gate/up experts tensor is built from {len(group)} "
-                               "pieces per expert; msc expects gate and up, or one fused gate_up")
-        sources[gate_up] = {"stack": groups}
-        down_groups = []
-        for group in dn["stack"]:
-            if len(group) != 1 or (not isinstance(group[0], str) and ("rows" in group[0] or "cols" in group[0])):
-                raise MscError(f"tensor parallelism: layer {layer}'s down experts tensor is built from {group}; msc "
-                               "expects one [H, I] tensor per expert")
-            key = group[0] if isinstance(group[0], str) else group[0]["key"]
-            down_groups.append([{"key": key, "cols": [rank * per, (rank + 1) * per]}])
-        sources[down] = {"stack": down_groups}
-        e = len(groups)
-        shapes[gate_up] = [e, 2 * per, list(fetch_attr(new, gate_up).shape)[2]]
-        shapes[down] = [e, list(fetch_attr(new, down).shape)[1], per]
+        if "stack" in gu and "stack" in dn and not layout:
+            sources[gate_up], sources[down] = _split_stacked(gu, dn, layer, intermediate, rank, tp)
+            shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]  # [E, 2I, H], [E, H, I]
+            shapes[gate_up] = [shape_gu[0], 2 * per, shape_gu[2]]
+            shapes[down] = [shape_dn[0], shape_dn[1], per]
+        elif "key" in gu and "key" in dn and set(layout.split(",")) == {"gate_up_t", "down_t", "interleaved"}:
+            # NOTE: [E, H, 2I] with gate and up interleaved on the last dimension (GPT-OSS): intermediate units
+            # [a, b) are the columns [2a, 2b), and of the down tensor [E, I, H] the dim-1 indices [a, b)
+            a, b = rank * per, (rank + 1) * per
+            sources[gate_up] = {**gu, "cols": [2 * a, 2 * b]}
+            sources[down] = {**dn, "dim1": [a, b]}
+            shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]  # [E, H, 2I], [E, I, H]
+            shapes[gate_up] = [shape_gu[0], shape_gu[1], 2 * per]
+            shapes[down] = [shape_dn[0], per, shape_dn[2]]
+            gub = node.args[7] if len(node.args) > 7 else None
+            if gub is not None:
+                sources[gub.target] = {**weights[gub.target], "cols": [2 * a, 2 * b]}
+                shapes[gub.target] = [base_shapes[gub.target][0], 2 * per]
+        else:
+            raise MscError(f"tensor parallelism: layer {layer}'s experts are stored as {gu} with layout '{layout}'; msc "
+                           "splits per-expert [I, H] tensors or GPT-OSS's interleaved [E, H, 2I] so far")
+        if len(node.args) > 8 and node.args[8] is not None and rank != 0:
+            args = list(node.args)
+            bias, args[8] = args[8], None  # NOTE: the down bias is added once, by rank 0; the all-reduce sums it in
+            node.args = tuple(args)
+            if not bias.users:
+                new.graph.erase_node(bias)
         with new.graph.inserting_after(node):
             reduced = new.graph.call_function(torch.ops.msc.tp_all_reduce.default, (node, layer))
         node.replace_all_uses_with(reduced, delete_user_cb=lambda u: u is not reduced)
@@ -293,15 +313,16 @@ class ShardTensorParallel(Pass):
             for name in sorted(n for n in programs if not n.startswith(ROLE_ATTENTION)):
                 base = programs.pop(name)
                 for r in range(etp):
-                    prog, sources, sliced = shard_experts(base.gm, base.weights, etp, r, intermediate)
-                    weights = {t: sources.get(t, base.weights[t]) for t in base.weights}
-                    shapes = {t: sliced.get(t, base.shapes[t]) for t in base.shapes}
+                    prog, sources, sliced = shard_experts(base.gm, base.weights, base.shapes, etp, r, intermediate)
+                    kept = set(get_attr_targets(prog.graph))
+                    weights = {t: sources.get(t, w) for t, w in base.weights.items() if t in kept}
+                    shapes = {t: sliced.get(t, sh) for t, sh in base.shapes.items() if t in kept}
                     if ctx.checkpoint is not None:
                         for t in sources:
                             if ctx.checkpoint.source_shape(sources[t]) != shapes[t]:
                                 raise MscError(f"tensor parallelism: '{t}' from its slices is not of shape {shapes[t]}")
                     pname = f"{name}.tp{r}"
-                    programs[pname] = Program(pname, prog, weights, shapes, dict(base.dtypes))
+                    programs[pname] = Program(pname, prog, weights, shapes, {t: base.dtypes[t] for t in weights})
         if tp == 1:
             return PassResult(gm, {"attention_tp": 1, "experts_tp": etp})
 
