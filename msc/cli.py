@@ -75,7 +75,10 @@ def compile_cmd(
     m = bundle.manifest
     err.print(
         f"wrote {bundle.path}: {len(m['roles'])} roles "
-        f"({m['plan']['attention']['replicas']} attention, {m['plan']['experts']['nodes']} expert nodes) "
+        f"({m['plan']['attention']['replicas']} attention replicas"
+        f"{' × tp ' + str(m['plan']['attention']['tp']) if m['plan']['attention']['tp'] > 1 else ''}, "
+        f"{m['plan']['experts']['nodes']} expert nodes"
+        f"{' × tp ' + str(m['plan']['experts']['tp']) if m['plan']['experts']['tp'] > 1 else ''}) "
         f"in {m['compile_seconds']:.2f}s (capture {m['capture_seconds']:.2f}s)"
     )
 
