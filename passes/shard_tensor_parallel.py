@@ -62,9 +62,10 @@ def head_rows(rank: int, tp: int, heads: int, head_dim: int) -> tuple[int, int]:
     return h * head_dim, (h + 1) * head_dim
 
 
-def _source_linear(node: fx.Node, layer: int, what: str) -> fx.Node:
-    """The one aten.linear that `node` (an attention input) is computed from."""
-    found, seen, todo = [], set(), [node]
+def _source_linears(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The aten.linear nodes that `node` (an attention input) is computed from (searching back through
+    views, norms and rotary, stopping at each linear), and the nodes passed on the way."""
+    found, seen, todo, region = [], set(), [node], []
     while todo:
         n = todo.pop()
         if n in seen or n.op != "call_function":
@@ -75,12 +76,39 @@ def _source_linear(node: fx.Node, layer: int, what: str) -> fx.Node:
             continue
         if n.target in MSC_OP_TARGETS:  # another msc op (an earlier layer's experts ...): not this projection
             continue
+        region.append(n)
         todo.extend(n.all_input_nodes)
-    if len(found) != 1:
-        raise MscError(f"tensor parallelism: layer {layer}'s attention input {what} comes from {len(found)} projections; "
-                       "msc shards attention whose q, k and v each come from one linear projection (not MLA's "
-                       "low-rank paths yet)")
-    return found[0]
+        todo.extend(_copied_into(n))
+    return found, region
+
+
+def _copied_into(n: fx.Node) -> list[fx.Node]:
+    """Sources of in-place copies into n or into a slice of it (MLA fills its key tensor this way)."""
+    dests = [n] + [u for u in n.users if u.op == "call_function" and u.target is torch.ops.aten.slice.Tensor]
+    return [c.args[1] for d in dests for c in d.users
+            if c.op == "call_function" and c.target is torch.ops.aten.copy_.default and c.args[0] is d]
+
+
+def _per_head(lin: fx.Node) -> bool:
+    """True when the projection's output is viewed as [1, T, heads, head_dim] with the head count left to
+    the tensor (-1): one block of rows per head, which the ranks can split. A projection viewed otherwise
+    (MLA's shared latent and rotary key part) is shared by all heads and stays whole on every rank."""
+    n = lin
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if u.op != "call_function":
+            return False
+        if u.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+            shape = list(u.args[1])
+            return len(shape) == 4 and shape[2] == -1
+        if u.target not in _VIEWS and u.target is not torch.ops.aten.to.dtype:
+            return False
+        n = u
+    return False
+
+
+_SHAPED = {torch.ops.aten.new_empty.default, torch.ops.aten.new_zeros.default, torch.ops.aten.expand.default,
+           torch.ops.aten.view.default, torch.ops.aten.reshape.default}
 
 
 def _output_linear(attn: fx.Node, layer: int) -> fx.Node:
@@ -126,24 +154,47 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
 
     for attn in [n for n in new.graph.nodes if is_op(n, "attention")]:
         layer = attn.args[3]
-        linears = {what: _source_linear(arg, layer, what) for what, arg in
-                   (("q", attn.args[0]), ("k", attn.args[1]), ("v", attn.args[2]))}
-        for a_, b_ in (("q", "k"), ("q", "v"), ("k", "v")):
-            if linears[a_] is linears[b_]:
-                raise MscError(f"tensor parallelism: layer {layer}'s attention inputs {a_} and {b_} come from one "
-                               "projection (a fused QKV projection, or MLA's shared key/value up-projection); msc does "
-                               "not shard it yet")
-        for what, heads in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads)):
-            lin = linears[what]
+        found = {}
+        region: list[fx.Node] = []
+        for what, arg in (("q", attn.args[0]), ("k", attn.args[1]), ("v", attn.args[2])):
+            found[what], passed = _source_linears(arg)
+            region += passed
+        feeds: dict[fx.Node, set[str]] = {}
+        for what, lins in found.items():
+            for lin in lins:
+                feeds.setdefault(lin, set()).add(what)
+        split_any = {w: False for w in found}
+        for lin, inputs in feeds.items():
+            if "q" in inputs and inputs & {"k", "v"}:
+                raise MscError(f"tensor parallelism: layer {layer}'s attention inputs q and {sorted(inputs - {'q'})[0]} "
+                               "come from one projection (a fused QKV projection); msc does not shard it yet")
+            if not _per_head(lin):
+                continue  # shared by every head (MLA's latent / rotary key part): whole on every rank
+            heads = num_heads if inputs == {"q"} else num_kv_heads
             w = param(lin.args[1])
             features = fetch_attr(new, w).shape[0]
             if features % heads:
-                raise MscError(f"tensor parallelism: layer {layer}'s {what} projection has {features} outputs, not a "
-                               f"multiple of its {heads} heads")
+                raise MscError(f"tensor parallelism: layer {layer}'s {'/'.join(sorted(inputs))} projection has "
+                               f"{features} outputs, not a multiple of its {heads} heads")
             a, b = head_rows(rank, tp, heads, features // heads)
             put(w, {"rows": [a, b]})
             if len(lin.args) > 2 and lin.args[2] is not None:
                 put(param(lin.args[2]), {"rows": [a, b]})
+            for what in inputs:
+                split_any[what] = True
+        missing = [w for w, ok in split_any.items() if not ok]
+        if missing:
+            raise MscError(f"tensor parallelism: layer {layer}'s attention input {missing[0]} comes from no projection "
+                           "msc can split by head")
+        # NOTE: a shape that names the head count (MLA builds its key as new_empty([1, heads, T, d]) and expands
+        # the shared rotary part to every head) takes this rank's count instead
+        for n in region:
+            if n.target in _SHAPED and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) and len(n.args[1]) == 4:
+                shape = list(n.args[1])
+                if shape[1] in (num_heads, num_kv_heads) and shape[1] != -1:
+                    heads = num_heads if shape[1] == num_heads else num_kv_heads
+                    shape[1] = heads // tp if heads % tp == 0 else 1
+                    n.args = (n.args[0], shape, *n.args[2:])
         sinks = attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("sinks")
         if sinks is not None:
             per = num_heads // tp

@@ -95,7 +95,8 @@ def compiled(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name,tp", [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 2), ("gpt_oss", 2), ("gpt_oss", 4)])
+@pytest.mark.parametrize("name,tp", [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 2), ("gpt_oss", 2), ("gpt_oss", 4),
+                                     ("deepseek_v3", 2)])
 def test_tensor_parallel_ranks_generate_transformers_tokens(compiled, name, tp):
     bundle, hf = compiled(name)
     cfg = FAMILIES[name]
@@ -128,9 +129,19 @@ def test_a_tp_that_does_not_split_the_heads_is_refused():
         check_tp(4, 12, 6)
 
 
-def test_mla_attention_is_refused_naming_the_layer_until_it_is_supported(compiled):
+def test_mla_shares_its_latent_projection_and_splits_the_per_head_ones(compiled):
     bundle, _ = compiled("deepseek_v3")
     gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cpu")
     cfg = FAMILIES["deepseek_v3"]
-    with pytest.raises(MscError, match="layer 0's attention inputs k and v come from one projection"):
-        shard_attention(gm, 2, 0, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    _, slices = shard_attention(gm, 2, 1, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    layer0 = {k.split("self_attn.")[1]: v for k, v in slices.items() if "layers.0.self_attn" in k}
+    # q_b and kv_b are per head (rank 1: the second half of the heads); q_a and kv_a (the latents) stay whole
+    assert set(layer0) == {"q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight"}
+    assert layer0["q_b_proj.weight"]["rows"][0] > 0 and layer0["o_proj.weight"]["cols"][0] > 0
+
+
+def test_a_fused_qkv_projection_is_refused_naming_the_layer(compiled):
+    bundle, _ = compiled("dbrx")
+    gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cpu")
+    with pytest.raises(MscError, match="layer 0's attention inputs q and k come from one projection"):
+        shard_attention(gm, 2, 0, 4, 4)
