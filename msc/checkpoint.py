@@ -12,6 +12,8 @@ from checkpoint tensors:
                                     K                           the whole tensor K, or
                                     {"key": K, "rows": [a, b]}  rows a..b-1 of K (DBRX: expert e's gate rows
                                                                 are rows [e·I, (e+1)·I) of a flattened [E·I, H])
+  {"cat": [ITEM, ...]}            the concatenation (dim 0) of items like a stack GROUP's (a tensor-parallel
+                                  rank's q, k and v rows of a fused QKV projection)
   {"constant": NAME}              a small computed buffer stored in the bundle (rotary tables)
 
 Only the named tensors (or rows) are read from disk. The reader parses the safetensors headers itself and
@@ -117,7 +119,9 @@ def source_groups(source: dict) -> tuple[bool, list[list[Piece]]]:
         return True, [[_piece(item) for item in group] for group in source["stack"]]
     if "key" in source:
         return False, [[_piece(source)]]
-    raise MscError(f"weight source {source} is neither a key, a stack nor a constant")
+    if "cat" in source:
+        return False, [[_piece(item) for item in source["cat"]]]
+    raise MscError(f"weight source {source} is neither a key, a concatenation, a stack nor a constant")
 
 
 def _piece(item: str | dict) -> Piece:
@@ -246,7 +250,11 @@ class CheckpointReader:
         """The shape `build(source)` would have, from headers only (no tensor is read)."""
         stacked, groups = source_groups(source)
         if not stacked:
-            return self._piece_shape(groups[0][0])
+            shapes = [self._piece_shape(p) for p in groups[0]]
+            if any(sh[1:] != shapes[0][1:] for sh in shapes):
+                raise MscError(f"the pieces {' + '.join(p.describe() for p in groups[0])} have shapes {shapes}; a "
+                               "concatenation needs the same shape after the first dimension")
+            return [sum(sh[0] for sh in shapes), *shapes[0][1:]]
         if not groups:
             raise MscError("a stack weight source has no groups")
         shapes = [[self._piece_shape(p) for p in group] for group in groups]

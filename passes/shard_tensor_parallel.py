@@ -82,6 +82,32 @@ def _source_linears(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     return found, region
 
 
+def _split_fused_qkv(gm: fx.GraphModule, lin: fx.Node, layer: int, rank: int, tp: int, nh: int, nkv: int, param,
+                     put) -> None:
+    """A fused QKV projection (DBRX's Wqkv): linear → elementwise ops (a clamp) → split into q, k, v on the
+    last dimension. Rank's rows: its query heads' rows, then its key and value heads' rows (a concatenation
+    of three row ranges), and the split takes the rank's sizes."""
+    n = lin
+    while len(n.users) == 1 and next(iter(n.users)).target in (torch.ops.aten.clamp.default, torch.ops.aten.to.dtype):
+        n = next(iter(n.users))
+    split = next(iter(n.users)) if len(n.users) == 1 else None
+    if split is None or split.target is not torch.ops.aten.split_with_sizes.default or len(split.args[1]) != 3:
+        raise MscError(f"tensor parallelism: layer {layer}'s fused QKV projection is not split into q, k and v by one "
+                       "split_with_sizes; msc cannot split it")
+    q_size, k_size, v_size = split.args[1]
+    if q_size % nh or k_size % nkv or v_size != k_size:
+        raise MscError(f"tensor parallelism: layer {layer}'s fused QKV split {list(split.args[1])} does not match "
+                       f"{nh} query and {nkv} key/value heads")
+    hd, kd = q_size // nh, k_size // nkv
+    qa, qb = head_rows(rank, tp, nh, hd)
+    ka, kb = head_rows(rank, tp, nkv, kd)
+    ranges = [[qa, qb], [q_size + ka, q_size + kb], [q_size + k_size + ka, q_size + k_size + kb]]
+    put(param(lin.args[1]), {"cat_rows": ranges})
+    if len(lin.args) > 2 and lin.args[2] is not None:
+        put(param(lin.args[2]), {"cat_rows": ranges})
+    split.args = (split.args[0], [qb - qa, kb - ka, kb - ka], *split.args[2:])
+
+
 def _copied_into(n: fx.Node) -> list[fx.Node]:
     """Sources of in-place copies into n or into a slice of it (MLA fills its key tensor this way)."""
     dests = [n] + [u for u in n.users if u.op == "call_function" and u.target is torch.ops.aten.slice.Tensor]
@@ -165,9 +191,13 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
                 feeds.setdefault(lin, set()).add(what)
         split_any = {w: False for w in found}
         for lin, inputs in feeds.items():
+            if inputs == {"q", "k", "v"}:
+                _split_fused_qkv(new, lin, layer, rank, tp, num_heads, num_kv_heads, param, put)
+                split_any = {w: True for w in found}
+                continue
             if "q" in inputs and inputs & {"k", "v"}:
                 raise MscError(f"tensor parallelism: layer {layer}'s attention inputs q and {sorted(inputs - {'q'})[0]} "
-                               "come from one projection (a fused QKV projection); msc does not shard it yet")
+                               "come from one projection that does not also give the third; msc cannot split it")
             if not _per_head(lin):
                 continue  # shared by every head (MLA's latent / rotary key part): whole on every rank
             heads = num_heads if inputs == {"q"} else num_kv_heads
@@ -224,7 +254,9 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
 
 
 def slice_tensor(t: torch.Tensor, sl: dict) -> torch.Tensor:
-    """A parameter's share under one slice ({"rows": [a, b]} and/or {"cols": [a, b]})."""
+    """A parameter's share under one slice ({"rows": [a, b]} and/or {"cols": [a, b]}, or {"cat_rows": [[a, b], ...]})."""
+    if "cat_rows" in sl:
+        t = torch.cat([t[a:b] for a, b in sl["cat_rows"]])
     if "rows" in sl:
         t = t[sl["rows"][0]:sl["rows"][1]]
     if "cols" in sl:
@@ -389,7 +421,10 @@ class ShardTensorParallel(Pass):
                     if "key" not in src or "rows" in src or "cols" in src:
                         raise MscError(f"tensor parallelism: parameter '{target}' is built from {src}; msc slices only "
                                        "whole checkpoint tensors")
-                    src.update(sl)
+                    if "cat_rows" in sl:
+                        src = {"cat": [{"key": src["key"], "rows": r} for r in sl["cat_rows"]]}
+                        shape[0] = sum(b - a for a, b in sl["cat_rows"])
+                    src.update({k: v for k, v in sl.items() if k != "cat_rows"})
                     if "rows" in sl:
                         shape[0] = sl["rows"][1] - sl["rows"][0]
                     if "cols" in sl:

@@ -25,7 +25,8 @@ NEW = 6
 # family -> (attention tp, experts tp, replicas, m); together tp 1, 2 and 4 on both sides, 1 and 2 replicas,
 # m 1..3 (DeepSeek-V3: MLA, whose latent projections stay whole on every rank).
 CASES = {"mixtral": [(2, 1, 1, 1), (4, 2, 2, 3), (1, 4, 1, 2)], "qwen3_moe": [(2, 2, 2, 2)],
-         "deepseek_v3": [(2, 2, 2, 1), (4, 4, 1, 3)], "gpt_oss": [(4, 2, 1, 2), (2, 4, 2, 1)]}
+         "deepseek_v3": [(2, 2, 2, 1), (4, 4, 1, 3)], "gpt_oss": [(4, 2, 1, 2), (2, 4, 2, 1)],
+         "dbrx": [(2, 1, 1, 2)]}
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,8 @@ def test_tp_that_does_not_split_the_heads_is_a_compile_error(reference, tmp_path
 
 def test_families_not_split_yet_are_refused_naming_the_piece(reference, tmp_path):
     d, _, _ = reference("dbrx")
-    spec = parse_spec({**d, "plan": {**d["plan"], "attention": {"tp": 2}}})
-    with pytest.raises(MscError, match="attention inputs q and k come from one projection"):
+    spec = parse_spec({**d, "plan": {**d["plan"], "experts": {"nodes": 2, "tp": 2}}})
+    with pytest.raises(MscError, match="layer 0's experts are stored as .* msc splits per-expert"):
         compile_spec(spec, tmp_path / "fused")
 
 

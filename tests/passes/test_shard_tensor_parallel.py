@@ -18,7 +18,7 @@ from msc.compiler import compile_spec
 from msc.errors import MscError
 from msc.spec import parse_spec
 from msc.verify import reference_generate
-from msc.passes.shard_tensor_parallel import check_tp, head_rows, shard_attention
+from msc.passes.shard_tensor_parallel import check_tp, head_rows, model_heads, shard_attention
 from tests.models.families import FAMILIES
 
 PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
@@ -96,11 +96,10 @@ def compiled(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,tp", [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 2), ("gpt_oss", 2), ("gpt_oss", 4),
-                                     ("deepseek_v3", 2)])
+                                     ("deepseek_v3", 2), ("dbrx", 2)])
 def test_tensor_parallel_ranks_generate_transformers_tokens(compiled, name, tp):
     bundle, hf = compiled(name)
-    cfg = FAMILIES[name]
-    heads = (cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    heads = model_heads(hf.config)
     refs = [reference_generate(hf, p, NEW) for p in PROMPTS]
     results = _run_tp(bundle.path, tp, heads)
     for rank, outputs, logits, kv_heads in results:
@@ -140,8 +139,13 @@ def test_mla_shares_its_latent_projection_and_splits_the_per_head_ones(compiled)
     assert layer0["q_b_proj.weight"]["rows"][0] > 0 and layer0["o_proj.weight"]["cols"][0] > 0
 
 
-def test_a_fused_qkv_projection_is_refused_naming_the_layer(compiled):
+def test_a_fused_qkv_projection_gives_each_rank_its_q_k_and_v_rows(compiled):
     bundle, _ = compiled("dbrx")
     gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cpu")
-    with pytest.raises(MscError, match="layer 0's attention inputs q and k come from one projection"):
-        shard_attention(gm, 2, 0, 4, 4)
+    program, slices = shard_attention(gm, 2, 1, 4, 2)
+    wqkv = next(v for k, v in slices.items() if "blocks.0" in k and "Wqkv" in k)
+    # head_dim 16: q rows 64 (4 heads), k and v rows 32 each (2 heads); rank 1 of 2: q heads 2-3, kv head 1
+    assert wqkv == {"cat_rows": [[32, 64], [64 + 16, 64 + 32], [96 + 16, 96 + 32]]}
+    splits = [n.args[1] for n in program.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default
+              and n.args[2] == 2]
+    assert splits and all(list(sz) == [32, 16, 16] for sz in splits)
