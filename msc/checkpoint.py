@@ -95,17 +95,17 @@ class Piece:
 
     key: str
     rows: tuple[int, int] | None = None
-    cols: tuple[int, int] | None = None  # [start, stop) of the last dimension
-    dim1: tuple[int, int] | None = None  # [start, stop) of the second dimension (3-D tensors)
+    cols: tuple[tuple[int, int], ...] | None = None  # [start, stop) ranges of the last dimension, concatenated
+    dim1: tuple[tuple[int, int], ...] | None = None  # ... of the second dimension (3-D tensors)
 
     def describe(self) -> str:
         return (f"'{self.key}'" + (f" rows [{self.rows[0]}, {self.rows[1]})" if self.rows else "")
-                + (f" columns [{self.cols[0]}, {self.cols[1]})" if self.cols else "")
-                + (f" dim-1 [{self.dim1[0]}, {self.dim1[1]})" if self.dim1 else ""))
+                + (f" columns {[list(r) for r in self.cols]}" if self.cols else "")
+                + (f" dim-1 {[list(r) for r in self.dim1]}" if self.dim1 else ""))
 
     @property
-    def inner_slice(self) -> tuple[int, tuple[int, int]] | None:
-        """(dimension, [start, stop)) of the one non-leading dimension this piece slices, if any."""
+    def inner_slice(self) -> tuple[int, tuple[tuple[int, int], ...]] | None:
+        """(dimension, its [start, stop) ranges) of the one non-leading dimension this piece slices, if any."""
         if self.cols is not None and self.dim1 is not None:
             raise MscError(f"checkpoint tensor '{self.key}': a piece slices at most one dimension besides the rows")
         if self.cols is not None:
@@ -128,7 +128,13 @@ def _piece(item: str | dict) -> Piece:
     if isinstance(item, str):
         return Piece(item)
     pair = lambda v: (int(v[0]), int(v[1])) if v is not None else None  # noqa: E731
-    return Piece(item["key"], pair(item.get("rows")), pair(item.get("cols")), pair(item.get("dim1")))
+
+    def ranges(v):  # [a, b] or [[a, b], [c, d], ...]
+        if v is None:
+            return None
+        return tuple(pair(r) for r in v) if v and isinstance(v[0], (list, tuple)) else (pair(v),)
+
+    return Piece(item["key"], pair(item.get("rows")), ranges(item.get("cols")), ranges(item.get("dim1")))
 
 
 def describe_source(source: dict) -> str:
@@ -233,12 +239,13 @@ class CheckpointReader:
         shape = self.shape(piece.key)
         inner = piece.inner_slice
         if inner is not None:
-            d, (a, b) = inner
+            d, ranges = inner
             d = d % len(shape) if shape else 0
-            if len(shape) < 2 or d == 0 or not 0 <= a <= b <= shape[d]:
-                what = "columns" if inner[0] == -1 else "dim-1 indices"
-                raise MscError(f"{what} [{a}, {b}) are out of range for checkpoint tensor '{piece.key}' of shape {shape}")
-            shape = [*shape[:d], b - a, *shape[d + 1:]]
+            for a, b in ranges:
+                if len(shape) < 2 or d == 0 or not 0 <= a <= b <= shape[d]:
+                    what = "columns" if inner[0] == -1 else "dim-1 indices"
+                    raise MscError(f"{what} [{a}, {b}) are out of range for checkpoint tensor '{piece.key}' of shape {shape}")
+            shape = [*shape[:d], sum(b - a for a, b in ranges), *shape[d + 1:]]
         if piece.rows is None:
             return shape
         a, b = piece.rows
@@ -251,6 +258,8 @@ class CheckpointReader:
         stacked, groups = source_groups(source)
         if not stacked:
             shapes = [self._piece_shape(p) for p in groups[0]]
+            if len(shapes) == 1:
+                return shapes[0]
             if any(sh[1:] != shapes[0][1:] for sh in shapes):
                 raise MscError(f"the pieces {' + '.join(p.describe() for p in groups[0])} have shapes {shapes}; a "
                                "concatenation needs the same shape after the first dimension")
@@ -338,20 +347,21 @@ class CheckpointReader:
             # NOTE: a slice of an inner dimension is one run per index of the dimensions before it (a tensor-
             # parallel rank's share): strided reads, but only this rank's bytes leave the disk
             fh = self.open(info.path)
-            d, (a, b) = piece.inner_slice
+            d, ranges = piece.inner_slice
             full = list(info.shape)
             d = d % len(full)
             item = info.dtype.itemsize
-            inner = math.prod(full[d + 1:]) * item  # bytes of one index of dimension d
             lead = [range(start, start + buf.shape[0])] + [range(n) for n in full[1:d]]
             raw = buf.reshape(-1).view(torch.uint8).numpy()
-            run, pos = (b - a) * inner, 0
+            pos = 0
             strides = [math.prod(full[k + 1:]) * item for k in range(len(full))]
             for index in itertools.product(*lead):
-                off = sum(i * st for i, st in zip(index, strides)) + a * strides[d]
-                fh.seek(info.offset + off)
-                _readinto_exact(fh, raw[pos:pos + run], run, piece.key, info.path)
-                pos += run
+                base = sum(i * st for i, st in zip(index, strides))
+                for a, b in ranges:
+                    run = (b - a) * strides[d]
+                    fh.seek(info.offset + base + a * strides[d])
+                    _readinto_exact(fh, raw[pos:pos + run], run, piece.key, info.path)
+                    pos += run
         elif nbytes:
             fh = self.open(info.path)
             fh.seek(info.offset + start * info.row_bytes)

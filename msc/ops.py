@@ -59,6 +59,23 @@ def _tp_all_reduce_fake(x, layer):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("msc::tp_all_gather", mutates_args=())
+def tp_all_gather(x: Tensor, dim: int, parts: int) -> Tensor:
+    """This role's tensor-parallel ranks' x side by side along `dim` (rank order), `parts` of them (a
+    vocabulary-parallel LM head's logits); the identity outside a tensor-parallel group."""
+    from msc.runtime import tensor_parallel
+
+    out = tensor_parallel.all_gather(x, dim)
+    return out if out is not x else x.clone()
+
+
+@tp_all_gather.register_fake
+def _tp_all_gather_fake(x, dim, parts):
+    shape = list(x.shape)
+    shape[dim] *= parts
+    return x.new_empty(shape)
+
+
 # ---------------------------------------------------------------- router
 @torch.library.custom_op("msc::router", mutates_args=())
 def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:

@@ -62,6 +62,14 @@ def random_attrs(graph: fx.Graph, entries, constants: dict[str, torch.Tensor], d
     for e in entries:
         if "constant" in e.source:
             attrs[e.target] = constants[e.source["constant"]].to(device)
+        elif "tp_take" in e.source:
+            # NOTE: a tensor-parallel share: the whole tensor is made (the same numbers as with tp = 1), then
+            # this rank's share taken, so a tp deployment computes the same model as any other
+            from msc.passes.shard_tensor_parallel import take_share
+
+            how = e.source["tp_take"]
+            whole = random_tensor(e.target, how["of"], e.dtype, device, seed, first_rows.get(e.target))
+            attrs[e.target] = take_share(whole, how)
         else:
             attrs[e.target] = random_tensor(e.target, list(e.shape), e.dtype, device, seed, first_rows.get(e.target))
     return attrs

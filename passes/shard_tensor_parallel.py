@@ -248,9 +248,65 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
         if STAGE_KEY in node_meta(o):  # pipelined already: the new nodes run in the projection's stage
             for n in added_nodes:
                 node_meta(n)[STAGE_KEY] = node_meta(o)[STAGE_KEY]
+    _shard_vocabulary(new, tp, rank, put, param)
     new.graph.lint()
     new.recompile()
     return new, slices
+
+
+def _stamp(nodes: list[fx.Node], like: fx.Node) -> None:
+    if STAGE_KEY in node_meta(like):  # pipelined already: new nodes run in the stage of the node they serve
+        for n in nodes:
+            node_meta(n)[STAGE_KEY] = node_meta(like)[STAGE_KEY]
+
+
+def _shard_vocabulary(gm: fx.GraphModule, tp: int, rank: int, put, param) -> None:
+    """The embedding and the LM head split by vocabulary rows (when tp divides the vocabulary).
+
+    Embedding: rank r holds rows [r·V/tp, (r+1)·V/tp); a token outside them looks up a clamped row and is
+    zeroed; the all-reduce then gives every rank the full embedding. LM head: rank r computes the logits of
+    its rows; an all-gather puts them side by side, so every rank has the full logits (and samples the same
+    token). NOTE: a head followed by anything but the graph output (soft-capping, scaling) stays replicated."""
+    g = gm.graph
+    for emb in [n for n in g.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default]:
+        w, ids = emb.args[0], emb.args[1]
+        vocab = fetch_attr(gm, param(w)).shape[0]
+        if vocab % tp:
+            continue
+        per = vocab // tp
+        lo, hi = rank * per, (rank + 1) * per
+        put(w.target, {"rows": [lo, hi]})
+        with g.inserting_before(emb):
+            local = g.call_function(torch.ops.aten.sub.Tensor, (ids, lo))
+            outside = g.call_function(torch.ops.aten.logical_or.default, (
+                g.call_function(torch.ops.aten.lt.Scalar, (ids, lo)), g.call_function(torch.ops.aten.ge.Scalar, (ids, hi))))
+            clamped = g.call_function(torch.ops.aten.clamp.default, (local, 0, per - 1))
+        emb.args = (w, clamped, *emb.args[2:])
+        with g.inserting_before(emb):
+            mask = g.call_function(torch.ops.aten.unsqueeze.default, (outside, -1))
+        with g.inserting_after(emb):
+            zeroed = g.call_function(torch.ops.aten.masked_fill.Scalar, (emb, mask, 0.0))
+        with g.inserting_after(zeroed):
+            reduced = g.call_function(torch.ops.msc.tp_all_reduce.default, (zeroed, -1))
+        emb.replace_all_uses_with(reduced, delete_user_cb=lambda u: u is not zeroed)
+        _stamp([local, outside, *outside.all_input_nodes, clamped, mask, zeroed, reduced], emb)
+    out = next(n for n in g.nodes if n.op == "output")
+    results = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    head = results[0]
+    if not (isinstance(head, fx.Node) and head.op == "call_function" and head.target is LINEAR):
+        return
+    w = head.args[1]
+    vocab = fetch_attr(gm, param(w)).shape[0]
+    if vocab % tp:
+        return
+    per = vocab // tp
+    put(w.target, {"rows": [rank * per, (rank + 1) * per]})
+    if len(head.args) > 2 and head.args[2] is not None:
+        put(param(head.args[2]), {"rows": [rank * per, (rank + 1) * per]})
+    with g.inserting_after(head):
+        gathered = g.call_function(torch.ops.msc.tp_all_gather.default, (head, -1, tp))
+    head.replace_all_uses_with(gathered, delete_user_cb=lambda u: u is not gathered)
+    _stamp([gathered], head)
 
 
 def slice_tensor(t: torch.Tensor, sl: dict) -> torch.Tensor:
@@ -328,20 +384,34 @@ def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], base_shapes: dic
         if "stack" in gu and "stack" in dn and not layout:
             sources[gate_up], sources[down] = _split_stacked(gu, dn, layer, intermediate, rank, tp)
             shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]  # [E, 2I, H], [E, H, I]
+            a, b = rank * per, (rank + 1) * per
+            sources[gate_up]["tp_take"] = take(shape_gu, 1, [[a, b], [intermediate + a, intermediate + b]])
+            sources[down]["tp_take"] = take(shape_dn, 2, [[a, b]])
+            shapes[gate_up] = [shape_gu[0], 2 * per, shape_gu[2]]
+            shapes[down] = [shape_dn[0], shape_dn[1], per]
+        elif "key" in gu and "key" in dn and not layout:
+            # NOTE: fused [E, 2I, H] / [E, H, I] tensors (transformers' own layout, what a meta compile assumes):
+            # gate rows [a, b) and up rows [I + a, I + b) of dimension 1, down columns [a, b)
+            a, b = rank * per, (rank + 1) * per
+            shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]
+            ranges = [[a, b], [intermediate + a, intermediate + b]]
+            sources[gate_up] = {**gu, "dim1": ranges, "tp_take": take(shape_gu, 1, ranges)}
+            sources[down] = {**dn, "cols": [a, b], "tp_take": take(shape_dn, 2, [[a, b]])}
             shapes[gate_up] = [shape_gu[0], 2 * per, shape_gu[2]]
             shapes[down] = [shape_dn[0], shape_dn[1], per]
         elif "key" in gu and "key" in dn and set(layout.split(",")) == {"gate_up_t", "down_t", "interleaved"}:
             # NOTE: [E, H, 2I] with gate and up interleaved on the last dimension (GPT-OSS): intermediate units
             # [a, b) are the columns [2a, 2b), and of the down tensor [E, I, H] the dim-1 indices [a, b)
             a, b = rank * per, (rank + 1) * per
-            sources[gate_up] = {**gu, "cols": [2 * a, 2 * b]}
-            sources[down] = {**dn, "dim1": [a, b]}
             shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]  # [E, H, 2I], [E, I, H]
+            sources[gate_up] = {**gu, "cols": [2 * a, 2 * b], "tp_take": take(shape_gu, 2, [[2 * a, 2 * b]])}
+            sources[down] = {**dn, "dim1": [a, b], "tp_take": take(shape_dn, 1, [[a, b]])}
             shapes[gate_up] = [shape_gu[0], shape_gu[1], 2 * per]
             shapes[down] = [shape_dn[0], per, shape_dn[2]]
             gub = node.args[7] if len(node.args) > 7 else None
             if gub is not None:
-                sources[gub.target] = {**weights[gub.target], "cols": [2 * a, 2 * b]}
+                sources[gub.target] = {**weights[gub.target], "cols": [2 * a, 2 * b],
+                                       "tp_take": take(base_shapes[gub.target], 1, [[2 * a, 2 * b]])}
                 shapes[gub.target] = [base_shapes[gub.target][0], 2 * per]
         else:
             raise MscError(f"tensor parallelism: layer {layer}'s experts are stored as {gu} with layout '{layout}'; msc "
@@ -360,6 +430,17 @@ def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], base_shapes: dic
     new.graph.lint()
     new.recompile()
     return new, sources, shapes
+
+
+def take(full_shape: list[int], dim: int, ranges: list[list[int]]) -> dict:
+    """How a rank's share comes out of the whole tensor (random weights make the whole, then take this):
+    the ranges of one dimension, concatenated."""
+    return {"of": list(full_shape), "dim": dim, "ranges": [list(r) for r in ranges]}
+
+
+def take_share(t: torch.Tensor, how: dict) -> torch.Tensor:
+    d = how["dim"] % t.dim()
+    return torch.cat([t.narrow(d, a, b - a) for a, b in how["ranges"]], dim=d).contiguous()
 
 
 def tp_program_name(rank: int) -> str:
@@ -421,10 +502,16 @@ class ShardTensorParallel(Pass):
                     if "key" not in src or "rows" in src or "cols" in src:
                         raise MscError(f"tensor parallelism: parameter '{target}' is built from {src}; msc slices only "
                                        "whole checkpoint tensors")
+                    full = list(shape)
                     if "cat_rows" in sl:
                         src = {"cat": [{"key": src["key"], "rows": r} for r in sl["cat_rows"]]}
                         shape[0] = sum(b - a for a, b in sl["cat_rows"])
+                        src["tp_take"] = take(full, 0, sl["cat_rows"])
                     src.update({k: v for k, v in sl.items() if k != "cat_rows"})
+                    if "rows" in sl:
+                        src["tp_take"] = take(full, 0, [sl["rows"]])
+                    if "cols" in sl:
+                        src["tp_take"] = take(full, -1, [sl["cols"]])
                     if "rows" in sl:
                         shape[0] = sl["rows"][1] - sl["rows"][0]
                     if "cols" in sl:

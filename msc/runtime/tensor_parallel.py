@@ -67,6 +67,16 @@ def all_reduce(x: Tensor) -> Tensor:
     return wide.to(x.dtype) if wide is not out else out
 
 
+def all_gather(x: Tensor, dim: int) -> Tensor:
+    """The group's x side by side along dim, in rank order (x itself outside a group)."""
+    if _group["pg"] is None or _group["size"] == 1:
+        return x
+    src = x.contiguous()
+    parts = [torch.empty_like(src) for _ in range(_group["size"])]
+    _wait(_group["pg"].allgather([parts], [src]), "all-gather")
+    return torch.cat(parts, dim=dim)
+
+
 def broadcast_(x: Tensor, root: int = 0) -> Tensor:
     """x on every rank of the group becomes the root's x (in place)."""
     _wait(_group["pg"].broadcast(x, root), "broadcast")
