@@ -24,7 +24,7 @@ ARRIVALS = [0, 0, 2, 3]
 NEW = 6
 # family -> (attention tp, experts tp, replicas, m); together tp 1, 2 and 4 on both sides, 1 and 2 replicas,
 # m 1..3 (DeepSeek-V3: MLA, whose latent projections stay whole on every rank).
-CASES = {"mixtral": [(2, 1, 1, 1), (4, 2, 2, 3), (1, 4, 1, 2)], "qwen3_moe": [(2, 2, 2, 2)],
+CASES = {"mixtral": [(2, 1, 1, 1), (4, 2, 2, 3), (1, 4, 1, 2)], "qwen3_moe": [(2, 2, 2, 2), (4, 4, 1, 1)],
          "deepseek_v3": [(2, 2, 2, 1), (4, 4, 1, 3)], "gpt_oss": [(4, 2, 1, 2), (2, 4, 2, 1)],
          "dbrx": [(2, 1, 1, 2)]}
 
@@ -164,3 +164,18 @@ def test_inspect_shows_the_tp_groups(reference, tmp_path):
     # the followers hold the same number of parameters as their leaders (each its own share)
     by = {r["role"]: r for r in rows}
     assert by["attention.0"]["parameters"] == by["attention.0.tp1"]["parameters"]
+
+
+@pytest.mark.parametrize("role", ["attention.0.tp1", "expert.1.tp1"])
+def test_a_dead_tp_rank_fails_the_run_naming_it(reference, tmp_path, role):
+    import time
+
+    from msc.runtime.worker import FAULT_AFTER, FAULT_ROLE
+
+    d, _, _ = reference("mixtral")
+    spec = parse_spec({**d, "plan": {**d["plan"], "attention": {"tp": 2}, "experts": {"nodes": 2, "tp": 2}}})
+    bundle = compile_spec(spec, tmp_path / "b")
+    t0 = time.monotonic()
+    with pytest.raises(MscError, match=f"role {role.replace('.', '[.]')} .*exited with code 17"):
+        run_bundle(bundle.path, PROMPTS, 8, env={FAULT_ROLE: role, FAULT_AFTER: "2"}, timeout_s=120)
+    assert time.monotonic() - t0 < 60
