@@ -127,9 +127,20 @@ def _allreduce(nbytes: float, side: Side) -> float:
     return 2.0 * nbytes * (side.tp - 1) / side.tp / side.nvlink_bw + 5e-6
 
 
+def _broadcast(nbytes: float, side: Side) -> float:
+    """A tp group's leader sends nbytes to its other ranks (a pipelined broadcast over NVLink)."""
+    if isinstance(side.tp, np.ndarray):
+        return np.where(side.tp == 1, 0.0, nbytes / side.nvlink_bw + 5e-6)
+    return 0.0 if side.tp == 1 else nbytes / side.nvlink_bw + 5e-6
+
+
 def attention_layer_time(lc: LayerCost, b_a: float, ctx: float, side: Side, eff: Efficiency, model: ModelCost,
-                         profile: Profile | None = None) -> float:
-    """One layer's attention side for a micro-batch of b_a sequences (one decode token each) at context ctx."""
+                         profile: Profile | None = None, disaggregated: bool = False) -> float:
+    """One layer's attention side for a micro-batch of b_a sequences (one decode token each) at context ctx.
+
+    NOTE: the collectives are those the compiled program runs (passes/shard_tensor_parallel.py): a
+    disaggregated replica all-reduces the output projection and its leader broadcasts the combined expert
+    output to the other ranks; a colocated instance all-reduces twice (attention and MLP, as vLLM does)."""
     if profile is not None:
         p = profile.attention
         return p.k1 * b_a + p.k2 + p.k1_ctx * b_a * (ctx - profile.context)
@@ -137,7 +148,8 @@ def attention_layer_time(lc: LayerCost, b_a: float, ctx: float, side: Side, eff:
     flops = b_a * (lc.attn_flops_per_token + lc.core_flops_per_token_ctx * pos)
     nbytes = lc.attn_weight_bytes + b_a * pos * lc.kv_bytes_per_token
     act = b_a * model.hidden_size * model.dtype_bytes
-    return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + 2 * _allreduce(act, side)
+    coll = _allreduce(act, side) + _broadcast(act, side) if disaggregated else 2 * _allreduce(act, side)
+    return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + coll
 
 
 def head_time(model: ModelCost, b_a: float, side: Side, eff: Efficiency) -> float:
@@ -170,7 +182,9 @@ def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int
     flops = pairs * lc.expert_flops_per_token
     nbytes = hit * lc.expert_weight_bytes
     act = pairs * model.hidden_size * model.dtype_bytes
-    return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + _allreduce(act, side)
+    # NOTE: as compiled: the node's leader broadcasts the tokens it received to its other tp ranks, and the
+    # partial outputs are all-reduced inside the node before the leader answers
+    return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + _broadcast(act, side) + _allreduce(act, side)
 
 
 def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: int, att: Side, exp: Side,
@@ -182,8 +196,9 @@ def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: 
     recv = tokens_global * model.top_k * vec / expert_nodes
     msg_a = send / _max(1, _min(expert_nodes, b_a * model.top_k))  # one message per destination node
     msg_e = recv / _max(1.0, tokens_global / _max(b_a, 1e-9))  # one message per source replica
-    t_a = send / (att.tp * att.nic_bw * util(msg_a, eff))
-    t_e = recv / (exp.tp * exp.nic_bw * util(msg_e, eff))
+    # NOTE: one endpoint per replica and per expert node (its tp leader), whatever their tp: as compiled
+    t_a = send / (att.nic_bw * util(msg_a, eff))
+    t_e = recv / (exp.nic_bw * util(msg_e, eff))
     return _max(t_a, t_e) + eff.nic_latency_s
 
 
@@ -230,7 +245,7 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # t_a, t_e, t_c, t_f, serial
     first = last_f = None
     for lc, idx in layer_groups(model):
-        a = attention_layer_time(lc, b_a, ctx, att, eff, model, profile)
+        a = attention_layer_time(lc, b_a, ctx, att, eff, model, profile, disaggregated=True)
         e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile)
         c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff) if lc.moe else 0.0
         n = len(idx)

@@ -135,7 +135,7 @@ def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) 
     exp_gpu = (pl.att_pool if pl.shared else pl.exp_pool).gpu
     att, exp = side_of(pl.att_pool.gpu, p.tp_a), side_of(exp_gpu, p.tp_e)
     tokens = p.b_a * p.n_a
-    t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile) for lc in model.layers]
+    t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, p.b_a, att, pl.eff)
     t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile) for lc in model.layers]
     t_c = comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff)

@@ -50,7 +50,7 @@ def _side(gpu, tp):
 def _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b_a, eff, ctx):
     """The decode step from per-layer lists and the reference's formula (independent of the grouped code)."""
     att, exp = _side(gpu_a, tp_a), _side(gpu_e, tp_e)
-    t_a = [attention_layer_time(lc, b_a, ctx, att, eff, model) for lc in model.layers]
+    t_a = [attention_layer_time(lc, b_a, ctx, att, eff, model, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, b_a, att, eff)
     t_e = [expert_layer_time(lc, b_a * n_a, model.num_experts // n_e, exp, eff, model) for lc in model.layers]
     t_c = [comm_time(model, b_a, b_a * n_a, n_e, att, exp, eff) if lc.moe else 0.0 for lc in model.layers]
