@@ -40,6 +40,13 @@ def versions() -> dict[str, str]:
     }
 
 
+def _tp_note(role: dict) -> str:
+    tp = role.get("tp")
+    if not tp or tp["size"] == 1:
+        return ""
+    return f", tensor-parallel rank {tp['rank']} of {tp['size']} with ranks {tp['ranks']}"
+
+
 def write_bundle(out: Path, *, manifest: dict, spec_dump: dict, programs: dict, constants: dict[str, torch.Tensor]) -> None:
     """Write everything but the checkpoint into `out` (an empty staging directory)."""
     (out / "programs").mkdir()
@@ -70,7 +77,7 @@ def _write_launch_files(out: Path, manifest: dict) -> None:
         ]
         body = " ".join(c if c.startswith("$") else shlex.quote(c) for c in cmd)
         (out / "launch" / f"torchrun_{role['name']}.sh").write_text(
-            f"#!/usr/bin/env bash\n# Role {role['name']} (rank {role['rank']} of {world}): run one of these per role,\n"
+            f"#!/usr/bin/env bash\n# Role {role['name']} (rank {role['rank']} of {world}){_tp_note(role)}: run one of these per role,\n"
             f"# on the host that should run it. The attention roles also take --requests FILE --result FILE.\n{body} \"$@\"\n"
         )
     for f in (out / "launch").iterdir():

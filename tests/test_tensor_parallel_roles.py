@@ -164,6 +164,8 @@ def test_inspect_shows_the_tp_groups(reference, tmp_path):
     # the followers hold the same number of parameters as their leaders (each its own share)
     by = {r["role"]: r for r in rows}
     assert by["attention.0"]["parameters"] == by["attention.0.tp1"]["parameters"]
+    launch = (bundle.path / "launch" / "torchrun_attention.1.tp1.sh").read_text()
+    assert "--node-rank 5 " in launch and "tensor-parallel rank 1 of 2 with ranks [1, 5]" in launch
 
 
 @pytest.mark.parametrize("role", ["attention.0.tp1", "expert.1.tp1"])
