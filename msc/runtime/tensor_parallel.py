@@ -31,8 +31,20 @@ def join(pg, rank: int, size: int) -> None:
     _group.update(pg=pg, rank=rank, size=size)
 
 
-def leave() -> None:
+def leave(clean: bool) -> None:
+    """Leave the group at the end of the run. clean: every rank got here (a last barrier first, so none
+    tears the group down while another still uses it); then the group is shut down explicitly, not left to
+    the interpreter's exit (where gloo's threads could abort the process)."""
+    pg = _group["pg"]
     _group.update(pg=None, rank=0, size=1)
+    if pg is None:
+        return
+    try:
+        if clean:
+            pg.barrier().wait()
+        pg.shutdown()
+    except RuntimeError:
+        pass  # a peer is gone already: nothing left to coordinate with
 
 
 def rank() -> int:

@@ -202,6 +202,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                                    "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]}))
         tmp.replace(out)
     finally:
+        if tp["size"] > 1:
+            tensor_parallel.leave(clean=sys.exc_info()[0] is None)
         if trace.enabled:
             trace.write(Path(cfg["trace_dir"]) / f"trace.{rank}.json")
         if endpoint is not None:
