@@ -316,6 +316,25 @@ def _cancel_unfinished(state: ServeState, choices: list[Choice]) -> None:
             _record(state, c)
 
 
+async def await_unless_gone(http: Request, waitable, on_gone, timeout_s: float | None = None) -> None:
+    """Wait for `waitable` (a task or future); if the client goes away first, or timeout_s passes, call
+    on_gone (cancel the work) and answer 499 / 504.
+
+    NOTE: every DISCONNECT_POLL_S the handler looks whether its client went away, so an abandoned request
+    does not keep its place in the batch."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        done, _ = await asyncio.wait({waitable}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return
+        if await http.is_disconnected():
+            on_gone()
+            raise ApiError(499, "the client closed the connection")
+        if deadline is not None and time.monotonic() > deadline:
+            on_gone()
+            raise ApiError(504, f"no answer within {timeout_s:.0f} s", type="timeout")
+
+
 async def _run_to_end(state: ServeState, http: Request, choices: list[Choice]) -> None:
     """Run every choice to its end; a client that goes away meanwhile cancels them (and gets no answer)."""
 
@@ -325,13 +344,7 @@ async def _run_to_end(state: ServeState, http: Request, choices: list[Choice]) -
 
     task = asyncio.ensure_future(consume())
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                break
-            if await http.is_disconnected():
-                task.cancel()
-                raise ApiError(499, "the client closed the connection")
+        await await_unless_gone(http, task, task.cancel)
         try:
             task.result()
         except MscError as e:

@@ -29,7 +29,7 @@ from msc.errors import MscError
 from msc.http_middleware import MAX_BODY_BYTES, ServerGate
 from msc.metrics import ServerMetrics
 from msc.openai_protocol import ApiError, GenerateRequest, GenerateResponse, error_response, validation_param
-from msc.openai_routes import DISCONNECT_POLL_S, ServeState, engine_error, register
+from msc.openai_routes import ServeState, await_unless_gone, engine_error, register
 from msc.runtime.serving import ColocatedServingEngine, ServingEngine
 
 
@@ -74,21 +74,9 @@ def create_app(engine: ServingEngine | ColocatedServingEngine, *, tokenizer=None
             handle = engine.submit(req.prompt_token_ids, params=params)
         except MscError as e:
             raise engine_error(engine, e, "prompt_token_ids") from None
-        # NOTE: the engine's reader thread fills a concurrent Future; awaiting it keeps the event loop free.
-        # Every DISCONNECT_POLL_S the handler looks whether the client went away, and if so cancels the
-        # request, so an abandoned generation does not hold a place in the batch.
+        # NOTE: the engine's reader thread fills a concurrent Future; awaiting it keeps the event loop free
         fut = asyncio.wrap_future(handle.future)
-        deadline = time.monotonic() + engine.request_timeout_s
-        while True:
-            done, _ = await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
-            if done:
-                break
-            if await http.is_disconnected():
-                handle.cancel()
-                raise ApiError(499, "the client closed the connection")
-            if time.monotonic() > deadline:
-                handle.cancel()
-                raise ApiError(504, f"no answer within {engine.request_timeout_s:.0f} s", type="timeout")
+        await await_unless_gone(http, fut, handle.cancel, engine.request_timeout_s)
         try:
             result = fut.result()
         except MscError as e:
