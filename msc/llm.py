@@ -50,6 +50,24 @@ class SamplingParams:
                             ignore_eos=self.ignore_eos, logprobs=self.logprobs)
 
 
+def submit_choices(engine, tokenizer, ids: list[int], params: SamplingParams) -> list[tuple]:
+    """The params.n choices of one prompt, submitted at once (choice i samples with seed + i), each with the
+    stream that turns its tokens into text and watches for the stop strings: [(ServingRequest, TextStream or
+    None)]. MscError, with the choices already submitted cancelled, if a choice cannot be submitted."""
+    if params.stop and tokenizer is None:
+        raise MscError("stop strings need a tokenizer, and this bundle has none: use stop_token_ids")
+    runs: list[tuple] = []
+    try:
+        for i in range(params.n):
+            handle = engine.submit(ids, params=params.for_choice(i))
+            runs.append((handle, TextStream(tokenizer, list(params.stop)) if tokenizer is not None else None))
+    except BaseException:
+        for handle, _ in runs:
+            handle.cancel()
+        raise
+    return runs
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -96,8 +114,6 @@ class LLM:
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if params.stop and self.tokenizer is None:
-            raise MscError("stop strings need a tokenizer, and this bundle has none: use stop_token_ids")
         outs, runs = [], []
         try:
             for p in prompts:
@@ -109,10 +125,8 @@ class LLM:
                     ids = list(p)
                 out = RequestOutput(p if isinstance(p, str) else None, ids)
                 outs.append(out)
-                for i in range(params.n):
-                    handle = self.engine.submit(ids, params=params.for_choice(i))
-                    text = TextStream(self.tokenizer, list(params.stop)) if self.tokenizer is not None else None
-                    runs.append((out, i, handle, text))
+                runs += [(out, i, handle, text) for i, (handle, text) in
+                         enumerate(submit_choices(self.engine, self.tokenizer, ids, params))]
             for out, i, handle, text in runs:
                 out.outputs.append(self._collect(i, handle, text))
         finally:

@@ -10,9 +10,17 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_N = 16  # choices per request
+# OpenAI fields msc does not implement: the values that ask for nothing (accepted), and why others are refused
+UNIMPLEMENTED = {
+    "presence_penalty": ((0, 0.0), "penalties are not implemented by msc; leave it 0"),
+    "frequency_penalty": ((0, 0.0), "penalties are not implemented by msc; leave it 0"),
+    "logit_bias": ((None, {}), "logit_bias is not implemented by msc"),
+    "best_of": ((None, 1), "best_of is not implemented by msc (use n)"),
+    "suffix": ((None, ""), "suffix (insertion) is not implemented by msc"),
+}
 
 
 class ApiError(Exception):
@@ -58,18 +66,20 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "best_of", "suffix", check_fields=False)
     @classmethod
-    def _no_penalty(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not implemented by msc; leave it 0")
+    def _not_implemented(cls, v, info: ValidationInfo):
+        """OpenAI fields msc accepts only at their do-nothing value (see UNIMPLEMENTED)."""
+        allowed, why = UNIMPLEMENTED[info.field_name]
+        if v not in allowed:
+            raise ValueError(why)
         return v
 
-    @field_validator("logit_bias")
+    @field_validator("stream_options")
     @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not implemented by msc")
+    def _stream_options_need_stream(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("applies to streamed responses; set stream: true or leave it out")
         return v
 
     @field_validator("stop")
@@ -96,20 +106,6 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        if v not in (None, 1):
-            raise ValueError("best_of is not implemented by msc (use n)")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix (insertion) is not implemented by msc")
-        return v
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list, each text or token ids; ApiError for an empty one."""
@@ -145,6 +141,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True  # a vLLM extension
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return v
 
     @property
     def token_limit(self) -> int | None:

@@ -20,8 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from msc.detokenize import TextStream
-from msc.engine.request import SamplingParams
 from msc.errors import MscError
+from msc.llm import SamplingParams as LLMParams
+from msc.llm import submit_choices
 from msc.metrics import ServerMetrics
 from msc.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling
 
@@ -199,6 +200,8 @@ def _submit(state: ServeState, req: _Sampling, prompts: list[list[int]], max_tok
             logprobs: int | None, param: str = "prompt") -> list[Choice]:
     """One engine request per prompt and choice; ApiError (nothing submitted) for a prompt or limit that
     does not fit the model's context."""
+    if req.stop_strings and state.tokenizer is None:
+        raise ApiError(400, "stop strings need a tokenizer, and this bundle has none: use stop_token_ids", "stop")
     plans = []
     for ids in prompts:
         if len(ids) >= state.max_seq_len:
@@ -213,22 +216,18 @@ def _submit(state: ServeState, req: _Sampling, prompts: list[list[int]], max_tok
     choices: list[Choice] = []
     try:
         for ids, limit in plans:
-            for j in range(req.n):
-                try:
-                    params = SamplingParams(max_tokens=limit, temperature=req.temperature, top_k=max(req.top_k, 0),
-                                            top_p=req.top_p, seed=None if req.seed is None else req.seed + j,
-                                            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                                            logprobs=logprobs)
-                except MscError as e:
-                    raise ApiError(400, str(e)) from None
-                try:
-                    handle = state.engine.submit(ids, params=params)
-                except MscError as e:
-                    raise engine_error(state.engine, e, param) from None
-                text = TextStream(state.tokenizer, req.stop_strings) if state.tokenizer is not None else None
-                choices.append(Choice(len(choices), len(ids), handle, text))
-        if req.stop_strings and state.tokenizer is None:
-            raise ApiError(400, "stop strings need a tokenizer, and this bundle has none: use stop_token_ids", "stop")
+            try:
+                params = LLMParams(n=req.n, max_tokens=limit, temperature=req.temperature, top_k=max(req.top_k, 0),
+                                   top_p=req.top_p, seed=req.seed, stop=tuple(req.stop_strings),
+                                   stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                                   logprobs=logprobs)
+            except MscError as e:
+                raise ApiError(400, str(e)) from None
+            try:
+                runs = submit_choices(state.engine, state.tokenizer, ids, params)
+            except MscError as e:
+                raise engine_error(state.engine, e, param) from None
+            choices += [Choice(len(choices) + i, len(ids), handle, text) for i, (handle, text) in enumerate(runs)]
     except BaseException:
         for c in choices:
             c.handle.cancel()

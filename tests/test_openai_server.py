@@ -243,6 +243,10 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, "messages", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role", "messages[0].role"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "not implemented", "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "not implemented", "best_of"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "set stream: true", "stream_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "needs logprobs",
+     "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, "does not exist", "model"),
     ("/v1/completions", b"{" + b'"prompt": "' + b"a" * (10 << 20) + b'"}', "larger than", None),
 ]
