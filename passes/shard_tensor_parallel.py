@@ -1,4 +1,4 @@
-"""shard_tensor_parallel: one tensor-parallel rank's share of a program's attention.
+"""shard_tensor_parallel: each tensor-parallel rank's share of the attention and expert programs.
 
 Before (each layer, one rank holds every head):
     q = linear(x, Wq, bq) ─┐
@@ -14,18 +14,14 @@ Rank r holds query heads [r·nh/tp, (r+1)·nh/tp) and the key/value heads they r
 tp divides nkv; when tp exceeds nkv (and is a multiple of it) each key/value head is replicated on the
 tp/nkv ranks whose query heads use it. The KV cache of a rank holds its own key/value heads only.
 
-NOTE: router, norms, embedding and LM head stay replicated: the router and norms are small, and a
-replicated LM head gives every rank the full logits without a gather, so every rank samples the same
-token from the same numbers (at the cost of vocab × hidden bytes per rank). The views between the
-projections and the attention take their head count from the tensor (-1), so the graph itself needs no
-other change; a program that names a head count in a shape would fail the shape check at the end, and
-is refused there.
-
-The projections are found from the graph, not from names: for each msc::attention node, the one aten.linear
-each of q, k and v comes from (searching back through view, norm and rotary nodes), and the first
-aten.linear its output reaches (searching forward through views). An attention whose q, k or v comes
-from more than one projection (MLA's low-rank paths) or from a fused QKV projection is refused, naming
-the layer.
+The projections are found from the graph, not from names: for each msc::attention node, the aten.linear
+nodes q, k and v come from (searching back through view, norm and rotary nodes) and the first aten.linear
+its output reaches (searching forward through views). A projection viewed per head ([1, T, -1, d]) is
+split; one shared by every head (MLA's latents) stays whole, and shapes that name the head count are
+rewritten; a fused QKV projection (DBRX) gives each rank its q, k and v rows. The embedding and the LM
+head are split by vocabulary rows (_shard_vocabulary); router and norms stay replicated. Expert programs
+split every expert's intermediate dimension (shard_experts). A meta-device run of rank 0's attention
+program refuses, at compile time, a program that does not fit its share.
 """
 from __future__ import annotations
 
@@ -221,7 +217,7 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
         for n in region:
             if n.target in _SHAPED and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) and len(n.args[1]) == 4:
                 shape = list(n.args[1])
-                if shape[1] in (num_heads, num_kv_heads) and shape[1] != -1:
+                if shape[1] in (num_heads, num_kv_heads):
                     heads = num_heads if shape[1] == num_heads else num_kv_heads
                     shape[1] = heads // tp if heads % tp == 0 else 1
                     n.args = (n.args[0], shape, *n.args[2:])
@@ -245,9 +241,7 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
                 added = new.graph.call_function(torch.ops.aten.add.Tensor, (reduced, bias))
             reduced.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
             added_nodes.append(added)
-        if STAGE_KEY in node_meta(o):  # pipelined already: the new nodes run in the projection's stage
-            for n in added_nodes:
-                node_meta(n)[STAGE_KEY] = node_meta(o)[STAGE_KEY]
+        _stamp(added_nodes, o)
     _shard_vocabulary(new, tp, rank, put, param)
     new.graph.lint()
     new.recompile()
@@ -309,15 +303,26 @@ def _shard_vocabulary(gm: fx.GraphModule, tp: int, rank: int, put, param) -> Non
     _stamp([gathered], head)
 
 
-def slice_tensor(t: torch.Tensor, sl: dict) -> torch.Tensor:
-    """A parameter's share under one slice ({"rows": [a, b]} and/or {"cols": [a, b]}, or {"cat_rows": [[a, b], ...]})."""
+def share_of(sl: dict, full_shape: list[int]) -> dict:
+    """A slice of shard_attention ({"rows": [a, b]}, {"cols": [a, b]} or {"cat_rows": [[a, b], ...]}) as a
+    take() of the whole tensor."""
     if "cat_rows" in sl:
-        t = torch.cat([t[a:b] for a, b in sl["cat_rows"]])
+        return take(full_shape, 0, sl["cat_rows"])
     if "rows" in sl:
-        t = t[sl["rows"][0]:sl["rows"][1]]
-    if "cols" in sl:
-        t = t[:, sl["cols"][0]:sl["cols"][1]]
-    return t.contiguous()
+        return take(full_shape, 0, [sl["rows"]])
+    return take(full_shape, -1, [sl["cols"]])
+
+
+def shared_shape(how: dict) -> list[int]:
+    """The shape of the share a take() describes."""
+    shape = list(how["of"])
+    shape[how["dim"]] = sum(b - a for a, b in how["ranges"])
+    return shape
+
+
+def slice_tensor(t: torch.Tensor, sl: dict) -> torch.Tensor:
+    """A parameter's share under one slice of shard_attention."""
+    return take_share(t, share_of(sl, list(t.shape)))
 
 
 def with_sliced_parameters(gm: fx.GraphModule, slices: dict[str, dict]) -> fx.GraphModule:
@@ -375,44 +380,37 @@ def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], base_shapes: dic
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     new = fx.GraphModule(gm, graph)
-    sources, shapes = {}, {}
+    sources: dict[str, dict] = {}
     for node in [n for n in new.graph.nodes if is_op(n, "experts")]:
         layer = node.args[5]
         layout = node.args[10] if len(node.args) > 10 else node.kwargs.get("layout", "")
         gate_up, down = node.args[3].target, node.args[4].target
         gu, dn = weights[gate_up], weights[down]
-        if "stack" in gu and "stack" in dn and not layout:
+        shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]
+        gub = node.args[7] if len(node.args) > 7 else None
+        a, b = rank * per, (rank + 1) * per  # this rank's intermediate units
+        interleaved = set(layout.split(",")) == {"gate_up_t", "down_t", "interleaved"}
+        if gub is not None and not interleaved:
+            raise MscError(f"tensor parallelism: layer {layer}'s experts have a gate/up bias in layout '{layout}'; msc "
+                           "splits expert biases of GPT-OSS's interleaved layout only so far")
+        if "stack" in gu and "stack" in dn and not layout:  # [E, 2I, H], [E, H, I] from per-expert tensors
             sources[gate_up], sources[down] = _split_stacked(gu, dn, layer, intermediate, rank, tp)
-            shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]  # [E, 2I, H], [E, H, I]
-            a, b = rank * per, (rank + 1) * per
             sources[gate_up]["tp_take"] = take(shape_gu, 1, [[a, b], [intermediate + a, intermediate + b]])
             sources[down]["tp_take"] = take(shape_dn, 2, [[a, b]])
-            shapes[gate_up] = [shape_gu[0], 2 * per, shape_gu[2]]
-            shapes[down] = [shape_dn[0], shape_dn[1], per]
         elif "key" in gu and "key" in dn and not layout:
             # NOTE: fused [E, 2I, H] / [E, H, I] tensors (transformers' own layout, what a meta compile assumes):
             # gate rows [a, b) and up rows [I + a, I + b) of dimension 1, down columns [a, b)
-            a, b = rank * per, (rank + 1) * per
-            shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]
             ranges = [[a, b], [intermediate + a, intermediate + b]]
             sources[gate_up] = {**gu, "dim1": ranges, "tp_take": take(shape_gu, 1, ranges)}
             sources[down] = {**dn, "cols": [a, b], "tp_take": take(shape_dn, 2, [[a, b]])}
-            shapes[gate_up] = [shape_gu[0], 2 * per, shape_gu[2]]
-            shapes[down] = [shape_dn[0], shape_dn[1], per]
-        elif "key" in gu and "key" in dn and set(layout.split(",")) == {"gate_up_t", "down_t", "interleaved"}:
+        elif "key" in gu and "key" in dn and interleaved:
             # NOTE: [E, H, 2I] with gate and up interleaved on the last dimension (GPT-OSS): intermediate units
             # [a, b) are the columns [2a, 2b), and of the down tensor [E, I, H] the dim-1 indices [a, b)
-            a, b = rank * per, (rank + 1) * per
-            shape_gu, shape_dn = base_shapes[gate_up], base_shapes[down]  # [E, H, 2I], [E, I, H]
             sources[gate_up] = {**gu, "cols": [2 * a, 2 * b], "tp_take": take(shape_gu, 2, [[2 * a, 2 * b]])}
             sources[down] = {**dn, "dim1": [a, b], "tp_take": take(shape_dn, 1, [[a, b]])}
-            shapes[gate_up] = [shape_gu[0], shape_gu[1], 2 * per]
-            shapes[down] = [shape_dn[0], per, shape_dn[2]]
-            gub = node.args[7] if len(node.args) > 7 else None
             if gub is not None:
                 sources[gub.target] = {**weights[gub.target], "cols": [2 * a, 2 * b],
                                        "tp_take": take(base_shapes[gub.target], 1, [[2 * a, 2 * b]])}
-                shapes[gub.target] = [base_shapes[gub.target][0], 2 * per]
         else:
             raise MscError(f"tensor parallelism: layer {layer}'s experts are stored as {gu} with layout '{layout}'; msc "
                            "splits per-expert [I, H] tensors or GPT-OSS's interleaved [E, H, 2I] so far")
@@ -425,11 +423,10 @@ def shard_experts(gm: fx.GraphModule, weights: dict[str, dict], base_shapes: dic
         with new.graph.inserting_after(node):
             reduced = new.graph.call_function(torch.ops.msc.tp_all_reduce.default, (node, layer))
         node.replace_all_uses_with(reduced, delete_user_cb=lambda u: u is not reduced)
-        if STAGE_KEY in node_meta(node):
-            node_meta(reduced)[STAGE_KEY] = node_meta(node)[STAGE_KEY]
+        _stamp([reduced], node)
     new.graph.lint()
     new.recompile()
-    return new, sources, shapes
+    return new, sources, {t: shared_shape(src["tp_take"]) for t, src in sources.items()}
 
 
 def take(full_shape: list[int], dim: int, ranges: list[list[int]]) -> dict:
@@ -502,20 +499,12 @@ class ShardTensorParallel(Pass):
                     if "key" not in src or "rows" in src or "cols" in src:
                         raise MscError(f"tensor parallelism: parameter '{target}' is built from {src}; msc slices only "
                                        "whole checkpoint tensors")
-                    full = list(shape)
+                    how = share_of(sl, shape)
                     if "cat_rows" in sl:
-                        src = {"cat": [{"key": src["key"], "rows": r} for r in sl["cat_rows"]]}
-                        shape[0] = sum(b - a for a, b in sl["cat_rows"])
-                        src["tp_take"] = take(full, 0, sl["cat_rows"])
-                    src.update({k: v for k, v in sl.items() if k != "cat_rows"})
-                    if "rows" in sl:
-                        src["tp_take"] = take(full, 0, [sl["rows"]])
-                    if "cols" in sl:
-                        src["tp_take"] = take(full, -1, [sl["cols"]])
-                    if "rows" in sl:
-                        shape[0] = sl["rows"][1] - sl["rows"][0]
-                    if "cols" in sl:
-                        shape[1] = sl["cols"][1] - sl["cols"][0]
+                        src = {"cat": [{"key": src["key"], "rows": rows} for rows in sl["cat_rows"]]}
+                    else:
+                        src.update(sl)
+                    src["tp_take"], shape = how, shared_shape(how)
                     if ctx.checkpoint is not None and ctx.checkpoint.source_shape(src) != shape:
                         raise MscError(f"tensor parallelism: '{target}' from {src} is not of shape {shape}")
                 weights[target], shapes[target] = src, shape
