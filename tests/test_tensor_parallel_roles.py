@@ -181,3 +181,15 @@ def test_a_dead_tp_rank_fails_the_run_naming_it(reference, tmp_path, role):
     with pytest.raises(MscError, match=f"role {role.replace('.', '[.]')} .*exited with code 17"):
         run_bundle(bundle.path, PROMPTS, 8, env={FAULT_ROLE: role, FAULT_AFTER: "2"}, timeout_s=120)
     assert time.monotonic() - t0 < 60
+
+
+def test_a_tp_group_whose_ranks_would_share_a_gpu_is_refused():
+    """NCCL needs one GPU per rank: on a host with fewer GPUs than a group has ranks, a clear error (before
+    any GPU is touched), not a hang or an NCCL crash."""
+    from datetime import timedelta
+
+    from msc.runtime.tensor_parallel import make_group
+
+    one_gpu = lambda rank: rank % 1  # noqa: E731 (role_device's map on a 1-GPU host)
+    with pytest.raises(MscError, match=r"one GPU per rank of a group; ranks \[0, 3\] would share GPUs \[0, 0\]"):
+        make_group(None, {"rank": 0, "size": 2, "ranks": [0, 3]}, "cuda:0", timedelta(seconds=5), one_gpu)

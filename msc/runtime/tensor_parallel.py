@@ -1,16 +1,19 @@
-"""The tensor-parallel group of this process: the ranks that share one attention replica's layers.
+"""The tensor-parallel group of this process: the ranks that share one attention replica's or one expert
+node's layers.
 
 A role process that is one of tp ranks joins its group once at start (`make_group` + `join`); the
 `msc::tp_all_reduce` op of its program then sums partial results over the group (gloo on the CPU, NCCL on
 a GPU). Outside a group (tp = 1, or a program run in a test without one) the op is the identity.
 
-NOTE: the replica's M2N endpoint is its tp rank 0 (the leader): it alone dispatches the step's tokens to
-the expert nodes and gathers their answers, then broadcasts the combined hidden states to the other ranks
-of its group (`LeaderExchange` / `FollowerExchange`), so no byte crosses the network twice and the expert
-nodes see one peer per replica, as without tp. Every rank runs the same engine on the same requests (the
-leader forwards what its serving link brings, `mirror_messages`), so their schedules, KV pages and sampled
-tokens agree without further messages: the logits are the same numbers on every rank (the LM head is
-replicated), and sampling is a pure function of them and the request's seed.
+NOTE: a group's M2N endpoint is its tp rank 0 (the leader). A replica's leader alone dispatches the step's
+tokens to the expert nodes and gathers their answers, then broadcasts the combined hidden states to the
+other ranks (`LeaderExchange` / `FollowerExchange`); an expert node's leader broadcasts each batch it takes
+(`ExpertLeaderExchange` / `ExpertFollowerExchange`) and alone answers. So no byte crosses the network twice
+and each side sees one peer per replica or node, as without tp. Every rank of a replica runs the same
+engine on the same requests (the leader forwards what its serving link brings, `mirror_messages`), so their
+schedules, KV pages and sampled tokens agree without further messages: the logits are the same numbers on
+every rank (the vocabulary-parallel LM head's all-gather), and sampling is a pure function of them and the
+request's seed.
 """
 from __future__ import annotations
 
@@ -55,9 +58,16 @@ def size() -> int:
     return _group["size"]
 
 
-def make_group(store, tp: dict, device: str, timeout: timedelta):
+def make_group(store, tp: dict, device: str, timeout: timedelta, gpu_of=None):
     """The process group of this rank's tp group ({"rank", "size", "ranks"} of its role), on its own
-    prefix of the run's TCPStore: gloo on the CPU, NCCL on a GPU (one rank per GPU)."""
+    prefix of the run's TCPStore: gloo on the CPU, NCCL on a GPU, which needs one GPU per rank: gpu_of(rank)
+    gives a global rank's GPU index where it is known (one host), and a group whose ranks share one is refused."""
+    if str(device).startswith("cuda") and gpu_of is not None:
+        gpus = [gpu_of(r) for r in tp["ranks"]]
+        if len(set(gpus)) < len(gpus):
+            raise MscError(f"tensor parallelism on GPUs needs one GPU per rank of a group; ranks {tp['ranks']} "
+                           f"would share GPUs {gpus} on this host (run tp > 1 on a machine with more GPUs, or "
+                           "compile with plan tp 1)")
     prefix = dist.PrefixStore(f"msc-tp-{tp['ranks'][0]}/", store)
     if str(device).startswith("cuda"):
         # NOTE: unverified on hardware so far (one GPU per rank is needed); the CPU path is tested through gloo
@@ -114,24 +124,24 @@ def mirror_messages(messages: list | None) -> list:
     return messages if leader else json.loads(bytes(buf.numpy()).decode() or "[]")
 
 
-class LeaderExchange:
-    """The leader's exchange: the replica's own (to the expert nodes), whose combined results it broadcasts."""
+class _Wrapped:
+    """An exchange that is its leader's own (reads and writes of its attributes go to it), plus broadcasts."""
 
     def __init__(self, inner):
-        self.inner = inner
+        object.__setattr__(self, "inner", inner)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def __setattr__(self, name, value):
-        if name == "inner":
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.inner, name, value)
+        setattr(self.inner, name, value)
+
+
+class LeaderExchange(_Wrapped):
+    """The leader's exchange: the replica's own (to the expert nodes), whose combined results it broadcasts."""
 
     def combine(self, ticket: Tensor, hidden: Tensor, layer: int) -> Tensor:
-        out = self.inner.combine(ticket, hidden, layer)  # [T, H]
-        return _broadcast_device(out)
+        return broadcast_(self.inner.combine(ticket, hidden, layer).contiguous())  # [T, H]
 
 
 class FollowerExchange:
@@ -149,7 +159,7 @@ class FollowerExchange:
         return torch.tensor([layer], dtype=torch.int64)
 
     def combine(self, ticket: Tensor, hidden: Tensor, layer: int) -> Tensor:
-        return _broadcast_device(torch.empty_like(hidden))  # [T, H]
+        return broadcast_(torch.empty_like(hidden))  # [T, H]
 
     def heartbeat(self, force: bool = False) -> None:
         pass
@@ -158,15 +168,7 @@ class FollowerExchange:
         pass
 
 
-def _broadcast_device(x: Tensor) -> Tensor:
-    """Broadcast from the leader; gloo moves CPU tensors, so a CPU copy travels when x is on a GPU without NCCL."""
-    if x.device.type == "cpu" or not isinstance(_group["pg"], dist.ProcessGroupGloo):
-        return broadcast_(x.contiguous())
-    host = broadcast_(x.cpu())
-    return host.to(x.device)
-
-
-class ExpertLeaderExchange(LeaderExchange):
+class ExpertLeaderExchange(_Wrapped):
     """An expert node's leader: its own exchange with the replicas; each batch it takes (layer, tokens, routing)
     goes to its followers, which compute their share of the same experts on it."""
 
@@ -179,10 +181,7 @@ class ExpertLeaderExchange(LeaderExchange):
         hidden, idx, weights = self.inner.expert_recv(layer, hidden_size, top_k, dtype)
         hidden, idx, weights = hidden.to(dtype), idx.long(), weights.float()  # the dtypes the followers expect
         broadcast_(torch.tensor([hidden.shape[0]], dtype=torch.int64))
-        return _broadcast_device(hidden), _broadcast_device(idx), _broadcast_device(weights)
-
-    def combine(self, ticket, hidden, layer):  # not an attention exchange
-        raise MscError("an expert node has no combine")
+        return broadcast_(hidden.contiguous()), broadcast_(idx.contiguous()), broadcast_(weights.contiguous())
 
 
 class ExpertFollowerExchange:
@@ -203,7 +202,7 @@ class ExpertFollowerExchange:
         hidden = torch.empty(n, hidden_size, dtype=dtype, device=self.device)  # [n, H]
         idx = torch.empty(n, top_k, dtype=torch.int64, device=self.device)  # [n, K]
         weights = torch.empty(n, top_k, dtype=torch.float32, device=self.device)  # [n, K]
-        return _broadcast_device(hidden), _broadcast_device(idx), _broadcast_device(weights)
+        return broadcast_(hidden), broadcast_(idx), broadcast_(weights)
 
     def expert_send(self, hidden: Tensor, layer: int) -> None:
         pass

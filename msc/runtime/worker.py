@@ -134,7 +134,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         att_ranks = [r["rank"] for r in roles if r["kind"] == "attention"]  # the replicas (their tp leaders)
         exp_ranks = [r["rank"] for r in roles if r["kind"] == "expert"]
         if tp["size"] > 1:
-            tensor_parallel.join(tensor_parallel.make_group(store, tp, place, timeout), tp["rank"], tp["size"])
+            gpu_of = (lambda r: r % torch.cuda.device_count()) if device == "cuda" and one_host else None  # role_device's map
+            tensor_parallel.join(tensor_parallel.make_group(store, tp, place, timeout, gpu_of), tp["rank"], tp["size"])
         peers = att_ranks if role["kind"] == "expert" else exp_ranks
         host = os.environ.get("MSC_M2N_HOST", "127.0.0.1")
         if role["kind"] not in ("attention_tp", "expert_tp"):  # NOTE: a tp follower talks to its leader only
