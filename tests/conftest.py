@@ -47,6 +47,30 @@ def tiny_hf(tiny_bundle):
     return AutoModelForCausalLM.from_pretrained(str(tiny_bundle.checkpoint_dir()), dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def family_bundle(tmp_path_factory):
+    """family name -> (spec dict, its compiled bundle, the transformers model of its checkpoint), each family
+    compiled once a session: 2 expert nodes, batch 3, 9-token steps (prompts go in chunks beside decodes)."""
+    from transformers import AutoModelForCausalLM
+
+    from msc.compiler import compile_spec
+    from msc.spec import parse_spec
+    from tests.models.families import FAMILIES
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            d = {"model": {"config": FAMILIES[name], "seed": 0, "dtype": "float32"}, "device": "cpu",
+                 "plan": {"experts": {"nodes": 2}, "batch_size": 3}, "runtime": {"max_step_tokens": 9}}
+            bundle = compile_spec(parse_spec(d), tmp_path_factory.mktemp(name) / "b")
+            hf = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=torch.float32).eval()
+            cache[name] = (d, bundle, hf)
+        return cache[name]
+
+    return get
+
+
 class ToyMoE(nn.Module):
     """A hand-made MoE stack calling the msc ops directly: L layers of x + experts(x, router(x))."""
 

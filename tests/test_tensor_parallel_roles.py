@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from msc.compiler import compile_spec
 from msc.errors import MscError
@@ -30,17 +29,13 @@ CASES = {"mixtral": [(2, 1, 1, 1), (4, 2, 2, 3), (1, 4, 1, 2)], "qwen3_moe": [(2
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(family_bundle):
+    """family -> (spec dict, transformers model, its greedy continuation of each prompt)."""
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            d = {"model": {"config": FAMILIES[name], "seed": 0, "dtype": "float32"}, "device": "cpu",
-                 "plan": {"experts": {"nodes": 2}, "batch_size": 3}, "runtime": {"max_step_tokens": 9}}
-            bundle = compile_spec(parse_spec(d), tmp_path_factory.mktemp(name) / "ref")
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=torch.float32).eval()
+            d, _, hf = family_bundle(name)
             cache[name] = (d, hf, [reference_generate(hf, p, NEW) for p in PROMPTS])
         return cache[name]
 

@@ -8,7 +8,6 @@ mix of prefill chunks and decodes is the same on every machine.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from msc.compiler import compile_spec
 from msc.engine.build import build_engine
@@ -16,7 +15,6 @@ from msc.engine.request import SamplingParams
 from msc.runtime.launcher import run_bundle
 from msc.spec import parse_spec
 from msc.verify import reference_generate
-from tests.models.families import FAMILIES
 
 PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9], [200, 100, 50, 25, 3]]
 ARRIVALS = [0, 0, 2, 3, 5]
@@ -27,15 +25,9 @@ CASES = {"mixtral": ((1, 1), (2, 4)), "qwen3_moe": ((2, 2), (1, 3)), "deepseek_v
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def family(request, tmp_path_factory):
+def family(request, family_bundle):
     name = request.param
-    d = {"model": {"config": FAMILIES[name], "seed": 0, "dtype": "float32"}, "device": "cpu",
-         "plan": {"experts": {"nodes": 2}, "batch_size": 3},
-         "runtime": {"max_step_tokens": 9}}  # prompts go in chunks beside the decodes
-    bundle = compile_spec(parse_spec(d), tmp_path_factory.mktemp(name) / "b")
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=torch.float32).eval()
+    d, bundle, hf = family_bundle(name)
     return name, d, bundle, [reference_generate(hf, p, NEW) for p in PROMPTS]
 
 

@@ -14,9 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from msc.compiler import compile_spec
 from msc.errors import MscError
-from msc.spec import parse_spec
 from msc.verify import reference_generate
 from msc.passes.shard_tensor_parallel import check_tp, head_rows, model_heads, shard_attention
 from tests.models.families import FAMILIES
@@ -78,21 +76,8 @@ def _run_tp(bundle_dir, tp: int, heads: tuple[int, int]) -> list:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            d = {"model": {"config": FAMILIES[name], "seed": 0, "dtype": "float32"}, "device": "cpu",
-                 "plan": {"experts": {"nodes": 2}, "batch_size": 3}, "runtime": {"max_step_tokens": 9}}
-            bundle = compile_spec(parse_spec(d), tmp_path_factory.mktemp(name) / "b")
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=torch.float32).eval()
-            cache[name] = (bundle, hf)
-        return cache[name]
-
-    return get
+def compiled(family_bundle):
+    return lambda name: family_bundle(name)[1:]
 
 
 @pytest.mark.parametrize("name,tp", [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 2), ("gpt_oss", 2), ("gpt_oss", 4),
