@@ -15,6 +15,8 @@ from checkpoint tensors:
   {"cat": [ITEM, ...]}            the concatenation (dim 0) of items like a stack GROUP's (a tensor-parallel
                                   rank's q, k and v rows of a fused QKV projection)
   {"constant": NAME}              a small computed buffer stored in the bundle (rotary tables)
+A key, cat or stack source of a tensor-parallel share may also carry "tp_take": {"of", "dim", "ranges"}, how
+the share comes out of the whole tensor (the reader ignores it; random weights make the whole, then take it).
 
 Only the named tensors (or rows) are read from disk. The reader parses the safetensors headers itself and
 reads each run of rows with one `readinto` straight into the destination tensor, so a role's peak memory
