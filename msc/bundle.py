@@ -7,11 +7,16 @@
   constants.safetensors  small computed buffers (rotary tables)
   checkpoint/            the materialised random-weight checkpoint (random-weight specs only)
   launch/                local.sh (msc run) and torchrun_ROLE.sh per role process
+
+The manifest records a sha256 digest of every program JSON and weight map ("digests"); a program is
+loaded only when its files still match (Bundle.read_checked).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +29,11 @@ from safetensors.torch import save_file
 import msc
 from msc.checkpoint import CheckpointReader, WeightEntry, stream_load
 from msc.errors import MscError
-from msc.ir import graph_from_json, graph_to_json
+from msc.ir import decode_dtype, graph_from_json, graph_to_json
 
 MANIFEST = "manifest.json"
+DIGESTS = "digests"  # manifest key: {"programs/NAME.json" | "weights/NAME.json": sha256 hex digest}
+_PROGRAM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def versions() -> dict[str, str]:
@@ -52,11 +59,22 @@ def write_bundle(out: Path, *, manifest: dict, spec_dump: dict, programs: dict, 
     (out / "programs").mkdir()
     (out / "weights").mkdir()
     (out / "launch").mkdir()
+    digests: dict[str, str] = {}
+
+    def put(rel: str, text: str) -> None:
+        data = text.encode()
+        (out / rel).write_bytes(data)
+        digests[rel] = hashlib.sha256(data).hexdigest()
+
     for name, prog in programs.items():
-        (out / "programs" / f"{name}.json").write_text(json.dumps(graph_to_json(prog.gm.graph)))
+        put(f"programs/{name}.json", json.dumps(graph_to_json(prog.gm.graph)))
+        # the readable code, for people; what runs is always rebuilt from the checked JSON
         (out / "programs" / f"{name}.py").write_text(prog.gm.code)
         wmap = {t: {"source": prog.weights[t], "shape": prog.shapes[t], "dtype": prog.dtypes[t]} for t in prog.weights}
-        (out / "weights" / f"{name}.json").write_text(json.dumps(wmap, indent=1))
+        put(f"weights/{name}.json", json.dumps(wmap, indent=1))
+    # NOTE: recorded in the caller's manifest dict, so a later rewrite of manifest.json (the compiler adds
+    # compile_seconds) keeps them
+    manifest[DIGESTS] = dict(sorted(digests.items()))
     save_file({k: v.contiguous() for k, v in constants.items()}, str(out / "constants.safetensors"))
     (out / "spec.yaml").write_text(yaml.safe_dump(spec_dump, sort_keys=False))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -75,13 +93,22 @@ def _write_launch_files(out: Path, manifest: dict) -> None:
             "--master-addr", "${MSC_MASTER_ADDR:-127.0.0.1}", "--master-port", "${MSC_MASTER_PORT:-29511}",
             "-m", "msc.runtime.worker", "--bundle", "${MSC_BUNDLE:-$(dirname \"$0\")/..}",
         ]
-        body = " ".join(c if c.startswith("$") else shlex.quote(c) for c in cmd)
+        # NOTE: PYTHONSAFEPATH: the role's interpreter does not put the current folder on sys.path, so no .py
+        # file in the folder the script runs from can shadow an import
+        body = "PYTHONSAFEPATH=1 " + " ".join(c if c.startswith("$") else shlex.quote(c) for c in cmd)
         (out / "launch" / f"torchrun_{role['name']}.sh").write_text(
             f"#!/usr/bin/env bash\n# Role {role['name']} (rank {role['rank']} of {world}){_tp_note(role)}: run one of these per role,\n"
             f"# on the host that should run it. The attention roles also take --requests FILE --result FILE.\n{body} \"$@\"\n"
         )
     for f in (out / "launch").iterdir():
         f.chmod(0o755)
+
+
+def _plain_name(name: object) -> str:
+    """`name` when it can only name a file inside programs/ or weights/ (no path separators, no '..')."""
+    if not isinstance(name, str) or not _PROGRAM_NAME.fullmatch(name) or ".." in name:
+        raise MscError(f"program name {str(name)[:80]!r} is not a plain file name (letters, digits, _ . -)")
+    return name
 
 
 @dataclass
@@ -111,6 +138,50 @@ class Bundle:
         p = Path(ck)
         return p if p.is_absolute() else self.path / p
 
+    def read_checked(self, rel: str) -> object:
+        """The parsed JSON of a program or weight map (`rel`: "programs/NAME.json", "weights/NAME.json"), once
+        its bytes match the digest recorded at compile time; MscError naming the file otherwise."""
+        digests = self.manifest.get(DIGESTS)
+        if not isinstance(digests, dict):
+            raise MscError(f"bundle {self.path} records no digests of its programs (made by an older msc); "
+                           "compile it again")
+        if rel not in digests:
+            raise MscError(f"bundle {self.path} has no {rel} recorded at compile time; expected one of "
+                           f"{', '.join(sorted(digests))}")
+        try:
+            data = (self.path / rel).read_bytes()
+        except OSError as e:
+            raise MscError(f"{self.path / rel}: cannot read it: {e.strerror}") from None
+        if hashlib.sha256(data).hexdigest() != digests[rel]:
+            what = "program" if rel.startswith("programs/") else "weight map"
+            raise MscError(f"{what} {rel} of bundle {self.path} was modified after compilation: digest mismatch; "
+                           "compile the bundle again")
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise MscError(f"{self.path / rel}: not valid JSON ({str(e)[:80]})") from None
+
+    def program_graph(self, name: str, device: str | torch.device = "cpu") -> fx.Graph:
+        """A role's program rebuilt from its checked JSON (digest, allow-listed targets, fixed tables): the
+        graph that runs, without its weights."""
+        rel = f"programs/{_plain_name(name)}.json"
+        data = self.read_checked(rel)
+        try:
+            return graph_from_json(data, device, source=f"{self.path / rel}")
+        except RecursionError:
+            raise MscError(f"{self.path / rel}: arguments are nested too deeply to be a program msc wrote") from None
+
+    def weight_entries(self, name: str) -> list[WeightEntry]:
+        """A role's weight map (checked against its digest) as WeightEntry rows, dtypes from a fixed table."""
+        rel = f"weights/{_plain_name(name)}.json"
+        wmap = self.read_checked(rel)
+        if not isinstance(wmap, dict) or not all(isinstance(e, dict) and {"source", "shape", "dtype"} <= set(e)
+                                                 for e in wmap.values()):
+            raise MscError(f"{self.path / rel}: expected a mapping of weight name -> {{source, shape, dtype}}")
+        # the dtype recorded at compile time: the model's dtype for parameters, float32 for rotary tables
+        return [WeightEntry(t, e["source"], e["shape"], decode_dtype(e["dtype"], f"{rel}: weight '{t}'"))
+                for t, e in wmap.items()]
+
     def load_program(self, name: str, device: str | torch.device = "cpu", *, reader: CheckpointReader | None = None,
                      progress: bool | None = None, random_weights: bool = False, seed: int = 0) -> fx.GraphModule:
         """Rebuild a role's GraphModule and read its weights (only its own tensors) from the checkpoint.
@@ -122,10 +193,8 @@ class Bundle:
         """
         from safetensors.torch import load_file
 
-        graph = graph_from_json(json.loads((self.path / "programs" / f"{name}.json").read_text()), device)
-        wmap = json.loads((self.path / "weights" / f"{name}.json").read_text())
-        # the dtype recorded at compile time: the model's dtype for parameters, float32 for rotary tables
-        entries = [WeightEntry(t, e["source"], e["shape"], getattr(torch, e["dtype"])) for t, e in wmap.items()]
+        graph = self.program_graph(name, device)
+        entries = self.weight_entries(name)
         needs_constants = any("constant" in e.source for e in entries)
         constants = load_file(str(self.path / "constants.safetensors")) if needs_constants else {}
         if random_weights:

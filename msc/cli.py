@@ -281,11 +281,12 @@ def inspect_cmd(
     graph: bool = typer.Option(False, "--graph", help="with --role: print the role's program as Python code"),
 ):
     """Show what the compiler did: the captured graph, then each role's layers, ops, parameters and bytes."""
-    from msc.inspect import human_bytes, role_layers, role_table
+    from msc.inspect import human_bytes, program_code, role_layers, role_table
 
     try:
         rows, manifest = role_table(bundle)
         layer_rows = role_layers(bundle, role) if role else None
+        code = program_code(bundle, role) if role and graph else None  # from the checked JSON: what runs
     except MscError as e:
         _fail(e)
     model = manifest["model"]
@@ -313,9 +314,8 @@ def inspect_cmd(
         for r in layer_rows:
             lt.add_row(r["layer"], str(r["tensors"]), f"{r['parameters']:,}", r["bytes_h"], r["msc_ops"])
         out.print(lt)
-        if graph:
-            program = next(r["program"] for r in rows if r["role"] == role)
-            out.print((Path(bundle) / "programs" / f"{program}.py").read_text(), markup=False, highlight=False)
+        if code is not None:
+            out.print(code, markup=False, highlight=False)
 
 
 @app.command("serve")
@@ -334,6 +334,8 @@ def serve_cmd(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSC_API_KEY", help="require 'Authorization: "
                                           "Bearer KEY' on /v1/ paths (also read from MSC_API_KEY)"),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one JSON line per request on stderr"),
+    max_restarts: int = typer.Option(3, "--max-restarts", min=0, help="restart the role processes after a role dies "
+                                     "or hangs, at most this many times in 10 minutes (0: stay down and answer 503)"),
 ):
     """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
@@ -345,9 +347,10 @@ def serve_cmd(
     from msc.server import create_app
     from msc.tokenizer import load_tokenizer
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this address can use the server"
-                  + ("" if api_key else " (no --api-key is set)"), highlight=False)
+    from msc.http_middleware import public_address_warning
+
+    # NOTE: logged (logger msc.server), which the root handler of _root prints on stderr: said once, not twice
+    public_address_warning(host, api_key)
     try:
         if colocated:
             if microbatches is not None:
@@ -355,7 +358,8 @@ def serve_cmd(
             with err.status("loading the colocated program"):
                 engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device).start()
         else:
-            engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches)
+            engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
+                                   max_restarts=max_restarts)
             with err.status(f"starting {len(engine.bundle.roles)} role processes"):
                 engine.start()
     except MscError as e:
@@ -638,6 +642,9 @@ def bench_serve_cmd(
 
 
 def main() -> None:
+    from msc.runtime.lifecycle import exit_on_sigterm
+
+    exit_on_sigterm()  # SIGTERM stops role processes and removes temporary folders, as Ctrl-C does
     try:
         app()
     except SystemExit as e:

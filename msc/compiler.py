@@ -35,7 +35,10 @@ from msc.spec import Spec
 
 
 def load_hf_config(spec: Spec):
+    """The transformers config of the spec's model, checked (msc.model_config_check) before anything is built."""
     from transformers import AutoConfig
+
+    from msc.model_config_check import build_config, check_config
 
     m = spec.model
     if m.path is not None:
@@ -45,17 +48,13 @@ def load_hf_config(spec: Spec):
         if not (p / "config.json").is_file():
             raise MscError(f"model.path: {p} has no config.json; expected a Hugging Face checkpoint directory")
         try:
-            return AutoConfig.from_pretrained(str(p))
+            config = AutoConfig.from_pretrained(str(p))
         except (ValueError, KeyError, OSError) as e:
             raise MscError(f"model.path: transformers cannot read the config in {p}: {str(e).splitlines()[0]}") from None
-    overrides = dict(m.config)
-    model_type = overrides.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **overrides)
-    except ValueError as e:
-        raise MscError(f"model.config.model_type: {str(e).splitlines()[0]}") from None
-    except TypeError as e:
-        raise MscError(f"model.config: transformers rejected the config: {e}") from None
+    else:
+        config = build_config(m.config.get("model_type"), m.config)
+    check_config(config)
+    return config
 
 
 Progress = Callable[[str], None]

@@ -1,7 +1,6 @@
 """Per-role summary of a bundle (what `msc inspect` prints)."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -9,6 +8,7 @@ from collections import Counter, defaultdict
 import torch.fx as fx
 
 from msc.bundle import Bundle
+from msc.errors import MscError
 from msc.ir import fetch_attr
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
@@ -81,12 +81,10 @@ def role_layers(bundle_dir, role: str) -> list[dict]:
     b = Bundle.open(bundle_dir)
     by_name = {r["name"]: r for r in b.roles}
     if role not in by_name:
-        from msc.errors import MscError
-
         raise MscError(f"bundle has no role '{role}' (roles: {', '.join(by_name)})")
     prog_name = by_name[role]["program"]
-    prog = json.loads((b.path / "programs" / f"{prog_name}.json").read_text())
-    wmap = json.loads((b.path / "weights" / f"{prog_name}.json").read_text())
+    prog = b.read_checked(f"programs/{prog_name}.json")
+    wmap = b.read_checked(f"weights/{prog_name}.json")
     rows: dict[str, dict] = defaultdict(lambda: {"parameters": 0, "bytes": 0, "tensors": 0, "ops": Counter()})
     for param, e in wmap.items():
         if "constant" in e["source"]:
@@ -105,6 +103,21 @@ def role_layers(bundle_dir, role: str) -> list[dict]:
              "msc_ops": ", ".join(f"{o}×{c}" for o, c in sorted(rows[k]["ops"].items()))} for k in order]
 
 
+def program_code(bundle_dir, role: str) -> str:
+    """The Python code of the program `role` runs, generated from its JSON through the same checked loader
+    the roles use (digest, allow-listed targets, fixed tables).
+
+    NOTE: not the stored programs/NAME.py: that file is for people and nothing runs it, so showing it could
+    hide what a modified bundle would actually run. Device arguments show as the bundle's device."""
+    b = Bundle.open(bundle_dir)
+    by_name = {r["name"]: r for r in b.roles}
+    if role not in by_name:
+        raise MscError(f"bundle has no role '{role}' (roles: {', '.join(by_name)})")
+    device = b.manifest.get("device") or "cpu"
+    graph = b.program_graph(by_name[role]["program"], device if device in ("cpu", "cuda", "meta", "mps") else "cpu")
+    return graph.python_code("self").src
+
+
 def _tp_group(role: dict) -> str:
     """'rank r of tp, group [global ranks]' for a tensor-parallel attention rank, '-' otherwise."""
     tp = role.get("tp")
@@ -117,8 +130,8 @@ def role_table(bundle_dir) -> tuple[list[dict], dict]:
     b = Bundle.open(bundle_dir)
     rows = []
     for role in b.roles:
-        prog = json.loads((b.path / "programs" / f"{role['program']}.json").read_text())
-        wmap = json.loads((b.path / "weights" / f"{role['program']}.json").read_text())
+        prog = b.read_checked(f"programs/{role['program']}.json")
+        wmap = b.read_checked(f"weights/{role['program']}.json")
         ops = Counter(
             n["target"].split(".")[3] for n in prog["nodes"] if n["op"] == "call_function" and n["target"].startswith("torch.ops.msc.")
         )

@@ -3,7 +3,8 @@
 Fields follow OpenAI's completions and chat completions APIs, plus the extensions vLLM users know
 (`top_k`, `stop_token_ids`, `ignore_eos`). Unknown fields are refused, and so are OpenAI fields msc
 does not implement when they ask for something (a non-zero penalty, a logit bias): a request is never
-silently served differently from what it asked.
+silently served differently from what it asked. Types are strict (pydantic strict mode): "8" and true are
+not integers, 8.0 is not an integer either, and every float must be finite.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_N = 16  # choices per request
+MAX_ERROR_TEXT = 400  # characters of an error's message (and of its param) at most
+# NOTE: strict types everywhere a client's JSON is read: a typo'd type is refused, never coerced (true -> 1)
+STRICT = dict(extra="forbid", strict=True, allow_inf_nan=False)
 # OpenAI fields msc does not implement: the values that ask for nothing (accepted), and why others are refused
 UNIMPLEMENTED = {
     "presence_penalty": ((0, 0.0), "penalties are not implemented by msc; leave it 0"),
@@ -37,18 +41,30 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
                    code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+    """OpenAI's error body; message and param cut to MAX_ERROR_TEXT characters, so that no error echoes a large
+    input back (an unknown field's name, a value quoted by a validator)."""
+    return JSONResponse({"error": {"message": shorten(message), "type": type,
+                                   "param": None if param is None else shorten(param), "code": code}},
+                        status_code=status)
+
+
+def shorten(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """text, or its first characters and how many more there were; anything UTF-8 cannot carry (a lone
+    surrogate) escaped, so that the error itself can always be sent."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT)
 
     model: Optional[str] = None
     temperature: float = Field(1.0, ge=0, description="0: greedy")
@@ -117,13 +133,14 @@ class CompletionRequest(_Sampling):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id ... go to the chat template as they are
+    # name, tool_call_id ... go to the chat template as they are
+    model_config = ConfigDict(**{**STRICT, "extra": "allow"})
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
 
@@ -157,7 +174,7 @@ class ChatCompletionRequest(_Sampling):
 class GenerateRequest(BaseModel):
     """msc's native request: token ids in, token ids out."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT)
 
     prompt_token_ids: list[int] = Field(min_length=1, description="the prompt as token ids")
     max_new_tokens: int = Field(16, ge=1, le=1 << 16, description="tokens to generate at most")

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from msc.admission import AdmissionError, Limits
 from msc.detokenize import TextStream
 from msc.errors import MscError
 from msc.llm import SamplingParams as LLMParams
@@ -189,8 +190,13 @@ def register(app: FastAPI, state: ServeState) -> None:
 
 
 # ---------------------------------------------------------------------- requests into the engine
-def engine_error(engine, e: MscError, param: str | None) -> ApiError:
-    """A request the engine refused or failed: the request's fault (400) while the engine is fine, else 503."""
+def engine_error(engine, e: MscError, param: str | None, names: dict[str, str] | None = None) -> ApiError:
+    """A request the engine refused or failed: the request's fault (400) while the engine is fine, else 503.
+    A request too large for the deployment (msc.admission) is always a 400 naming the parameter: `param`
+    for the prompt, names.get("max_tokens", "max_tokens") for the token limit."""
+    if isinstance(e, AdmissionError):
+        name = param if e.param == "prompt" else (names or {}).get(e.param, e.param)
+        return ApiError(400, str(e), name, code=e.code)
     if engine.health()["status"] == "ok":
         return ApiError(400, str(e), param)
     return ApiError(503, str(e), type="service_unavailable")
@@ -203,15 +209,15 @@ def _submit(state: ServeState, req: _Sampling, prompts: list[list[int]], max_tok
     if req.stop_strings and state.tokenizer is None:
         raise ApiError(400, "stop strings need a tokenizer, and this bundle has none: use stop_token_ids", "stop")
     plans = []
+    limits = Limits.of(state.engine.bundle.manifest)
     for ids in prompts:
-        if len(ids) >= state.max_seq_len:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {state.max_seq_len} tokens, "
-                                "and at least one must be left to generate", param, code="context_length_exceeded")
-        limit = max_tokens if max_tokens is not None else state.max_seq_len - len(ids)
-        if len(ids) + limit > state.max_seq_len:
-            raise ApiError(400, f"max_tokens ({limit}) plus the prompt ({len(ids)} tokens) is {len(ids) + limit} tokens; "
-                                f"this model's context is {state.max_seq_len}", "max_tokens",
-                           code="context_length_exceeded")
+        # NOTE: the engine's submit checks each choice again (msc.admission); checking every prompt here first
+        # means a request with one prompt too long submits none of its choices
+        limit = max_tokens if max_tokens is not None else max(limits.room(len(ids)), 1)
+        try:
+            limits.check(len(ids), limit)
+        except AdmissionError as e:
+            raise engine_error(state.engine, e, param) from None
         plans.append((ids, limit))
     choices: list[Choice] = []
     try:

@@ -8,9 +8,10 @@
     GET  /metrics               Prometheus text format
 
 Errors are OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}: 400 for an invalid
-parameter (malformed JSON and unknown fields included: never FastAPI's 422 shape), 401 for a missing
-API key, 404 for an unknown model or path, 503 for a broken or stopping engine, 504 for a request not
-answered within the engine's request bound. A client that goes away cancels its request (the replica
+parameter (malformed JSON, non-finite numbers, wrong types and unknown fields included: never FastAPI's 422
+shape; a prompt or token limit beyond what the deployment holds: msc.admission), 413 for a body over the
+server's bound, 401 for a missing API key, 404 for an unknown model or path, 503 for a broken or stopping
+engine, 504 for a request not answered within the engine's request bound. A client that goes away cancels its request (the replica
 frees its KV pages at the next step). The OpenAI routes live in msc.openai_routes.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from msc.engine.build import max_seq_len_of
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
-from msc.http_middleware import MAX_BODY_BYTES, ServerGate
+from msc.http_middleware import MAX_BODY_BYTES, ServerGate, StrictJSONRoute
 from msc.metrics import ServerMetrics
 from msc.openai_protocol import ApiError, GenerateRequest, GenerateResponse, error_response, validation_param
 from msc.openai_routes import ServeState, await_unless_gone, engine_error, register
@@ -43,6 +44,7 @@ def create_app(engine: ServingEngine | ColocatedServingEngine, *, tokenizer=None
     metrics = ServerMetrics(name)
     state = ServeState(engine, tokenizer, name, max_seq_len_of(manifest), metrics)
     app = FastAPI(title="msc", description="disaggregated MoE inference with an OpenAI-compatible API")
+    app.router.route_class = StrictJSONRoute  # NaN, Infinity and 1e400 are invalid JSON (before any route is added)
     app.state.msc = state
 
     @app.exception_handler(ApiError)
@@ -63,7 +65,8 @@ def create_app(engine: ServingEngine | ColocatedServingEngine, *, tokenizer=None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else "server_error")
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(e.status_code, str(e.detail), type=kind, code=getattr(e, "code", None))
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest, http: Request) -> GenerateResponse:
@@ -73,7 +76,7 @@ def create_app(engine: ServingEngine | ColocatedServingEngine, *, tokenizer=None
                                     ignore_eos=req.ignore_eos, logprobs=req.logprobs)
             handle = engine.submit(req.prompt_token_ids, params=params)
         except MscError as e:
-            raise engine_error(engine, e, "prompt_token_ids") from None
+            raise engine_error(engine, e, "prompt_token_ids", {"max_tokens": "max_new_tokens"}) from None
         # NOTE: the engine's reader thread fills a concurrent Future; awaiting it keeps the event loop free
         fut = asyncio.wrap_future(handle.future)
         await await_unless_gone(http, fut, handle.cancel, engine.request_timeout_s)

@@ -71,7 +71,7 @@ def test_open_loop_sends_each_request_at_its_arrival(server_url):
 
 @pytest.mark.parametrize("options,status,text", [
     ({"model": "bogus"}, 404, "the model 'bogus' does not exist"),
-    ({"input_len": 5000}, 400, "context"),  # longer than the tiny model's 4096-token context
+    ({"input_len": 5000}, 400, "at most 4096 tokens per sequence"),  # longer than the tiny model's 4096-token context
 ])
 def test_a_failed_request_is_counted_not_fatal(server_url, options, status, text):
     res = serve.run_bench(server_url, num_requests=3, concurrency=2, request_rate=None, **{**FIXED, **options})

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from msc.errors import MscError
 from msc.ir import graph_from_json, graph_to_json, resolve_target
 
 
@@ -22,5 +23,5 @@ def test_loaded_device_markers_bind_to_the_role_device(tiny_bundle):
 
 
 def test_unknown_target_is_rejected():
-    with pytest.raises(ValueError, match="unknown call target"):
+    with pytest.raises(MscError, match="'os.system', which is not an allowed call target"):
         resolve_target("os.system")

@@ -312,3 +312,70 @@ def test_sinks_match_transformers_gpt_oss_eager(window):
         want, _ = eager_attention_forward(module, q, k_all, v_all, mask, scaling=d ** -0.5)  # [1, n, nh, d]
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         pos += n
+
+
+# --------------------------------------------------------------------- bounded memory (long prompts)
+LONG_STEPS = [
+    [(0, 40), (1, 9)],  # fresh prefills: 40 tokens (split in query chunks below) and 9
+    [(0, 20), (1, 1)],  # a chunk continuing a 40-token prefix, beside a decode
+    [(0, 1), (1, 1)],
+]
+
+
+@pytest.mark.parametrize("window,sinks", [(-1, None), (7, None), (-1, True), (7, True)])
+def test_query_chunks_bound_every_mask_and_match_the_reference(monkeypatch, window, sinks):
+    """With ATTENTION_BYTES forced tiny, every masked attention call covers a few queries (its mask and scores
+    under the bound) and the results still equal the float64 reference; plain causal prefill stays one
+    unmasked is_causal call, which builds no [n, n] matrix at all."""
+    import torch.nn.functional as F
+
+    import msc.runtime.paged_kv as pk
+
+    nh, nkv, dk, dv = 4, 2, 8, 6
+    budget = 3000
+    monkeypatch.setattr(pk, "ATTENTION_BYTES", budget)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[-2], k.shape[-2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    with_sinks = pk.attention_with_sinks
+    sink_calls = []
+
+    def recording_sinks(q, k, v, allowed, scaling, s):
+        sink_calls.append(tuple(allowed.shape))
+        return with_sinks(q, k, v, allowed, scaling, s)
+
+    monkeypatch.setattr(pk, "attention_with_sinks", recording_sinks)
+    sink_t = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=F64) if sinks else None
+    for got, want in _run(LONG_STEPS, nh, nkv, dk, dv, window, sinks=sink_t, seed=11):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    masked = [c for c in calls if c[2] is not None]
+    if sinks is None:
+        assert masked, "the window and continuing-chunk paths call SDPA with a mask"
+        for rows, keys, mask, _ in masked:
+            assert mask == (rows, keys)
+            assert rows == 1 or rows * keys * (nh * 4 * 2 + 5) <= budget, (rows, keys)
+        assert max(rows for rows, *_ in masked) < 20  # the 40-query prefill and the 20-query chunk were split
+        if window > 0:  # a chunk sees at most its own queries and the window before them
+            assert all(keys <= rows + window - 1 for rows, keys, *_ in masked)
+        else:  # the fresh prefills: unmasked, causal, whole
+            assert (40, 40, None, True) in calls and (9, 9, None, True) in calls
+    else:  # the sinks path computes its own scores (3 float32 [heads, rows, keys] tensors), chunked the same way
+        assert not calls and max(rows for rows, _ in sink_calls) < 20
+        assert all(rows == 1 or rows * keys * (nh * 4 * 3 + 5) <= budget for rows, keys in sink_calls)
+
+
+def test_query_chunks_cover_the_queries_once():
+    import msc.runtime.paged_kv as pk
+
+    for n, heads, keys in [(1, 1, 1), (40, 4, 40), (4096, 32, 4096), (100_000, 64, 100_000)]:
+        chunks = pk._query_chunks(n, heads, keys)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n
+        assert all(a < b and b == c for (a, b), (c, _) in zip(chunks, chunks[1:] + [(n, n)]))
+        rows = max(b - a for a, b in chunks)
+        assert rows == 1 or rows * keys * (heads * 8 + 5) <= pk.ATTENTION_BYTES
+    assert pk._query_chunks(4096, 4, 4096) == [(0, 4096)]  # the tiny default model's sizes: one call, as before

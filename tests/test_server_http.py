@@ -42,13 +42,35 @@ def test_generate_returns_the_reference_tokens(client, tiny_hf):
     ({"prompt_token_ids": [1], "temperature": -0.5}, 400, "temperature"),
     ({"prompt_token_ids": [1], "top_p": 0}, 400, "top_p"),
     ({"prompt_token_ids": [1], "best_of": 2}, 400, "best_of"),
-    ({"prompt_token_ids": [1] * 4000, "max_new_tokens": 200}, 400, "this engine holds sequences of at most 4096"),
+    ({"prompt_token_ids": [1] * 4000, "max_new_tokens": 200}, 400, "at most 4096 tokens per sequence"),
+    ({"prompt_token_ids": [1, 2], "max_new_tokens": "8"}, 400, "max_new_tokens: Input should be a valid integer"),
+    ({"prompt_token_ids": [1, 2], "max_new_tokens": True}, 400, "max_new_tokens: Input should be a valid integer"),
 ])
 def test_bad_requests_get_a_clear_status_and_reason(client, payload, status, text):
     r = client.post("/v1/generate", json=payload)
     assert r.status_code == status
     assert text in r.text
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}  # OpenAI's error shape
+
+
+def test_a_100k_token_prompt_and_a_65536_token_limit_are_400s_then_the_roles_answer_right(client, tiny_hf):
+    """Refused by admission in the server process: nothing reaches the attention role (the engine's submit
+    raises at once), which stays up and answers the next request with transformers' tokens."""
+    from msc.admission import AdmissionError
+
+    engine = client.app.state.msc.engine
+    r = client.post("/v1/generate", json={"prompt_token_ids": [7] * 100_000, "max_new_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_token_ids"
+    assert r.json()["error"]["message"] == ("the prompt has 100000 tokens; this deployment takes at most 4096 tokens per "
+                                            "sequence (prompt + max_tokens), and at least one must be left to generate")
+    r = client.post("/v1/generate", json={"prompt_token_ids": [5, 17, 42], "max_new_tokens": 65_536})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_new_tokens"
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "65539 tokens" in r.json()["error"]["message"]
+    with pytest.raises(AdmissionError):
+        engine.submit([7] * 100_000, 4)  # raised before anything is sent to a role
+    assert engine.health()["status"] == "ok" and engine.health()["unfinished"] == 0
+    ok = client.post("/v1/generate", json={"prompt_token_ids": [5, 17, 42], "max_new_tokens": 6})
+    assert ok.status_code == 200 and ok.json()["token_ids"] == reference_generate(tiny_hf, [5, 17, 42], 6)
 
 
 def test_seeded_sampling_over_http_repeats(client):

@@ -81,9 +81,10 @@ def test_bad_requests_are_refused_before_they_queue(engine, prompt, limit, match
 
 
 def test_a_request_that_can_never_fit_fails_alone(engine, tiny_hf):
-    big = engine.submit([1] * 4000, 500)
-    with pytest.raises(MscError, match="this engine holds sequences of at most 4096"):
-        big.result(timeout=60)
+    # refused by admission (msc.admission) before anything reaches a role
+    with pytest.raises(MscError, match=r"the prompt \(4000 tokens\) plus max_tokens \(500\) is 4500 tokens; "
+                                       r"this deployment takes at most 4096 tokens per sequence"):
+        engine.submit([1] * 4000, 500)
     assert engine.health()["status"] == "ok"
     assert engine.generate([[7, 7]], 3) == [reference_generate(tiny_hf, [7, 7], 3)]
 
@@ -111,7 +112,8 @@ def test_two_replicas_stay_up_through_an_idle_spell_longer_than_the_timeout(tmp_
 
 
 def test_a_dead_expert_fails_the_requests_naming_it_within_5_s(tiny_bundle):
-    eng = ServingEngine(tiny_bundle.path, env={FAULT_ROLE: "expert.1", FAULT_AFTER: "2"}).start(timeout_s=180)
+    """With restarts off the server stays broken (tests/test_reliability.py: restarts on)."""
+    eng = ServingEngine(tiny_bundle.path, env={FAULT_ROLE: "expert.1", FAULT_AFTER: "2"}, max_restarts=0).start(timeout_s=180)
     try:
         t0 = time.monotonic()
         handles = [eng.submit([5, 17, 42], 50), eng.submit([3, 4], 50)]  # expert.1 dies in their first step

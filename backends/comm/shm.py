@@ -41,6 +41,7 @@ import numpy as np
 from msc.backends.comm import wire
 from msc.backends.comm.m2n import _WAIT, DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
+from msc.runtime.lifecycle import shm_name_prefix
 
 SHM_DIR = "/dev/shm"
 DEFAULT_CAPACITY = 4 << 20
@@ -452,7 +453,7 @@ def connect_shm(rank: int, peers: list[int], store, *, prefix: str = "m2n", time
     if capacity < PAGE or capacity % 64:
         raise MscError(f"shm ring capacity must be a multiple of 64 bytes and at least {PAGE}, got {capacity}")
     peers = sorted(peers)
-    mine = Mailbox(f"{SHM_DIR}/msc-{secrets.token_hex(6)}-rank{rank}", peers, capacity, create=True)
+    mine = Mailbox(f"{SHM_DIR}/{shm_name_prefix()}{secrets.token_hex(6)}-rank{rank}", peers, capacity, create=True)
     theirs: dict[int, Mailbox] = {}
     try:
         store.set(f"{prefix}/shm/box/{rank}", f"{mine.path}\n{','.join(map(str, peers))}")

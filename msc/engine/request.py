@@ -9,6 +9,7 @@ from typing import Callable
 from msc.errors import MscError
 
 MAX_LOGPROBS = 20
+MAX_TOP_K = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,10 @@ class SamplingParams:
             raise MscError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not self.temperature >= 0:
             raise MscError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise MscError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
+        # NOTE: bounded so that the sampler's int64 tensor of a batch's top_k can hold it (10**30 once failed the
+        # whole step, and with it the server); any top_k of the vocabulary's size or more keeps every token
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise MscError(f"top_k must be an integer in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise MscError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from msc.bundle import Bundle
 from msc.errors import MscError
+from msc.runtime import lifecycle
 from msc.runtime.roles import sampling_from_json
 from msc.runtime.trace import merge_traces
 from msc.runtime.worker import resolve_run_config
@@ -40,10 +41,12 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, str] | None = None,
-                requests: Path | None = None, mps=None) -> list[tuple[dict, subprocess.Popen]]:
+                requests: Path | None = None, mps=None, tag: str = "") -> list[tuple[dict, subprocess.Popen]]:
     """Start one worker process per role of `bundle` on this machine (rendezvous on 127.0.0.1), each
     logging to workdir/NAME.log; `run_config` is written to workdir/run-config.json for them to read.
-    mps: (MpsDaemon, {"attention": %, "expert": %}) to run each role under MPS with its SM share."""
+    mps: (MpsDaemon, {"attention": %, "expert": %}) to run each role under MPS with its SM share.
+    tag: the run's shared-memory tag (msc.runtime.lifecycle); the roles exit and clean up once this
+    process is gone."""
     (workdir / "run-config.json").write_text(json.dumps(run_config))
     roles = bundle.roles
     # NOTE: Triton's interpreter (TRITON_INTERPRET=1, what the test suite sets to check kernels on a CPU) would
@@ -51,11 +54,14 @@ def spawn_roles(bundle: Bundle, workdir: Path, run_config: dict, env: dict[str, 
     # caller's env asks for the interpreter explicitly.
     inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     base_env = {**inherited, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                "WORLD_SIZE": str(len(roles)), "LOCAL_WORLD_SIZE": str(len(roles)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                **lifecycle.role_env(workdir, tag)}
     procs = []
     try:
         for r in roles:
-            cmd = [sys.executable, "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
+            # NOTE: -P (safe path): the folder the run starts from is not put on sys.path, so a .py file there
+            # (in a bundle folder, say) cannot shadow an import of the role process
+            cmd = [sys.executable, "-P", "-m", "msc.runtime.worker", "--bundle", str(bundle.path),
                    "--result", str(workdir / "result.{rank}.json"), "--run-config", str(workdir / "run-config.json")]
             if requests is not None:
                 cmd += ["--requests", str(requests)]
@@ -83,6 +89,68 @@ def stop_roles(procs: list[tuple[dict, subprocess.Popen]], grace_s: float = 0.0)
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
+
+
+def heartbeat_bound_s(manifest: dict) -> float:
+    """How long a role may stay silent (no heartbeat) before it counts as hung: runtime.heartbeat_timeout_s."""
+    return manifest["spec"]["runtime"].get("heartbeat_timeout_s") or lifecycle.DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+def failure_message(procs: list[tuple[dict, subprocess.Popen]], workdir: Path, settle_s: float = 2.0) -> str | None:
+    """The message naming the role that failed first, or None if every role still runs or ended well.
+
+    NOTE: when one role fails, its peers fail soon after with "peer ... died"; the first exit seen need not
+    be the cause. So this waits up to settle_s for the others, then prefers a role that failed on its own
+    (an exception of its own, or killed by a signal) over one that only lost a peer, and the earliest."""
+    failed = [(r, p) for r, p in procs if p.poll() not in (None, 0)]
+    if not failed:
+        return None
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and any(p.poll() is None for _, p in procs):
+        own = [r for r, p in procs if p.poll() not in (None, 0) and _failure(workdir, r).get("kind") != "peer"]
+        if own:
+            break
+        time.sleep(0.02)
+    failed = [(r, p) for r, p in procs if p.poll() not in (None, 0)]
+    def rank_key(item):
+        r, _ = item
+        f = _failure(workdir, r)
+        return (f.get("kind") == "peer", f.get("time", 0.0))
+    r, p = min(failed, key=rank_key)
+    f = _failure(workdir, r)
+    cause = f.get("error") or _tail(workdir / f"{r['name']}.log")
+    return f"role {r['name']} (rank {r['rank']}) {lifecycle.describe_exit(p.returncode)}: {cause}"
+
+
+def _failure(workdir: Path, role: dict) -> dict:
+    """What a role wrote about its own failure before exiting (msc.runtime.worker), or {}."""
+    try:
+        return json.loads((workdir / f"failure.{role['rank']}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def watch_roles(procs: list[tuple[dict, subprocess.Popen]], workdir: Path, deadline: float, heartbeat_s: float) -> None:
+    """Wait until every role has ended well; MscError naming the culprit when one fails, stays silent for
+    more than heartbeat_s (stopped or hung), or the run outlives its deadline."""
+    while True:
+        msg = failure_message(procs, workdir)
+        if msg is not None:
+            raise MscError(msg)
+        running = [r for r, p in procs if p.poll() is None]
+        if not running:
+            return
+        silent = lifecycle.silent_roles(workdir, running, heartbeat_s)
+        if silent:
+            r, age = silent[0]
+            raise MscError(f"role {r['name']} (rank {r['rank']}) has not answered for {age:.1f} s "
+                           f"(more than runtime.heartbeat_timeout_s = {heartbeat_s:g}): it is stopped or hung")
+        if time.monotonic() > deadline:
+            raise MscError(f"run timed out; still running: {', '.join(r['name'] for r in running)}")
+        try:
+            next(p for _, p in procs if p.poll() is None).wait(timeout=0.05)
+        except (subprocess.TimeoutExpired, StopIteration):
+            pass
 
 
 def role_log_tail(workdir: Path, role: dict) -> str:
@@ -143,6 +211,7 @@ def run_bundle(
     resolve_run_config(run_config, bundle.manifest)  # bad overrides fail here, before any process starts
     roles = bundle.roles
     deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
+    tag = lifecycle.new_run_tag()
     with tempfile.TemporaryDirectory(prefix="msc-run-") as tmp:
         tmp = Path(tmp)
         (tmp / "requests.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "dump_logits": dump_logits,
@@ -157,24 +226,11 @@ def run_bundle(
 
                 daemon = MpsDaemon(tmp).start()
             procs = spawn_roles(bundle, tmp, run_config, env, requests=tmp / "requests.json",
-                                mps=(daemon, mps) if daemon is not None else None)
-            pending = list(procs)
-            while pending:
-                for r, p in list(pending):
-                    try:
-                        rc = p.wait(timeout=0.05)
-                    except subprocess.TimeoutExpired:
-                        continue
-                    pending.remove((r, p))
-                    if rc != 0:
-                        raise MscError(
-                            f"role {r['name']} (rank {r['rank']}) exited with code {rc}: {_tail(tmp / (r['name'] + '.log'))}"
-                        )
-                if pending and time.monotonic() > deadline:
-                    names = ", ".join(r["name"] for r, _ in pending)
-                    raise MscError(f"run timed out; still running: {names}")
+                                mps=(daemon, mps) if daemon is not None else None, tag=tag)
+            watch_roles(procs, tmp, deadline, heartbeat_bound_s(bundle.manifest))
         finally:
             stop_roles(procs)
+            lifecycle.sweep_shm(tag)
             if daemon is not None:
                 daemon.stop()
         outputs: list = [None] * len(prompts)

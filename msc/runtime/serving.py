@@ -18,7 +18,6 @@ import itertools
 import queue
 import secrets
 import select
-import shutil
 import tempfile
 import threading
 import time
@@ -30,7 +29,8 @@ from typing import AsyncIterator, Iterator
 from msc.bundle import Bundle
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
-from msc.runtime.launcher import role_log_tail, spawn_roles, stop_roles
+from msc.runtime import lifecycle
+from msc.runtime.launcher import failure_message, heartbeat_bound_s, spawn_roles, stop_roles
 from msc.runtime.serve_link import Link, LinkServer
 from msc.runtime.worker import resolve_run_config
 
@@ -181,6 +181,10 @@ class _Server:
             if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
                 raise MscError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
             params = SamplingParams(max_tokens=max_new_tokens)
+        from msc.admission import Limits
+
+        # NOTE: admission before anything is sent to a role or allocated (AdmissionError names the limit)
+        Limits.of(self.bundle.manifest).check(len(prompt), params.max_tokens)
         req = ServingRequest(self, f"r{next(self._ids)}", list(prompt), params)
         with self._lock:
             if self._broken is not None:
@@ -243,16 +247,29 @@ class _Server:
 
 
 class ServingEngine(_Server):
-    """A bundle's roles as long-running processes serving generation requests; see the module docstring."""
+    """A bundle's roles as long-running processes serving generation requests; see the module docstring.
+
+    Recovery: when a role dies or stays silent past runtime.heartbeat_timeout_s (stopped, hung), the
+    unfinished requests fail with a message naming it and the cause, and the monitor thread restarts every
+    role (`health()` says "restarting" meanwhile, then "ok" again). NOTE: all roles restart together because
+    a replica's KV cache and the expert nodes' view of the replicas cannot be rebuilt piecemeal. At most
+    `max_restarts` restarts within RESTART_WINDOW_S; past that the server stays broken (a role that dies
+    at every start would otherwise restart forever)."""
+
+    RESTART_WINDOW_S = 600.0
 
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
                  microbatches: int | None = None, env: dict[str, str] | None = None,
-                 request_timeout_s: float | None = None):
+                 request_timeout_s: float | None = None, max_restarts: int = 3):
         super().__init__(bundle_dir, request_timeout_s)
         m = self.bundle.manifest
         self.replicas = [r for r in self.bundle.roles if r["kind"] == "attention"]
         self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device}
         resolve_run_config(dict(self._run_config), m)  # bad options fail here, before any process starts
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise MscError(f"max_restarts must be an integer >= 0, got {max_restarts!r}")
+        self.max_restarts = max_restarts
+        self.heartbeat_s = heartbeat_bound_s(m)
         self._env = env
         self._load = [0] * len(self.replicas)  # unfinished requests per replica
         self._replica_stats: dict[int, dict] = {}  # each replica's engine stats, as of its last step
@@ -260,37 +277,52 @@ class ServingEngine(_Server):
         self._procs: list = []
         self._links: dict[int, Link] = {}
         self._send_locks: dict[int, threading.Lock] = {}
-        self._threads: list[threading.Thread] = []
+        self._reader: tuple[threading.Thread, threading.Event] | None = None
+        self._monitor_thread: threading.Thread | None = None
         self._workdir: Path | None = None
+        self._tag = ""
         self._server: LinkServer | None = None
+        self._start_timeout_s: float | None = None
+        self._restarting = False
+        self.restart_times: list[float] = []  # monotonic time of each restart
+        self.last_error: str | None = None  # why the roles last failed (kept after a restart)
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout_s: float | None = None) -> "ServingEngine":
         """Start the role processes and wait until every attention replica is ready (weights loaded,
         transport connected); MscError naming the role if one of them fails meanwhile."""
-        if self._procs:
+        if self._procs or self._monitor_thread is not None:
             raise MscError("this server was started already")
-        timeout_s = timeout_s or self.timeout_s * 4
+        self._start_timeout_s = timeout_s or self.timeout_s * 4
+        self._launch()
+        self._monitor_thread = threading.Thread(target=self._monitor, name="msc-monitor", daemon=True)
+        self._monitor_thread.start()
+        return self
+
+    def _launch(self) -> None:
+        """Start every role, connect the replicas' links and start their reader (all torn down on failure)."""
+        timeout_s = self._start_timeout_s
         self._workdir = Path(tempfile.mkdtemp(prefix="msc-serve-"))
+        self._tag = lifecycle.new_run_tag()
         token = secrets.token_hex(16)
         self._server = LinkServer(token)
         cfg = {**self._run_config, "serve": {"host": self._server.host, "port": self._server.port, "token": token}}
         try:
-            self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env)
-            self._links = self._server.accept(len(self.replicas), timeout_s, check=self._raise_if_a_role_died)
-            for r, link in sorted(self._links.items()):
-                msg = link.wait(timeout_s, on_idle=self._raise_if_a_role_died, idle_every_s=0.2)
+            self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env, tag=self._tag)
+            links = self._server.accept(len(self.replicas), timeout_s, check=self._raise_if_a_role_failed)
+            for r, link in sorted(links.items()):
+                msg = link.wait(timeout_s, on_idle=self._raise_if_a_role_failed, idle_every_s=0.2)
                 if not msg.get("ready"):
                     raise MscError(f"attention replica {r} did not report ready: {msg}")
-            self._send_locks = {r: threading.Lock() for r in self._links}
+            self._links = links
+            self._send_locks = {r: threading.Lock() for r in links}
         except BaseException:
             self._shutdown_processes(grace_s=0)
             raise
-        self._threads = [threading.Thread(target=self._read_loop, name="msc-reader", daemon=True),
-                         threading.Thread(target=self._monitor, name="msc-monitor", daemon=True)]
-        for t in self._threads:
-            t.start()
-        return self
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read_loop, args=(dict(links), stop), name="msc-reader", daemon=True)
+        self._reader = (reader, stop)
+        reader.start()
 
     def close(self, grace_s: float = 30.0) -> None:
         """Stop taking requests, fail the unfinished ones, tell the replicas to stop and wait for every role
@@ -303,9 +335,9 @@ class ServingEngine(_Server):
         for r in list(self._links):
             self._send(r, {"stop": True}, quiet=True)
         self._stop.set()
+        if self._monitor_thread is not None:
+            self._monitor_thread.join(timeout=max(grace_s, 5.0) + 5.0)  # it may be in the middle of a restart
         self._shutdown_processes(grace_s)
-        for t in self._threads:
-            t.join(timeout=5)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], max_new_tokens: int | None = None, params: SamplingParams | None = None) -> ServingRequest:
@@ -340,7 +372,12 @@ class ServingEngine(_Server):
     def health(self) -> dict:
         with self._lock:
             load = list(self._load)
-        return self._health(replicas=len(self.replicas), roles=[r["name"] for r in self.bundle.roles], per_replica=load)
+            restarting = self._restarting
+        h = self._health(replicas=len(self.replicas), roles=[r["name"] for r in self.bundle.roles], per_replica=load,
+                         restarts=len(self.restart_times), last_error=self.last_error)
+        if restarting and not self._closing:
+            h["status"] = "restarting"
+        return h
 
     # ------------------------------------------------------------------ threads
     def _send(self, r: int, msg: dict, quiet: bool = False) -> None:
@@ -349,24 +386,24 @@ class ServingEngine(_Server):
                 self._links[r].send(msg)
         except (MscError, KeyError) as e:
             if not quiet:
-                self._break(self._role_death(within_s=2.0) or str(e))
+                self._break(self._role_failure(within_s=2.0) or str(e))
                 raise MscError(f"the server cannot take requests: {self._broken}") from None
 
-    def _read_loop(self) -> None:
-        by_sock = {link.sock: r for r, link in self._links.items()}
+    def _read_loop(self, links: dict[int, Link], stop: threading.Event) -> None:
+        by_sock = {link.sock: r for r, link in links.items()}
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 ready, _, _ = select.select(list(by_sock), [], [], 0.2)
                 for sock in ready:
                     r = by_sock[sock]
-                    msg = self._links[r].recv(0.0)
+                    msg = links[r].recv(0.0)
                     if msg is not None:
                         self._events(r, msg)
         except (MscError, OSError, ValueError) as e:
-            if not self._closing:
+            if not self._closing and not stop.is_set():
                 # NOTE: a replica's link breaks when some role died; the process's exit names the culprit
                 # better than the broken link does, so wait (briefly, bounded) for an exit status first.
-                self._break(self._role_death(within_s=2.0) or str(e))
+                self._break(self._role_failure(within_s=2.0) or str(e))
 
     def _events(self, r: int, msg: dict) -> None:
         if "stats" in msg:
@@ -375,41 +412,89 @@ class ServingEngine(_Server):
             self._deliver(rid, toks, reason, error, logprobs)
 
     def _monitor(self) -> None:
-        while not self._stop.is_set() and self._broken is None:
-            try:
-                self._raise_if_a_role_died()
-            except MscError as e:
-                self._break(str(e))
-                return
+        """Watch the roles (exits, heartbeats); on a failure, fail the unfinished requests and restart."""
+        while not self._stop.is_set():
+            if self._broken is None:
+                try:
+                    self._raise_if_a_role_failed()
+                except MscError as e:
+                    self._break(str(e))
+            if self._broken is not None and not self._closing:
+                self.last_error = self._broken
+                if not self._may_restart():
+                    return
+                self._restart()
             self._stop.wait(0.1)
 
-    def _raise_if_a_role_died(self) -> None:
-        for role, p in self._procs:
-            rc = p.poll()
-            if rc is not None and not self._closing:
-                raise MscError(f"role {role['name']} (rank {role['rank']}) exited with code {rc}: "
-                               f"{role_log_tail(self._workdir, role)}")
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self.restart_times if now - t < self.RESTART_WINDOW_S]
+        return len(recent) < self.max_restarts
 
-    def _role_death(self, within_s: float) -> str | None:
-        """The message of a role process that exited, waiting up to within_s for one; None if none did."""
+    def _restart(self) -> None:
+        """Replace every role process; the server takes requests again once they are ready."""
+        with self._lock:
+            self._restarting = True
+        self.restart_times.append(time.monotonic())
+        self._shutdown_processes(grace_s=0)
+        if self._stop.is_set():
+            return
+        try:
+            self._launch()
+        except MscError as e:
+            self.last_error = self._broken = f"restarting the roles failed: {e}"
+            with self._lock:
+                self._restarting = False
+            return
+        with self._lock:
+            self._load = [0] * len(self.replicas)
+            self._replica_stats.clear()
+            self._broken = None
+            self._restarting = False
+
+    def _raise_if_a_role_failed(self) -> None:
+        if self._closing or not self._procs or self._workdir is None:
+            return
+        msg = failure_message(self._procs, self._workdir)
+        if msg is None:
+            running = [r for r, p in self._procs if p.poll() is None]
+            silent = lifecycle.silent_roles(self._workdir, running, self.heartbeat_s)
+            if silent:
+                r, age = silent[0]
+                msg = (f"role {r['name']} (rank {r['rank']}) has not answered for {age:.1f} s (more than "
+                       f"runtime.heartbeat_timeout_s = {self.heartbeat_s:g}): it is stopped or hung")
+        if msg is not None:
+            raise MscError(msg)
+
+    def _role_failure(self, within_s: float) -> str | None:
+        """The message of a role that failed, waiting up to within_s for one; None if none did."""
         deadline = time.monotonic() + within_s
         while True:
             try:
-                self._raise_if_a_role_died()
+                self._raise_if_a_role_failed()
             except MscError as e:
                 return str(e)
             if time.monotonic() >= deadline or self._closing:
                 return None
-            time.sleep(0.05)
+            self._stop.wait(0.05)
 
     def _shutdown_processes(self, grace_s: float) -> None:
+        if self._reader is not None:
+            thread, stop = self._reader
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+            self._reader = None
         stop_roles(self._procs, grace_s)
         for link in self._links.values():
             link.close()
+        self._links, self._send_locks = {}, {}
         if self._server is not None:
             self._server.close()
+            self._server = None
         if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            lifecycle.cleanup_run(self._workdir, self._tag)
+            self._workdir = None
 
 
 class ColocatedServingEngine(_Server):

@@ -21,7 +21,9 @@ import faulthandler
 import json
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ from msc.errors import MscError
 from msc.runtime import serve_link
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.engine.build import build_engine
-from msc.runtime import tensor_parallel
+from msc.runtime import lifecycle, tensor_parallel
 from msc.runtime.roles import AttentionRole, ExpertRole, sampling_from_json
 from msc.runtime.trace import Trace
 
@@ -108,6 +110,29 @@ def role_device(device: str, rank: int) -> str:
     return f"cuda:{index}"
 
 
+def _rendezvous_store(addr: str, port: int, world: int, rank: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The run's TCPStore (rank 0 hosts it). NOTE: torch's store listens on every interface; started by msc's
+    own launcher (every role on this host, MASTER_ADDR 127.0.0.1) rank 0 hands it a socket bound to that
+    address instead, so nothing outside the machine can reach the rendezvous."""
+    if rank != 0 or not os.environ.get(lifecycle.PARENT_ENV):
+        return dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        raise MscError(f"rank 0 cannot host the rendezvous on {addr}:{port}: {e}") from None
+    sock.listen(1024)
+    store = dist.TCPStore(addr, port, world, is_master=True, timeout=timeout, master_listen_fd=sock.fileno())
+    _KEEP_ALIVE.append(sock)  # the store serves on this socket for the life of the process
+    return store
+
+
+_KEEP_ALIVE: list = []
+
+
 def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_config: str | None = None) -> None:
     bundle = Bundle.open(bundle_dir)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -124,7 +149,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     program = bundle.load_program(role["program"], place, random_weights=cfg["random_weights"])
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0, timeout=timeout)
+    store = _rendezvous_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank, timeout)
     use_pg = transport == "torch_dist"
     if use_pg:
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
@@ -222,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # NOTE: `kill -USR1 PID` prints every thread's Python stack to this role's log: where a stuck role waits
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    lifecycle.watch_parent()  # started by a launcher: end with it
+    heartbeat = lifecycle.Heartbeat(int(os.environ.get("RANK", 0))).start()
     try:
         profile_dir = os.environ.get("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
         if profile_dir:
@@ -235,10 +262,45 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_worker(args.bundle, args.requests, args.result, args.run_config)
     except MscError as e:
+        _report_failure(e)
         print(f"msc worker rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
         return 1
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        _report_failure(e)
+        print(f"msc worker rank {os.environ.get('RANK')}: out of memory: {_first_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        _report_failure(e)
+        raise  # the traceback goes to the role's log
+    finally:
+        heartbeat.stop()
     return 0
 
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _report_failure(e: BaseException) -> None:
+    """Tell the launcher why this role fails (RUN_DIR/failure.RANK.json), before it exits: the launcher
+    names the role that failed on its own rather than a peer that only saw it go (kind "peer")."""
+    run_dir = os.environ.get(lifecycle.RUN_DIR_ENV)
+    if not run_dir:
+        return
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        error = f"out of memory: {_first_line(e)}"
+    elif isinstance(e, MscError):
+        error = _first_line(e)
+    else:
+        error = f"{type(e).__name__}: {_first_line(e)}"
+    record = {"kind": "peer" if isinstance(e, m2n.PeerError) else "own", "error": error, "time": time.time()}
+    path = Path(run_dir) / f"failure.{os.environ.get('RANK', 0)}.json"
+    try:
+        path.with_suffix(".tmp").write_text(json.dumps(record))
+        path.with_suffix(".tmp").replace(path)
+    except OSError:
+        pass
 
 if __name__ == "__main__":
     sys.exit(main())
