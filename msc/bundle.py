@@ -6,10 +6,17 @@
   weights/NAME.json      a role's weight map: get_attr target -> {source, shape, dtype}
   constants.safetensors  small computed buffers (rotary tables)
   checkpoint/            the materialised random-weight checkpoint (random-weight specs only)
+  checkpoint.json        what the bundle expects of a checkpoint: the tensors its weight maps read (name ->
+                         dtype, shape) and the config.json keys that matter (msc.checkpoint.check_checkpoint)
   launch/                local.sh (msc run) and torchrun_ROLE.sh per role process
 
 The manifest records a sha256 digest of every program JSON and weight map ("digests"); a program is
 loaded only when its files still match (Bundle.read_checked).
+
+Portable: no absolute host path is recorded. The checkpoint (`model.checkpoint`), the tokenizer folder
+(`model.tokenizer`) and the spec's `model.path` (manifest and spec.yaml) are relative to the bundle folder,
+so a bundle moved together with its checkpoint still runs; one moved without it runs with the checkpoint
+given at launch (`--checkpoint PATH`, `resolve_checkpoint`), which is checked against checkpoint.json first.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 import msc
-from msc.checkpoint import CheckpointReader, WeightEntry, stream_load
+from msc.checkpoint import EXPECTED_FILE, CheckpointReader, WeightEntry, check_checkpoint, stream_load
 from msc.errors import MscError
 from msc.ir import decode_dtype, graph_from_json, graph_to_json
 
@@ -54,8 +61,10 @@ def _tp_note(role: dict) -> str:
     return f", tensor-parallel rank {tp['rank']} of {tp['size']} with ranks {tp['ranks']}"
 
 
-def write_bundle(out: Path, *, manifest: dict, spec_dump: dict, programs: dict, constants: dict[str, torch.Tensor]) -> None:
-    """Write everything but the checkpoint into `out` (an empty staging directory)."""
+def write_bundle(out: Path, *, manifest: dict, spec_dump: dict, programs: dict, constants: dict[str, torch.Tensor],
+                 expected_checkpoint: dict | None = None) -> None:
+    """Write everything but the checkpoint into `out` (an empty staging directory). expected_checkpoint:
+    msc.checkpoint.checkpoint_expectations of the checkpoint compiled against (None: no checkpoint)."""
     (out / "programs").mkdir()
     (out / "weights").mkdir()
     (out / "launch").mkdir()
@@ -72,6 +81,8 @@ def write_bundle(out: Path, *, manifest: dict, spec_dump: dict, programs: dict, 
         (out / "programs" / f"{name}.py").write_text(prog.gm.code)
         wmap = {t: {"source": prog.weights[t], "shape": prog.shapes[t], "dtype": prog.dtypes[t]} for t in prog.weights}
         put(f"weights/{name}.json", json.dumps(wmap, indent=1))
+    if expected_checkpoint is not None:
+        put(EXPECTED_FILE, json.dumps(expected_checkpoint))
     # NOTE: recorded in the caller's manifest dict, so a later rewrite of manifest.json (the compiler adds
     # compile_seconds) keeps them
     manifest[DIGESTS] = dict(sorted(digests.items()))
@@ -129,14 +140,35 @@ class Bundle:
     def roles(self) -> list[dict]:
         return self.manifest["roles"]
 
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self, override: str | Path | None = None) -> Path:
+        """The checkpoint folder to read (absolute): `override` (a checkpoint given at launch) when given, else
+        the manifest's, relative to the bundle folder (an absolute one from an older msc is taken as it is).
+        MscError, saying to pass --checkpoint, when the recorded one is not there. Not checked against the
+        bundle's expectations: `resolve_checkpoint` does that."""
+        if override is not None:
+            return Path(override).expanduser().resolve()
         ck = self.manifest["model"]["checkpoint"]
         if ck is None:
             raise MscError(
                 f"bundle {self.path} was compiled for the meta device and has no weights; compile with device: cpu to run it"
             )
-        p = Path(ck)
-        return p if p.is_absolute() else self.path / p
+        # NOTE: resolve(), not a lexical normpath: the relative path was computed from the bundle's real folder,
+        # so '..' must be taken after the symlinks of the path the bundle is opened by
+        p = Path(ck) if Path(ck).is_absolute() else (self.path / ck).resolve()
+        if not p.is_dir():
+            raise MscError(f"bundle {self.path} expects its checkpoint at {ck} (relative to the bundle), which is not "
+                           f"there ({p}); pass --checkpoint PATH with the checkpoint folder")
+        return p
+
+    def checkpoint_expectations(self) -> dict | None:
+        """What this bundle needs of a checkpoint (checkpoint.json, digest-checked), or None for a bundle
+        written without one (meta compiles, older msc)."""
+        if EXPECTED_FILE not in (self.manifest.get(DIGESTS) or {}):
+            return None
+        data = self.read_checked(EXPECTED_FILE)
+        if not isinstance(data, dict) or not isinstance(data.get("tensors"), dict):
+            raise MscError(f"{self.path / EXPECTED_FILE}: expected {{config, tensors}} as msc writes it")
+        return data
 
     def read_checked(self, rel: str) -> object:
         """The parsed JSON of a program or weight map (`rel`: "programs/NAME.json", "weights/NAME.json"), once
@@ -183,13 +215,16 @@ class Bundle:
                 for t, e in wmap.items()]
 
     def load_program(self, name: str, device: str | torch.device = "cpu", *, reader: CheckpointReader | None = None,
-                     progress: bool | None = None, random_weights: bool = False, seed: int = 0) -> fx.GraphModule:
+                     progress: bool | None = None, random_weights: bool = False, seed: int = 0,
+                     checkpoint: str | Path | None = None) -> fx.GraphModule:
         """Rebuild a role's GraphModule and read its weights (only its own tensors) from the checkpoint.
 
         Weights stream shard by shard onto `device` (see msc.checkpoint.stream_load), so the role's peak
         memory is about its own bytes. reader: a CheckpointReader of this bundle's checkpoint to use (its
         counters then say what was read); progress: a bar on stderr (None: when stderr is a terminal).
         random_weights: make the weights on `device` instead (msc.random_weights; needs no checkpoint).
+        checkpoint: the checkpoint folder to read instead of the bundle's own (see checkpoint_dir; the caller
+        checks it first with resolve_checkpoint).
         """
         from safetensors.torch import load_file
 
@@ -202,10 +237,33 @@ class Bundle:
 
             return fx.GraphModule(random_attrs(graph, entries, constants, device, seed), graph)
         own = reader is None
-        reader = CheckpointReader(self.checkpoint_dir()) if own else reader
+        reader = CheckpointReader(self.checkpoint_dir(checkpoint)) if own else reader
         try:
             attrs = stream_load(reader, entries, device, constants=constants, label=f"program '{name}'", progress=progress)
         finally:
             if own:
                 reader.close()
         return fx.GraphModule(attrs, graph)
+
+
+def resolve_checkpoint(bundle: Bundle, given: str | Path | None) -> str | None:
+    """The checkpoint folder a run of `bundle` reads, as an absolute path, checked against the bundle before
+    anything starts: `given` (--checkpoint PATH) when set, else the bundle's own, relative to its folder.
+
+    None for a bundle that has no checkpoint (compiled for the meta device; it runs with random weights)
+    when none is given. MscError, one line, when the folder is missing (with a hint to pass --checkpoint),
+    holds no safetensors, or differs from what the bundle was compiled against (the first difference: a
+    config.json key, a missing tensor, another shape or dtype). What `msc run`, `msc serve` and `msc launch`
+    call; the result goes to the role processes as the run config's "checkpoint".
+    """
+    expected = bundle.checkpoint_expectations()
+    if bundle.manifest["model"].get("checkpoint") is None:
+        if given is None:
+            return None
+        raise MscError(f"bundle {bundle.path} was compiled without a checkpoint (device: meta), so it cannot check "
+                       f"--checkpoint {given} against one; compile it with model.path or run it with --random-weights")
+    path = bundle.checkpoint_dir(given)
+    if expected is None:  # NOTE: a bundle from before checkpoint.json: only the folder itself can be checked
+        CheckpointReader(path).close()
+        return str(path)
+    return str(check_checkpoint(path, expected))

@@ -505,3 +505,95 @@ __all__ = [
     "INDEX", "SINGLE", "CheckpointReader", "Piece", "TensorInfo", "WeightEntry", "describe_source",
     "materialize_random", "source_groups", "stream_load", "stream_order",
 ]
+
+
+# ---------------------------------------------------------------------- what a bundle expects of a checkpoint
+EXPECTED_FILE = "checkpoint.json"  # in a bundle: {"config": {...} | None, "tensors": {key: [dtype, shape]}}
+
+# NOTE: config.json keys that do not change what a bundle computes or which tensors it reads: names,
+# versions, token ids (the manifest keeps its own eos), training-only settings, runtime flags. Every other
+# key both config.json files hold must agree; a key only one of them holds (a newer transformers writes
+# another set) is not compared, since the tensors are checked one by one anyway.
+_CONFIG_IGNORED = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache",
+                   "return_dict", "initializer_range", "output_router_logits", "router_aux_loss_coef",
+                   "router_jitter_noise", "auto_map", "_attn_implementation", "_commit_hash"}
+
+
+def _config_key_matters(key: str) -> bool:
+    return not (key in _CONFIG_IGNORED or key.endswith(("_token_id", "_token_ids")) or "dropout" in key
+                or key.startswith("output_"))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _read_config(directory: Path) -> dict | None:
+    """The checkpoint's config.json as a dict, or None when it has none; MscError when it is not JSON."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MscError(f"checkpoint {directory}: config.json cannot be read as JSON ({str(e)[:80]})") from None
+    if not isinstance(data, dict):
+        raise MscError(f"checkpoint {directory}: config.json is not a JSON object")
+    return data
+
+
+def checkpoint_expectations(reader: CheckpointReader, sources: Iterable[dict]) -> dict:
+    """What a bundle needs of a checkpoint, from the one it was compiled against: every tensor its weight
+    sources read (name -> [dtype, shape of the whole tensor], in the order first read) and the config.json
+    keys that matter (None when that checkpoint had no config.json: a module saved by msc.compile)."""
+    tensors: dict[str, list] = {}
+    for source in sources:
+        if "constant" in source:
+            continue
+        for group in source_groups(source)[1]:
+            for p in group:
+                if p.key not in tensors:
+                    info = reader.info(p.key)
+                    tensors[p.key] = [_dtype_name(info.dtype), list(info.shape)]
+    config = _read_config(reader.dir)
+    if config is not None:
+        config = {k: v for k, v in config.items() if _config_key_matters(k)}
+    return {"config": config, "tensors": tensors}
+
+
+def check_checkpoint(directory: str | Path, expected: dict) -> Path:
+    """The checkpoint folder `directory` (absolute) once it gives what `expected` (checkpoint_expectations of
+    the bundle) needs; MscError naming the first difference otherwise. Reads config.json and the safetensors
+    headers only, no tensor data."""
+    directory = Path(directory).absolute()
+    where = f"checkpoint {directory}"
+    if not directory.exists():
+        raise MscError(f"{where} does not exist; expected a Hugging Face checkpoint folder")
+    if not directory.is_dir():
+        raise MscError(f"{where} is not a folder; expected a Hugging Face checkpoint folder")
+    want_config = expected.get("config")
+    if want_config is not None:
+        have = _read_config(directory)
+        if have is None:
+            raise MscError(f"{where} has no config.json; the bundle expects a {want_config.get('model_type')} "
+                           "checkpoint with its config.json")
+        if "model_type" in want_config and have.get("model_type") != want_config["model_type"]:
+            raise MscError(f"{where}: config.json has model_type {have.get('model_type')!r}, the bundle expects "
+                           f"{want_config['model_type']!r}")
+        for key, value in want_config.items():
+            if key in have and have[key] != value:
+                raise MscError(f"{where}: config.json has {key} {json.dumps(have[key])}, the bundle expects "
+                               f"{json.dumps(value)}")
+    with CheckpointReader(directory) as reader:  # MscError when the folder holds no safetensors
+        for key, (dtype, shape) in expected["tensors"].items():
+            if key not in reader.key_to_file:
+                raise MscError(f"{where} has no tensor {key}, which the bundle reads")
+            try:
+                info = reader.info(key)
+            except OSError as e:  # a shard the index names is missing or unreadable
+                raise MscError(f"{where}: cannot read {e.filename or reader.key_to_file[key]}: {e.strerror}") from None
+            if list(info.shape) != list(shape):
+                raise MscError(f"{where}: tensor {key} has shape {list(info.shape)}, the bundle expects {list(shape)}")
+            if _dtype_name(info.dtype) != dtype:
+                raise MscError(f"{where}: tensor {key} has dtype {_dtype_name(info.dtype)}, the bundle expects {dtype}")
+    return directory

@@ -104,6 +104,9 @@ def run_cmd(
     mps: Optional[str] = typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM "
                                       "shares: attention,expert percent (e.g. 40,60), or auto (from the spec's "
                                       "planner.profile, measured by msc profile)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
+                                              "one the bundle names (a bundle copied without it); checked against "
+                                              "the bundle before anything starts"),
 ):
     """Start every role as its own process and generate (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
@@ -116,7 +119,7 @@ def run_cmd(
         given = [name for name, v in roles_only.items() if v is not None]
         if given:
             _fail(MscError(f"{', '.join(given)} apply to the role processes; --colocated runs one process without them"))
-        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights, sampling)
+        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights, sampling, checkpoint)
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
         if max_new_tokens < 1:
@@ -125,7 +128,7 @@ def run_cmd(
         shares = _mps_shares(Bundle.open(bundle), mps) if mps else None
         result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace,
                             random_weights=random_weights, device=device, sampling=_per_prompt(sampling, len(prompts)),
-                            mps=shares)
+                            mps=shares, checkpoint=checkpoint)
     except MscError as e:
         _fail(e)
     steps = result["step_times"][0] if result["step_times"] else []
@@ -146,12 +149,13 @@ def run_cmd(
 
 
 def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, device: Optional[str],
-                   random_weights: bool = False, sampling: dict | None = None) -> None:
+                   random_weights: bool = False, sampling: dict | None = None, checkpoint: Optional[Path] = None) -> None:
     """The bundle's colocated program on the engine in this process (the same engine the roles run)."""
     import torch
 
-    from msc.bundle import Bundle
+    from msc.bundle import Bundle, resolve_checkpoint
     from msc.engine.build import build_engine
+    from msc.runtime.worker import resolve_run_config
     from msc.runtime.roles import sampling_from_json
     from msc.verify import default_prompts
 
@@ -164,7 +168,10 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
         if max_new_tokens < 1:
             raise MscError("--colocated needs --max-new-tokens >= 1")
         params = [sampling_from_json({"max_tokens": max_new_tokens, **s}) for s in _per_prompt(sampling or {}, len(prompts))]
-        gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights)
+        resolve_run_config({"random_weights": random_weights, "checkpoint": None if checkpoint is None else str(checkpoint)},
+                           b.manifest)
+        ck = None if random_weights else resolve_checkpoint(b, checkpoint)
+        gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights, checkpoint=ck)
         engine = build_engine(b.manifest, gm, dev)
         reqs = engine.generate(prompts, params)
     except MscError as e:
@@ -318,6 +325,86 @@ def inspect_cmd(
             out.print(code, markup=False, highlight=False)
 
 
+@app.command("launch")
+def launch_cmd(
+    bundle: Path = typer.Argument(..., help="bundle directory (the same on every node)"),
+    engine: str = typer.Option("torchrun", "--engine", help="torchrun (one command per node) or ray (one command for a Ray cluster)"),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun: how many nodes run the bundle's roles"),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank (0 hosts the rendezvous)"),
+    rdzv_endpoint: str = typer.Option("127.0.0.1:29500", "--rdzv-endpoint", help="torchrun: node 0's HOST:PORT"),
+    job_port: Optional[int] = typer.Option(None, "--job-port", help="torchrun: node 0's job store port (default: rendezvous port + 1)"),
+    join_timeout: float = typer.Option(120.0, "--join-timeout", min=1.0, help="torchrun: seconds to wait for every node to join"),
+    print_only: bool = typer.Option(False, "--print", help="print the command of every node and exit"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (auto, HOST:PORT, ray://...); default: start a local one"),
+    resources: Optional[str] = typer.Option(None, "--resources", help="ray: each side's Ray resources, "
+                                            "attention=JSON,expert=JSON (either alone), e.g. 'expert={\"CPU\": 2}'"),
+    input_ids: list[str] = typer.Option(None, "--input-ids", help="one prompt as comma-separated token ids; repeat for more"),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (node 0)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder on this node (default: the bundle's, relative to it)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the bundle's)"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+):
+    """Run a bundle's roles across machines: torchrun (each node runs this command with its --node-rank;
+    node 0 prints the outputs) or a Ray cluster (roles as actors placed on the pools the plan names)."""
+    from msc.bundle import Bundle
+    from msc.verify import default_prompts
+
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    try:
+        if engine not in ("torchrun", "ray"):
+            raise MscError(f"--engine must be torchrun or ray, got {engine!r}")
+        b = Bundle.open(bundle)
+        prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
+        run_options = {"random_weights": random_weights, "device": device}
+        if checkpoint is not None:
+            run_options["checkpoint"] = str(checkpoint)
+        if engine == "torchrun":
+            from msc.runtime import torchrun_launch
+
+            if print_only:
+                job_args = [a for ids in input_ids or [] for a in ("--input-ids", ids)]
+                job_args += ["--max-new-tokens", str(max_new_tokens)] + (["--json"] if as_json else [])
+                given = {"--checkpoint": checkpoint, "--device": device, "--job-port": job_port, "--seed": seed,
+                         "--temperature": temperature or None, "--top-k": top_k or None,
+                         "--top-p": top_p if top_p != 1.0 else None,
+                         "--join-timeout": join_timeout if join_timeout != 120.0 else None}
+                job_args += [a for k, v in given.items() if v is not None for a in (k, str(v))]
+                job_args += ["--random-weights"] if random_weights else []
+                for line in torchrun_launch.node_commands(str(bundle), nnodes, rdzv_endpoint, job_args):
+                    print(line)
+                return
+            job = torchrun_launch.NodeJob(str(bundle), nnodes, node_rank, rdzv_endpoint, prompts, max_new_tokens,
+                                          sampling=_per_prompt(sampling, len(prompts)), job_port=job_port,
+                                          join_timeout_s=join_timeout, run_options=run_options)
+            with err.status(f"node {node_rank} of {nnodes}: waiting for the rendezvous at {rdzv_endpoint}, then running"):
+                result = torchrun_launch.run_node(job)
+        else:
+            from msc.runtime import ray_launch
+
+            if print_only:
+                print(f"msc launch {bundle} --engine ray" + (f" --address {address}" if address else ""))
+                return
+            result = ray_launch.run_bundle_on_ray(str(bundle), prompts, max_new_tokens, address=address,
+                                                  sampling=_per_prompt(sampling, len(prompts)),
+                                                  resources=ray_launch.parse_resources(resources) if resources else None,
+                                                  **{k: v for k, v in run_options.items() if v})
+    except MscError as e:
+        _fail(e)
+    if result is None:
+        err.print(f"node {node_rank}: its roles finished; node 0 prints the outputs")
+        return
+    if as_json:
+        print(json.dumps({"outputs": result["outputs"], "finish_reasons": result["finish_reasons"], "errors": result["errors"]}))
+    else:
+        for p, o, e in zip(prompts, result["outputs"], result["errors"]):
+            out.print(f"{p} -> {o}" if e is None else f"{p} -> error: {e}", markup=False)
+
+
 @app.command("serve")
 def serve_cmd(
     bundle: Path = typer.Argument(..., help="bundle directory"),
@@ -336,6 +423,9 @@ def serve_cmd(
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one JSON line per request on stderr"),
     max_restarts: int = typer.Option(3, "--max-restarts", min=0, help="restart the role processes after a role dies "
                                      "or hangs, at most this many times in 10 minutes (0: stay down and answer 503)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
+                                              "one the bundle names (a bundle copied without it); checked against "
+                                              "the bundle before anything starts"),
 ):
     """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
@@ -356,17 +446,18 @@ def serve_cmd(
             if microbatches is not None:
                 raise MscError("--microbatches applies to the role processes; --colocated serves one process without them")
             with err.status("loading the colocated program"):
-                engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device).start()
+                engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device,
+                                                checkpoint=checkpoint).start()
         else:
             engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
-                                   max_restarts=max_restarts)
+                                   max_restarts=max_restarts, checkpoint=checkpoint)
             with err.status(f"starting {len(engine.bundle.roles)} role processes"):
                 engine.start()
     except MscError as e:
         _fail(e)
     try:
         try:
-            tokenizer = load_tokenizer(engine.bundle.path, engine.bundle.manifest)
+            tokenizer = load_tokenizer(engine.bundle.path, engine.bundle.manifest, engine.checkpoint)
         except MscError as e:
             _fail(e)
         if access_log:

@@ -12,6 +12,7 @@ only when everything succeeded, so a failed compile leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ import torch.fx as fx
 
 from msc.bundle import Bundle, versions, write_bundle
 from msc.capture import DTYPES, Captured, capture
-from msc.checkpoint import CheckpointReader, materialize_random
+from msc.checkpoint import CheckpointReader, checkpoint_expectations, materialize_random
 from msc.tokenizer import record_tokenizer
 from msc.errors import MscError
 from msc.ir import graph_meta
@@ -171,12 +172,24 @@ def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> Non
         "colocated": {"program": COLOCATED},
     }
     say("writing bundle")
-    write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs={**programs, COLOCATED: colocated},
-                 constants=captured.constants)
+    every = {**programs, COLOCATED: colocated}
+    expected = None
+    if job.checkpoint is not None:  # what a checkpoint given at launch must match (msc.checkpoint.check_checkpoint)
+        expected = checkpoint_expectations(job.checkpoint, (src for p in every.values() for src in p.weights.values()))
+    write_bundle(stage, manifest=manifest, spec_dump=spec.model_dump(exclude_none=True), programs=every,
+                 constants=captured.constants, expected_checkpoint=expected)
     (stage / "graphs").mkdir()
     (stage / "graphs" / "captured.py").write_text(gm.code)
     manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def relative_to_bundle(path: str | Path, bundle_dir: Path) -> str:
+    """`path` as the bundle records it: relative to the bundle's final folder (`bundle_dir`, resolved; not
+    the staging folder the compile writes into), so the manifest holds no absolute host path and a bundle
+    moved together with its checkpoint still finds it."""
+    # NOTE: both resolved (symlinks followed): Bundle.checkpoint_dir resolves bundle/REL the same way
+    return os.path.relpath(Path(path).resolve(), Path(bundle_dir).resolve())
 
 
 def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = None) -> Bundle:
@@ -204,8 +217,8 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = No
             plan = resolve_plan(spec.plan, moe["num_experts"])
         checkpoint_rel: str | None
         if spec.model.path is not None:
-            checkpoint_rel = str(Path(spec.model.path).resolve())
-            reader = CheckpointReader(checkpoint_rel)
+            reader = CheckpointReader(Path(spec.model.path).resolve())
+            checkpoint_rel = relative_to_bundle(spec.model.path, out_dir)
         elif spec.device == "meta":
             checkpoint_rel, reader = None, None
         else:
@@ -223,9 +236,11 @@ def compile_spec(spec: Spec, out_dir: str | Path, progress: Progress | None = No
             "eos_token_id": hf_config.eos_token_id,
             "max_position_embeddings": getattr(hf_config, "max_position_embeddings", None),
             # NOTE: by reference for a checkpoint (its folder), a small one built into the bundle otherwise
-            "tokenizer": record_tokenizer(stage, hf_config, spec.model.path, say),
+            "tokenizer": record_tokenizer(stage, hf_config, spec.model.path, say, bundle_dir=out_dir),
             **moe,
         }
+        if spec.model.path is not None:  # NOTE: the bundle's spec (manifest, spec.yaml) names it relatively too
+            spec = spec.model_copy(update={"model": spec.model.model_copy(update={"path": checkpoint_rel})})
         job = Lowering(spec=spec, plan=plan, moe=moe, model=model, captured=captured, adapter=adapter,
                        hf_config=hf_config, checkpoint=reader)
         lower_and_write(stage, job, say, t0)

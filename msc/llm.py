@@ -88,15 +88,18 @@ class LLM:
     """A bundle loaded for offline generation; see the module docstring."""
 
     def __init__(self, bundle_dir: str | Path, *, colocated: bool = False, device: str | None = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, checkpoint: str | Path | None = None):
+        """checkpoint: the checkpoint folder to read instead of the bundle's own (a bundle copied without it);
+        checked against the bundle first. Its tokenizer, too, when the bundle's tokenizer is its checkpoint's."""
         from msc.runtime.serving import ColocatedServingEngine, ServingEngine
         from msc.tokenizer import load_tokenizer
 
         if colocated:
-            self.engine = ColocatedServingEngine(bundle_dir, random_weights=random_weights, device=device)
+            self.engine = ColocatedServingEngine(bundle_dir, random_weights=random_weights, device=device,
+                                                 checkpoint=checkpoint)
         else:
-            self.engine = ServingEngine(bundle_dir, random_weights=random_weights, device=device)
-        self.tokenizer = load_tokenizer(self.engine.bundle.path, self.engine.bundle.manifest)
+            self.engine = ServingEngine(bundle_dir, random_weights=random_weights, device=device, checkpoint=checkpoint)
+        self.tokenizer = load_tokenizer(self.engine.bundle.path, self.engine.bundle.manifest, self.engine.checkpoint)
         self.engine.start()
 
     def __enter__(self) -> "LLM":

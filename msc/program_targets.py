@@ -29,7 +29,7 @@ EMITTED: frozenset[str] = frozenset(f"torch.ops.aten.{n}" for n in (
     "neg.default", "new_empty.default", "pow.Scalar", "pow.Tensor_Scalar", "reciprocal.default",
     "repeat_interleave.self_int", "reshape.default", "rsqrt.default", "scatter.value", "scatter_.value",
     "sigmoid.default", "silu.default", "sin.default", "slice.Tensor", "softmax.int", "split_with_sizes.default",
-    "squeeze.default", "stack.default", "sub.Tensor", "sum.dim_IntList", "sym_size.int", "to.device", "to.dtype",
+    "squeeze.default", "stack.default", "sub.Tensor", "sum.dim_IntList", "sym_size.int", "to.device", "to.dtype", "to.dtype_layout",
     "topk.default", "transpose.int", "type_as.default", "unsqueeze.default", "view.default", "zeros_like.default",
 ))
 

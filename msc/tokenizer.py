@@ -1,8 +1,10 @@
 """Tokenizers of bundles: the checkpoint's own, or a small one msc builds for random-weight models.
 
-A bundle records its tokenizer in the manifest (`model.tokenizer`): the checkpoint folder's path when
-the checkpoint has tokenizer files (by reference, like its weights), `"tokenizer"` (a folder inside the
-bundle) for a random-weight model, or null when there is none (the server then takes token ids only).
+A bundle records its tokenizer in the manifest (`model.tokenizer`): the checkpoint folder's path,
+relative to the bundle folder like `model.checkpoint`, when the checkpoint has tokenizer files (by
+reference, like its weights; a checkpoint given at launch then brings its own), `"tokenizer"` (a folder
+inside the bundle) for a random-weight model, or null when there is none (the server then takes token
+ids only).
 Either way it loads with transformers' `AutoTokenizer`, chat template included.
 
 The small tokenizer is a byte-pair encoding trained (with the `tokenizers` library) on a short text that
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +102,18 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def record_tokenizer(stage: Path, hf_config, model_path: str | None, say=lambda msg: None) -> str | None:
+def record_tokenizer(stage: Path, hf_config, model_path: str | None, say=lambda msg: None, *,
+                     bundle_dir: Path | None = None) -> str | None:
     """Decide a new bundle's tokenizer (the manifest's model.tokenizer) and, for a random-weight model,
-    write the small one into the staging folder. None: no tokenizer (token ids only)."""
+    write the small one into the staging folder. None: no tokenizer (token ids only). bundle_dir: the
+    bundle's final folder, which a checkpoint's tokenizer folder is recorded relative to."""
     if model_path is not None:
         if has_tokenizer_files(model_path):
-            return str(Path(model_path).resolve())
+            if bundle_dir is None:
+                return str(Path(model_path).resolve())
+            # NOTE: the same relative form as model.checkpoint (msc.compiler.relative_to_bundle), so that
+            # tokenizer_dir can tell a tokenizer that is the checkpoint's own
+            return os.path.relpath(Path(model_path).resolve(), Path(bundle_dir).resolve())
         say(f"the checkpoint {model_path} has no tokenizer files: the bundle serves token ids only")
         return None
     try:
@@ -117,15 +126,33 @@ def record_tokenizer(stage: Path, hf_config, model_path: str | None, say=lambda 
     return SMALL_TOKENIZER_DIR
 
 
-def load_tokenizer(bundle_dir: str | Path, manifest: dict):
-    """The bundle's tokenizer (transformers), or None when it has none; MscError when the recorded one
-    cannot be loaded or does not fit the model's vocabulary."""
+def tokenizer_dir(bundle_dir: str | Path, manifest: dict, checkpoint: str | Path | None = None) -> Path | None:
+    """The folder to load the bundle's tokenizer from, or None when it has none. `checkpoint`: the checkpoint
+    given at launch; a bundle whose tokenizer is its checkpoint's takes that checkpoint's instead (None when
+    it has no tokenizer files: token ids only)."""
     ref = manifest["model"].get("tokenizer")
     if ref is None:
         return None
-    path = Path(ref) if Path(ref).is_absolute() else Path(bundle_dir) / ref
+    # NOTE: the tokenizer travels with the weights: recorded as the checkpoint's own folder, it follows --checkpoint
+    if checkpoint is not None and ref == manifest["model"].get("checkpoint"):
+        path = Path(checkpoint)
+        if not has_tokenizer_files(path):
+            log.warning("the checkpoint %s has no tokenizer files: serving token ids only", path)
+            return None
+        return path
+    path = Path(ref) if Path(ref).is_absolute() else (Path(bundle_dir) / ref).resolve()
     if not path.is_dir():
-        raise MscError(f"the bundle's tokenizer folder {path} does not exist (moved or deleted since compile?)")
+        hint = "; pass --checkpoint PATH with the checkpoint folder" if ref == manifest["model"].get("checkpoint") else ""
+        raise MscError(f"the bundle's tokenizer folder {path} does not exist (moved or deleted since compile?){hint}")
+    return path
+
+
+def load_tokenizer(bundle_dir: str | Path, manifest: dict, checkpoint: str | Path | None = None):
+    """The bundle's tokenizer (transformers), or None when it has none; MscError when the recorded one
+    cannot be loaded or does not fit the model's vocabulary. checkpoint: see tokenizer_dir."""
+    path = tokenizer_dir(bundle_dir, manifest, checkpoint)
+    if path is None:
+        return None
     from transformers import AutoTokenizer
 
     try:

@@ -197,6 +197,23 @@ def test_sinks_against_reference(nh, nkv, window, dk, dv):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("window", [-1, 3])
+def test_device_only_sink_decode_matches_the_reference(monkeypatch, nh, nkv, window):
+    """The decode path a GPU takes for models with sinks (device gathers only, CUDA-graph safe), run here on
+    the CPU: the same float64 reference as the gathered path."""
+    import msc.runtime.paged_kv as pk
+
+    monkeypatch.setattr(pk, "_graph_safe_decode", lambda q: True)
+    calls = []
+    real = pk.decode_on_device
+    monkeypatch.setattr(pk, "decode_on_device", lambda *a: calls.append(1) or real(*a))
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=F64)[:nh]
+    for got, want in _run(STEPS, nh, nkv, 8, 5, window, sinks=sinks):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert len(calls) == sum(all(n == 1 for _, n in step) for step in STEPS) > 0  # every pure decode step took it
+
+
 def test_sinks_keep_float64_precision():
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=F64)
     for got, want in _run(STEPS, 4, 2, 8, 8, -1, sinks=sinks):

@@ -67,7 +67,7 @@ def server(hf, tmp_path_factory):
     spec = parse_spec({"model": {"path": str(folder), "dtype": "float32"}, "device": "cpu",
                        "plan": {"experts": {"nodes": 2}, "batch_size": 40}})
     bundle = compile_spec(spec, tmp_path_factory.mktemp("bundles") / "tiny-chat")
-    assert bundle.manifest["model"]["tokenizer"] == str(folder.resolve())
+    assert (bundle.path / bundle.manifest["model"]["tokenizer"]).resolve() == folder.resolve()
     engine = ServingEngine(bundle.path).start(timeout_s=180)
     app = create_app(engine, tokenizer=load_tokenizer(bundle.path, bundle.manifest), model_name="tiny-chat")
     try:

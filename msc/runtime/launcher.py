@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from msc.bundle import Bundle
+from msc.bundle import Bundle, resolve_checkpoint
 from msc.errors import MscError
 from msc.runtime import lifecycle
 from msc.runtime.roles import sampling_from_json
@@ -96,6 +96,9 @@ def heartbeat_bound_s(manifest: dict) -> float:
     return manifest["spec"]["runtime"].get("heartbeat_timeout_s") or lifecycle.DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
+SECONDARY = ("peer", "stopped")  # failure kinds that follow from another role's failure (msc.runtime.worker)
+
+
 def failure_message(procs: list[tuple[dict, subprocess.Popen]], workdir: Path, settle_s: float = 2.0) -> str | None:
     """The message naming the role that failed first, or None if every role still runs or ended well.
 
@@ -107,7 +110,7 @@ def failure_message(procs: list[tuple[dict, subprocess.Popen]], workdir: Path, s
         return None
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline and any(p.poll() is None for _, p in procs):
-        own = [r for r, p in procs if p.poll() not in (None, 0) and _failure(workdir, r).get("kind") != "peer"]
+        own = [r for r, p in procs if p.poll() not in (None, 0) and _failure(workdir, r).get("kind") not in SECONDARY]
         if own:
             break
         time.sleep(0.02)
@@ -115,7 +118,7 @@ def failure_message(procs: list[tuple[dict, subprocess.Popen]], workdir: Path, s
     def rank_key(item):
         r, _ = item
         f = _failure(workdir, r)
-        return (f.get("kind") == "peer", f.get("time", 0.0))
+        return (f.get("kind") in SECONDARY, f.get("time", 0.0))
     r, p = min(failed, key=rank_key)
     f = _failure(workdir, r)
     cause = f.get("error") or _tail(workdir / f"{r['name']}.log")
@@ -174,6 +177,7 @@ def run_bundle(
     sampling: list[dict] | None = None,
     arrivals: list[int] | None = None,
     mps: dict[str, int] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Generate greedily for `prompts` with the bundle's roles.
 
@@ -185,7 +189,8 @@ def run_bundle(
     `sampling`: per prompt, SamplingParams fields (temperature, top_k, top_p, seed, stop_token_ids,
     ignore_eos); `arrivals`: per prompt, the step of its replica's engine at which it joins (continuous
     batching without wall-clock timing). `mps`: {"attention": %, "expert": %}, run the roles (on one GPU) under
-    CUDA MPS with those SM shares (msc.runtime.mps). The result adds "finish_reasons" ("stop", "length" or "error"),
+    CUDA MPS with those SM shares (msc.runtime.mps). `checkpoint`: the checkpoint folder to read instead of the
+    bundle's own (checked against the bundle before any role starts; msc.bundle.resolve_checkpoint). The result adds "finish_reasons" ("stop", "length" or "error"),
     "errors" (the message of a prompt that could never run, else None) and "records" (per replica, the
     engine's step records).
     """
@@ -207,8 +212,11 @@ def run_bundle(
         sampling_from_json({"max_tokens": n, **extra})
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
-    run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device}
+    run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device,
+                  "checkpoint": None if checkpoint is None else str(checkpoint)}
     resolve_run_config(run_config, bundle.manifest)  # bad overrides fail here, before any process starts
+    if not random_weights:  # a missing or mismatching checkpoint, too
+        run_config["checkpoint"] = resolve_checkpoint(bundle, checkpoint)
     roles = bundle.roles
     deadline = time.monotonic() + (timeout_s or bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
     tag = lifecycle.new_run_tag()

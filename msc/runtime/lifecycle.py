@@ -35,6 +35,7 @@ RUN_TAG_ENV = "MSC_RUN_TAG"
 SHM_DIR = "/dev/shm"
 HEARTBEAT_EVERY_S = 0.5
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+PARENT_ANY = "any"
 
 
 def new_run_tag() -> str:
@@ -83,7 +84,8 @@ def watch_parent(poll_s: float = 0.2) -> threading.Thread | None:
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return None
-    parent_pid = int(parent)
+    # "any": the process that started this one, whoever it is (torchrun's agent under msc launch)
+    parent_pid = os.getppid() if parent == PARENT_ANY else int(parent)
 
     def orphaned() -> bool:
         # NOTE: an orphan is re-parented (to init or a subreaper), so getppid changes; a pid that is

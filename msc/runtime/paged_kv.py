@@ -332,7 +332,10 @@ def paged_attention(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
     cache.write(layer, meta.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [T, nkv, d], [T, nkv, dv]
     if sinks is not None:
         # NOTE: the Triton decode kernel and the batched prefill have no sinks; such a model's steps gather
-        # each sequence's pages (correct everywhere, not the fast path)
+        # each sequence's pages (correct everywhere, not the fast path). Decode steps on a GPU gather on the
+        # device only, so that they can be captured in a CUDA graph (no host reads of the step's lengths).
+        if meta.decode and _graph_safe_decode(q):
+            return decode_on_device(cache, layer, q, meta, scaling, sliding_window, sinks)
         return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, sinks)
     if meta.decode:
         return _decode(cache, layer, q, meta, scaling, sliding_window)
@@ -387,6 +390,44 @@ def _gathered(cache: PagedKVCache, layer: int, q: Tensor, spans, scaling: float,
                 o = attention_with_sinks(qs[:, a:b], kc, vc, allowed, scaling, sinks)
             out[0, start + a : start + b] = o.transpose(0, 1)
     return out
+
+
+def _graph_safe_decode(q: Tensor) -> bool:
+    """Whether decode steps with sinks take the device-only path (on a GPU: it may be in a CUDA graph)."""
+    return q.device.type == "cuda"
+
+
+def decode_on_device(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float,
+                     sliding_window: int, sinks: Tensor | None) -> Tensor:
+    """Decode attention (one query per sequence) over every sequence's pages, gathered with device ops only:
+    no host read of the step's lengths or pages, so a CUDA graph can capture it. q [1, nh, B, d] -> [1, B, nh, dv].
+    NOTE: it reads every page of the block table (padded width), so it costs more than the Triton kernel;
+    it serves the models that kernel does not (attention sinks)."""
+    b, nh, d = q.shape[2], q.shape[1], q.shape[3]
+    nkv = cache.num_kv_heads
+    blocks = meta.block_tables.long()  # [B, P]
+    k = cache.k[layer][blocks].reshape(b, -1, nkv, cache.head_dim)  # [B, S, nkv, d]
+    v = cache.v[layer][blocks].reshape(b, -1, nkv, cache.v_head_dim)  # [B, S, nkv, dv]
+    qg = q[0].transpose(0, 1).reshape(b, nkv, nh // nkv, d)  # [B, nkv, g, d]
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg.to(work), k.to(work)) * scaling  # [B, nkv, g, S]
+    lens = meta.seq_lens.long()[:, None]  # [B, 1]
+    key_pos = torch.arange(k.shape[1], device=q.device)[None, :]  # [1, S]
+    visible = key_pos < lens  # [B, S]: the query sits at position lens - 1
+    if sliding_window > 0:
+        visible &= key_pos > lens - 1 - sliding_window
+    visible |= (key_pos == 0) & (lens == 0)  # padding rows (length 0) see one slot: finite, and discarded
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(work).reshape(1, nkv, nh // nkv, 1).expand(b, -1, -1, 1)  # [B, nkv, g, 1]
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    # NOTE: pages past a sequence's end hold whatever was there (NaN included): 0 * NaN would leak, so zero them
+    v = torch.where(visible[:, :, None, None], v.to(work), 0.0)  # [B, S, nkv, dv]
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v)  # [B, nkv, g, dv]
+    return out.reshape(b, nh, -1).to(q.dtype).unsqueeze(0)  # [1, B, nh, dv]
 
 
 def _query_chunks(n: int, heads: int, keys: int, sinks: bool = False) -> list[tuple[int, int]]:

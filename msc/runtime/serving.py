@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-from msc.bundle import Bundle
+from msc.bundle import Bundle, resolve_checkpoint
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
 from msc.runtime import lifecycle
@@ -162,6 +162,7 @@ class _Server:
         self._closing = False
         self.served = 0  # requests finished
         self.cancelled = 0
+        self.checkpoint: str | None = None  # the checked checkpoint folder the roles read (None: random weights)
 
     def __enter__(self):
         return self.start()
@@ -260,12 +261,15 @@ class ServingEngine(_Server):
 
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
                  microbatches: int | None = None, env: dict[str, str] | None = None,
-                 request_timeout_s: float | None = None, max_restarts: int = 3):
+                 request_timeout_s: float | None = None, max_restarts: int = 3, checkpoint: str | Path | None = None):
         super().__init__(bundle_dir, request_timeout_s)
         m = self.bundle.manifest
         self.replicas = [r for r in self.bundle.roles if r["kind"] == "attention"]
-        self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device}
+        self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device,
+                            "checkpoint": None if checkpoint is None else str(checkpoint)}
         resolve_run_config(dict(self._run_config), m)  # bad options fail here, before any process starts
+        if not random_weights:  # checked once here; every (re)start of the roles reads this folder
+            self.checkpoint = self._run_config["checkpoint"] = resolve_checkpoint(self.bundle, checkpoint)
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise MscError(f"max_restarts must be an integer >= 0, got {max_restarts!r}")
         self.max_restarts = max_restarts
@@ -503,7 +507,7 @@ class ColocatedServingEngine(_Server):
     engine as every other path, with the experts in process instead of on expert nodes."""
 
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
-                 request_timeout_s: float | None = None):
+                 request_timeout_s: float | None = None, checkpoint: str | Path | None = None):
         import torch
 
         from msc.engine.build import build_engine
@@ -513,8 +517,12 @@ class ColocatedServingEngine(_Server):
         if "colocated" not in m:
             raise MscError(f"bundle {bundle_dir} has no colocated program (compiled by an older msc); compile it again")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        resolve_run_config({"random_weights": random_weights, "device": self.device}, m)
-        program = self.bundle.load_program(m["colocated"]["program"], self.device, random_weights=random_weights)
+        resolve_run_config({"random_weights": random_weights, "device": self.device,
+                            "checkpoint": None if checkpoint is None else str(checkpoint)}, m)
+        if not random_weights:
+            self.checkpoint = resolve_checkpoint(self.bundle, checkpoint)
+        program = self.bundle.load_program(m["colocated"]["program"], self.device, random_weights=random_weights,
+                                           checkpoint=self.checkpoint)
         self.engine = build_engine(m, program, self.device)
         self.replicas = [{"name": "colocated"}]
         self._thread: threading.Thread | None = None

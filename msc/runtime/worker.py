@@ -11,7 +11,9 @@ which it arrives) and write a result file with the outputs and the engine's step
 `--run-config FILE` (JSON, every key optional) overrides the bundle for this run: `microbatches` (the
 plan's m), `delay_ms` ({"attention": ms, "expert": ms}, the spec's runtime.delay_ms) and `trace_dir`
 (each role writes its timeline there as trace.RANK.json), `serve` ({"host", "port", "token"}: the attention
-replicas take requests from a serving process, msc.runtime.serving, instead of a requests file).
+replicas take requests from a serving process, msc.runtime.serving, instead of a requests file),
+`checkpoint` (the checkpoint folder to read instead of the bundle's own: the launcher's msc.bundle.
+resolve_checkpoint, checked before any role starts).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from msc.errors import MscError
 from msc.runtime import serve_link
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.engine.build import build_engine
-from msc.runtime import lifecycle, tensor_parallel
+from msc.runtime import job_store, lifecycle, tensor_parallel
 from msc.runtime.roles import AttentionRole, ExpertRole, sampling_from_json
 from msc.runtime.trace import Trace
 
@@ -67,7 +69,7 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
     spec_delay = manifest["spec"]["runtime"].get("delay_ms") or {}
     cfg = {"microbatches": manifest["plan"]["microbatches"], "trace_dir": None,
            "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)},
-           "random_weights": False, "device": None, "serve": None}
+           "random_weights": False, "device": None, "serve": None, "checkpoint": None}
     unknown = set(over) - set(cfg)
     if unknown:
         raise MscError(f"{source}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
@@ -90,7 +92,12 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
     if cfg["device"] == "meta":
         raise MscError(f"{source}: the bundle was compiled for the meta device and has no weights: run it with random "
                        "weights on a real device (msc run --random-weights --device cuda|cpu)")
-    if not cfg["random_weights"] and manifest["model"].get("checkpoint") is None:
+    ck = cfg["checkpoint"]
+    if ck is not None and (not isinstance(ck, str) or not ck):
+        raise MscError(f"{source}: checkpoint must be the path of a checkpoint folder, got {ck!r}")
+    if ck is not None and cfg["random_weights"]:
+        raise MscError(f"{source}: a checkpoint ({ck}) and random weights exclude each other; give one of them")
+    if not cfg["random_weights"] and ck is None and manifest["model"].get("checkpoint") is None:
         raise MscError(f"{source}: the bundle has no weights (no checkpoint); run it with random weights "
                        "(msc run --random-weights) or compile it with device: cpu")
     return cfg
@@ -114,6 +121,8 @@ def _rendezvous_store(addr: str, port: int, world: int, rank: int, timeout: date
     """The run's TCPStore (rank 0 hosts it). NOTE: torch's store listens on every interface; started by msc's
     own launcher (every role on this host, MASTER_ADDR 127.0.0.1) rank 0 hands it a socket bound to that
     address instead, so nothing outside the machine can reach the rendezvous."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent hosts it (c10d rendezvous)
+        return dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
     if rank != 0 or not os.environ.get(lifecycle.PARENT_ENV):
         return dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
@@ -146,7 +155,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     device = cfg["device"]
     trace = Trace(role["name"], rank, enabled=cfg["trace_dir"] is not None)
     place = role_device(device, rank)  # this role's own device: cuda:K on a GPU host
-    program = bundle.load_program(role["program"], place, random_weights=cfg["random_weights"])
+    program = bundle.load_program(role["program"], place, random_weights=cfg["random_weights"], checkpoint=cfg["checkpoint"])
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     transport = m2n.resolve_transport(runtime.get("transport", "auto"), device=device, one_host=one_host)
     store = _rendezvous_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank, timeout)
@@ -219,14 +228,16 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         records = [{"step": r.step, "decode": r.decode, "prefill": r.prefill, "preempted": r.preempted,
                     "finished": r.finished} for r in engine.records]
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"indices": mine, "outputs": [r.output for r in done],
+        result = json.dumps({"indices": mine, "outputs": [r.output for r in done],
                                    "finish_reasons": [r.finish_reason for r in done],
                                    "errors": [r.error for r in done],
                                    "request_ids": [r.id for r in done], "records": records,
                                    "forwards": len(steps), "transport": transport,
                                    "captured_segments": engine.runner.captured_segments,
-                                   "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]}))
+                                   "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]})
+        tmp.write_text(result)
         tmp.replace(out)
+        job_store.report(f"result/{rank}", result)  # msc launch across nodes: node 0 collects the results
     finally:
         if tp["size"] > 1:
             tensor_parallel.leave(clean=sys.exc_info()[0] is None)
@@ -248,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: `kill -USR1 PID` prints every thread's Python stack to this role's log: where a stuck role waits
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     lifecycle.watch_parent()  # started by a launcher: end with it
+    lifecycle.exit_on_sigterm()  # stopped by its launcher (torchrun tearing a failed job down): say so on the way out
     heartbeat = lifecycle.Heartbeat(int(os.environ.get("RANK", 0))).start()
     try:
         profile_dir = os.environ.get("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
@@ -272,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         _report_failure(e)
         raise  # the traceback goes to the role's log
+    except SystemExit as e:  # SIGTERM (lifecycle.exit_on_sigterm): its launcher stops it
+        _report_failure(e)
+        raise
     finally:
         heartbeat.stop()
     return 0
@@ -286,15 +301,21 @@ def _report_failure(e: BaseException) -> None:
     """Tell the launcher why this role fails (RUN_DIR/failure.RANK.json), before it exits: the launcher
     names the role that failed on its own rather than a peer that only saw it go (kind "peer")."""
     run_dir = os.environ.get(lifecycle.RUN_DIR_ENV)
-    if not run_dir:
-        return
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         error = f"out of memory: {_first_line(e)}"
     elif isinstance(e, MscError):
         error = _first_line(e)
+    elif isinstance(e, SystemExit):
+        error = "stopped by a signal from its launcher"
     else:
         error = f"{type(e).__name__}: {_first_line(e)}"
-    record = {"kind": "peer" if isinstance(e, m2n.PeerError) else "own", "error": error, "time": time.time()}
+    # NOTE: "peer" (it lost a peer) and "stopped" (its launcher ended it) are consequences of another failure
+    kind = "peer" if isinstance(e, m2n.PeerError) else "stopped" if isinstance(e, SystemExit) else "own"
+    record = {"kind": kind, "error": error, "time": time.time(),
+              "node": os.environ.get(job_store.NODE_ENV)}
+    job_store.report(f"failure/{os.environ.get('RANK', 0)}", json.dumps(record))
+    if not run_dir:
+        return
     path = Path(run_dir) / f"failure.{os.environ.get('RANK', 0)}.json"
     try:
         path.with_suffix(".tmp").write_text(json.dumps(record))
