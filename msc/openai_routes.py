@@ -46,10 +46,12 @@ class ServeState:
             raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
                            "model", code="model_not_found")
 
-    def need_tokenizer(self, what: str) -> Any:
+    def need_tokenizer(self, what: str, param: str = "prompt") -> Any:
         if self.tokenizer is None:
+            hint = ("send the prompt as token ids to /v1/completions" if param == "messages"
+                    else "send the prompt as token ids")
             raise ApiError(400, f"{what} needs a tokenizer, and this bundle has none (its checkpoint had no tokenizer "
-                                "files): send the prompt as token ids", "prompt")
+                                f"files): {hint}", param)
         return self.tokenizer
 
     def token_text(self, tid: int) -> str:
@@ -142,7 +144,7 @@ def register(app: FastAPI, state: ServeState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, http: Request):
         state.check_model(req.model)
-        tok = state.need_tokenizer("a chat request")
+        tok = state.need_tokenizer("a chat request", "messages")
         if getattr(tok, "chat_template", None) is None:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         try:

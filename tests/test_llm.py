@@ -81,6 +81,6 @@ def test_a_bundle_without_a_tokenizer_serves_token_ids_and_refuses_text(no_token
         r = client.post("/v1/completions", json={"prompt": "Hello"})
         assert r.status_code == 400 and "needs a tokenizer" in r.json()["error"]["message"]
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = client.post("/v1/completions", json={"prompt": [5, 17, 42], "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == reference_generate(tiny_hf, [5, 17, 42], 6)
