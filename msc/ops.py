@@ -107,8 +107,11 @@ def experts(
         from msc.backends.compute import triton_moe
 
         return triton_moe.fused_moe(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, act)
-    return torch_eager.gated_experts(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, gate_up_bias,
-                                     down_bias, act, layout)
+    # NOTE: the eager loop indexes by the routing's values (a host sync): inside CUDA-graph capture (GPT-OSS's
+    # biased, interleaved experts on a GPU) the static form runs instead
+    eager = (torch_eager.gated_experts_static if hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+             else torch_eager.gated_experts)
+    return eager(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, gate_up_bias, down_bias, act, layout)
 
 
 def _fused_moe_ok(act: str, layout: str, gate_up_bias, down_bias) -> bool:

@@ -15,6 +15,7 @@ import torch
 
 from msc.backends.compute.torch_eager import (
     gated_experts,
+    gated_experts_static,
     parse_activation,
     parse_layout,
     softmax_topk_router,
@@ -155,6 +156,20 @@ def test_layouts_and_biases(layout, bias):
     act = "gpt_oss:1.702:7.0" if "interleaved" in flags else "silu"
     got = gated_experts(h, idx, w, s_gu, s_dn, 0, s_gub, db if bias else None, act=act, layout=layout)
     want = ref_experts(h, idx, w, gu, dn, 0, gub if bias else None, db if bias else None, act=act)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_static_form_matches_the_reference(layout, bias):
+    """gated_experts_static (what runs inside CUDA-graph capture) against the same float64 reference, on an
+    expert slice (ids outside it add nothing)."""
+    h, idx, w, gu, dn, gub, db = _problem(seed=2)
+    flags = {f for f in layout.split(",") if f}
+    s_gu, s_dn, s_gub = to_layout(gu[1:3], dn[1:3], gub[1:3] if bias else None, flags)
+    act = "gpt_oss:1.702:7.0" if "interleaved" in flags else "silu"
+    got = gated_experts_static(h, idx, w, s_gu, s_dn, 1, s_gub, db[1:3] if bias else None, act=act, layout=layout)
+    want = ref_experts(h, idx, w, gu[1:3], dn[1:3], 1, gub[1:3] if bias else None, db[1:3] if bias else None, act=act)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

@@ -96,6 +96,33 @@ def gated_experts(
     return out
 
 
+def gated_experts_static(
+    hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, first_expert: int,
+    gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None, act: str = "silu", layout: str = "",
+) -> Tensor:
+    """gated_experts with static shapes: every local expert runs on every token and the routing weights (zero
+    where a token did not pick the expert) select, so nothing depends on the data's values and a CUDA graph
+    can capture it. NOTE: E_local / K times the FLOPs of the loop, but a decode step reads every expert's
+    weights either way once the batch hits most experts; the engine takes it only while capturing."""
+    gate_fn, flags = parse_activation(act), parse_layout(layout)
+    e_local = gate_up.shape[0]
+    local = top_k_index - first_expert  # [T, K]
+    experts = torch.arange(e_local, device=hidden.device)  # [E]
+    weight = ((local[:, :, None] == experts) * top_k_weights[:, :, None]).sum(1)  # [T, E]
+    if "gate_up_t" in flags:
+        gu = torch.einsum("th,ehi->eti", hidden, gate_up)  # [E, T, 2I]
+    else:
+        gu = torch.einsum("th,eih->eti", hidden, gate_up)  # [E, T, 2I]
+    if gate_up_bias is not None:
+        gu = gu + gate_up_bias[:, None, :]
+    gate, up = (gu[..., ::2], gu[..., 1::2]) if "interleaved" in flags else gu.chunk(2, dim=-1)  # [E, T, I] each
+    h = gate_fn(gate, up)  # [E, T, I]
+    y = torch.einsum("eti,eih->eth", h, down) if "down_t" in flags else torch.einsum("eti,ehi->eth", h, down)  # [E, T, H]
+    if down_bias is not None:
+        y = y + down_bias[:, None, :]
+    return torch.einsum("eth,te->th", y, weight.to(y.dtype)).to(hidden.dtype)  # [T, H]
+
+
 def swiglu_experts(
     hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor, first_expert: int
 ) -> Tensor:
