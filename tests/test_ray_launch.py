@@ -6,13 +6,10 @@ a killed launcher leaves no role process either; a cluster that lacks a pool is 
 placed, with what is missing listed."""
 from __future__ import annotations
 
-import glob
 import os
 import select
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +23,7 @@ from msc.runtime.ray_launch import run_bundle_on_ray  # noqa: E402
 from msc.runtime.worker import FAULT_AFTER, FAULT_ROLE  # noqa: E402
 from msc.verify import reference_generate  # noqa: E402
 from tests.conftest import tiny_spec_dict  # noqa: E402
+from tests.test_reliability import wait_until, worker_pids  # noqa: E402
 
 PROMPTS = [[5, 17, 42, 7], [100, 3, 9]]
 NEW = 6
@@ -76,27 +74,6 @@ def cluster():
 
 def node_with(resource: str) -> str:
     return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource))
-
-
-def worker_pids(marker: str) -> list[int]:
-    """Role processes (msc.runtime.worker) whose command line names `marker` (a bundle path)."""
-    pids = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            text = Path(cmdline).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "msc.runtime.worker" in text and marker in text:
-            pids.append(int(cmdline.split("/")[2]))
-    return pids
-
-
-def wait_until(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout_s} s")
-        time.sleep(0.05)
 
 
 def no_placement_groups_left() -> bool:
