@@ -335,6 +335,10 @@ def launch_cmd(
     job_port: Optional[int] = typer.Option(None, "--job-port", help="torchrun: node 0's job store port (default: rendezvous port + 1)"),
     join_timeout: float = typer.Option(120.0, "--join-timeout", min=1.0, help="torchrun: seconds to wait for every node to join"),
     print_only: bool = typer.Option(False, "--print", help="print the command of every node and exit"),
+    serve: bool = typer.Option(False, "--serve", help="torchrun: serve requests instead of running prompts (node 0 "
+                               "answers HTTP, as msc serve; the other nodes run their roles until node 0 stops)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="--serve: node 0's HTTP address"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="--serve: node 0's HTTP port"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (auto, HOST:PORT, ray://...); default: start a local one"),
     resources: Optional[str] = typer.Option(None, "--resources", help="ray: each side's Ray resources, "
                                             "attention=JSON,expert=JSON (either alone), e.g. 'expert={\"CPU\": 2}'"),
@@ -358,6 +362,8 @@ def launch_cmd(
     try:
         if engine not in ("torchrun", "ray"):
             raise MscError(f"--engine must be torchrun or ray, got {engine!r}")
+        if serve and engine != "torchrun":
+            raise MscError("--serve works with --engine torchrun (the Ray engine runs batches of prompts only)")
         b = Bundle.open(bundle)
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(b.manifest["model"]["vocab_size"])
         run_options = {"random_weights": random_weights, "device": device}
@@ -375,14 +381,22 @@ def launch_cmd(
                          "--join-timeout": join_timeout if join_timeout != 120.0 else None}
                 job_args += [a for k, v in given.items() if v is not None for a in (k, str(v))]
                 job_args += ["--random-weights"] if random_weights else []
+                job_args += ["--serve", "--port", str(port)] + (["--host", host] if host != "127.0.0.1" else []) if serve else []
                 for line in torchrun_launch.node_commands(str(bundle), nnodes, rdzv_endpoint, job_args):
                     print(line)
                 return
             job = torchrun_launch.NodeJob(str(bundle), nnodes, node_rank, rdzv_endpoint, prompts, max_new_tokens,
                                           sampling=_per_prompt(sampling, len(prompts)), job_port=job_port,
-                                          join_timeout_s=join_timeout, run_options=run_options)
-            with err.status(f"node {node_rank} of {nnodes}: waiting for the rendezvous at {rdzv_endpoint}, then running"):
+                                          join_timeout_s=join_timeout, run_options=run_options, serve=serve)
+            if serve and node_rank == 0:
+                from msc.http_middleware import public_address_warning
+
+                public_address_warning(host, None)
+            with err.status(f"node {node_rank} of {nnodes}: waiting for the rendezvous at {rdzv_endpoint}, then "
+                            + ("starting the roles" if serve else "running")):
                 result = torchrun_launch.run_node(job)
+            if serve and result is not None:
+                return _serve_http(result, bundle, host, port, None, True, None)
         else:
             from msc.runtime import ray_launch
 
@@ -396,7 +410,7 @@ def launch_cmd(
     except MscError as e:
         _fail(e)
     if result is None:
-        err.print(f"node {node_rank}: its roles finished; node 0 prints the outputs")
+        err.print(f"node {node_rank}: its roles finished" + ("" if serve else "; node 0 prints the outputs"))
         return
     if as_json:
         print(json.dumps({"outputs": result["outputs"], "finish_reasons": result["finish_reasons"], "errors": result["errors"]}))
@@ -405,56 +419,16 @@ def launch_cmd(
             out.print(f"{p} -> {o}" if e is None else f"{p} -> error: {e}", markup=False)
 
 
-@app.command("serve")
-def serve_cmd(
-    bundle: Path = typer.Argument(..., help="bundle directory"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one)"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the bundle's)"),
-    random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
-                                        "reading a checkpoint (serves a bundle compiled for the meta device)"),
-    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
-    colocated: bool = typer.Option(False, "--colocated", help="serve the colocated program in this process "
-                                   "(the same engine, experts in process) instead of the role processes"),
-    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="the model id clients name "
-                                                    "(default: the bundle folder's name)"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSC_API_KEY", help="require 'Authorization: "
-                                          "Bearer KEY' on /v1/ paths (also read from MSC_API_KEY)"),
-    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one JSON line per request on stderr"),
-    max_restarts: int = typer.Option(3, "--max-restarts", min=0, help="restart the role processes after a role dies "
-                                     "or hangs, at most this many times in 10 minutes (0: stay down and answer 503)"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
-                                              "one the bundle names (a bundle copied without it); checked against "
-                                              "the bundle before anything starts"),
-):
-    """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
-    /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
+def _serve_http(engine, bundle: Path, host: str, port: int, api_key: Optional[str], access_log: bool,
+                served_model_name: Optional[str]) -> None:
+    """Serve a started engine over HTTP under uvicorn until Ctrl-C / SIGTERM, then close the engine."""
     import logging
 
     import uvicorn
 
-    from msc.runtime.serving import ColocatedServingEngine, ServingEngine
     from msc.server import create_app
     from msc.tokenizer import load_tokenizer
 
-    from msc.http_middleware import public_address_warning
-
-    # NOTE: logged (logger msc.server), which the root handler of _root prints on stderr: said once, not twice
-    public_address_warning(host, api_key)
-    try:
-        if colocated:
-            if microbatches is not None:
-                raise MscError("--microbatches applies to the role processes; --colocated serves one process without them")
-            with err.status("loading the colocated program"):
-                engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device,
-                                                checkpoint=checkpoint).start()
-        else:
-            engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
-                                   max_restarts=max_restarts, checkpoint=checkpoint)
-            with err.status(f"starting {len(engine.bundle.roles)} role processes"):
-                engine.start()
-    except MscError as e:
-        _fail(e)
     try:
         try:
             tokenizer = load_tokenizer(engine.bundle.path, engine.bundle.manifest, engine.checkpoint)
@@ -484,6 +458,52 @@ def serve_cmd(
     finally:
         with err.status("stopping the engine"):
             engine.close()
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the bundle's)"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="make random weights on the device instead of "
+                                        "reading a checkpoint (serves a bundle compiled for the meta device)"),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, max=8, help="override the plan's micro-batch count m"),
+    colocated: bool = typer.Option(False, "--colocated", help="serve the colocated program in this process "
+                                   "(the same engine, experts in process) instead of the role processes"),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="the model id clients name "
+                                                    "(default: the bundle folder's name)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSC_API_KEY", help="require 'Authorization: "
+                                          "Bearer KEY' on /v1/ paths (also read from MSC_API_KEY)"),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one JSON line per request on stderr"),
+    max_restarts: int = typer.Option(3, "--max-restarts", min=0, help="restart the role processes after a role dies "
+                                     "or hangs, at most this many times in 10 minutes (0: stay down and answer 503)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
+                                              "one the bundle names (a bundle copied without it); checked against "
+                                              "the bundle before anything starts"),
+):
+    """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
+    /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
+    from msc.http_middleware import public_address_warning
+    from msc.runtime.serving import ColocatedServingEngine, ServingEngine
+
+    # NOTE: logged (logger msc.server), which the root handler of _root prints on stderr: said once, not twice
+    public_address_warning(host, api_key)
+    try:
+        if colocated:
+            if microbatches is not None:
+                raise MscError("--microbatches applies to the role processes; --colocated serves one process without them")
+            with err.status("loading the colocated program"):
+                engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device,
+                                                checkpoint=checkpoint).start()
+        else:
+            engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
+                                   max_restarts=max_restarts, checkpoint=checkpoint)
+            with err.status(f"starting {len(engine.bundle.roles)} role processes"):
+                engine.start()
+    except MscError as e:
+        _fail(e)
+    _serve_http(engine, bundle, host, port, api_key, access_log, served_model_name)
     err.print(f"stopped: served {engine.served} requests")
 
 

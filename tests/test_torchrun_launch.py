@@ -89,3 +89,41 @@ def test_a_dying_role_is_named_with_its_node_and_nothing_is_left(own_bundle):
     # expert.1 is rank 2: wherever the rendezvous put it, node 0 names it (not a peer that only lost it)
     assert "role expert.1 (rank 2) on node" in outs[0][1] and "ended abruptly" in outs[0][1], outs[0][1][-2000:]
     assert not worker_pids(str(own_bundle))
+
+
+def test_serving_across_two_nodes(own_bundle, tiny_hf):
+    """`--serve`: node 0 answers HTTP with the replicas and expert nodes spread over both nodes; Ctrl-C on
+    node 0 stops every role on both."""
+    import signal
+
+    import httpx
+
+    port = free_port_pair()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    nodes = [launch(own_bundle, 1, port, "--serve"), launch(own_bundle, 0, port, "--serve", "--port", str(http_port))]
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert all(p.poll() is None for p in nodes), [p.communicate()[1][-2000:] for p in nodes if p.poll() is not None]
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        for prompt in PROMPTS:
+            r = httpx.post(f"{url}/v1/generate", json={"prompt_token_ids": prompt, "max_new_tokens": 6}, timeout=60)
+            assert r.status_code == 200 and r.json()["token_ids"] == reference_generate(tiny_hf, prompt, 6)
+        nodes[1].send_signal(signal.SIGINT)  # node 0 (started second)
+        outs = [p.communicate(timeout=60) for p in nodes]
+        assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=10)
+    assert not worker_pids(str(own_bundle))

@@ -309,10 +309,10 @@ class ServingEngine(_Server):
         self._workdir = Path(tempfile.mkdtemp(prefix="msc-serve-"))
         self._tag = lifecycle.new_run_tag()
         token = secrets.token_hex(16)
-        self._server = LinkServer(token)
+        self._server = LinkServer(token, host=self.link_host)
         cfg = {**self._run_config, "serve": {"host": self._server.host, "port": self._server.port, "token": token}}
         try:
-            self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env, tag=self._tag)
+            self._start_roles(cfg)
             links = self._server.accept(len(self.replicas), timeout_s, check=self._raise_if_a_role_failed)
             for r, link in sorted(links.items()):
                 msg = link.wait(timeout_s, on_idle=self._raise_if_a_role_failed, idle_every_s=0.2)
@@ -327,6 +327,15 @@ class ServingEngine(_Server):
         reader = threading.Thread(target=self._read_loop, args=(dict(links), stop), name="msc-reader", daemon=True)
         self._reader = (reader, stop)
         reader.start()
+
+    link_host = "127.0.0.1"  # where the replicas reach this server (msc launch --serve: the rendezvous host)
+
+    def _start_roles(self, cfg: dict) -> None:
+        """Start every role process on this machine with run config `cfg` (msc launch overrides this)."""
+        self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env, tag=self._tag)
+
+    def _stop_roles(self, grace_s: float) -> None:
+        stop_roles(self._procs, grace_s)
 
     def close(self, grace_s: float = 30.0) -> None:
         """Stop taking requests, fail the unfinished ones, tell the replicas to stop and wait for every role
@@ -489,7 +498,7 @@ class ServingEngine(_Server):
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
             self._reader = None
-        stop_roles(self._procs, grace_s)
+        self._stop_roles(grace_s)
         for link in self._links.values():
             link.close()
         self._links, self._send_locks = {}, {}

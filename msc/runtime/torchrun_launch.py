@@ -38,6 +38,7 @@ from msc.errors import MscError
 from msc.runtime import job_store, lifecycle
 from msc.runtime.launcher import SECONDARY, _tail, heartbeat_bound_s
 from msc.runtime.roles import sampling_from_json
+from msc.runtime.serving import ServingEngine
 from msc.runtime.worker import resolve_run_config
 
 
@@ -56,6 +57,7 @@ class NodeJob:
     join_timeout_s: float = 120.0
     timeout_s: float | None = None  # the whole job; default: 4 x runtime.timeout_s
     run_options: dict = field(default_factory=dict)  # run-config overrides (random_weights, device, checkpoint ...)
+    serve: bool = False  # serve requests (node 0: HTTP) instead of running the prompts
 
     @property
     def rdzv_host(self) -> str:
@@ -146,22 +148,15 @@ def run_node(job: NodeJob) -> dict | None:
     store.set(f"node/{job.node_rank}", socket.gethostname())
     if job.node_rank == 0:
         _wait_for_nodes(store, job)
+    if job.serve:
+        return _serve_node(job, bundle, store, nproc)
     tag = lifecycle.new_run_tag()
     workdir = Path(tempfile.mkdtemp(prefix="msc-launch-"))
     proc = None
     try:
         (workdir / "requests.json").write_text(json.dumps({"prompts": job.prompts, "max_new_tokens": job.max_new_tokens,
                                                            "sampling": job.sampling}))
-        (workdir / "run-config.json").write_text(json.dumps({k: v for k, v in job.run_options.items() if v is not None}))
-        inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env = {**inherited, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               job_store.STORE_ENV: f"{job.rdzv_host}:{job_port}", job_store.NODE_ENV: str(job.node_rank),
-               "MSC_M2N_HOST": os.environ.get("MSC_M2N_HOST") or _local_address(job.rdzv_host, job.rdzv_port),
-               lifecycle.PARENT_ENV: lifecycle.PARENT_ANY, lifecycle.RUN_DIR_ENV: str(workdir),
-               lifecycle.RUN_TAG_ENV: tag}
-        with open(workdir / "torchrun.log", "w") as log:
-            proc = subprocess.Popen(torchrun_command(job, bundle, workdir, nproc), env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_torchrun(job, bundle, workdir, tag, nproc, job.run_options)
         rc = _watch(proc, job, bundle, workdir, time.monotonic() + timeout_s + job.join_timeout_s)
         if rc != 0:
             _report_abrupt_exits(store, job, roles, workdir)
@@ -169,6 +164,88 @@ def run_node(job: NodeJob) -> dict | None:
         if job.node_rank != 0:
             return None
         return _gather(store, job, bundle, run_config)
+    finally:
+        if proc is not None:
+            _stop_group(proc)
+        lifecycle.cleanup_run(workdir, tag)
+
+
+def _start_torchrun(job: NodeJob, bundle: Bundle, workdir: Path, tag: str, nproc: int, run_config: dict) -> subprocess.Popen:
+    """This node's torchrun (in a session of its own) on msc.runtime.worker with `run_config`."""
+    (workdir / "run-config.json").write_text(json.dumps({k: v for k, v in run_config.items() if v is not None}))
+    inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**inherited, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           job_store.STORE_ENV: f"{job.rdzv_host}:{job.job_port or job.rdzv_port + 1}", job_store.NODE_ENV: str(job.node_rank),
+           "MSC_M2N_HOST": os.environ.get("MSC_M2N_HOST") or _local_address(job.rdzv_host, job.rdzv_port),
+           lifecycle.PARENT_ENV: lifecycle.PARENT_ANY, lifecycle.RUN_DIR_ENV: str(workdir), lifecycle.RUN_TAG_ENV: tag}
+    with open(workdir / "torchrun.log", "w") as log:
+        return subprocess.Popen(torchrun_command(job, bundle, workdir, nproc), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# ------------------------------------------------------------------------------------------ --serve
+class NodeServingEngine(ServingEngine):
+    """Node 0's serving engine under `msc launch --serve`: the replicas run under torchrun on every node and
+    connect back to this process (the link server listens on the rendezvous host; its address and token go
+    to the other nodes through the job store). NOTE: no restarts: a role that dies anywhere ends the
+    deployment (restarting means a new rendezvous of every node)."""
+
+    def __init__(self, job: NodeJob, store, nproc: int):
+        opts = job.run_options
+        super().__init__(job.bundle_dir, random_weights=bool(opts.get("random_weights")), device=opts.get("device"),
+                         checkpoint=opts.get("checkpoint"), max_restarts=0)
+        self.job, self.store, self.nproc = job, store, nproc
+        self.link_host = job.rdzv_host
+        self._torchrun: subprocess.Popen | None = None
+
+    def _start_roles(self, cfg: dict) -> None:
+        self.store.set("serve/link", json.dumps(cfg["serve"]))
+        self._torchrun = _start_torchrun(self.job, self.bundle, self._workdir, self._tag, self.nproc, cfg)
+
+    def _stop_roles(self, grace_s: float) -> None:
+        if self._torchrun is None:
+            return
+        try:
+            self._torchrun.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        _stop_group(self._torchrun)
+
+    def _raise_if_a_role_failed(self) -> None:
+        if self._closing or self._torchrun is None or self._workdir is None:
+            return
+        rc = self._torchrun.poll()
+        if rc is not None:
+            _report_abrupt_exits(self.store, self.job, self.bundle.roles, self._workdir)
+            raise MscError(_failure(self.store, self.job, self.bundle.roles, self._workdir, rc))
+        silent = lifecycle.silent_roles(self._workdir, self.bundle.roles, self.heartbeat_s)
+        if silent:
+            r, age = silent[0]
+            raise MscError(f"role {r['name']} (rank {r['rank']}) on node 0 has not answered for {age:.1f} s: "
+                           "it is stopped or hung")
+
+
+def _serve_node(job: NodeJob, bundle: Bundle, store, nproc: int) -> "NodeServingEngine | None":
+    """--serve: node 0 returns its started serving engine (the caller serves HTTP on it, then closes it);
+    another node runs its roles until node 0 stops them, then returns None."""
+    if job.node_rank == 0:
+        engine = NodeServingEngine(job, store, nproc)
+        return engine.start(timeout_s=job.join_timeout_s + bundle.manifest["spec"]["runtime"]["timeout_s"] * 4)
+    deadline = time.monotonic() + job.join_timeout_s * 2
+    while (link := job_store.get(store, "serve/link")) is None:
+        if time.monotonic() > deadline:
+            raise MscError("node 0 did not start serving (no serving address in its job store)")
+        time.sleep(0.1)
+    tag = lifecycle.new_run_tag()
+    workdir = Path(tempfile.mkdtemp(prefix="msc-launch-"))
+    proc = None
+    try:
+        proc = _start_torchrun(job, bundle, workdir, tag, nproc, {**job.run_options, "serve": json.loads(link)})
+        rc = _watch(proc, job, bundle, workdir, None)  # serves until node 0 stops the replicas
+        if rc != 0:
+            _report_abrupt_exits(store, job, bundle.roles, workdir)
+            raise MscError(_failure(store, job, bundle.roles, workdir, rc))
+        return None
     finally:
         if proc is not None:
             _stop_group(proc)
@@ -188,7 +265,7 @@ def _wait_for_nodes(store, job: NodeJob) -> None:
         time.sleep(0.1)
 
 
-def _watch(proc: subprocess.Popen, job: NodeJob, bundle: Bundle, workdir: Path, deadline: float) -> int:
+def _watch(proc: subprocess.Popen, job: NodeJob, bundle: Bundle, workdir: Path, deadline: float | None) -> int:
     """torchrun's exit code; MscError when a local role is silent past its heartbeat bound or time runs out."""
     bound = heartbeat_bound_s(bundle.manifest)
     while True:
@@ -201,7 +278,7 @@ def _watch(proc: subprocess.Popen, job: NodeJob, bundle: Bundle, workdir: Path, 
             r, age = silent[0]
             raise MscError(f"role {r['name']} (rank {r['rank']}) on node {job.node_rank} has not answered for "
                            f"{age:.1f} s (more than runtime.heartbeat_timeout_s = {bound:g}): it is stopped or hung")
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise MscError(f"node {job.node_rank}: the job did not end within its time bound")
 
 
