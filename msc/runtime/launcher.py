@@ -143,17 +143,37 @@ def watch_roles(procs: list[tuple[dict, subprocess.Popen]], workdir: Path, deadl
         running = [r for r, p in procs if p.poll() is None]
         if not running:
             return
-        silent = lifecycle.silent_roles(workdir, running, heartbeat_s)
+        silent = lifecycle.silence_message(workdir, running, heartbeat_s)
         if silent:
-            r, age = silent[0]
-            raise MscError(f"role {r['name']} (rank {r['rank']}) has not answered for {age:.1f} s "
-                           f"(more than runtime.heartbeat_timeout_s = {heartbeat_s:g}): it is stopped or hung")
+            raise MscError(silent)
         if time.monotonic() > deadline:
             raise MscError(f"run timed out; still running: {', '.join(r['name'] for r in running)}")
         try:
             next(p for _, p in procs if p.poll() is None).wait(timeout=0.05)
         except (subprocess.TimeoutExpired, StopIteration):
             pass
+
+
+def check_requests(bundle: Bundle, prompts: list[list[int]], max_new_tokens: int | list[int],
+                   sampling: list[dict] | None = None, arrivals: list[int] | None = None) -> None:
+    """MscError (one line) for a batch that no role could run: empty prompts, token ids outside the vocabulary,
+    per-prompt lists of the wrong length, bad sampling parameters or arrivals. Every launcher (msc run, msc
+    launch with torchrun or Ray) checks here, before any process starts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MscError("every prompt needs at least one token id")
+    vocab = bundle.manifest["model"]["vocab_size"]
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    for name, val in (("sampling", sampling), ("arrivals", arrivals),
+                      ("max_new_tokens", max_new_tokens if isinstance(max_new_tokens, list) else None)):
+        if val is not None and len(val) != len(prompts):
+            raise MscError(f"{name} has {len(val)} entries for {len(prompts)} prompts; expected one per prompt")
+    if arrivals is not None and any(not isinstance(a, int) or isinstance(a, bool) or a < 0 for a in arrivals):
+        raise MscError(f"arrivals are engine steps (integers >= 0), got {arrivals!r}")
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    for n, extra in zip(limits, sampling or [{}] * len(prompts)):  # bad parameters fail here, not in a role process
+        sampling_from_json({"max_tokens": n, **extra})
 
 
 def role_log_tail(workdir: Path, role: dict) -> str:
@@ -195,21 +215,7 @@ def run_bundle(
     engine's step records).
     """
     bundle = Bundle.open(bundle_dir)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise MscError("every prompt needs at least one token id")
-    vocab = bundle.manifest["model"]["vocab_size"]
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    for name, val in (("sampling", sampling), ("arrivals", arrivals),
-                      ("max_new_tokens", max_new_tokens if isinstance(max_new_tokens, list) else None)):
-        if val is not None and len(val) != len(prompts):
-            raise MscError(f"{name} has {len(val)} entries for {len(prompts)} prompts; expected one per prompt")
-    if arrivals is not None and any(not isinstance(a, int) or isinstance(a, bool) or a < 0 for a in arrivals):
-        raise MscError(f"arrivals are engine steps (integers >= 0), got {arrivals!r}")
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    for n, extra in zip(limits, sampling or [{}] * len(prompts)):  # bad parameters fail here, not in a role process
-        sampling_from_json({"max_tokens": n, **extra})
+    check_requests(bundle, prompts, max_new_tokens, sampling, arrivals)
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
     run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device,

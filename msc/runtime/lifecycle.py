@@ -163,6 +163,17 @@ def silent_roles(workdir: Path, roles: list[dict], bound_s: float) -> list[tuple
     return out
 
 
+def silence_message(workdir: Path, roles: list[dict], bound_s: float, where: str = "") -> str | None:
+    """The error naming the first of `roles` silent for more than bound_s (None if none is); `where` names
+    the place, e.g. " on node 1"."""
+    silent = silent_roles(workdir, roles, bound_s)
+    if not silent:
+        return None
+    r, age = silent[0]
+    return (f"role {r['name']} (rank {r['rank']}){where} has not answered for {age:.1f} s (more than "
+            f"runtime.heartbeat_timeout_s = {bound_s:g}): it is stopped or hung")
+
+
 def describe_exit(rc: int) -> str:
     """'exited with code 3' or 'was killed by SIGKILL' (with a hint where the signal has a usual cause)."""
     if rc >= 0:

@@ -53,8 +53,7 @@ from typing import Any, Callable
 from msc.bundle import Bundle
 from msc.errors import MscError
 from msc.runtime import lifecycle
-from msc.runtime.launcher import heartbeat_bound_s
-from msc.runtime.roles import sampling_from_json
+from msc.runtime.launcher import SECONDARY, check_requests, heartbeat_bound_s
 from msc.runtime.worker import resolve_run_config
 
 SIDES = ("attention", "expert")
@@ -283,22 +282,6 @@ class RoleActor:
 
 
 # ------------------------------------------------------------------------------------------- the driver
-def _check_requests(bundle: Bundle, prompts, max_new_tokens, sampling) -> None:
-    """The checks run_bundle makes on a batch, here before any Ray work starts."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise MscError("every prompt needs at least one token id")
-    vocab = bundle.manifest["model"]["vocab_size"]
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    for name, val in (("sampling", sampling), ("max_new_tokens", max_new_tokens if isinstance(max_new_tokens, list) else None)):
-        if val is not None and len(val) != len(prompts):
-            raise MscError(f"{name} has {len(val)} entries for {len(prompts)} prompts; expected one per prompt")
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    for n, extra in zip(limits, sampling or [{}] * len(prompts)):
-        sampling_from_json({"max_tokens": n, **extra})
-
-
 def _where(role: dict, info: dict | None) -> str:
     node = f"Ray node {info['node_id'][:12]} ({info['ip']})" if info else "an unplaced Ray actor"
     return f"role {role['name']} (rank {role['rank']}) on {node}"
@@ -437,7 +420,7 @@ def failure_message(dep: _Deployment, states: list[dict], settle_s: float = SETT
         return None
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
-        if any("dead" in s or (s.get("returncode") not in (None, 0) and s.get("failure", {}).get("kind") != "peer")
+        if any("dead" in s or (s.get("returncode") not in (None, 0) and s.get("failure", {}).get("kind") not in SECONDARY)
                for s in states):
             break
         if all(s.get("returncode") is not None or "dead" in s for s in states):
@@ -448,7 +431,7 @@ def failure_message(dep: _Deployment, states: list[dict], settle_s: float = SETT
     def key(i):
         s = states[i]
         f = s.get("failure", {})
-        return ("dead" not in s, f.get("kind") == "peer", f.get("time", float("inf")))
+        return ("dead" not in s, f.get("kind") in SECONDARY, f.get("time", float("inf")))
 
     i = min(failed(states), key=key)
     s, role, info = states[i], dep.roles[i], dep.info[i]
@@ -548,7 +531,7 @@ def run_bundle_on_ray(
     Ray node id and IP.
     """
     bundle = Bundle.open(bundle_dir)
-    _check_requests(bundle, prompts, max_new_tokens, sampling)
+    check_requests(bundle, prompts, max_new_tokens, sampling)
     if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         raise MscError(f"placement strategy {strategy!r}: expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     run_config: dict[str, Any] = {"random_weights": random_weights, "device": device,

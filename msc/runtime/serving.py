@@ -471,11 +471,7 @@ class ServingEngine(_Server):
         msg = failure_message(self._procs, self._workdir)
         if msg is None:
             running = [r for r, p in self._procs if p.poll() is None]
-            silent = lifecycle.silent_roles(self._workdir, running, self.heartbeat_s)
-            if silent:
-                r, age = silent[0]
-                msg = (f"role {r['name']} (rank {r['rank']}) has not answered for {age:.1f} s (more than "
-                       f"runtime.heartbeat_timeout_s = {self.heartbeat_s:g}): it is stopped or hung")
+            msg = lifecycle.silence_message(self._workdir, running, self.heartbeat_s)
         if msg is not None:
             raise MscError(msg)
 

@@ -36,8 +36,7 @@ from pathlib import Path
 from msc.bundle import Bundle, resolve_checkpoint
 from msc.errors import MscError
 from msc.runtime import job_store, lifecycle
-from msc.runtime.launcher import SECONDARY, _tail, heartbeat_bound_s
-from msc.runtime.roles import sampling_from_json
+from msc.runtime.launcher import SECONDARY, _tail, check_requests, heartbeat_bound_s
 from msc.runtime.serving import ServingEngine
 from msc.runtime.worker import resolve_run_config
 
@@ -105,14 +104,7 @@ def _rdzv_id(bundle: Bundle, endpoint: str) -> str:
 
 
 def _check_job(bundle: Bundle, job: NodeJob) -> None:
-    vocab = bundle.manifest["model"]["vocab_size"]
-    if not job.prompts or any(len(p) == 0 for p in job.prompts):
-        raise MscError("every prompt needs at least one token id")
-    bad = [t for p in job.prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise MscError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    for extra in job.sampling or [{}]:
-        sampling_from_json({"max_tokens": job.max_new_tokens, **extra})
+    check_requests(bundle, job.prompts, job.max_new_tokens, job.sampling)
     if not 0 <= job.node_rank < job.nnodes:
         raise MscError(f"--node-rank must be in [0, {job.nnodes}), got {job.node_rank}")
 
@@ -218,11 +210,9 @@ class NodeServingEngine(ServingEngine):
         if rc is not None:
             _report_abrupt_exits(self.store, self.job, self.bundle.roles, self._workdir)
             raise MscError(_failure(self.store, self.job, self.bundle.roles, self._workdir, rc))
-        silent = lifecycle.silent_roles(self._workdir, self.bundle.roles, self.heartbeat_s)
+        silent = lifecycle.silence_message(self._workdir, self.bundle.roles, self.heartbeat_s, " on node 0")
         if silent:
-            r, age = silent[0]
-            raise MscError(f"role {r['name']} (rank {r['rank']}) on node 0 has not answered for {age:.1f} s: "
-                           "it is stopped or hung")
+            raise MscError(silent)
 
 
 def _serve_node(job: NodeJob, bundle: Bundle, store, nproc: int) -> "NodeServingEngine | None":
@@ -273,11 +263,9 @@ def _watch(proc: subprocess.Popen, job: NodeJob, bundle: Bundle, workdir: Path, 
             return proc.wait(timeout=0.1)
         except subprocess.TimeoutExpired:
             pass
-        silent = lifecycle.silent_roles(workdir, bundle.roles, bound)
+        silent = lifecycle.silence_message(workdir, bundle.roles, bound, f" on node {job.node_rank}")
         if silent:
-            r, age = silent[0]
-            raise MscError(f"role {r['name']} (rank {r['rank']}) on node {job.node_rank} has not answered for "
-                           f"{age:.1f} s (more than runtime.heartbeat_timeout_s = {bound:g}): it is stopped or hung")
+            raise MscError(silent)
         if deadline is not None and time.monotonic() > deadline:
             raise MscError(f"node {job.node_rank}: the job did not end within its time bound")
 
