@@ -13,7 +13,7 @@ deployment), the reference's workload (571 prompt tokens, 159 new ones, EOS igno
   time per output token (p50, p99), against the roles' pure decode tokens/s at batch C.
 
     python benchmarks/engine_step.py --layers 16 --batch 64,256 --m 1,2,3 --serve 64,256 --out engine_step.json
-    python benchmarks/engine_step.py --parts colocated,roles --batch 64 --m 1 --output-len 32   # quicker
+    python benchmarks/engine_step.py --parts colocated,roles --batch 64 --m 1 --variants stage,device-mps --output-len 32
     python benchmarks/engine_step.py --model tiny --device cpu --batch 4 --m 1,2 --serve 4 \
         --input-len 16 --output-len 8                                  # a smoke run of the script on a CPU
 
@@ -82,26 +82,44 @@ def colocated(bundle, prompts, batches: list[int], output_len: int, device: str)
     return out
 
 
-def roles(bundle, prompts, output_len: int, m: int, device: str, stage_graphs: str = "on") -> dict:
+# How the two role processes run (env for the roles, MPS SM shares or None):
+#   stage       host exchange (messages per layer), the compute between them replayed from stage CUDA graphs
+#   eager       host exchange, no graphs
+#   device      device exchange (msc.runtime.device_exchange: each role's whole decode step one CUDA graph, hand-offs
+#               by device flags), the roles time-slicing the GPU
+#   device-mps  the same under CUDA MPS (both roles 100 % of the SMs): the roles' kernels run side by side
+VARIANTS = {
+    "stage": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "off"}, None),
+    "eager": ({"MSC_STAGE_GRAPHS": "off", "MSC_DEVICE_EXCHANGE": "off"}, None),
+    "device": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "on"}, None),
+    "device-mps": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "auto"}, {"attention": 100, "expert": 100}),
+    "stage-mps": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "off"}, {"attention": 100, "expert": 100}),
+}
+
+
+def roles(bundle, prompts, output_len: int, m: int, device: str, variant: str = "stage") -> dict:
     from msc.runtime.launcher import run_bundle
 
+    env, mps = VARIANTS[variant]
     res = run_bundle(bundle.path, prompts, output_len, random_weights=True, device=device, microbatches=m,
-                     sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580,
-                     env={"MSC_STAGE_GRAPHS": stage_graphs})
+                     sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580, env=env,
+                     mps=mps if device == "cuda" else None)
     full = [r for r in res["records"][0] if not r["prefill"] and len(r["decode"]) == len(prompts)]
     times = res["decode_times"][0]
     steps = times[-len(full):] if full else times  # decode-only steps of the whole batch (the last ones)
     return {"step_s": statistics.median(steps), "decode_steps": len(steps), "outputs": res["outputs"],
-            "stage_graphs": stage_graphs, "captured_segments": res["captured_segments"][0]}
+            "variant": variant, "captured_segments": res["captured_segments"][0],
+            "device_steps": res["device_steps"][0]}
 
 
 def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: int, device: str,
-          reference: list[list[int]] | None = None, stage_graphs: str = "off") -> dict:
+          reference: list[list[int]] | None = None, variant: str = "stage") -> dict:
     from msc.engine.request import SamplingParams
     from msc.runtime.serving import ServingEngine
 
+    env, mps = VARIANTS[variant]
     eng = ServingEngine(bundle.path, random_weights=True, device=device, microbatches=m, request_timeout_s=1200,
-                        env={"MSC_STAGE_GRAPHS": stage_graphs})
+                        env=env, mps=mps if device == "cuda" else None)
     t0 = time.perf_counter()
     eng.start(timeout_s=300)
     startup = time.perf_counter() - t0
@@ -157,7 +175,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=571)
     ap.add_argument("--output-len", type=int, default=159)
     ap.add_argument("--parts", default="colocated,roles,serve")
-    ap.add_argument("--eager-m", default="1", help="micro-batch counts also run without stage CUDA graphs")
+    ap.add_argument("--variants", default="stage,device,device-mps",
+                    help=f"how the role processes run, each with every m: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="engine_step.json")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -182,20 +201,19 @@ def main() -> None:
                 emit(row)
         for b in batches:
             if "roles" in parts:
-                for m in ints(args.m):
-                    emit({"part": "roles", "batch": b, "m": m, **roles(bundle, prompts[:b], args.output_len, m, dev)})
-                for m in ints(args.eager_m):
-                    emit({"part": "roles", "batch": b, "m": m,
-                          **roles(bundle, prompts[:b], args.output_len, m, dev, stage_graphs="off")})
+                for variant in args.variants.split(","):
+                    for m in ints(args.m):
+                        emit({"part": "roles", "batch": b, "m": m,
+                              **roles(bundle, prompts[:b], args.output_len, m, dev, variant)})
         if "serve" in parts:
             for c in ints(args.serve):
-                runs = {(r["m"], r["stage_graphs"]): r for r in rows if r["part"] == "roles" and r["batch"] == c}
+                runs = {(r["m"], r["variant"]): r for r in rows if r["part"] == "roles" and r["batch"] == c}
                 steps = {k: r["step_s"] for k, r in runs.items()}
-                best = min(steps, key=steps.get) if steps else (1, "off")
-                m, graphs = best
+                best = min(steps, key=steps.get) if steps else (1, "stage")
+                m, variant = best
                 ref = runs[best]["outputs"] if steps else None
-                row = {"part": "serve", "m": m, "stage_graphs": graphs,
-                       **serve(bundle, prompts, c, args.requests_per_client, args.output_len, m, dev, ref, graphs)}
+                row = {"part": "serve", "m": m, "variant": variant,
+                       **serve(bundle, prompts, c, args.requests_per_client, args.output_len, m, dev, ref, variant)}
                 if steps:
                     row["decode_tokens_per_s"] = c / steps[best]
                     row["serve_over_decode"] = row["tokens_per_s"] / row["decode_tokens_per_s"]
@@ -214,11 +232,10 @@ def main() -> None:
         for r in rows:
             if r["part"] == "roles" and r["batch"] == b:
                 rel = f"{r['step_s'] / col['step_s']:.2f}" if col else "-"
-                how = "stage CUDA graphs" if r["stage_graphs"] == "on" else "eager stages"
-                print(f"| {b} | two role processes, m = {r['m']}, {how} | {r['step_s'] * 1e3:.2f} | {rel} |")
+                print(f"| {b} | two role processes, m = {r['m']}, {r['variant']} | {r['step_s'] * 1e3:.2f} | {rel} |")
     for r in rows:
         if r["part"] == "serve":
-            print(f"serve {r['clients']} clients (m = {r['m']}, stage graphs {r['stage_graphs']}): {r['tokens_per_s']:,.0f} tok/s"
+            print(f"serve {r['clients']} clients (m = {r['m']}, {r['variant']}): {r['tokens_per_s']:,.0f} tok/s"
                   + (f" = {r['serve_over_decode']:.2f}x the roles' decode" if "serve_over_decode" in r else "")
                   + f"; TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms p99 {r['ttft_p99_s'] * 1e3:.0f} ms; "
                   f"TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms p99 {r['tpot_p99_s'] * 1e3:.1f} ms; "

@@ -481,6 +481,9 @@ def serve_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
                                               "one the bundle names (a bundle copied without it); checked against "
                                               "the bundle before anything starts"),
+    mps: Optional[str] = typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM "
+                                      "shares: attention,expert percent (e.g. 100,100), or auto (from the spec's "
+                                      "planner.profile); with it decode steps hand off on the GPU (docs/engine.md)"),
 ):
     """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
@@ -491,14 +494,18 @@ def serve_cmd(
     public_address_warning(host, api_key)
     try:
         if colocated:
-            if microbatches is not None:
-                raise MscError("--microbatches applies to the role processes; --colocated serves one process without them")
+            if microbatches is not None or mps is not None:
+                raise MscError("--microbatches and --mps apply to the role processes; --colocated serves one process "
+                               "without them")
             with err.status("loading the colocated program"):
                 engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device,
                                                 checkpoint=checkpoint).start()
         else:
+            from msc.bundle import Bundle
+
+            shares = _mps_shares(Bundle.open(bundle), mps) if mps else None
             engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
-                                   max_restarts=max_restarts, checkpoint=checkpoint)
+                                   max_restarts=max_restarts, checkpoint=checkpoint, mps=shares)
             with err.status(f"starting {len(engine.bundle.roles)} role processes"):
                 engine.start()
     except MscError as e:

@@ -62,6 +62,18 @@ class _Graph:
     graph: torch.cuda.CUDAGraph | None = None
 
 
+@dataclass
+class _DeviceStep:
+    """Static inputs, per-micro-batch metadata and logits of one (micro-batches, bucket) device step, its graph."""
+
+    input_ids: list[Tensor]  # m x [1, Bb]
+    positions: list[Tensor]  # m x [1, Bb]
+    metas: list[StepMeta]
+    logits: list[Tensor] | None = None  # m x [Bb, V]
+    graph: torch.cuda.CUDAGraph | None = None
+    runs: int = 0
+
+
 class ModelRunner:
     """Runs steps of `program` (colocated, or an attention role's with `exchange`); see the module docstring."""
 
@@ -99,6 +111,11 @@ class ModelRunner:
         self._pool = None
         self.mb, self.step_microbatches = 0, 1
         self.step_no = 0
+        # msc.runtime.device_exchange.AttentionDeviceExchange, set by the role when the run uses it: decode-only
+        # steps then run as one graph per (micro-batches, bucket) with the hand-offs on the device
+        self.device_exchange = None
+        self._in_device_step = False
+        self._device_steps: dict[tuple[int, int], _DeviceStep] = {}
 
     # ------------------------------------------------------------------ RuntimeContext
     def attention(self, q, k, v, layer, scaling, sliding_window, sinks=None):
@@ -110,10 +127,12 @@ class ModelRunner:
     def dispatch(self, hidden, idx, weights, layer, bounds):
         if not self.remote:
             raise MscError("a colocated program has no dispatch; this looks like an attention role's program")
-        return self.exchange.dispatch(hidden, idx, weights, layer, bounds)
+        ex = self.device_exchange if self._in_device_step else self.exchange
+        return ex.dispatch(hidden, idx, weights, layer, bounds)
 
     def combine(self, ticket, hidden, layer):
-        return self.exchange.combine(ticket, hidden, layer)
+        ex = self.device_exchange if self._in_device_step else self.exchange
+        return ex.combine(ticket, hidden, layer)
 
     def expert_recv(self, *a):
         raise MscError("an expert node's program cannot run in the engine; give it the attention or colocated program")
@@ -203,6 +222,8 @@ class ModelRunner:
     def _execute_staged(self, step: StepInput) -> Tensor:
         groups = split_microbatches(step.counts, self.microbatches)
         self.step_microbatches = len(groups)
+        if step.decode_only and self.device_exchange is not None and self.delay_s == 0:
+            return self._execute_device(step, groups)
         graphs = self.stage_graphs if step.decode_only and self.stage_graphs is not None else None
         envs, metas, ends, buckets = [], [], [], []
         for g in groups:
@@ -243,8 +264,71 @@ class ModelRunner:
 
     @property
     def captured_segments(self) -> int:
-        """How many (stage, segment, bucket) graphs the attention role captured (0 without stage graphs)."""
-        return len(self.stage_graphs._captured) if self.stage_graphs is not None else 0
+        """How many graphs the attention role captured: (stage, segment, bucket) stage graphs, or whole device
+        steps (0 with neither)."""
+        stage = len(self.stage_graphs._captured) if self.stage_graphs is not None else 0
+        return stage + sum(d.graph is not None for d in self._device_steps.values())
+
+    @property
+    def device_steps_run(self) -> int:
+        """How many decode steps went through the device exchange."""
+        return sum(d.runs for d in self._device_steps.values())
+
+    # ------------------------------------------------------------------ device-exchange steps (attention role)
+    def _execute_device(self, step: StepInput, groups: list[range]) -> Tensor:
+        """A decode step whose hand-offs are device flags (msc.runtime.device_exchange): every micro-batch padded
+        to one bucket, the whole step (all stages, all micro-batches in ping-pong order) one execution: eager the
+        first time its (m, bucket) is seen, captured the second, replayed after."""
+        m, bb = len(groups), self._bucket(max(len(g) for g in groups))
+        d = self._device_steps.get((m, bb))
+        if d is None:
+            dev = self.device
+            d = self._device_steps[(m, bb)] = _DeviceStep(
+                [torch.zeros(1, bb, dtype=torch.long, device=dev) for _ in range(m)],
+                [torch.zeros(1, bb, dtype=torch.long, device=dev) for _ in range(m)],
+                [StepMeta.static(self.cache, bb) for _ in range(m)])
+        ends = []
+        for mb, g in enumerate(groups):
+            ids, pos, meta, e = self._padded_decode(step, list(g), bb)
+            d.input_ids[mb].copy_(ids, non_blocking=True)
+            d.positions[mb].copy_(pos, non_blocking=True)
+            d.metas[mb].update_(meta)
+            ends.append(e)
+        devx = self.device_exchange
+        devx.begin(bb, m)
+
+        def body() -> None:
+            envs = [self.staged.start(d.input_ids[mb], d.positions[mb]) for mb in range(m)]
+            self._in_device_step = True
+            try:
+                with context.use(self), torch.no_grad():
+                    for stage, mb in ping_pong(self.staged.num_stages, m):
+                        self.mb = devx.mb = mb
+                        self.meta = d.metas[mb]
+                        self.staged.run_stage(stage, envs[mb])
+            finally:
+                self._in_device_step = False
+            d.logits = [_logits(self.staged.output(env))[0] for env in envs]  # m x [bb, V]
+
+        with self.trace.span("compute", f"device step m={m} bucket={bb}"):
+            if d.graph is not None:
+                d.graph.replay()
+            elif d.runs == 0 or self.device.type != "cuda":
+                body()  # the warm-up (or the CPU's every step)
+            else:
+                d.graph = self.capture(body, warmups=0)
+                d.graph.replay()
+        d.runs += 1
+        wanted = set(step.sample_rows)
+        rows = []
+        for g, logits, e in zip(groups, d.logits, ends):
+            pick = [k for k, i in enumerate(g) if i in wanted]
+            if pick:
+                rows.append(logits[[e[k] for k in pick]])
+        out = torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
+        devx.check()  # reads the error word: waits for the step, as sampling would
+        self.step_no += 1
+        return out
 
     def _padded_decode(self, step: StepInput, rows: list[int], bb: int):
         """A decode micro-batch padded to bb rows: input_ids, position_ids [1, bb] (on the host), its meta

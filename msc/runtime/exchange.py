@@ -6,6 +6,8 @@ and starts with a header [kind, step, layer, mb, n, m] (int64; m: the step's mic
                step `step` at MoE layer `layer`, only the n >= 1 tokens that picked one of the node's experts
   HEARTBEAT  the replica is alive and has nothing for this node now (sent when it has been quiet a while)
   DONE       the replica sends nothing more
+  DEVICE     run the replica's decode step `step` (an epoch) through the device exchange, n rows per
+             micro-batch, m micro-batches (msc.runtime.device_exchange: the tokens move through GPU memory)
 The expert node answers each DATA message with the partial sum over its experts, outputs [n, H], under the
 tag data_tag(layer, mb) (a replica has at most one message per (layer, mb) in flight: it combines every
 layer of a step before the next step dispatches it again).
@@ -35,7 +37,8 @@ from msc.backends.comm.m2n import Endpoint
 from msc.errors import MscError
 
 DATA_TAG = -1
-KIND_DATA, KIND_HEARTBEAT, KIND_DONE = 1, 2, 0
+KIND_DATA, KIND_HEARTBEAT, KIND_DONE, KIND_DEVICE = 1, 2, 0, 3
+DEVICE_LAYER = -1  # next_layer()'s answer for a device step (its message in ExpertExchange.device_msg)
 MAX_MICROBATCHES = 8
 
 
@@ -100,6 +103,17 @@ class AttentionExchange:
             h.release()  # the partial sums were read (possibly in place in the receive buffer): give it back
         return out
 
+    def device_step(self, epoch: int, rows: int, microbatches: int) -> None:
+        """Tell every expert node to run its side of a device-exchange step; returns once the messages are out
+        (the step's graph, queued after this, waits on the nodes)."""
+        msg, now = torch.tensor([KIND_DEVICE, epoch, DEVICE_LAYER, 0, rows, microbatches], dtype=torch.int64,
+                                device=self.device), time.monotonic()
+        sends = [self.ep.isend(r, [msg], DATA_TAG, flush=False) for r in self.expert_ranks]
+        for r in self.expert_ranks:
+            self._last_sent[r] = now
+        self.ep.flush()
+        self.ep.wait_all(sends)
+
     def heartbeat(self, force: bool = False) -> None:
         """Tell the expert nodes this replica is alive, to those not sent anything for heartbeat_s (all if
         force): their bounded waits must not expire while a replica is quiet or its tokens miss them."""
@@ -141,6 +155,7 @@ class ExpertExchange:
         self._batch: list[_Message] = []
         self._sends: list = []
         self.mb, self.microbatches = 0, 1  # of the batch being run (its first message's)
+        self.device_msg: _Message | None = None  # the device step next_layer() returned DEVICE_LAYER for
         self.trace = None  # msc.runtime.trace.Trace, set by the role
 
     @property
@@ -155,6 +170,9 @@ class ExpertExchange:
             self.ep.wait_all(self._sends)
             return None
         layer = self._waiting[0].layer
+        if layer == DEVICE_LAYER:  # one replica's whole step, run by the node's device steps
+            self.device_msg = self._waiting.pop(0)
+            return layer
         self._batch = [m for m in self._waiting if m.layer == layer]
         self._waiting = [m for m in self._waiting if m.layer != layer]
         self.mb = self._batch[0].mb
@@ -192,6 +210,10 @@ class ExpertExchange:
         nxt = self._rx[r] = self.ep.irecv(r, DATA_TAG)
         if kind == KIND_HEARTBEAT:
             h.release()
+            return nxt
+        if kind == KIND_DEVICE and len(parts) == 1 and layer == DEVICE_LAYER and 1 <= m <= MAX_MICROBATCHES and n >= 1:
+            h.release()
+            self._waiting.append(_Message(r, step, layer, 0, n, m, None, None))
             return nxt
         if kind != KIND_DATA or len(parts) != 4 or not 0 <= mb < m <= MAX_MICROBATCHES:
             raise MscError(f"rank {r} sent a corrupted message: header {[kind, step, layer, mb, n, m]}, {len(parts)} parts")

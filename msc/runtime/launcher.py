@@ -211,8 +211,9 @@ def run_bundle(
     batching without wall-clock timing). `mps`: {"attention": %, "expert": %}, run the roles (on one GPU) under
     CUDA MPS with those SM shares (msc.runtime.mps). `checkpoint`: the checkpoint folder to read instead of the
     bundle's own (checked against the bundle before any role starts; msc.bundle.resolve_checkpoint). The result adds "finish_reasons" ("stop", "length" or "error"),
-    "errors" (the message of a prompt that could never run, else None) and "records" (per replica, the
-    engine's step records).
+    "errors" (the message of a prompt that could never run, else None), "records" (per replica, the
+    engine's step records), "captured_segments" and "device_steps" (per replica: graphs captured, decode steps
+    run through the device exchange, msc.runtime.device_exchange).
     """
     bundle = Bundle.open(bundle_dir)
     check_requests(bundle, prompts, max_new_tokens, sampling, arrivals)
@@ -251,7 +252,7 @@ def run_bundle(
         reasons: list = [None] * len(prompts)
         errors: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
-        transport, used_m, step_times, decode_times, records, captured = None, None, [], [], [], []
+        transport, used_m, step_times, decode_times, records, captured, device = None, None, [], [], [], [], []
         for r in roles:
             if r["kind"] != "attention":
                 continue
@@ -261,6 +262,7 @@ def run_bundle(
             decode_times.append(res.get("decode_times", []))
             records.append(res.get("records", []))
             captured.append(res.get("captured_segments", 0))
+            device.append(res.get("device_steps", 0))
             for i, out, why, err in zip(res["indices"], res["outputs"], res["finish_reasons"], res["errors"]):
                 outputs[i], reasons[i], errors[i] = out, why, err
             if dump_logits:
@@ -276,7 +278,7 @@ def run_bundle(
             merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
     result = {"outputs": outputs, "finish_reasons": reasons, "errors": errors, "transport": transport, "microbatches": used_m,
               "step_times": step_times, "decode_times": decode_times, "records": records,
-              "captured_segments": captured}
+              "captured_segments": captured, "device_steps": device}
     if dump_logits:
         result["logits"] = logits
     return result

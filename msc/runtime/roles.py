@@ -20,7 +20,7 @@ from msc.engine.engine import Engine
 from msc.engine.request import Request, SamplingParams
 from msc.errors import MscError
 from msc.runtime import context, tensor_parallel
-from msc.runtime.exchange import AttentionExchange, ExpertExchange
+from msc.runtime.exchange import DEVICE_LAYER, AttentionExchange, ExpertExchange
 from msc.runtime.staged import StagedProgram
 from msc.runtime.trace import Trace
 
@@ -151,6 +151,7 @@ class ExpertRole:
         import torch._dynamo  # noqa: F401
         self.batches = 0
         self.on_batch = None  # fault-injection hook for tests
+        self.device_steps = None  # msc.runtime.device_exchange.ExpertDeviceSteps, when the run uses it
 
     def expert_recv(self, layer, hidden_size, top_k, dtype):
         batch = self.comm.expert_recv(layer, hidden_size, top_k, dtype)
@@ -175,6 +176,9 @@ class ExpertRole:
                 layer = self.comm.next_layer()
                 if layer is None:
                     break
+                if layer == DEVICE_LAYER:
+                    self._device_step(self.comm.device_msg)
+                    continue
                 stage = self.stage_of_layer.get(layer)
                 if stage is None:
                     raise MscError(f"a replica sent tokens for layer {layer}, which has no experts on this node's program")
@@ -184,3 +188,13 @@ class ExpertRole:
                 if self.on_batch is not None:
                     self.on_batch(self.batches)
         return self.batches
+
+    def _device_step(self, msg) -> None:
+        if self.device_steps is None:
+            raise MscError(f"rank {msg.replica} asked for a device-exchange step, but this expert node runs without "
+                           "one (every role must see the same MSC_DEVICE_EXCHANGE)")
+        with self.trace.span("compute", f"device step {msg.step}", None, None):
+            self.device_steps.run(msg.replica, msg.step, msg.n, msg.m)
+        self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(self.batches)

@@ -261,9 +261,13 @@ class ServingEngine(_Server):
 
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
                  microbatches: int | None = None, env: dict[str, str] | None = None,
-                 request_timeout_s: float | None = None, max_restarts: int = 3, checkpoint: str | Path | None = None):
+                 request_timeout_s: float | None = None, max_restarts: int = 3, checkpoint: str | Path | None = None,
+                 mps: dict[str, int] | None = None):
         super().__init__(bundle_dir, request_timeout_s)
         m = self.bundle.manifest
+        if mps is not None and (device or m["device"]) != "cuda":
+            raise MscError("--mps shares a GPU between role processes: serve with --device cuda")
+        self.mps, self._mps_daemon = mps, None  # {"attention": %, "expert": %}: the roles run under CUDA MPS
         self.replicas = [r for r in self.bundle.roles if r["kind"] == "attention"]
         self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device,
                             "checkpoint": None if checkpoint is None else str(checkpoint)}
@@ -332,10 +336,19 @@ class ServingEngine(_Server):
 
     def _start_roles(self, cfg: dict) -> None:
         """Start every role process on this machine with run config `cfg` (msc launch overrides this)."""
-        self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env, tag=self._tag)
+        mps = None
+        if self.mps is not None:
+            from msc.runtime.mps import MpsDaemon
+
+            self._mps_daemon = MpsDaemon(self._workdir).start()
+            mps = (self._mps_daemon, self.mps)
+        self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env, tag=self._tag, mps=mps)
 
     def _stop_roles(self, grace_s: float) -> None:
         stop_roles(self._procs, grace_s)
+        if self._mps_daemon is not None:
+            self._mps_daemon.stop()
+            self._mps_daemon = None
 
     def close(self, grace_s: float = 30.0) -> None:
         """Stop taking requests, fail the unfinished ones, tell the replicas to stop and wait for every role

@@ -38,7 +38,7 @@ from msc.errors import MscError
 from msc.runtime import serve_link
 from msc.runtime.exchange import AttentionExchange, ExpertExchange
 from msc.engine.build import build_engine
-from msc.runtime import job_store, lifecycle, tensor_parallel
+from msc.runtime import device_exchange, job_store, lifecycle, tensor_parallel
 from msc.runtime.roles import AttentionRole, ExpertRole, sampling_from_json
 from msc.runtime.trace import Trace
 
@@ -162,7 +162,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
     use_pg = transport == "torch_dist"
     if use_pg:
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    endpoint = None
+    endpoint = links = None
     tp = role.get("tp") or {"rank": 0, "size": 1, "ranks": [rank]}
     try:
         att_ranks = [r["rank"] for r in roles if r["kind"] == "attention"]  # the replicas (their tp leaders)
@@ -175,6 +175,13 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         if role["kind"] not in ("attention_tp", "expert_tp"):  # NOTE: a tp follower talks to its leader only
             endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                    buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
+        if endpoint is not None and device_exchange.wanted(
+                device=device, transport=transport, replicas=len(att_ranks), tp_size=tp["size"],
+                delays=any(v > 0 for v in cfg["delay_ms"].values()), one_host=one_host,
+                distinct_gpus=device == "cuda" and torch.cuda.device_count() >= world):
+            links = device_exchange.connect(store, rank, peers, "expert" if role["kind"] == "expert" else "attention",
+                                            device_exchange.dims_of(bundle.manifest, cfg["microbatches"]), place,
+                                            runtime["timeout_s"])
         if role["kind"] in ("expert", "expert_tp"):
             if role["kind"] == "expert_tp":
                 comm = tensor_parallel.ExpertFollowerExchange(place)
@@ -183,6 +190,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                 if tp["size"] > 1:
                     comm = tensor_parallel.ExpertLeaderExchange(comm)
             worker = ExpertRole(program, comm, delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
+            if links is not None:
+                worker.device_steps = device_exchange.ExpertDeviceSteps(links, worker.program, trace)
             worker.on_batch = _fault_hook(role["name"])
             worker.serve()
             return
@@ -198,6 +207,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         req = None if cfg["serve"] is not None else json.loads(Path(requests).read_text())
         engine = build_engine(m, program, place, exchange=exchange, microbatches=cfg["microbatches"], trace=trace,
                               delay_s=cfg["delay_ms"]["attention"] / 1e3, keep_logits=bool(req and req.get("dump_logits")))
+        if links is not None:
+            engine.runner.device_exchange = device_exchange.AttentionDeviceExchange(links, exchange, exp_ranks)
         worker = AttentionRole(engine, exchange)
         worker.on_step = _fault_hook(role["name"])
         if cfg["serve"] is not None:
@@ -234,6 +245,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                                    "request_ids": [r.id for r in done], "records": records,
                                    "forwards": len(steps), "transport": transport,
                                    "captured_segments": engine.runner.captured_segments,
+                                   "device_steps": engine.runner.device_steps_run,
                                    "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]})
         tmp.write_text(result)
         tmp.replace(out)
@@ -243,6 +255,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             tensor_parallel.leave(clean=sys.exc_info()[0] is None)
         if trace.enabled:
             trace.write(Path(cfg["trace_dir"]) / f"trace.{rank}.json")
+        if links is not None:
+            links.close()
         if endpoint is not None:
             endpoint.close()
         if use_pg:
