@@ -82,28 +82,42 @@ def colocated(bundle, prompts, batches: list[int], output_len: int, device: str)
     return out
 
 
-# How the two role processes run (env for the roles, MPS SM shares or None):
+# How the two role processes run (env for the roles; whether under CUDA MPS):
 #   stage       host exchange (messages per layer), the compute between them replayed from stage CUDA graphs
 #   eager       host exchange, no graphs
 #   device      device exchange (msc.runtime.device_exchange: each role's whole decode step one CUDA graph, hand-offs
 #               by device flags), the roles time-slicing the GPU
-#   device-mps  the same under CUDA MPS (both roles 100 % of the SMs): the roles' kernels run side by side
+#   device-mps  the same under CUDA MPS (both roles 100 % of the SMs; `auto` turns the device exchange on there):
+#               the roles' kernels run side by side
+# NOTE: one MPS control daemon serves every MPS variant of the run (started at the first, after the variants
+# without it, stopped at the end), rather than one per launch.
 VARIANTS = {
-    "stage": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "off"}, None),
-    "eager": ({"MSC_STAGE_GRAPHS": "off", "MSC_DEVICE_EXCHANGE": "off"}, None),
-    "device": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "on"}, None),
-    "device-mps": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "auto"}, {"attention": 100, "expert": 100}),
-    "stage-mps": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "off"}, {"attention": 100, "expert": 100}),
+    "stage": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "off"}, False),
+    "eager": ({"MSC_STAGE_GRAPHS": "off", "MSC_DEVICE_EXCHANGE": "off"}, False),
+    "device": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "on"}, False),
+    "device-mps": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "auto"}, True),
+    "stage-mps": ({"MSC_STAGE_GRAPHS": "on", "MSC_DEVICE_EXCHANGE": "off"}, True),
 }
+_MPS: dict = {}
+
+
+def _env(variant: str, device: str) -> dict:
+    env, mps = VARIANTS[variant]
+    if not mps or device != "cuda":
+        return env
+    if "daemon" not in _MPS:
+        from msc.runtime.mps import MpsDaemon
+
+        _MPS["dir"] = tempfile.mkdtemp(prefix="msc-mps-")
+        _MPS["daemon"] = MpsDaemon(Path(_MPS["dir"])).start()
+    return {**env, **_MPS["daemon"].env(100)}
 
 
 def roles(bundle, prompts, output_len: int, m: int, device: str, variant: str = "stage") -> dict:
     from msc.runtime.launcher import run_bundle
 
-    env, mps = VARIANTS[variant]
     res = run_bundle(bundle.path, prompts, output_len, random_weights=True, device=device, microbatches=m,
-                     sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580, env=env,
-                     mps=mps if device == "cuda" else None)
+                     sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580, env=_env(variant, device))
     full = [r for r in res["records"][0] if not r["prefill"] and len(r["decode"]) == len(prompts)]
     times = res["decode_times"][0]
     steps = times[-len(full):] if full else times  # decode-only steps of the whole batch (the last ones)
@@ -117,9 +131,8 @@ def serve(bundle, prompts, clients: int, per_client: int, output_len: int, m: in
     from msc.engine.request import SamplingParams
     from msc.runtime.serving import ServingEngine
 
-    env, mps = VARIANTS[variant]
     eng = ServingEngine(bundle.path, random_weights=True, device=device, microbatches=m, request_timeout_s=1200,
-                        env=env, mps=mps if device == "cuda" else None)
+                        env=_env(variant, device))
     t0 = time.perf_counter()
     eng.start(timeout_s=300)
     startup = time.perf_counter() - t0
@@ -201,7 +214,7 @@ def main() -> None:
                 emit(row)
         for b in batches:
             if "roles" in parts:
-                for variant in args.variants.split(","):
+                for variant in sorted(args.variants.split(","), key=lambda v: VARIANTS[v][1]):  # MPS ones last
                     for m in ints(args.m):
                         emit({"part": "roles", "batch": b, "m": m,
                               **roles(bundle, prompts[:b], args.output_len, m, dev, variant)})
@@ -219,6 +232,8 @@ def main() -> None:
                     row["serve_over_decode"] = row["tokens_per_s"] / row["decode_tokens_per_s"]
                 emit(row)
 
+    if "daemon" in _MPS:
+        _MPS.pop("daemon").stop()
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "none (CPU)"
     print(f"\n{args.model}, {args.layers} layers, {args.input_len} in / {args.output_len} out, GPU {gpu}")
     print("| batch | what | step ms | vs colocated |")

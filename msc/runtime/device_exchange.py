@@ -31,10 +31,15 @@ Where it runs (`MSC_DEVICE_EXCHANGE`: auto, on, off): `auto` turns it on for CUD
 one attention replica, no tensor parallelism and no injected delays, when the roles run on different GPUs
 or under MPS (on one GPU without MPS the two processes time-slice it, and a spinning wait holds its slice:
 benchmarks/device_flags_pingpong.py measured 3.3x a one-process step without MPS, 1.16x with it, H100).
-`on` forces it wherever the roles are on one host (also on the CPU, where the areas are /dev/shm files and
+`on` forces it wherever the roles are on one host with one replica (also on the CPU, where the areas are /dev/shm files and
 the flags Python loops: how the tests check the protocol). Prefill and mixed steps always take the host
-exchange. With several replicas an expert node runs their device steps one after another (no batching
-across replicas): hence `auto` leaves it off there.
+exchange.
+
+NOTE: one attention replica only (the host exchange serves several). An expert node runs a device step
+start to end on its stream, so with two replicas and two expert nodes node A could be inside replica 1's
+step (waiting for its next layer) while node B is inside replica 2's: replica 1 waits for B and replica 2
+for A, a cycle. Several replicas need steps whose layers interleave across replicas at every node (one
+graph per set of replicas, or a device-side scheduler): not built.
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ def wanted(*, device: str, transport: str, replicas: int, tp_size: int, delays: 
            one_host: bool) -> bool:
     """Whether this run's roles use the device exchange (every role decides alike from the same facts)."""
     m = mode()
-    if m == "off" or tp_size > 1 or delays or not one_host:
+    if m == "off" or tp_size > 1 or delays or not one_host or replicas > 1:
         return False
     if m == "on":
         return transport in ("cuda_ipc", "shm")

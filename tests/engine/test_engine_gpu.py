@@ -18,14 +18,14 @@ PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9], [20
 ARRIVALS = [0, 0, 2, 3, 5]
 
 
-def _family(name, tmp_path, **plan):
+def _family(name, tmp_path, new=7, **plan):
     d = {"model": {"config": FAMILIES[name], "seed": 0, "dtype": "float32"}, "device": "cuda",
          "plan": {"experts": {"nodes": 2}, "batch_size": 3, **plan}, "runtime": {"max_step_tokens": 9}}
     bundle = compile_spec(parse_spec(d), tmp_path / name)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=torch.float32).eval()
-    return bundle, [reference_generate(hf, p, 7) for p in PROMPTS]
+    return bundle, [reference_generate(hf, p, new) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
@@ -51,3 +51,14 @@ def test_role_processes_under_mps(tmp_path):
     bundle, refs = _family("mixtral", tmp_path, microbatches=2)
     res = run_bundle(bundle.path, PROMPTS, 7, arrivals=ARRIVALS, mps={"attention": 40, "expert": 60})
     assert res["outputs"] == refs
+    assert res["device_steps"][0] > 0  # under MPS the device exchange is on by default
+
+
+@pytest.mark.parametrize("name,m", [("mixtral", 1), ("qwen3_moe", 2), ("deepseek_v3", 3), ("gpt_oss", 2)])
+def test_device_exchange_on_the_gpu(tmp_path, name, m):
+    """Decode steps as one CUDA graph per role with the hand-offs by device flags (forced on without MPS: the
+    roles time-slice the GPU, slowly but correctly)."""
+    bundle, refs = _family(name, tmp_path, new=12, microbatches=m)
+    res = run_bundle(bundle.path, PROMPTS, 12, arrivals=ARRIVALS, env={"MSC_DEVICE_EXCHANGE": "on"})
+    assert res["outputs"] == refs and res["transport"] == "cuda_ipc"
+    assert res["device_steps"][0] > 0 and res["captured_segments"][0] > 0  # replayed graphs, not only warm-ups

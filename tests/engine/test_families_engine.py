@@ -53,3 +53,20 @@ def test_disaggregated_engine(family, tmp_path, case):
     assert res["microbatches"] == m
     # a request that arrived later joined a step in which others were decoding, on some replica
     assert any(r["decode"] and r["prefill"] for recs in res["records"] for r in recs)
+
+
+# family -> m of the run through the device exchange (one replica, 2 expert nodes): m = 1..4 across families
+DEVICE_M = {"mixtral": 2, "qwen3_moe": 1, "deepseek_v3": 3, "gpt_oss": 4}
+
+
+def test_device_exchange_engine(family, tmp_path):
+    """Decode steps through the device exchange (msc.runtime.device_exchange; on the CPU its areas are /dev/shm
+    files and its flags host loops), prefill and mixed steps through the host exchange, in one run."""
+    name, d, _, refs = family
+    m = DEVICE_M[name]
+    spec = parse_spec({**d, "plan": {**d["plan"], "attention": {"replicas": 1}, "microbatches": m}})
+    bundle = compile_spec(spec, tmp_path / "b")
+    res = run_bundle(bundle.path, PROMPTS, NEW, arrivals=ARRIVALS, env={"MSC_DEVICE_EXCHANGE": "on"})
+    assert res["outputs"] == refs
+    assert res["device_steps"][0] > 0  # decode-only steps went through it ...
+    assert any(r["prefill"] for r in res["records"][0])  # ... and prompt steps through the host exchange
