@@ -116,6 +116,7 @@ class ModelRunner:
         self.device_exchange = None
         self._in_device_step = False
         self._device_steps: dict[tuple[int, int], _DeviceStep] = {}
+        self._device_eager_runs = 0
 
     # ------------------------------------------------------------------ RuntimeContext
     def attention(self, q, k, v, layer, scaling, sliding_window, sinks=None):
@@ -222,8 +223,10 @@ class ModelRunner:
     def _execute_staged(self, step: StepInput) -> Tensor:
         groups = split_microbatches(step.counts, self.microbatches)
         self.step_microbatches = len(groups)
-        if step.decode_only and self.device_exchange is not None and self.delay_s == 0:
-            return self._execute_device(step, groups)
+        if self.device_exchange is not None and self.delay_s == 0:
+            if step.decode_only:
+                return self._execute_device(step, groups)
+            return self._execute_device_eager(step, groups)
         graphs = self.stage_graphs if step.decode_only and self.stage_graphs is not None else None
         envs, metas, ends, buckets = [], [], [], []
         for g in groups:
@@ -271,10 +274,42 @@ class ModelRunner:
 
     @property
     def device_steps_run(self) -> int:
-        """How many decode steps went through the device exchange."""
-        return sum(d.runs for d in self._device_steps.values())
+        """How many steps (decode, prompt or mixed) went through the device exchange."""
+        return sum(d.runs for d in self._device_steps.values()) + self._device_eager_runs
 
     # ------------------------------------------------------------------ device-exchange steps (attention role)
+    def _execute_device_eager(self, step: StepInput, groups: list[range]) -> Tensor:
+        """A prompt or mixed step through the device exchange, without graphs (its token counts vary)."""
+        envs, metas, ends = [], [], []
+        for g in groups:
+            input_ids, position_ids, meta, e = self._inputs(step, list(g))
+            envs.append(self.staged.start(input_ids, position_ids))
+            metas.append(meta)
+            ends.append(e)
+        devx = self.device_exchange
+        devx.begin(max(sum(step.counts[i] for i in g) for g in groups), len(groups), eager=True)
+        self._in_device_step = True
+        try:
+            with context.use(self), torch.no_grad():
+                for stage, mb in ping_pong(self.staged.num_stages, len(groups)):
+                    self.mb = devx.mb = mb
+                    self.meta = metas[mb]
+                    with self.trace.span("compute", f"attention stage {stage} (device exchange)", None, mb):
+                        self.staged.run_stage(stage, envs[mb])
+        finally:
+            self._in_device_step = False
+        wanted = set(step.sample_rows)
+        rows = []
+        for g, env, e in zip(groups, envs, ends):
+            pick = [k for k, i in enumerate(g) if i in wanted]
+            if pick:
+                rows.append(_logits(self.staged.output(env))[0][[e[k] for k in pick]])
+        out = torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
+        devx.check()
+        self._device_eager_runs += 1
+        self.step_no += 1
+        return out
+
     def _execute_device(self, step: StepInput, groups: list[range]) -> Tensor:
         """A decode step whose hand-offs are device flags (msc.runtime.device_exchange): every micro-batch padded
         to one bucket, the whole step (all stages, all micro-batches in ping-pong order) one execution: eager the

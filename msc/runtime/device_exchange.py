@@ -5,9 +5,11 @@ messages: every layer costs each side a host round trip, and on one GPU the two 
 for each other's hosts. Here, for decode-only steps, each (attention replica, expert node) pair shares
 fixed mailboxes in GPU memory (CUDA IPC) and the hand-offs are device flags (backends/comm/device_flags):
 
-  expert node's memory (the forward area)     flags [L * 8] | per micro-batch: hidden [B, H], ids [B, K] int64,
-                                              weights [B, K] f32
-  replica's memory (the return area)          flags [L * 8] | per micro-batch: out [B, H]
+  expert node's memory (the forward area)     flags [L * 8] | per micro-batch: hidden [R, H], ids [R, K] int64,
+                                              weights [R, K] f32
+  replica's memory (the return area)          flags [L * 8] | per micro-batch: out [R, H]
+(R: the larger of the plan's batch and runtime.max_step_tokens: 8192 rows of Mixtral-8x7B's 4096 bf16 are
+64 MB an area and micro-batch.)
 
 `dispatch(layer, mb)` copies the micro-batch's hidden states and routing into every expert node's forward
 area and signals flag (layer, mb) with the step's epoch; `combine(layer, mb)` waits on the return area's
@@ -16,7 +18,8 @@ flag and sums the nodes' partial outputs. The expert node runs its program stage
 sides run the same ping-pong order, so each is one linear stream of kernels: the attention role captures
 its whole step (every stage of every micro-batch) as a CUDA graph per (micro-batches, batch bucket), the
 expert node its whole step likewise. Per step the host sends each expert node one control message
-(epoch, bucket, micro-batches) over the host exchange, then replays.
+(epoch, bucket, micro-batches) over the host exchange, then replays. Prompt and mixed steps go the same
+way, run eagerly on both sides (their token counts vary: no graphs), so no step's tokens take the host path.
 
 NOTE: every token goes to every expert node (the routing stays on the device: no host picks tokens); the
 experts op ignores ids outside a node's slice, so each node's output is its partial sum. With several
@@ -32,8 +35,7 @@ one attention replica, no tensor parallelism and no injected delays, when the ro
 or under MPS (on one GPU without MPS the two processes time-slice it, and a spinning wait holds its slice:
 benchmarks/device_flags_pingpong.py measured 3.3x a one-process step without MPS, 1.16x with it, H100).
 `on` forces it wherever the roles are on one host with one replica (also on the CPU, where the areas are /dev/shm files and
-the flags Python loops: how the tests check the protocol). Prefill and mixed steps always take the host
-exchange.
+the flags Python loops: how the tests check the protocol).
 
 NOTE: one attention replica only (the host exchange serves several). An expert node runs a device step
 start to end on its stream, so with two replicas and two expert nodes node A could be inside replica 1's
@@ -214,11 +216,14 @@ def connect(store, rank: int, peers: list[int], kind: str, d: Dims, device, time
 
 
 def dims_of(manifest: dict, microbatches: int) -> Dims:
+    """The areas of a bundle's run: a micro-batch of a decode step holds up to the plan's batch, one of a
+    prompt step up to runtime.max_step_tokens tokens."""
     from msc.ir import DTYPES
 
     model = manifest["model"]
+    rows = max(manifest["plan"]["batch_size"], manifest["spec"]["runtime"].get("max_step_tokens") or 8192)
     return Dims(model["hidden_size"], model["top_k"], DTYPES[model["dtype"]], model["num_hidden_layers"],
-                manifest["plan"]["batch_size"], microbatches)
+                rows, microbatches)
 
 
 # ---------------------------------------------------------------------- attention side
@@ -231,14 +236,15 @@ class AttentionDeviceExchange:
         self.epoch_no = 0
         self.rows = 0  # the step's rows per micro-batch (its bucket)
 
-    def begin(self, rows: int, microbatches: int) -> None:
-        """Before a step's execution: a fresh epoch on the device, and each expert node told to run its side."""
+    def begin(self, rows: int, microbatches: int, eager: bool = False) -> None:
+        """Before a step's execution: a fresh epoch on the device, and each expert node told to run its side
+        (`eager`: a prompt or mixed step, run without graphs on both sides; rows: its largest micro-batch)."""
         if rows > self.links.theirs[self.expert_ranks[0]]["hidden0"].shape[0]:
-            raise MscError(f"a decode micro-batch of {rows} rows is larger than the device exchange's areas")
+            raise MscError(f"a micro-batch of {rows} rows is larger than the device exchange's areas")
         self.epoch_no += 1
         self.rows = rows
         self.links.epoch.fill_(self.epoch_no)
-        self.host.device_step(self.epoch_no, rows, microbatches)
+        self.host.device_step(self.epoch_no, rows, microbatches, eager)
 
     def check(self) -> None:
         """After the step's results were read: a wait that expired is the expert node's failure."""
@@ -312,9 +318,13 @@ class ExpertDeviceSteps:
                 self.mb = mb
                 prog.run_stage(stage, prog.start())
 
-    def run(self, replica: int, epoch: int, rows: int, microbatches: int) -> None:
-        """Replica `replica`'s step `epoch` (rows per micro-batch, micro-batch count): queued on this node's
-        stream; the host goes back to its messages at once."""
+    def run(self, replica: int, epoch: int, rows: int, microbatches: int, eager: bool = False) -> None:
+        """Replica `replica`'s step `epoch` (rows per micro-batch, micro-batch count; `eager`: a prompt or mixed
+        step, never captured): queued on this node's stream; the host goes back to its messages at once.
+
+        NOTE: in an eager step the micro-batches may hold fewer rows than `rows` (their largest): the node
+        computes `rows` rows of each, the ones past a micro-batch's end on stale area contents (finite values a
+        replica wrote before, or zeros), which the replica never reads back."""
         lk = self.links
         s = lk.failed_slot()  # the previous device step's waits (finished by now: the replica saw its results)
         if s is not None:
@@ -327,7 +337,7 @@ class ExpertDeviceSteps:
         lk.epoch.fill_(epoch)
         key = (replica, rows, microbatches)
         self.steps += 1
-        if lk.device.type != "cuda":
+        if lk.device.type != "cuda" or eager:
             self._body(microbatches)
             return
         if key not in self._seen:

@@ -6,8 +6,9 @@ and starts with a header [kind, step, layer, mb, n, m] (int64; m: the step's mic
                step `step` at MoE layer `layer`, only the n >= 1 tokens that picked one of the node's experts
   HEARTBEAT  the replica is alive and has nothing for this node now (sent when it has been quiet a while)
   DONE       the replica sends nothing more
-  DEVICE     run the replica's decode step `step` (an epoch) through the device exchange, n rows per
-             micro-batch, m micro-batches (msc.runtime.device_exchange: the tokens move through GPU memory)
+  DEVICE     run the replica's step `step` (an epoch) through the device exchange, n rows per micro-batch,
+             m micro-batches, mb = 1 when it is a prompt or mixed step run eagerly (msc.runtime.device_exchange:
+             the tokens move through GPU memory)
 The expert node answers each DATA message with the partial sum over its experts, outputs [n, H], under the
 tag data_tag(layer, mb) (a replica has at most one message per (layer, mb) in flight: it combines every
 layer of a step before the next step dispatches it again).
@@ -103,10 +104,10 @@ class AttentionExchange:
             h.release()  # the partial sums were read (possibly in place in the receive buffer): give it back
         return out
 
-    def device_step(self, epoch: int, rows: int, microbatches: int) -> None:
+    def device_step(self, epoch: int, rows: int, microbatches: int, eager: bool = False) -> None:
         """Tell every expert node to run its side of a device-exchange step; returns once the messages are out
-        (the step's graph, queued after this, waits on the nodes)."""
-        msg, now = torch.tensor([KIND_DEVICE, epoch, DEVICE_LAYER, 0, rows, microbatches], dtype=torch.int64,
+        (the step's graph, queued after this, waits on the nodes). The header's mb field carries `eager`."""
+        msg, now = torch.tensor([KIND_DEVICE, epoch, DEVICE_LAYER, int(eager), rows, microbatches], dtype=torch.int64,
                                 device=self.device), time.monotonic()
         sends = [self.ep.isend(r, [msg], DATA_TAG, flush=False) for r in self.expert_ranks]
         for r in self.expert_ranks:
@@ -211,9 +212,10 @@ class ExpertExchange:
         if kind == KIND_HEARTBEAT:
             h.release()
             return nxt
-        if kind == KIND_DEVICE and len(parts) == 1 and layer == DEVICE_LAYER and 1 <= m <= MAX_MICROBATCHES and n >= 1:
+        if kind == KIND_DEVICE and len(parts) == 1 and layer == DEVICE_LAYER and 1 <= m <= MAX_MICROBATCHES and n >= 1 \
+                and mb in (0, 1):
             h.release()
-            self._waiting.append(_Message(r, step, layer, 0, n, m, None, None))
+            self._waiting.append(_Message(r, step, layer, mb, n, m, None, None))  # mb: eager (1) or not
             return nxt
         if kind != KIND_DATA or len(parts) != 4 or not 0 <= mb < m <= MAX_MICROBATCHES:
             raise MscError(f"rank {r} sent a corrupted message: header {[kind, step, layer, mb, n, m]}, {len(parts)} parts")

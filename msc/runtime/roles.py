@@ -194,7 +194,7 @@ class ExpertRole:
             raise MscError(f"rank {msg.replica} asked for a device-exchange step, but this expert node runs without "
                            "one (every role must see the same MSC_DEVICE_EXCHANGE)")
         with self.trace.span("compute", f"device step {msg.step}", None, None):
-            self.device_steps.run(msg.replica, msg.step, msg.n, msg.m)
+            self.device_steps.run(msg.replica, msg.step, msg.n, msg.m, eager=bool(msg.mb))
         self.batches += 1
         if self.on_batch is not None:
             self.on_batch(self.batches)
