@@ -4,6 +4,7 @@ The GPU side (Triton flag kernels, CUDA graphs) is tested by tests/engine/test_e
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -146,6 +147,10 @@ def test_an_unanswered_wait_expires_into_an_error_naming_layer_and_microbatch():
     x = torch.zeros(3, 8, dtype=torch.bfloat16)
     att.dispatch(x, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), 2, [0, 8])
     att.combine(None, x, 2)  # nobody answers: returns after the timeout, the error word set
+    links[0].flags.timeout_s = 120.0
+    t0 = time.monotonic()
+    att.combine(None, x, 3)  # a later wait of the same step returns at once instead of waiting out 120 s
+    assert time.monotonic() - t0 < 60
     with pytest.raises(PeerError, match="layer 2, micro-batch 1"):
         att.check()
     att.check()  # the error was reported once

@@ -11,8 +11,9 @@ CUDA graph can hold them: a role's whole decode step becomes one graph, its hand
 grow, so a slot never needs resetting and a late reader can never mistake an old signal for a new one.
 
 Every wait has a deadline (`timeout_s`, read from the GPU's global timer): a wait that expires stores its
-slot + 1 into `error[0]` and returns, and the host, which reads `error` with the step's results, raises.
-A dead peer thus costs one timeout, never a hung stream.
+slot + 1 into `error[0]` and returns, later waits return at once while `error[0]` is set, and the host,
+which reads `error` with the step's results, raises. A dead peer thus costs one timeout, never a hung
+stream.
 
 NOTE: on one GPU, a spinning kernel of one process only runs beside the other process's kernels under
 MPS (`msc.runtime.mps`); without it the two CUDA contexts time-slice the GPU, and a spinning wait holds
@@ -51,13 +52,14 @@ def _build():
     @triton.jit
     def wait_kernel(flag_ptr, value_ptr, error_ptr, slot, timeout_ns):
         target = tl.load(value_ptr)
+        failed = tl.atomic_add(error_ptr, 0, sem="relaxed", scope="gpu")  # an earlier wait of this role expired
         start = _now(target)
         cur = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
         elapsed = start - start
-        while (cur < target) & (elapsed < timeout_ns):
+        while (cur < target) & (elapsed < timeout_ns) & (failed == 0):
             cur = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
             elapsed = _now(target) - start
-        if cur < target:
+        if (cur < target) & (failed == 0):
             tl.atomic_xchg(error_ptr, slot + 1, sem="release", scope="sys")
 
     return signal_kernel, wait_kernel
@@ -97,6 +99,8 @@ class HostFlags:
         flags[slot] = int(value[0])
 
     def wait(self, flags: Tensor, slot: int, value: Tensor) -> None:
+        if int(self.error[0]):
+            return  # an earlier wait expired: the step is lost already, do not wait out another deadline
         target, deadline = int(value[0]), time.monotonic() + self.timeout_s
         while int(flags[slot]) < target:
             if time.monotonic() > deadline:

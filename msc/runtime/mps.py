@@ -7,8 +7,9 @@ the run's work folder, gives each role the environment that points it there and 
 `shares_from_profile` picks the shares from measured times (`msc profile`): each side gets the GPU in
 proportion to its per-layer time at the run's batch, so that neither side waits on the other.
 
-NOTE: unverified on hardware so far (issue 18): the daemon handling is tested with a stand-in for the
-control binary; whether the shares pay off is for `benchmarks/engine_step.py` on a GPU to show.
+Ran on an H100 and an H200 (session 12: tests/engine/test_engine_gpu.py, benchmarks/engine_step.py), where
+it is what lets the device exchange (msc.runtime.device_exchange) hand off between two processes of one GPU
+without time-slicing; the daemon handling is also tested with a stand-in for the control binary.
 """
 from __future__ import annotations
 
