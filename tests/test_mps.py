@@ -73,3 +73,20 @@ def test_mps_on_a_cpu_run_is_refused(tiny_bundle, fake_control):
     with pytest.raises(MscError, match="--device cuda"):
         run_bundle(tiny_bundle.path, [[1, 2]], 2, mps={"attention": 40, "expert": 60})
     assert not fake_control.exists()  # nothing was started
+
+
+def test_serving_under_mps_on_a_cpu_bundle_is_refused(tiny_bundle, fake_control):
+    from msc.runtime.serving import ServingEngine
+
+    with pytest.raises(MscError, match="--device cuda"):
+        ServingEngine(tiny_bundle.path, mps={"attention": 100, "expert": 100})
+    assert not fake_control.exists()
+
+
+def test_msc_serve_colocated_refuses_mps(tiny_bundle):
+    from typer.testing import CliRunner
+
+    from msc.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(tiny_bundle.path), "--colocated", "--mps", "50,50"])
+    assert r.exit_code != 0 and "--mps" in r.output and "role processes" in r.output
