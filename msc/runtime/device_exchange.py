@@ -37,6 +37,10 @@ benchmarks/device_flags_pingpong.py measured 3.3x a one-process step without MPS
 `on` forces it wherever the roles are on one host with one replica (also on the CPU, where the areas are /dev/shm files and
 the flags Python loops: how the tests check the protocol).
 
+Verified: on one H100 and one H200 (two and three role processes on the GPU, under MPS and forced on
+without it; tests/engine/test_engine_gpu.py, benchmarks/engine_step.py) and on the CPU. Not yet run across
+two GPUs (peer access through the IPC mappings), where `auto` turns it on.
+
 NOTE: one attention replica only (the host exchange serves several). An expert node runs a device step
 start to end on its stream, so with two replicas and two expert nodes node A could be inside replica 1's
 step (waiting for its next layer) while node B is inside replica 2's: replica 1 waits for B and replica 2
