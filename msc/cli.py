@@ -526,7 +526,7 @@ def plan_cmd(
     import json as _json
 
     _skip_teardown()
-    from msc.planner.plan_spec import chosen_spec_dict, plan_spec, plan_timeline, write_chosen
+    from msc.planner.plan_spec import chosen_spec_dict, no_plan_note, plan_spec, plan_timeline, write_chosen
     from msc.spec import load_spec
 
     try:
@@ -536,7 +536,7 @@ def plan_cmd(
                                if i % 500 == 0 or i == n else None)
         if output is not None:
             write_chosen(s, report, output)
-        sim = plan_timeline(report, timeline) if timeline is not None else None
+        sim = plan_timeline(report, timeline) if timeline is not None and report.result.plans else None
     except MscError as e:
         _fail(e)
     if sim is not None:
@@ -549,28 +549,38 @@ def plan_cmd(
         rows = [{"plan": p.describe(), "attention": {"replicas": p.n_a, "tp": p.tp_a}, "experts": {"nodes": p.n_e, "tp": p.tp_e},
                  "microbatches": p.m, "batch": p.batch, "tpot_ms": p.step_s * 1e3, "tokens_per_s": p.tokens_per_s,
                  "per_gpu": p.per_gpu, "per_dollar_hour": p.per_dollar_hour, "gain": p.gain, "binding": p.binding,
-                 "gpus": p.gpus, "t_a_ms": p.t_a * 1e3, "t_e_ms": p.t_e * 1e3, "t_c_ms": p.t_c * 1e3} for p in res.plans]
+                 "gpus": p.gpus, "t_a_ms": p.t_a * 1e3, "t_e_ms": p.t_e * 1e3, "t_c_ms": p.t_c * 1e3,
+                 "tc_over_tf": p.tc_over_tf, "tc_below_tf": p.tc_over_tf < 1} for p in res.plans]
         out.print_json(_json.dumps({"plans": rows, "colocated": None if colo is None else {
             "gpus": colo.gpus_per_instance, "batch": colo.batch, "tpot_ms": colo.step_s * 1e3, "per_gpu": colo.per_gpu,
-            "per_dollar_hour": colo.per_dollar_hour}, "evaluated": res.evaluated, "seconds": report.seconds,
-            "chosen": chosen_spec_dict(s, report)["plan"]}))
+            "per_dollar_hour": colo.per_dollar_hour}, "colocated_missing": None if colo is not None else pl.colocated_reason,
+            "note": no_plan_note(report), "evaluated": res.evaluated, "seconds": report.seconds,
+            "chosen": chosen_spec_dict(s, report)["plan"] if res.plans else None}))
         return
     hw = s.hardware
     where = (f"{hw.pool.count}× {hw.pool.gpu}" if hw.pool else f"attention {hw.attention.count}× {hw.attention.gpu}, "
              f"experts {hw.experts.count}× {hw.experts.gpu}")
     t = Table(title=f"{spec.name}: {where}; TPOT ≤ {s.workload.tpot_ms:g} ms, {s.workload.input_len} in / "
                     f"{s.workload.output_len} out; ranked by tokens/s per {unit}")
-    for col in ("plan", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "tok/s per $/h", "gain vs colocated", "binding"):
+    for col in ("plan", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "tok/s per $/h", "gain vs colocated", "T_c/T_f", "binding"):
         t.add_column(col, justify="left" if col in ("plan", "binding") else "right")
     for p in res.plans:
+        # NOTE: T_c/T_f >= 1 (the reference's condition T_c < T_f broken) is marked: communication is not hidden
+        tc = f"{p.tc_over_tf:.2f}" + (" ⚠" if p.tc_over_tf >= 1 else "")
         t.add_row(p.describe(), str(p.gpus), f"{p.batch:,}", f"{p.step_s * 1e3:.1f}", f"{p.per_gpu:,.0f}",
-                  f"{p.per_dollar_hour:,.0f}", "-" if p.gain is None else f"{p.gain:.2f}×", p.binding)
-    out.print(t)
+                  f"{p.per_dollar_hour:,.0f}", "-" if p.gain is None else f"{p.gain:.2f}×", tc, p.binding)
+    if res.plans:
+        out.print(t)
     if colo is not None:
         out.print(f"colocated baseline: instances of {colo.gpus_per_instance} GPUs, batch {colo.batch:,}, "
                   f"TPOT {colo.step_s * 1e3:.1f} ms, {colo.per_gpu:,.0f} tok/s/GPU, {colo.per_dollar_hour:,.0f} tok/s per $/h")
+    elif pl.colocated_reason == "memory":
+        out.print("colocated baseline: no instance size of the pool holds the weights and one sequence's KV cache")
     else:
         out.print("colocated baseline: no instance size fits the model within the TPOT target")
+    note = no_plan_note(report)
+    if note:
+        out.print(note)
     out.print(f"searched {res.evaluated:,} step evaluations in {report.seconds['search']:.2f}s "
               f"(capture and cost model {report.seconds['capture']:.2f}s)" + (f"; wrote {output}" if output else ""))
 

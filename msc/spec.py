@@ -119,7 +119,7 @@ class HardwareSpec(_Strict):
 class WorkloadSpec(_Strict):
     input_len: int = Field(default=571, ge=1)
     output_len: int = Field(default=159, ge=1)
-    tpot_ms: float = Field(default=150.0, gt=0)
+    tpot_ms: float = Field(default=150.0, gt=0, allow_inf_nan=False)
 
 
 class Spec(_Strict):

@@ -229,7 +229,8 @@ def cost_of_spec(spec, use_cache: bool = True) -> tuple[ModelCost, dict]:
 
     hf_config = load_hf_config(spec)
     adapter = adapter_for(hf_config.model_type, hf_config)
-    moe = adapter.moe_shape(hf_config)
+    moe = dict(adapter.moe_shape(hf_config))
+    moe["max_position_embeddings"] = getattr(hf_config, "max_position_embeddings", None)  # for msc plan's checks
     cost = model_cost_of_kinds(capture_layer_kinds(hf_config, adapter, spec.model.dtype), moe["top_k"])
     if path is not None:
         try:

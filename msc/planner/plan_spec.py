@@ -11,7 +11,7 @@ from msc.errors import MscError
 from msc.planner.cost import ModelCost, cost_of_spec
 from msc.planner.hardware import get_gpu, load_catalogue
 from msc.planner.perf import Efficiency, load_profile
-from msc.planner.search import Planner, Pool, SearchResult, Workload, explain_infeasible
+from msc.planner.search import Pinned, Planner, Pool, SearchResult, Workload, explain_infeasible
 
 
 @dataclass
@@ -23,7 +23,9 @@ class PlanReport:
     seconds: dict  # capture / search
 
 
-def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None) -> Planner:
+def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None, pinned: bool = True) -> Planner:
+    """The planner of a spec's hardware, workload and planner options; `pinned`: honour the fields its `plan:`
+    sets (the search varies only the others)."""
     hw = spec.hardware
     if hw is None or (hw.pool is None and (hw.attention is None or hw.experts is None)):
         raise MscError("the spec has no hardware for the planner: give hardware.pool {gpu, count} (one pool for both "
@@ -53,7 +55,10 @@ def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None) 
     prof = load_profile(profile) if profile else None
     if prof is not None:
         check_profile_gpu(prof, [att.gpu.name] + ([exp.gpu.name] if exp is not None else []), profile)
-    return Planner(cost, att, exp, wl, eff, prof, objective, max_m, **kw)
+    pin = Pinned.of_spec(spec.plan) if pinned else Pinned()
+    if tp_sizes is not None:  # a pinned tp joins a restricted set (fill_plan's tp = 1)
+        kw["tp_sizes"] = tuple(sorted(set(tp_sizes) | {t for t in (pin.tp_a, pin.tp_e) if t is not None}))
+    return Planner(cost, att, exp, wl, eff, prof, objective, max_m, pinned=pin, **kw)
 
 
 def check_profile_gpu(prof, gpus: list[str], path) -> None:
@@ -66,19 +71,47 @@ def check_profile_gpu(prof, gpus: list[str], path) -> None:
 
 
 def plan_spec(spec, top: int = 10, progress=None) -> PlanReport:
+    """Search the spec's plans. With no disaggregated plan but a colocated instance that serves the model (a
+    one-GPU pool, say), the report holds no plans and that colocated answer; with neither, MscError naming
+    the binding constraint."""
     t0 = time.perf_counter()
     cost, moe = cost_of_spec(spec)
+    longest = moe.get("max_position_embeddings")
+    wl = spec.workload
+    if longest is not None and wl.input_len + wl.output_len > longest:
+        raise MscError(f"workload: input_len + output_len = {wl.input_len + wl.output_len} tokens, longer than the "
+                       f"model's max_position_embeddings ({longest})")
     t1 = time.perf_counter()
     planner = planner_for(spec, cost)
     result = planner.search(top=top, progress=progress)
     t2 = time.perf_counter()
-    if not result.plans:
+    if not result.plans and result.colocated is None:
         raise MscError(explain_infeasible(result, planner))
     return PlanReport(planner, result, cost, moe, {"capture": t1 - t0, "search": t2 - t1})
 
 
+def no_plan_note(report: PlanReport) -> str | None:
+    """What the user should hear besides the table: no disaggregated plan (the colocated answer instead), or
+    none that beats colocated. None when the best plan beats it."""
+    res, colo = report.result, report.result.colocated
+    if colo is None:
+        return None
+    how = (f"instances of {colo.gpus_per_instance} GPU{'s' if colo.gpus_per_instance > 1 else ''}, batch {colo.batch:,}, "
+           f"TPOT {colo.step_s * 1e3:.1f} ms, {colo.per_gpu:,.0f} tok/s/GPU: serve it with `msc serve --colocated`")
+    if not res.plans:
+        why = explain_infeasible(res, report.planner).removeprefix("no plan meets the constraints: ")
+        return f"no disaggregated plan fits ({why}); colocated: {how}"
+    best = res.plans[0]
+    if best.gain is not None and best.gain < 1.0:
+        return (f"warning: no disaggregated plan beats colocated (the best, {best.describe()}, gives {best.gain:.2f}x "
+                f"its {'tokens/s per $' if report.planner.objective == 'cost' else 'tokens/s per GPU'}); colocated: {how}")
+    return None
+
+
 def chosen_spec_dict(spec, report: PlanReport) -> dict:
     """The spec with the best plan's fields filled in (what `msc compile` takes)."""
+    if not report.result.plans:
+        raise MscError("no disaggregated plan to write: " + (no_plan_note(report) or "none was found"))
     best = report.result.plans[0]
     d = spec.model_dump(exclude_none=True)
     d["plan"] = {
@@ -108,7 +141,11 @@ def fill_plan(spec, cost: ModelCost):
     planner = planner_for(spec, cost, tp_sizes=(1,))
     result = planner.search(top=1)
     if not result.plans:
-        raise MscError(explain_infeasible(result, planner))
+        msg = explain_infeasible(result, planner)
+        if result.colocated is not None:
+            msg += (f"; the model fits colocated on {result.colocated.gpus_per_instance} GPU(s): compile without "
+                    "hardware: and run it with --colocated")
+        raise MscError(msg)
     best = result.plans[0]
     given = spec.plan.model_dump()
     planned = {"attention": {"replicas": best.n_a, "tp": best.tp_a}, "experts": {"nodes": best.n_e, "tp": best.tp_e},

@@ -65,6 +65,29 @@ class Workload:
         return self.input_len + self.output_len
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """Plan fields a spec fixes (None: searched). `batch` is the spec's plan.batch_size: sequences per replica
+    (b_a * m)."""
+
+    tp_a: int | None = None
+    n_a: int | None = None
+    tp_e: int | None = None
+    n_e: int | None = None
+    m: int | None = None
+    batch: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.tp_a, self.n_a, self.tp_e, self.n_e, self.m, self.batch))
+
+    @classmethod
+    def of_spec(cls, plan) -> "Pinned":
+        """The fields a spec's `plan:` sets."""
+        return cls(plan.attention.tp, plan.attention.replicas, plan.experts.tp, plan.experts.nodes, plan.microbatches,
+                   plan.batch_size)
+
+
 @dataclass
 class Plan:
     tp_a: int
@@ -102,6 +125,13 @@ class Plan:
 
     def key(self) -> tuple:
         return (self.tp_a, self.n_a, self.tp_e, self.n_e, self.m, self.b_a)
+
+    @property
+    def tc_over_tf(self) -> float:
+        """T_c / T_f: a micro-batch's communication time over its slower side's compute time. The ping-pong
+        pipeline hides communication only when it is below 1 (the reference's condition T_c < T_f)."""
+        tf = max(self.t_a, self.t_e)
+        return self.t_c / tf if tf > 0 else math.inf
 
     def describe(self) -> str:
         return f"{self.n_a}×att(tp{self.tp_a}) + {self.n_e}×exp(tp{self.tp_e}), m={self.m}"
@@ -171,8 +201,10 @@ class Planner:
     def __init__(self, model: ModelCost, attention: Pool, expert: Pool | None, workload: Workload,
                  eff: Efficiency | None = None, profile: Profile | None = None,
                  objective: Literal["gpu", "cost"] = "gpu", max_microbatches: int = MAX_MICROBATCHES,
-                 tp_sizes: tuple[int, ...] = TP_SIZES):
+                 tp_sizes: tuple[int, ...] = TP_SIZES, pinned: Pinned | None = None):
         self.model, self.att_pool, self.exp_pool = model, attention, expert
+        self.pinned = pinned or Pinned()
+        self.colocated_reason: str | None = None  # set by colocated() when there is no instance
         self.shared = expert is None  # homogeneous: one pool for both sides
         self.wl, self.eff, self.profile = workload, eff or Efficiency(), profile
         self.objective = objective
@@ -184,6 +216,25 @@ class Planner:
         for pool in filter(None, (attention, expert)):
             if pool.count < 1:
                 raise MscError(f"pool of {pool.gpu.name} has {pool.count} GPUs: expected at least 1")
+        self._check_pinned()
+
+    def _check_pinned(self) -> None:
+        """Pinned fields the search could never honour are errors, each naming the field."""
+        pin, exp_pool = self.pinned, self.att_pool if self.shared else self.exp_pool
+        if pin.m is not None and not 1 <= pin.m <= self.max_m:
+            raise MscError(f"plan.microbatches is {pin.m}; the planner searches 1 to {self.max_m} (planner.max_microbatches)")
+        if pin.n_e is not None and self.model.num_experts % pin.n_e:
+            raise MscError(f"plan.experts.nodes is {pin.n_e}, which does not divide the model's {self.model.num_experts} "
+                           f"experts; pick one of {_divisors(self.model.num_experts)}")
+        for name, tp, pool in (("plan.attention.tp", pin.tp_a, self.att_pool), ("plan.experts.tp", pin.tp_e, exp_pool)):
+            if tp is not None and tp not in self.tp_sizes:
+                raise MscError(f"{name} is {tp}; the planner models tp in {list(self.tp_sizes)}"
+                               + (" (planner.profile was measured at that size)" if self.profile is not None else ""))
+            if tp is not None and tp > pool.per_node:
+                raise MscError(f"{name} is {tp}, more GPUs than a node of {pool.gpu.name} has ({pool.per_node})")
+        if pin.batch is not None and pin.m is not None and pin.batch % pin.m:
+            raise MscError(f"plan.batch_size {pin.batch} is not a multiple of plan.microbatches {pin.m} (each "
+                           "micro-batch holds batch_size / m sequences)")
 
     # ------------------------------------------------------------------ one configuration
     def step(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int):
@@ -201,14 +252,20 @@ class Planner:
         """Every (tp_a, n_a, tp_e, n_e, m) of the search space that fits the pools' GPU counts."""
         exp_pool = self.att_pool if self.shared else self.exp_pool
         experts = self.model.num_experts
-        for tp_e in (t for t in self.tp_sizes if t <= exp_pool.per_node):
-            for n_e in _divisors(experts):
-                for tp_a in (t for t in self.tp_sizes if t <= self.att_pool.per_node):
-                    for n_a in range(1, self.att_pool.count // tp_a + 1):
+        pin = self.pinned
+
+        def only(value, choices):
+            return [value] if value is not None else list(choices)
+
+        for tp_e in only(pin.tp_e, (t for t in self.tp_sizes if t <= exp_pool.per_node)):
+            for n_e in only(pin.n_e, _divisors(experts)):
+                for tp_a in only(pin.tp_a, (t for t in self.tp_sizes if t <= self.att_pool.per_node)):
+                    for n_a in only(pin.n_a, range(1, self.att_pool.count // tp_a + 1)):
                         if not self._fits_gpus(tp_a, n_a, tp_e, n_e):
                             break
-                        for m in range(1, self.max_m + 1):
-                            yield tp_a, n_a, tp_e, n_e, m
+                        for m in only(pin.m, range(1, self.max_m + 1)):
+                            if pin.batch is None or pin.batch % m == 0:
+                                yield tp_a, n_a, tp_e, n_e, m
 
     def best_for(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, rejected: dict | None = None) -> Plan | None:
         """The plan with the largest b_a meeting the latency and memory limits (binary search)."""
@@ -222,6 +279,10 @@ class Planner:
         if b_mem < 1:
             rejected["attention memory"] = rejected.get("attention memory", 0) + 1
             return None
+        if self.pinned.batch is not None:
+            plans = self._pinned_batch(np.array([[tp_a, n_a, tp_e, n_e, m]], dtype=np.int64),
+                                       np.array([b_mem], dtype=np.int64), rejected)
+            return plans[0] if plans else None
         lo, hi = 0, b_mem  # invariant: b = lo meets the target (0: trivially), hi + 1 is beyond memory
         if self.step(tp_a, n_a, tp_e, n_e, m, 1).total > self.wl.tpot_s:
             rejected["latency"] = rejected.get("latency", 0) + 1
@@ -293,6 +354,8 @@ class Planner:
         if not kept:
             return []
         cfgs, b_mem = np.array(kept, dtype=np.int64), np.array(b_mem, dtype=np.int64)
+        if self.pinned.batch is not None:
+            return self._pinned_batch(cfgs, b_mem, rejected)
         meets = self.steps(cfgs, np.ones(len(cfgs), dtype=np.int64)).total <= self.wl.tpot_s
         if not meets.all():
             rejected["latency"] = rejected.get("latency", 0) + int((~meets).sum())
@@ -319,6 +382,24 @@ class Planner:
             plans.append(self.make_plan(*row, b, binding, StepTimes(ta, te, tc, t)))
         return plans
 
+    def _pinned_batch(self, cfgs: np.ndarray, b_mem: np.ndarray, rejected: dict) -> list[Plan]:
+        """With plan.batch_size pinned, each configuration is evaluated at b_a = batch_size / m (kept even when it
+        misses the TPOT target: the spec asked for that batch; its binding says so)."""
+        b_a = self.pinned.batch // cfgs[:, 4]
+        fits = b_a <= b_mem
+        if not fits.all():
+            rejected["attention memory"] = rejected.get("attention memory", 0) + int((~fits).sum())
+            cfgs, b_a = cfgs[fits], b_a[fits]
+        if not len(cfgs):
+            return []
+        st = self.steps(cfgs, b_a)
+        plans = []
+        for row, b, t, ta, te, tc in zip(cfgs.tolist(), b_a.tolist(), st.total.tolist(), st.t_a.tolist(),
+                                         st.t_e.tolist(), st.t_c.tolist()):
+            binding = "pinned batch" if t <= self.wl.tpot_s else "pinned batch, over the TPOT target"
+            plans.append(self.make_plan(*row, b, binding, StepTimes(ta, te, tc, t)))
+        return plans
+
     def search(self, top: int = 10, progress=None) -> SearchResult:
         rejected: dict[str, int] = {}
         plans = self.best_for_all(list(self.configurations()), rejected, progress)
@@ -329,10 +410,27 @@ class Planner:
                 p.gain = self.score(p) / self.score(colo)
         return SearchResult(plans[:top] if top else plans, colo, self.evaluated, rejected)
 
+    def fastest(self) -> tuple[float, tuple]:
+        """The shortest step of any configuration that fits in memory, at one sequence per micro-batch, and
+        that configuration (inf and () when none fits)."""
+        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
+        usable_e = exp_gpu.mem_bytes * self.eff.memory_fraction
+        usable_a = self.att_pool.gpu.mem_bytes * self.eff.memory_fraction
+        fits = [c for c in self.configurations() if expert_memory(self.model, c[3], c[2]) <= usable_e
+                and _max_b_by_memory(self.model, c[4], c[0], self.wl, usable_a) >= 1]
+        if not fits:
+            return math.inf, ()
+        total = self.steps(np.array(fits, dtype=np.int64), np.ones(len(fits), dtype=np.int64)).total
+        i = int(np.argmin(total))
+        return float(total[i]), tuple(fits[i])
+
     def colocated(self) -> Colocated | None:
-        """Best colocated instance on the attention pool's GPU type (sizes 1, 2, 4, ... up to the pool)."""
+        """Best colocated instance on the attention pool's GPU type (sizes 1, 2, 4, ... up to the pool).
+        When there is none, `colocated_reason` says why: "memory" (no size holds the weights and one
+        sequence's KV cache) or "latency" (those that do miss the TPOT target even at batch 1)."""
         gpu = self.att_pool.gpu
         best = None
+        self.colocated_reason = "memory"
         g = 1 if self.profile is None else self.profile.tp
         prof = self.profile
         while g <= max(self.att_pool.count, 1):
@@ -341,6 +439,8 @@ class Planner:
             room = usable - self.model.attention_weight_bytes() - self.model.expert_weight_bytes()
             per_seq = self.wl.max_context * self.model.kv_bytes_per_token()
             b_mem = int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
+            if b_mem >= 1:
+                self.colocated_reason = "latency"
             if b_mem >= 1 and colocated_step(self.model, 1, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
                 lo, hi = 1, b_mem
                 if colocated_step(self.model, hi, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
@@ -362,22 +462,32 @@ class Planner:
 
 
 def explain_infeasible(result: SearchResult, planner: Planner) -> str:
-    """One message saying which constraint failed, and by how much."""
+    """One message naming the binding constraint, with the true best figure: latency when some configuration
+    fits in memory (then memory is not what stops it), else memory, else the pool's size."""
     m = planner.model
-    att = planner.att_pool.gpu
-    usable = att.mem_bytes * planner.eff.memory_fraction
+    r = result.rejected
     parts = []
-    if result.rejected.get("attention memory"):
-        need = m.attention_weight_bytes() / max(t for t in planner.tp_sizes if t <= planner.att_pool.per_node)
-        parts.append(f"attention weights need {need / 2**30:.1f} GiB per GPU even at the largest tp, "
-                     f"{att.name} offers {usable / 2**30:.1f} GiB usable")
-    if result.rejected.get("expert memory"):
-        exp_pool = planner.att_pool if planner.shared else planner.exp_pool
-        most = exp_pool.count
-        parts.append(f"the experts need {m.expert_weight_bytes() / 2**30:.1f} GiB; {exp_pool.gpu.name} × {most} "
-                     f"offer {exp_pool.gpu.mem_bytes * planner.eff.memory_fraction * most / 2**30:.1f} GiB usable")
-    if result.rejected.get("latency"):
-        fastest = min((planner.step(*cfg, 1).total for cfg in list(planner.configurations())[:200]), default=math.inf)
-        parts.append(f"even one sequence per micro-batch takes {fastest * 1e3:.1f} ms per token, over the "
-                     f"{planner.wl.tpot_s * 1e3:.0f} ms target by {(fastest - planner.wl.tpot_s) * 1e3:.1f} ms")
-    return "no plan meets the constraints: " + ("; ".join(parts) if parts else "the GPU pools are too small")
+    if r.get("latency"):
+        fastest, cfg = planner.fastest()
+        tp_a, n_a, tp_e, n_e, mb = cfg
+        parts.append(f"the TPOT target is {planner.wl.tpot_s * 1e3:g} ms, but the fastest configuration "
+                     f"({n_a}×att(tp{tp_a}) + {n_e}×exp(tp{tp_e}), m={mb}) takes {fastest * 1e3:.1f} ms a token even "
+                     "with one sequence per micro-batch")
+    elif r.get("attention memory") or r.get("expert memory"):
+        att = planner.att_pool.gpu
+        usable = att.mem_bytes * planner.eff.memory_fraction
+        if r.get("attention memory"):
+            need = m.attention_weight_bytes() / max(t for t in planner.tp_sizes if t <= planner.att_pool.per_node)
+            parts.append(f"attention weights need {need / 2**30:.1f} GiB per GPU even at the largest tp (plus the KV "
+                         f"cache of one sequence), {att.name} offers {usable / 2**30:.1f} GiB usable")
+        if r.get("expert memory"):
+            exp_pool = planner.att_pool if planner.shared else planner.exp_pool
+            most = exp_pool.count
+            parts.append(f"the experts need {m.expert_weight_bytes() / 2**30:.1f} GiB; {exp_pool.gpu.name} × {most} "
+                         f"offer {exp_pool.gpu.mem_bytes * planner.eff.memory_fraction * most / 2**30:.1f} GiB usable")
+    elif planner.pinned.any:
+        parts.append("no configuration with the pinned plan fields fits the pools' GPU counts")
+    else:
+        gpus = planner.att_pool.count + (0 if planner.shared else planner.exp_pool.count)
+        parts.append(f"disaggregation needs at least one attention and one expert GPU; the pools have {gpus}")
+    return "no plan meets the constraints: " + "; ".join(parts)

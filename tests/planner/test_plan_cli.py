@@ -63,7 +63,7 @@ def test_compile_fills_unset_plan_fields_from_the_planner(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     ({"hardware": {"pool": {"gpu": "V100", "count": 4}}}, "unknown GPU 'V100'"),
-    ({"workload": {"input_len": 16, "output_len": 8, "tpot_ms": 1e-6}}, "no plan meets the constraints: .*ms per token, over the"),
+    ({"workload": {"input_len": 16, "output_len": 8, "tpot_ms": 1e-6}}, "no plan meets the constraints: .*takes .* ms a token even with one sequence"),
     ({"hardware": {"pool": {"gpu": "H200", "count": 4}, "overrides": {"H200": {"mem_gib": -1}}}}, "H200.*mem_gib"),
     ({"hardware": {"pool": {"gpu": "H200", "count": 0}}}, "count"),
     ({"hardware": None}, "no hardware for the planner"),
@@ -91,3 +91,47 @@ def test_timeline_of_the_best_plan_matches_the_model_step(tmp_path):
     assert png.stat().st_size > 0
     # the discrete-event simulation of the chosen plan agrees with the closed form the search used
     assert sim["iteration_s"] == pytest.approx(sim["model_step_s"], rel=0.01)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model": {"config": {**TINY, "num_experts_per_tok": 5}, "dtype": "float32"}}, "top-k 5 is larger than the expert count"),
+    ({"model": {"config": {**TINY, "max_position_embeddings": 64}, "dtype": "float32"},
+      "workload": {"input_len": 60, "output_len": 8, "tpot_ms": 50}}, "68 tokens, longer than the model's max_position_embeddings \\(64\\)"),
+    ({"workload": {"input_len": 16, "output_len": 8, "tpot_ms": float("inf")}}, "tpot_ms"),
+    ({"plan": {"experts": {"nodes": 3}}}, "plan.experts.nodes is 3, which does not divide"),
+])
+def test_spec_errors_of_the_planner(tmp_path, change, expected):
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path, **change)])
+    assert res.exit_code != 0
+    assert __import__("re").search(expected, res.output.replace("\n", " ")), res.output
+
+
+def test_a_pinned_spec_evaluates_that_plan(tmp_path):
+    free = json.loads(CliRunner().invoke(app, ["plan", _spec(tmp_path), "--json", "--top", "1"]).stdout)["plans"][0]
+    plan = {"attention": free["attention"], "experts": free["experts"], "microbatches": free["microbatches"]}
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path, plan=plan), "--json"])
+    data = json.loads(res.stdout)
+    assert len(data["plans"]) == 1
+    p = data["plans"][0]
+    for key in ("per_gpu", "tpot_ms", "batch", "t_a_ms", "t_e_ms", "t_c_ms", "gain", "binding"):  # today's keys, same values
+        assert p[key] == free[key]
+    assert p["tc_over_tf"] == pytest.approx(free["t_c_ms"] / max(free["t_a_ms"], free["t_e_ms"]))
+
+
+def test_a_one_gpu_pool_prints_the_colocated_answer(tmp_path):
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path, hardware={"pool": {"gpu": "H200", "count": 1}})])
+    assert res.exit_code == 0, res.output
+    out = res.stdout.replace("\n", " ")
+    assert "no disaggregated plan fits" in out and "msc serve --colocated" in out
+    data = json.loads(CliRunner().invoke(app, ["plan", _spec(tmp_path, hardware={"pool": {"gpu": "H200", "count": 1}}),
+                                               "--json"]).stdout)
+    assert data["plans"] == [] and data["colocated"]["gpus"] == 1 and data["chosen"] is None
+
+
+def test_a_plan_slower_than_colocated_comes_with_a_warning(tmp_path):
+    # tiny model on 2 GPUs: splitting it cannot beat one GPU holding it all
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path, hardware={"pool": {"gpu": "H200", "count": 2}}), "--json"])
+    data = json.loads(res.stdout)
+    assert data["plans"][0]["gain"] < 1
+    assert data["note"].startswith("warning: no disaggregated plan beats colocated")
+    assert f"instances of {data['colocated']['gpus']} GPU" in data["note"]  # the colocated plan shown

@@ -1,0 +1,103 @@
+"""Pinned plan fields (the search varies only the others) and the planner's diagnostics (issue 22): each
+checked against an independent computation (brute force over the configurations, scalar step calls)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from msc.errors import MscError
+from msc.planner.search import Pinned, Planner, Pool, Workload, explain_infeasible
+from tests.planner.test_search import WL, _gpu, _model
+
+
+def _planner(pinned=None, count=16, per_node=8, wl=WL, gpu=None, **kw):
+    return Planner(_model(), Pool(gpu or _gpu(), count, per_node), None, wl, pinned=pinned, **kw)
+
+
+def test_a_fully_pinned_plan_predicts_what_the_search_reports_for_it():
+    best = _planner().search(top=1).plans[0]
+    pin = Pinned(best.tp_a, best.n_a, best.tp_e, best.n_e, best.m)
+    res = _planner(pin).search()
+    assert len(res.plans) == 1
+    p = res.plans[0]
+    assert p.key() == best.key() and p.step_s == best.step_s and p.binding == best.binding  # the batch still searched
+    # with the batch pinned too: the same prediction, evaluated at that batch
+    res = _planner(Pinned(best.tp_a, best.n_a, best.tp_e, best.n_e, best.m, best.b_a * best.m)).search()
+    assert res.plans[0].key() == best.key() and res.plans[0].step_s == best.step_s
+    assert res.plans[0].binding == "pinned batch"
+
+
+@pytest.mark.parametrize("pin", [Pinned(m=2), Pinned(n_e=4), Pinned(tp_a=2, m=3), Pinned(n_a=2, n_e=8)])
+def test_partly_pinned_plans_vary_only_the_other_fields(pin):
+    free = _planner().search(top=0).plans
+    pinned = _planner(pin).search(top=0).plans
+    assert pinned
+    fields = {"tp_a": pin.tp_a, "n_a": pin.n_a, "tp_e": pin.tp_e, "n_e": pin.n_e, "m": pin.m}
+    want = {k: v for k, v in fields.items() if v is not None}
+    assert all(getattr(p, k) == v for p in pinned for k, v in want.items())
+    # the pinned search's plans are exactly the free search's plans with those fields
+    same = sorted(p.key() for p in free if all(getattr(p, k) == v for k, v in want.items()))
+    assert sorted(p.key() for p in pinned) == same
+
+
+def test_a_pinned_batch_over_the_target_is_evaluated_and_says_so():
+    roomy = _gpu(mem_gib=400)  # the latency target binds, not memory
+    best = _planner(gpu=roomy).search(top=1).plans[0]
+    assert best.binding == "latency (TPOT)"
+    big = Pinned(best.tp_a, best.n_a, best.tp_e, best.n_e, best.m, (best.b_a + 50) * best.m)
+    p = _planner(big, gpu=roomy).search().plans[0]
+    assert p.b_a == best.b_a + 50 and p.step_s > WL.tpot_s
+    assert p.binding == "pinned batch, over the TPOT target"
+
+
+@pytest.mark.parametrize("pin, match", [
+    (Pinned(n_e=3), "does not divide the model's 8 experts"),
+    (Pinned(tp_a=16), "plan.attention.tp is 16"),
+    (Pinned(tp_e=4), "more GPUs than a node"),
+    (Pinned(m=3, batch=10), "not a multiple of plan.microbatches"),
+    (Pinned(m=9), "plan.microbatches is 9"),
+])
+def test_pinned_fields_the_search_cannot_honour_are_errors(pin, match):
+    with pytest.raises(MscError, match=match):
+        _planner(pin, per_node=2)
+
+
+def test_an_impossible_tpot_reports_the_true_fastest_configuration_and_no_memory_clause():
+    # small memory: many configurations are rejected for memory, the rest for latency
+    planner = _planner(wl=Workload(tpot_s=1e-4), gpu=_gpu(mem_gib=40))
+    res = planner.search()
+    assert not res.plans and res.rejected.get("latency")
+    msg = explain_infeasible(res, planner)
+    # independent: every configuration that fits in memory, stepped one by one at one sequence a micro-batch
+    fits = [c for c in planner.configurations() if planner.best_for(*c, rejected={}) is None
+            and _fits_memory(planner, c)]
+    fastest = min(planner.step(*c, 1).total for c in fits)
+    assert f"takes {fastest * 1e3:.1f} ms a token" in msg
+    assert "GiB" not in msg
+
+
+def _fits_memory(planner, cfg):
+    rej: dict = {}
+    planner.best_for(*cfg, rejected=rej)
+    return "attention memory" not in rej and "expert memory" not in rej
+
+
+def test_a_one_gpu_pool_gets_the_colocated_answer():
+    planner = _planner(count=1)
+    res = planner.search()
+    assert not res.plans and res.colocated is not None and res.colocated.gpus_per_instance == 1
+    assert "disaggregation needs at least one attention and one expert GPU" in explain_infeasible(res, planner)
+
+
+def test_the_colocated_baseline_says_memory_when_memory_is_why():
+    planner = _planner(gpu=_gpu(mem_gib=1), count=2)
+    assert planner.colocated() is None and planner.colocated_reason == "memory"
+    planner = _planner(wl=Workload(tpot_s=1e-4))
+    assert planner.colocated() is None and planner.colocated_reason == "latency"
+
+
+def test_tc_over_tf_is_reported_per_plan():
+    for p in _planner().search(top=5).plans:
+        assert p.tc_over_tf == pytest.approx(p.t_c / max(p.t_a, p.t_e))
+        assert math.isfinite(p.tc_over_tf)
