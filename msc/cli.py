@@ -521,6 +521,9 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the plans as JSON instead of a table"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the spec with the best plan filled in"),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="draw the best plan's simulated decode step (PNG)"),
+    colocated_batch: Optional[int] = typer.Option(None, "--colocated-batch", min=1, help="also compare with colocated "
+                                                  "instances serving this many sequences (besides the largest batch "
+                                                  "that meets the TPOT target and memory)"),
 ):
     """Search deployment plans: attention/expert parallel sizes, replicas, micro-batches and batch."""
     import json as _json
@@ -544,16 +547,22 @@ def plan_cmd(
                   f"idle attention {sim['idle_attention']:.0%}, expert {sim['idle_expert']:.0%}")
     res, pl = report.result, report.planner
     colo = res.colocated
+    colo_at = pl.colocated(batch=colocated_batch) if colocated_batch is not None else None
+    gain_at = (lambda p: None if colo_at is None else pl.score(p) / pl.score(colo_at))  # noqa: E731
     unit = "$·h" if pl.objective == "cost" else "GPU"
     if as_json:
         rows = [{"plan": p.describe(), "attention": {"replicas": p.n_a, "tp": p.tp_a}, "experts": {"nodes": p.n_e, "tp": p.tp_e},
                  "microbatches": p.m, "batch": p.batch, "tpot_ms": p.step_s * 1e3, "tokens_per_s": p.tokens_per_s,
                  "per_gpu": p.per_gpu, "per_dollar_hour": p.per_dollar_hour, "gain": p.gain, "binding": p.binding,
                  "gpus": p.gpus, "t_a_ms": p.t_a * 1e3, "t_e_ms": p.t_e * 1e3, "t_c_ms": p.t_c * 1e3,
-                 "tc_over_tf": p.tc_over_tf, "tc_below_tf": p.tc_over_tf < 1} for p in res.plans]
+                 "tc_over_tf": p.tc_over_tf, "tc_below_tf": p.tc_over_tf < 1, "gain_at_colocated_batch": gain_at(p)}
+                for p in res.plans]
         out.print_json(_json.dumps({"plans": rows, "colocated": None if colo is None else {
             "gpus": colo.gpus_per_instance, "batch": colo.batch, "tpot_ms": colo.step_s * 1e3, "per_gpu": colo.per_gpu,
             "per_dollar_hour": colo.per_dollar_hour}, "colocated_missing": None if colo is not None else pl.colocated_reason,
+            "colocated_at_batch": None if colo_at is None else {
+                "gpus": colo_at.gpus_per_instance, "batch": colo_at.batch, "tpot_ms": colo_at.step_s * 1e3,
+                "per_gpu": colo_at.per_gpu, "per_dollar_hour": colo_at.per_dollar_hour},
             "note": no_plan_note(report), "evaluated": res.evaluated, "seconds": report.seconds,
             "chosen": chosen_spec_dict(s, report)["plan"] if res.plans else None}))
         return
@@ -562,13 +571,16 @@ def plan_cmd(
              f"experts {hw.experts.count}× {hw.experts.gpu}")
     t = Table(title=f"{spec.name}: {where}; TPOT ≤ {s.workload.tpot_ms:g} ms, {s.workload.input_len} in / "
                     f"{s.workload.output_len} out; ranked by tokens/s per {unit}")
-    for col in ("plan", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "tok/s per $/h", "gain vs colocated", "T_c/T_f", "binding"):
+    cols = ["plan", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "tok/s per $/h", "gain vs colocated"]
+    cols += [f"gain vs colocated@{colocated_batch:,}"] if colocated_batch is not None else []
+    for col in cols + ["T_c/T_f", "binding"]:
         t.add_column(col, justify="left" if col in ("plan", "binding") else "right")
     for p in res.plans:
         # NOTE: T_c/T_f >= 1 (the reference's condition T_c < T_f broken) is marked: communication is not hidden
         tc = f"{p.tc_over_tf:.2f}" + (" ⚠" if p.tc_over_tf >= 1 else "")
+        at = [] if colocated_batch is None else ["-" if colo_at is None else f"{gain_at(p):.2f}×"]
         t.add_row(p.describe(), str(p.gpus), f"{p.batch:,}", f"{p.step_s * 1e3:.1f}", f"{p.per_gpu:,.0f}",
-                  f"{p.per_dollar_hour:,.0f}", "-" if p.gain is None else f"{p.gain:.2f}×", tc, p.binding)
+                  f"{p.per_dollar_hour:,.0f}", "-" if p.gain is None else f"{p.gain:.2f}×", *at, tc, p.binding)
     if res.plans:
         out.print(t)
     if colo is not None:
@@ -578,6 +590,11 @@ def plan_cmd(
         out.print("colocated baseline: no instance size of the pool holds the weights and one sequence's KV cache")
     else:
         out.print("colocated baseline: no instance size fits the model within the TPOT target")
+    if colocated_batch is not None:
+        out.print(f"colocated at batch {colocated_batch:,}: " + (
+            "no instance size holds it in memory" if colo_at is None else
+            f"instances of {colo_at.gpus_per_instance} GPUs, TPOT {colo_at.step_s * 1e3:.1f} ms, "
+            f"{colo_at.per_gpu:,.0f} tok/s/GPU, {colo_at.per_dollar_hour:,.0f} tok/s per $/h"))
     note = no_plan_note(report)
     if note:
         out.print(note)

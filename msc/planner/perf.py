@@ -19,6 +19,7 @@ Profile format (what `msc profile` will write; every field in seconds, per layer
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Optional
@@ -271,15 +272,22 @@ def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Effi
                    profile: Profile | None = None) -> float:
     """Decode step of a colocated instance of side.tp GPUs serving b sequences: attention tensor-parallel,
     experts expert-parallel over the same GPUs, no overlap between the two (what vLLM does without
-    dual-batch overlap). With a measured profile (one GPU), the layers' times come from its fits."""
+    dual-batch overlap). With a measured profile (one GPU), the layers' times come from its fits.
+
+    NOTE: two all-reduces a layer (charged in attention_layer_time): after attention, and after the MoE
+    block, whose experts each GPU runs for every token of the (replicated) batch, its partial sums summed
+    by that all-reduce; no dispatch / combine collectives of their own. Experts split over the GPUs in whole
+    experts: with E not a multiple of g the busiest GPU holds ceil(E / g) of them, and its time is the layer's."""
     total = head_time(model, b, side, eff)
+    g = side.tp
     for lc in model.layers:
         total += attention_layer_time(lc, b, ctx, side, eff, model, profile)
         if lc.moe and profile is not None:
             total += expert_layer_time(lc, b, lc.experts, side, eff, model, profile)
         elif lc.moe:
+            share = math.ceil(lc.experts / g) / lc.experts  # of the experts (and their tokens), on the busiest GPU
             hit = expected_experts_hit(lc.experts, b, model.top_k)
-            flops = b * model.top_k * lc.expert_flops_per_token
-            total += _roofline(flops, hit * lc.expert_weight_bytes, side, eff) + eff.layer_overhead_s
-            total += 2 * _allreduce(b * model.hidden_size * model.dtype_bytes, side)  # dispatch + combine
+            flops = b * model.top_k * lc.expert_flops_per_token * share
+            nbytes = hit * lc.expert_weight_bytes * share
+            total += max(flops / (side.flops * eff.flops), nbytes / (side.mem_bw * eff.bandwidth)) + eff.layer_overhead_s
     return total

@@ -424,37 +424,49 @@ class Planner:
         i = int(np.argmin(total))
         return float(total[i]), tuple(fits[i])
 
-    def colocated(self) -> Colocated | None:
-        """Best colocated instance on the attention pool's GPU type (sizes 1, 2, 4, ... up to the pool).
-        When there is none, `colocated_reason` says why: "memory" (no size holds the weights and one
-        sequence's KV cache) or "latency" (those that do miss the TPOT target even at batch 1)."""
-        gpu = self.att_pool.gpu
+    def colocated(self, batch: int | None = None) -> Colocated | None:
+        """Best colocated instance on the attention pool's GPU type (sizes 1, 2, 4, ... up to the pool), each at
+        the largest batch that meets the TPOT target and memory (`batch`: at that batch instead, where it fits
+        memory, whatever its TPOT). When there is none, `colocated_reason` says why: "memory" (no size holds
+        the weights and one sequence's KV cache) or "latency" (those that do miss the TPOT target at batch 1).
+
+        NOTE: an instance larger than a node (`per_node`) runs its all-reduces over the NIC, not NVLink. Memory
+        is the busiest GPU's: its share of the attention weights and KV cache, and ceil(E / g) whole experts."""
+        pool, gpu = self.att_pool, self.att_pool.gpu
         best = None
         self.colocated_reason = "memory"
         g = 1 if self.profile is None else self.profile.tp
         prof = self.profile
-        while g <= max(self.att_pool.count, 1):
+        experts = max(self.model.num_experts, 1)
+        while g <= max(pool.count, 1):
             side = side_of(gpu, g)
-            usable = gpu.mem_bytes * self.eff.memory_fraction * g
-            room = usable - self.model.attention_weight_bytes() - self.model.expert_weight_bytes()
-            per_seq = self.wl.max_context * self.model.kv_bytes_per_token()
+            if g > pool.per_node:  # across nodes: the all-reduces go over each GPU's NIC
+                side = Side(side.flops, side.mem_bw, side.nic_bw, side.nic_bw, g)
+            usable = gpu.mem_bytes * self.eff.memory_fraction
+            room = (usable - self.model.attention_weight_bytes() / g
+                    - self.model.expert_weight_bytes() * math.ceil(experts / g) / experts)
+            per_seq = self.wl.max_context * self.model.kv_bytes_per_token() / g
             b_mem = int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
-            if b_mem >= 1:
+            step = (lambda b: colocated_step(self.model, b, self.wl.mean_context, side, self.eff, prof))  # noqa: E731
+            c = None
+            if batch is not None:
+                if batch <= b_mem:
+                    c = Colocated(g, batch, step(batch), g * gpu.price_per_hour)
+            elif b_mem >= 1:
                 self.colocated_reason = "latency"
-            if b_mem >= 1 and colocated_step(self.model, 1, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
-                lo, hi = 1, b_mem
-                if colocated_step(self.model, hi, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
-                    lo = hi
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if colocated_step(self.model, mid, self.wl.mean_context, side, self.eff, prof) <= self.wl.tpot_s:
-                        lo = mid
-                    else:
-                        hi = mid
-                c = Colocated(g, lo, colocated_step(self.model, lo, self.wl.mean_context, side, self.eff, prof),
-                              g * gpu.price_per_hour)
-                if best is None or self.score(c) > self.score(best):
-                    best = c
+                if step(1) <= self.wl.tpot_s:
+                    lo, hi = 1, b_mem
+                    if step(hi) <= self.wl.tpot_s:
+                        lo = hi
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        if step(mid) <= self.wl.tpot_s:
+                            lo = mid
+                        else:
+                            hi = mid
+                    c = Colocated(g, lo, step(lo), g * gpu.price_per_hour)
+            if c is not None and (best is None or self.score(c) > self.score(best)):
+                best = c
             if prof is not None:
                 break  # the profile's fits hold for instances of profile.tp GPUs only
             g *= 2

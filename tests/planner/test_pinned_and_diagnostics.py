@@ -101,3 +101,43 @@ def test_tc_over_tf_is_reported_per_plan():
     for p in _planner().search(top=5).plans:
         assert p.tc_over_tf == pytest.approx(p.t_c / max(p.t_a, p.t_e))
         assert math.isfinite(p.tc_over_tf)
+
+
+@pytest.mark.parametrize("experts,g", [(8, 2), (6, 4), (8, 16)])
+def test_colocated_step_has_two_all_reduces_a_layer_and_whole_experts_per_gpu(experts, g):
+    from msc.planner.perf import Efficiency, colocated_step, expected_experts_hit
+    from tests.planner.test_search import _side
+
+    model, gpu, eff, b, ctx = _model(experts=experts), _gpu(), Efficiency(), 64, 650.0
+    side = _side(gpu, g)
+    act = b * model.hidden_size * model.dtype_bytes
+    allreduce = 0.0 if g == 1 else 2.0 * act * (g - 1) / g / gpu.nvlink_bw + 5e-6
+    total = max(b * model.other_flops_per_token / (g * gpu.flops * eff.flops),
+                model.other_weight_bytes / (g * gpu.mem_bw * eff.bandwidth))
+    for lc in model.layers:
+        pos = ctx
+        flops = b * (lc.attn_flops_per_token + lc.core_flops_per_token_ctx * pos)
+        nbytes = lc.attn_weight_bytes + b * pos * lc.kv_bytes_per_token
+        total += max(flops / (g * gpu.flops * eff.flops), nbytes / (g * gpu.mem_bw * eff.bandwidth))
+        total += eff.layer_overhead_s + 2 * allreduce  # after attention, after the MoE block: no more
+        if lc.moe:
+            busiest = -(-experts // g)  # whole experts on the busiest GPU
+            hit = expected_experts_hit(experts, b, model.top_k)
+            e_flops = b * model.top_k * lc.expert_flops_per_token * busiest / experts
+            e_bytes = hit * lc.expert_weight_bytes * busiest / experts
+            total += max(e_flops / (gpu.flops * eff.flops), e_bytes / (gpu.mem_bw * eff.bandwidth)) + eff.layer_overhead_s
+    assert colocated_step(model, b, ctx, side, eff) == pytest.approx(total, rel=1e-12)
+
+
+def test_a_colocated_instance_across_nodes_all_reduces_over_the_nic():
+    one_node = _planner(count=16, per_node=16).colocated(batch=64)
+    two_nodes = _planner(count=16, per_node=8).colocated(batch=64)
+    # the best size may differ; at 16 GPUs the NIC (slower than NVLink here) makes the step longer
+    from msc.planner.perf import Efficiency, Side, colocated_step
+
+    gpu, m = _gpu(), _model()
+    nvlink = colocated_step(m, 64, 650.0, Side(gpu.flops, gpu.mem_bw, gpu.nic_bw, gpu.nvlink_bw, 16), Efficiency())
+    nic = colocated_step(m, 64, 650.0, Side(gpu.flops, gpu.mem_bw, gpu.nic_bw, gpu.nic_bw, 16), Efficiency())
+    assert nic > nvlink
+    assert one_node is not None and two_nodes is not None
+    assert one_node.per_gpu >= two_nodes.per_gpu

@@ -135,3 +135,14 @@ def test_a_plan_slower_than_colocated_comes_with_a_warning(tmp_path):
     assert data["plans"][0]["gain"] < 1
     assert data["note"].startswith("warning: no disaggregated plan beats colocated")
     assert f"instances of {data['colocated']['gpus']} GPU" in data["note"]  # the colocated plan shown
+
+
+def test_colocated_batch_adds_the_comparison_at_that_batch(tmp_path):
+    res = CliRunner().invoke(app, ["plan", _spec(tmp_path), "--json", "--colocated-batch", "8"])
+    data = json.loads(res.stdout)
+    at = data["colocated_at_batch"]
+    assert at["batch"] == 8
+    for p in data["plans"]:  # each plan's gain against it, from the per-GPU figures
+        assert p["gain_at_colocated_batch"] == pytest.approx(p["per_gpu"] / at["per_gpu"])
+    table = CliRunner().invoke(app, ["plan", _spec(tmp_path), "--colocated-batch", "8"])
+    assert "colocated at batch 8:" in table.stdout
