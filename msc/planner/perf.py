@@ -214,8 +214,13 @@ class StepTimes:
 def pipeline_total(t_a: list[float], t_e: list[float], t_c: list[float], m: int) -> float:
     """The reference's T_total = (T_a + T_e + 2·T_c) + T_f·(m·L − 1), written per layer so dense layers
     (T_e = T_c = 0) and differing layers fit; never below one micro-batch's own serial path plus the
-    others' last slot."""
-    t_f = [max(a, e) for a, e in zip(t_a, t_e)]
+    others' last slot.
+
+    NOTE: T_f = max(T_a, T_e, T_c), not the reference's max(T_a, T_e): the micro-batches in flight share the
+    link's bandwidth, so a layer's m transfers take m·T_c on it and the network is a pipeline stage of its
+    own. Where the reference's condition T_c < T_f holds the two agree; where it fails, more micro-batches
+    no longer hide the network (the simulator's shared_link mode is the same model, event by event)."""
+    t_f = [max(a, e, c) for a, e, c in zip(t_a, t_e, t_c)]
     piped = (t_a[0] + t_e[0] + 2 * t_c[0]) + m * sum(t_f) - t_f[0]
     serial = sum(a + e + 2 * c for a, e, c in zip(t_a, t_e, t_c)) + (m - 1) * t_f[-1]
     return max(piped, serial)
@@ -253,16 +258,16 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
         sums[0] += n * a
         sums[1] += n * e
         sums[2] += n * c
-        sums[3] += n * _max(a, e)
+        sums[3] += n * _max(_max(a, e), c)  # the network a stage of its own (pipeline_total's NOTE)
         sums[4] += n * (a + e + 2 * c)
         if idx[0] == 0:
             first = (a + (head if last == 0 else 0.0), e, c)
         if idx[-1] == last:
-            last_f = _max(a + head, e)
-            sums[3] += _max(a + head, e) - _max(a, e)  # the head runs after the last layer's attention
+            last_f = _max(_max(a + head, e), c)
+            sums[3] += _max(_max(a + head, e), c) - _max(_max(a, e), c)  # the head runs after the last layer's attention
             sums[0] += head
             sums[4] += head
-    t_f0 = _max(first[0], first[1])
+    t_f0 = _max(_max(first[0], first[1]), first[2])
     piped = (first[0] + first[1] + 2 * first[2]) + m * sums[3] - t_f0
     serial = sums[4] + (m - 1) * last_f
     return StepTimes(sums[0], sums[1], sums[2], _max(piped, serial))

@@ -171,12 +171,16 @@ def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) 
     model, ctx = pl.model, pl.wl.mean_context
     exp_gpu = (pl.att_pool if pl.shared else pl.exp_pool).gpu
     att, exp = side_of(pl.att_pool.gpu, p.tp_a), side_of(exp_gpu, p.tp_e)
+    if pl._in_node(p.gpus):  # the exchange over NVLink, as the search costed it
+        from msc.planner.search import _over_nvlink
+
+        att, exp = _over_nvlink(att), _over_nvlink(exp)
     tokens = p.b_a * p.n_a
     t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, p.b_a, att, pl.eff)
     t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile) for lc in model.layers]
     t_c = comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff)
-    sim = simulate(len(model.layers), p.m, t_a, t_e, t_c)
+    sim = simulate(len(model.layers), p.m, t_a, t_e, t_c, shared_link=True)  # the search's network model
     title = (f"{p.describe()}, batch {p.batch:,}: simulated step {sim.iteration_time * 1e3:.1f} ms "
              f"(model {p.step_s * 1e3:.1f} ms)")
     plot_trace(to_trace(sim), out_png, title=title)

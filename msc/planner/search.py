@@ -176,6 +176,12 @@ def _side_of(gpu, tp: int) -> Side:
     return Side(flops=gpu.flops, mem_bw=gpu.mem_bw, nic_bw=gpu.nic_bw, nvlink_bw=gpu.nvlink_bw, tp=tp)
 
 
+def _over_nvlink(side: Side, where=True) -> Side:
+    """The side with its exchange bandwidth NVLink's instead of the NIC's (`where`: elementwise mask)."""
+    bw = np.where(where, side.nvlink_bw, side.nic_bw) if isinstance(where, np.ndarray) else side.nvlink_bw
+    return Side(side.flops, side.mem_bw, bw, side.nvlink_bw, side.tp)
+
+
 def attention_memory(model: ModelCost, b_a: int, m: int, tp_a: int, wl: Workload) -> float:
     """Bytes per attention GPU: its share of the attention weights and of the KV cache of m·b_a sequences."""
     kv = m * b_a * wl.max_context * model.kv_bytes_per_token()
@@ -240,8 +246,20 @@ class Planner:
     def step(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int):
         self.evaluated += 1
         exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
-        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, side_of(self.att_pool.gpu, tp_a),
-                                  side_of(exp_gpu, tp_e), self.eff, self.profile)
+        att, exp = side_of(self.att_pool.gpu, tp_a), side_of(exp_gpu, tp_e)
+        if self._in_node(tp_a * n_a + tp_e * n_e):
+            att, exp = _over_nvlink(att), _over_nvlink(exp)
+        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile)
+
+    def _in_node(self, gpus):
+        """Whether a plan of `gpus` GPUs sits in one node, its exchange over NVLink: one pool (one GPU type)
+        whose nodes hold it whole (elementwise over arrays).
+
+        NOTE: a plan larger than a node is costed over the NIC throughout, although some of its pairs may
+        share a node: placement inside the cluster is not modelled."""
+        if not self.shared:
+            return False if not isinstance(gpus, np.ndarray) else np.zeros(len(gpus), dtype=bool)
+        return gpus <= self.att_pool.per_node
 
     def _fits_gpus(self, tp_a: int, n_a: int, tp_e: int, n_e: int) -> bool:
         if self.shared:
@@ -325,8 +343,11 @@ class Planner:
         self.evaluated += len(b_a)
         exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
         tp_a, n_a, tp_e, n_e, m = cfgs.T
-        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, _side_of(self.att_pool.gpu, tp_a),
-                                  _side_of(exp_gpu, tp_e), self.eff, self.profile)
+        att, exp = _side_of(self.att_pool.gpu, tp_a), _side_of(exp_gpu, tp_e)
+        in_node = self._in_node(tp_a * n_a + tp_e * n_e)
+        if in_node.any():
+            att, exp = _over_nvlink(att, in_node), _over_nvlink(exp, in_node)
+        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile)
 
     def best_for_all(self, configs: list[tuple], rejected: dict | None = None, progress=None) -> list[Plan]:
         """best_for of every configuration, evaluated together: the same memory and latency checks, and the same

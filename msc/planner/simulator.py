@@ -106,8 +106,11 @@ def _per_layer(value: object, layers: int, name: str) -> list[float]:
 # simulation
 
 
-def _one_iteration(t0: float, layers: int, m: int, ta: list[float], te: list[float], tc: float):
-    """Simulate one iteration from time t0; returns (events, sends, end, per-micro-batch latencies)."""
+def _one_iteration(t0: float, layers: int, m: int, ta: list[float], te: list[float], tc: float,
+                   shared_link: bool = False):
+    """Simulate one iteration from time t0; returns (events, sends, end, per-micro-batch latencies).
+    shared_link: each direction of the network carries one transfer at a time (FIFO), as micro-batches in
+    flight share its bandwidth; otherwise a transfer is a pure delay."""
     events: list[tuple[str, int, int, float, float]] = []
     sends: list[tuple[str, int, int, float, float]] = []
     pending: list[tuple[float, int, str, int, int]] = []  # (time, seq, kind, layer, mb)
@@ -122,7 +125,14 @@ def _one_iteration(t0: float, layers: int, m: int, ta: list[float], te: list[flo
     heapq.heapify(ready_a)
     queue_e: list[tuple[float, int, int]] = []  # heap by (arrival time, mb, layer): FIFO, ties by mb
     a_busy = e_busy = False
+    link_free = {ATTENTION: t0, EXPERT: t0}  # when each direction's link is next free (shared_link)
     first_start = [math.inf] * m
+
+    def send(side: str, layer: int, mb: int, t: float, kind: str) -> None:
+        start = max(t, link_free[side]) if shared_link else t
+        link_free[side] = start + tc
+        sends.append((side, layer, mb, start, start + tc))
+        push(start + tc, kind, layer, mb)
     finish = [math.nan] * m
     now = t0
 
@@ -156,16 +166,14 @@ def _one_iteration(t0: float, layers: int, m: int, ta: list[float], te: list[flo
             if kind == "a_done":
                 a_busy = False
                 if te[layer] > 0:
-                    sends.append((ATTENTION, layer, mb, now, now + tc))
-                    push(now + tc, "at_expert", layer, mb)
+                    send(ATTENTION, layer, mb, now, "at_expert")
                 else:
                     layer_done(layer, mb, now)
             elif kind == "at_expert":
                 heapq.heappush(queue_e, (now, mb, layer))
             elif kind == "e_done":
                 e_busy = False
-                sends.append((EXPERT, layer, mb, now, now + tc))
-                push(now + tc, "back", layer, mb)
+                send(EXPERT, layer, mb, now, "back")
             else:  # "back": the expert result is at the attention side
                 layer_done(layer, mb, now)
     end = max(finish)
@@ -173,11 +181,13 @@ def _one_iteration(t0: float, layers: int, m: int, ta: list[float], te: list[flo
 
 
 def simulate(layers: int, microbatches: int, t_a: float | Sequence[float], t_e: float | Sequence[float],
-             t_c: float, iterations: int = 1) -> SimResult:
+             t_c: float, iterations: int = 1, shared_link: bool = False) -> SimResult:
     """Simulate `iterations` back-to-back iterations of the ping-pong pipeline (see the module docstring).
 
     t_a / t_e: one layer's attention / expert compute time for one micro-batch, a number or one per layer
     (t_e = 0 marks a dense layer); t_c: one-way communication time. All in one unit of time.
+    shared_link: the network as a third server per direction (one transfer at a time), the planner's model
+    (msc.planner.perf.pipeline_total); the default is the reference's, where a transfer is a delay.
     """
     layers = _count(layers, "layers")
     m = _count(microbatches, "microbatches")
@@ -194,7 +204,7 @@ def simulate(layers: int, microbatches: int, t_a: float | Sequence[float], t_e: 
     t = 0.0
     for _ in range(iterations):
         starts.append(t)
-        ev, sd, end, latencies = _one_iteration(t, layers, m, ta, te, tc)
+        ev, sd, end, latencies = _one_iteration(t, layers, m, ta, te, tc, shared_link)
         events += ev
         sends += sd
         last = (t, end, ev)

@@ -47,9 +47,13 @@ def _side(gpu, tp):
     return Side(gpu.flops, gpu.mem_bw, gpu.nic_bw, gpu.nvlink_bw, tp)
 
 
-def _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b_a, eff, ctx):
-    """The decode step from per-layer lists and the reference's formula (independent of the grouped code)."""
+def _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b_a, eff, ctx, in_node=False):
+    """The decode step from per-layer lists and the reference's formula (independent of the grouped code);
+    in_node: the exchange over NVLink (a plan inside one node of one pool)."""
     att, exp = _side(gpu_a, tp_a), _side(gpu_e, tp_e)
+    if in_node:
+        att = Side(att.flops, att.mem_bw, gpu_a.nvlink_bw, att.nvlink_bw, tp_a)
+        exp = Side(exp.flops, exp.mem_bw, gpu_e.nvlink_bw, exp.nvlink_bw, tp_e)
     t_a = [attention_layer_time(lc, b_a, ctx, att, eff, model, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, b_a, att, eff)
     t_e = [expert_layer_time(lc, b_a * n_a, model.num_experts // n_e, exp, eff, model) for lc in model.layers]
@@ -101,7 +105,8 @@ def test_search_finds_the_brute_force_optimum(hetero):
             for b in range(1, 4096):
                 if _attention_bytes_per_gpu(model, b, m, tp_a) > usable_a:
                     break
-                t = _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b, eff, WL.mean_context)
+                in_node = not hetero and tp_a * n_a + tp_e * n_e <= att_pool.per_node
+                t = _step_by_layer(model, gpu_a, gpu_e, tp_a, n_a, tp_e, n_e, m, b, eff, WL.mean_context, in_node)
                 if t > WL.tpot_s:
                     continue
                 gpus = tp_a * n_a + tp_e * n_e
@@ -121,14 +126,16 @@ def test_every_plan_meets_its_latency_and_memory_limits():
     eff = Efficiency()
     expert_bytes = sum(lc.expert_weight_bytes * lc.experts for lc in model.layers)
     for p in result.plans:
-        t = _step_by_layer(model, gpu, gpu, p.tp_a, p.n_a, p.tp_e, p.n_e, p.m, p.b_a, eff, WL.mean_context)
+        in_node = p.gpus <= 8  # one node of the pool: the exchange over NVLink
+        t = _step_by_layer(model, gpu, gpu, p.tp_a, p.n_a, p.tp_e, p.n_e, p.m, p.b_a, eff, WL.mean_context, in_node)
         assert t <= WL.tpot_s * (1 + 1e-12)
         assert p.step_s == pytest.approx(t, rel=1e-12)
         assert _attention_bytes_per_gpu(model, p.b_a, p.m, p.tp_a) <= gpu.mem_bytes * eff.memory_fraction
         assert expert_bytes / p.n_e / p.tp_e <= gpu.mem_bytes * eff.memory_fraction
         assert p.tp_a * p.n_a + p.tp_e * p.n_e <= 16
         # the batch is the largest that fits: one more sequence per micro-batch breaks a limit
-        over_t = _step_by_layer(model, gpu, gpu, p.tp_a, p.n_a, p.tp_e, p.n_e, p.m, p.b_a + 1, eff, WL.mean_context)
+        over_t = _step_by_layer(model, gpu, gpu, p.tp_a, p.n_a, p.tp_e, p.n_e, p.m, p.b_a + 1, eff, WL.mean_context,
+                                in_node)
         over_mem = _attention_bytes_per_gpu(model, p.b_a + 1, p.m, p.tp_a) > gpu.mem_bytes * eff.memory_fraction
         assert over_t > WL.tpot_s or over_mem
     scores = [p.per_gpu for p in result.plans]

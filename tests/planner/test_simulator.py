@@ -322,3 +322,25 @@ def test_closed_forms_reject_bad_input():
         closed_form_total(4, 0, 1.0, 1.0, 1.0)
     with pytest.raises(MscError, match="t_c"):
         iteration_bounds(4, 2, 1.0, 1.0, -1.0)
+
+
+def test_a_shared_link_makes_the_network_a_pipeline_stage_as_the_planner_models_it():
+    """simulate(shared_link=True) (one transfer at a time per direction) against the planner's closed form with
+    T_f = max(T_a, T_e, T_c), on random cases where the pipeline is full, T_c above T_f among them."""
+    import random
+
+    from msc.planner.perf import pipeline_total
+
+    rng = random.Random(0)
+    above = 0
+    for _ in range(200):
+        L, m = rng.randint(1, 6), rng.randint(1, 8)
+        ta, te, tc = rng.uniform(1, 10), rng.uniform(1, 10), rng.uniform(0, 15)
+        if m < 2 * (1 + tc / max(ta, te, tc)):
+            continue
+        above += tc > max(ta, te)
+        got = simulate(L, m, ta, te, tc, shared_link=True).iteration_time
+        assert got == pytest.approx(pipeline_total([ta] * L, [te] * L, [tc] * L, m), rel=1e-12)
+        if tc > max(ta, te):  # the delay model is faster there: it lets transfers overlap on one link
+            assert simulate(L, m, ta, te, tc).iteration_time < got
+    assert above > 5
