@@ -107,6 +107,9 @@ def run_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
                                               "one the bundle names (a bundle copied without it); checked against "
                                               "the bundle before anything starts"),
+    record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="with --colocated: write how many "
+                                                  "(token, expert) pairs each expert got per layer, a routing profile "
+                                                  "for the planner (planner: {routing: FILE})"),
 ):
     """Start every role as its own process and generate (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
@@ -114,12 +117,15 @@ def run_cmd(
     from msc.bundle import Bundle
 
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    if not colocated and record_routing is not None:
+        _fail(MscError("--record-routing records in the colocated engine: add --colocated"))
     if colocated:
         roles_only = {"--microbatches": microbatches, "--delay-ms": delay_ms, "--trace": trace, "--mps": mps}
         given = [name for name, v in roles_only.items() if v is not None]
         if given:
             _fail(MscError(f"{', '.join(given)} apply to the role processes; --colocated runs one process without them"))
-        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights, sampling, checkpoint)
+        return _run_colocated(bundle, input_ids, max_new_tokens, as_json, device, random_weights, sampling, checkpoint,
+                              record_routing)
     try:
         prompts = _parse_ids(input_ids) if input_ids else default_prompts(Bundle.open(bundle).manifest["model"]["vocab_size"])
         if max_new_tokens < 1:
@@ -149,7 +155,8 @@ def run_cmd(
 
 
 def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, device: Optional[str],
-                   random_weights: bool = False, sampling: dict | None = None, checkpoint: Optional[Path] = None) -> None:
+                   random_weights: bool = False, sampling: dict | None = None, checkpoint: Optional[Path] = None,
+                   record_routing: Optional[Path] = None) -> None:
     """The bundle's colocated program on the engine in this process (the same engine the roles run)."""
     import torch
 
@@ -172,8 +179,22 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
                            b.manifest)
         ck = None if random_weights else resolve_checkpoint(b, checkpoint)
         gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights, checkpoint=ck)
-        engine = build_engine(b.manifest, gm, dev)
-        reqs = engine.generate(prompts, params)
+        # NOTE: no CUDA graphs while recording the routing: a graph's padding rows would be counted
+        engine = build_engine(b.manifest, gm, dev, cuda_graphs=record_routing is None)
+        recorder = None
+        if record_routing is not None:  # after build_engine: its KV-shape probe runs the program on a dummy token
+            from msc.runtime import routing_recorder
+
+            recorder = routing_recorder.record(b.manifest["model"]["num_experts"])
+        try:
+            reqs = engine.generate(prompts, params)
+        finally:
+            if recorder is not None:
+                routing_recorder.stop()
+        if recorder is not None:
+            recorder.write(record_routing)
+            err.print(f"wrote {record_routing}: the routing of {len(recorder.counts)} MoE layers (planner: "
+                      "{routing: FILE} in a spec)")
     except MscError as e:
         _fail(e)
     recs = [r for r in engine.records if r.tokens]

@@ -170,12 +170,13 @@ def expected_experts_hit(experts: int, tokens: float, top_k: int) -> float:
 
 
 def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int, side: Side, eff: Efficiency,
-                      model: ModelCost, profile: Profile | None = None) -> float:
+                      model: ModelCost, profile: Profile | None = None, load: float = 1.0) -> float:
     """One layer's expert side on one expert node for a micro-batch of `tokens_global` tokens (all replicas),
-    with uniform routing: the node receives tokens·K·(experts_per_node / E) (token, expert) pairs."""
+    with uniform routing: the node receives tokens·K·(experts_per_node / E) (token, expert) pairs; `load`: the
+    busiest node's pairs over that (msc.planner.routing; 1.0 for uniform routing)."""
     if not lc.moe:
         return 0.0
-    pairs = tokens_global * model.top_k * experts_per_node / lc.experts
+    pairs = tokens_global * model.top_k * experts_per_node / lc.experts * load
     hit = expected_experts_hit(lc.experts, tokens_global, model.top_k) * experts_per_node / lc.experts
     if profile is not None:
         fit = profile.expert
@@ -189,12 +190,13 @@ def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int
 
 
 def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: int, att: Side, exp: Side,
-              eff: Efficiency) -> float:
+              eff: Efficiency, load: float = 1.0) -> float:
     """One-way time of one layer's exchange: the replica sends b_a·K hidden vectors, an expert node receives
-    tokens·K / n_e of them (the reference's T_c, with per-message utilisation)."""
+    tokens·K / n_e of them (the reference's T_c, with per-message utilisation); `load`: the busiest node's
+    share over the uniform one."""
     vec = model.hidden_size * model.dtype_bytes
     send = b_a * model.top_k * vec
-    recv = tokens_global * model.top_k * vec / expert_nodes
+    recv = tokens_global * model.top_k * vec / expert_nodes * load
     msg_a = send / _max(1, _min(expert_nodes, b_a * model.top_k))  # one message per destination node
     msg_e = recv / _max(1.0, tokens_global / _max(b_a, 1e-9))  # one message per source replica
     # NOTE: one endpoint per replica and per expert node (its tp leader), whatever their tp: as compiled
@@ -240,20 +242,32 @@ def layer_groups(model: ModelCost) -> list[tuple[LayerCost, list[int]]]:
     return out
 
 
+def _loads(routing, layer: int, expert_nodes):
+    """The busiest expert node's load factor of `layer` for each expert-node count (an int or an int array)."""
+    if not isinstance(expert_nodes, np.ndarray):
+        return routing.load_factor(layer, int(expert_nodes))
+    values, index = np.unique(expert_nodes, return_inverse=True)
+    return np.array([routing.load_factor(layer, int(v)) for v in values.tolist()])[index.reshape(expert_nodes.shape)]
+
+
 def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_nodes: int, ctx: float,
-                       att: Side, exp: Side, eff: Efficiency, profile: Profile | None = None) -> StepTimes:
+                       att: Side, exp: Side, eff: Efficiency, profile: Profile | None = None,
+                       routing=None) -> StepTimes:
     """Decode step of the plan: n_a replicas each with m micro-batches of b_a sequences; the same value as
-    pipeline_total over the per-layer lists, computed once per layer kind. Elementwise over arrays."""
+    pipeline_total over the per-layer lists, computed once per layer kind (per layer with a routing profile,
+    msc.planner.routing: the busiest expert node sets each layer's expert time). Elementwise over arrays."""
     tokens = b_a * n_a  # one micro-batch across all replicas
     per_node = model.num_experts // expert_nodes
     last = len(model.layers) - 1
     head = head_time(model, b_a, att, eff)
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # t_a, t_e, t_c, t_f, serial
     first = last_f = None
-    for lc, idx in layer_groups(model):
+    groups = layer_groups(model) if routing is None else [(lc, [i]) for i, lc in enumerate(model.layers)]
+    for lc, idx in groups:
+        load = 1.0 if routing is None or not lc.moe else _loads(routing, idx[0], expert_nodes)
         a = attention_layer_time(lc, b_a, ctx, att, eff, model, profile, disaggregated=True)
-        e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile)
-        c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff) if lc.moe else 0.0
+        e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile, load)
+        c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff, load) if lc.moe else 0.0
         n = len(idx)
         sums[0] += n * a
         sums[1] += n * e
@@ -274,7 +288,7 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
 
 
 def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Efficiency,
-                   profile: Profile | None = None) -> float:
+                   profile: Profile | None = None, routing=None) -> float:
     """Decode step of a colocated instance of side.tp GPUs serving b sequences: attention tensor-parallel,
     experts expert-parallel over the same GPUs, no overlap between the two (what vLLM does without
     dual-batch overlap). With a measured profile (one GPU), the layers' times come from its fits.
@@ -283,14 +297,18 @@ def colocated_step(model: ModelCost, b: float, ctx: float, side: Side, eff: Effi
     block, whose experts each GPU runs for every token of the (replicated) batch, its partial sums summed
     by that all-reduce; no dispatch / combine collectives of their own. Experts split over the GPUs in whole
     experts: with E not a multiple of g the busiest GPU holds ceil(E / g) of them, and its time is the layer's."""
+    from msc.planner.routing import busiest_share
+
     total = head_time(model, b, side, eff)
     g = side.tp
-    for lc in model.layers:
+    for i, lc in enumerate(model.layers):
         total += attention_layer_time(lc, b, ctx, side, eff, model, profile)
         if lc.moe and profile is not None:
             total += expert_layer_time(lc, b, lc.experts, side, eff, model, profile)
         elif lc.moe:
-            share = math.ceil(lc.experts / g) / lc.experts  # of the experts (and their tokens), on the busiest GPU
+            counts = routing.counts(i) if routing is not None else None
+            # of the experts (and their tokens), on the busiest GPU: ceil(E / g) / E under uniform routing
+            share = busiest_share(counts, g) if counts is not None else math.ceil(lc.experts / g) / lc.experts
             hit = expected_experts_hit(lc.experts, b, model.top_k)
             flops = b * model.top_k * lc.expert_flops_per_token * share
             nbytes = hit * lc.expert_weight_bytes * share

@@ -38,6 +38,7 @@ def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None, 
     if objective not in ("gpu", "cost"):
         raise MscError(f"planner.objective is '{objective}': expected 'gpu' (tokens/s per GPU) or 'cost' (per dollar)")
     profile = opts.pop("profile", None)
+    routing_path = opts.pop("routing", None)
     max_m = int(opts.pop("max_microbatches", 8))
     try:
         eff = Efficiency.model_validate(opts)
@@ -58,7 +59,12 @@ def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None, 
     pin = Pinned.of_spec(spec.plan) if pinned else Pinned()
     if tp_sizes is not None:  # a pinned tp joins a restricted set (fill_plan's tp = 1)
         kw["tp_sizes"] = tuple(sorted(set(tp_sizes) | {t for t in (pin.tp_a, pin.tp_e) if t is not None}))
-    return Planner(cost, att, exp, wl, eff, prof, objective, max_m, pinned=pin, **kw)
+    routing = None
+    if routing_path:
+        from msc.planner.routing import load_routing
+
+        routing = load_routing(routing_path)
+    return Planner(cost, att, exp, wl, eff, prof, objective, max_m, pinned=pin, routing=routing, **kw)
 
 
 def check_profile_gpu(prof, gpus: list[str], path) -> None:
@@ -178,8 +184,11 @@ def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) 
     tokens = p.b_a * p.n_a
     t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, p.b_a, att, pl.eff)
-    t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile) for lc in model.layers]
-    t_c = comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff)
+    load = [pl.routing.load_factor(i, p.n_e) if pl.routing is not None else 1.0 for i in range(len(model.layers))]
+    t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile, ld)
+           for lc, ld in zip(model.layers, load)]
+    # NOTE: the simulator takes one t_c: the busiest layer's (equal to every layer's under uniform routing)
+    t_c = max(comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff, ld) for ld in load)
     sim = simulate(len(model.layers), p.m, t_a, t_e, t_c, shared_link=True)  # the search's network model
     title = (f"{p.describe()}, batch {p.batch:,}: simulated step {sim.iteration_time * 1e3:.1f} ms "
              f"(model {p.step_s * 1e3:.1f} ms)")

@@ -207,8 +207,11 @@ class Planner:
     def __init__(self, model: ModelCost, attention: Pool, expert: Pool | None, workload: Workload,
                  eff: Efficiency | None = None, profile: Profile | None = None,
                  objective: Literal["gpu", "cost"] = "gpu", max_microbatches: int = MAX_MICROBATCHES,
-                 tp_sizes: tuple[int, ...] = TP_SIZES, pinned: Pinned | None = None):
+                 tp_sizes: tuple[int, ...] = TP_SIZES, pinned: Pinned | None = None, routing=None):
         self.model, self.att_pool, self.exp_pool = model, attention, expert
+        self.routing = routing  # msc.planner.routing.RoutingProfile: skewed expert loads (None: uniform)
+        if routing is not None:
+            routing.check_model(model.num_experts)
         self.pinned = pinned or Pinned()
         self.colocated_reason: str | None = None  # set by colocated() when there is no instance
         self.shared = expert is None  # homogeneous: one pool for both sides
@@ -249,7 +252,8 @@ class Planner:
         att, exp = side_of(self.att_pool.gpu, tp_a), side_of(exp_gpu, tp_e)
         if self._in_node(tp_a * n_a + tp_e * n_e):
             att, exp = _over_nvlink(att), _over_nvlink(exp)
-        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile)
+        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile,
+                                  self.routing)
 
     def _in_node(self, gpus):
         """Whether a plan of `gpus` GPUs sits in one node, its exchange over NVLink: one pool (one GPU type)
@@ -347,7 +351,8 @@ class Planner:
         in_node = self._in_node(tp_a * n_a + tp_e * n_e)
         if in_node.any():
             att, exp = _over_nvlink(att, in_node), _over_nvlink(exp, in_node)
-        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile)
+        return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile,
+                                  self.routing)
 
     def best_for_all(self, configs: list[tuple], rejected: dict | None = None, progress=None) -> list[Plan]:
         """best_for of every configuration, evaluated together: the same memory and latency checks, and the same
@@ -468,7 +473,8 @@ class Planner:
                     - self.model.expert_weight_bytes() * math.ceil(experts / g) / experts)
             per_seq = self.wl.max_context * self.model.kv_bytes_per_token() / g
             b_mem = int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
-            step = (lambda b: colocated_step(self.model, b, self.wl.mean_context, side, self.eff, prof))  # noqa: E731
+            step = (lambda b: colocated_step(self.model, b, self.wl.mean_context, side, self.eff, prof,  # noqa: E731
+                                             self.routing))
             c = None
             if batch is not None:
                 if batch <= b_mem:

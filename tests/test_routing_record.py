@@ -1,0 +1,39 @@
+"""`msc run --colocated --record-routing`: the recorded counts against transformers' own router on the same
+tokens, and the file as the planner reads it."""
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from msc.cli import app
+from msc.planner.routing import load_routing
+
+PROMPTS = [[5, 17, 42, 100, 3], [7, 7], [1, 2, 3, 4, 5, 6, 200, 9]]
+
+
+def test_recorded_routing_equals_transformers_router(tiny_bundle, tiny_hf, tmp_path):
+    out = tmp_path / "routing.json"
+    ids = [a for p in PROMPTS for a in ("--input-ids", ",".join(map(str, p)))]
+    res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--colocated", "--device", "cpu", *ids,
+                                   "--max-new-tokens", "6", "--json", "--record-routing", str(out)])
+    assert res.exit_code == 0, res.output
+    outputs = json.loads(res.stdout.strip().splitlines()[-1])["outputs"]
+    cfg = tiny_hf.config
+    want = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.int64)
+    with torch.no_grad():
+        for p, o in zip(PROMPTS, outputs):
+            seq = torch.tensor([p + o[:-1]])  # every token the engine fed through the model
+            logits = tiny_hf(seq, output_router_logits=True).router_logits  # per layer [T, E]
+            for layer, lg in enumerate(logits):
+                top = lg.reshape(-1, cfg.num_local_experts).topk(cfg.num_experts_per_tok, dim=-1).indices
+                want[layer] += torch.bincount(top.reshape(-1), minlength=cfg.num_local_experts)
+    prof = load_routing(out)
+    assert prof.experts == cfg.num_local_experts
+    assert {layer: list(c) for layer, c in prof.layers.items()} == {i: want[i].tolist() for i in range(len(want))}
+
+
+def test_record_routing_needs_colocated(tiny_bundle, tmp_path):
+    res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--record-routing", str(tmp_path / "r.json")])
+    assert res.exit_code != 0 and "--colocated" in res.output
