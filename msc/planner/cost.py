@@ -52,6 +52,7 @@ class LayerCost:
     attn_flops_per_token: float = 0.0  # attention-side matmul FLOPs per token, without the attention core
     core_flops_per_token_ctx: float = 0.0  # attention core FLOPs per token per context position
     kv_bytes_per_token: int = 0  # KV-cache bytes this layer keeps per token of context
+    kv_heads: int = 0  # key/value heads of its cache (0: unknown); tp beyond them replicates heads
     window: int = -1  # sliding window (-1: full attention)
     experts: int = 0  # routed experts in this layer (0: dense layer, no expert side)
     expert_weight_bytes: int = 0  # bytes of ONE expert's weights
@@ -91,6 +92,16 @@ class ModelCost:
 
     def expert_weight_bytes(self) -> int:
         return self._total("exp", lambda: sum(lc.expert_weight_bytes * lc.experts for lc in self.layers))
+
+    def kv_bytes_tp(self, tp: int) -> float:
+        """KV-cache bytes per token of context summed over tp attention GPUs (divide by tp for one GPU).
+
+        NOTE: as compiled (passes/shard_tensor_parallel.py): tp up to a layer's KV heads splits them; beyond,
+        each head is replicated on tp / heads ranks, so the tp GPUs together hold tp / heads copies."""
+        if not any(0 < lc.kv_heads < tp for lc in self.layers):
+            return self.kv_bytes_per_token()
+        return sum(lc.kv_bytes_per_token * tp / lc.kv_heads if 0 < lc.kv_heads < tp else lc.kv_bytes_per_token
+                   for lc in self.layers)
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token of context, summed over layers (msc's cache keeps every position)."""
@@ -139,6 +150,7 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             dtype_bytes = n.args[0].meta["val"].element_size()
             c.core_flops_per_token_ctx = 2.0 * nh * (dk + dv)
             c.kv_bytes_per_token = nkv * (dk + dv) * dtype_bytes
+            c.kv_heads = nkv
             c.window = int(n.args[5])
         elif is_op(n, "router"):  # Mixtral's swapped router: [T, H] @ [E, H]ᵀ
             w = n.args[1]

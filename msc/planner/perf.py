@@ -147,7 +147,11 @@ def attention_layer_time(lc: LayerCost, b_a: float, ctx: float, side: Side, eff:
         return p.k1 * b_a + p.k2 + p.k1_ctx * b_a * (ctx - profile.context)
     pos = attention_core_positions(ctx, lc.window)
     flops = b_a * (lc.attn_flops_per_token + lc.core_flops_per_token_ctx * pos)
-    nbytes = lc.attn_weight_bytes + b_a * pos * lc.kv_bytes_per_token
+    kv = b_a * pos * lc.kv_bytes_per_token
+    if lc.kv_heads:  # tp beyond the KV heads replicates them: each rank reads a whole head's cache
+        kv = (np.where(side.tp > lc.kv_heads, kv * side.tp / lc.kv_heads, kv) if isinstance(side.tp, np.ndarray)
+              else kv * side.tp / lc.kv_heads if side.tp > lc.kv_heads else kv)
+    nbytes = lc.attn_weight_bytes + kv
     act = b_a * model.hidden_size * model.dtype_bytes
     coll = _allreduce(act, side) + _broadcast(act, side) if disaggregated else 2 * _allreduce(act, side)
     return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + coll

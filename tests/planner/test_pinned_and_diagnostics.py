@@ -141,3 +141,29 @@ def test_a_colocated_instance_across_nodes_all_reduces_over_the_nic():
     assert nic > nvlink
     assert one_node is not None and two_nodes is not None
     assert one_node.per_gpu >= two_nodes.per_gpu
+
+
+def test_kv_heads_replicated_beyond_tp_cost_memory_and_bandwidth():
+    """tp above the KV heads replicates them (as passes/shard_tensor_parallel.py compiles it): each GPU holds
+    one head's cache, not 1/tp of it."""
+    from dataclasses import replace
+
+    from msc.planner.cost import ModelCost
+    from msc.planner.perf import Efficiency, attention_layer_time
+    from msc.planner.search import attention_memory
+    from tests.planner.test_search import _side
+
+    base = _model(kv_heads=2)
+    known = ModelCost([replace(lc, kv_heads=2) for lc in base.layers], top_k=base.top_k, hidden_size=base.hidden_size,
+                      dtype_bytes=base.dtype_bytes, other_weight_bytes=base.other_weight_bytes,
+                      other_flops_per_token=base.other_flops_per_token)
+    for tp in (1, 2):  # up to the heads: unchanged
+        assert attention_memory(known, 16, 2, tp, WL) == attention_memory(base, 16, 2, tp, WL)
+    # tp 8 over 2 heads: each GPU holds a whole head, i.e. half the cache (independent arithmetic)
+    kv_total = 16 * 2 * WL.max_context * sum(lc.kv_bytes_per_token for lc in base.layers)
+    extra = kv_total / 2 - kv_total / 8
+    assert attention_memory(known, 16, 2, 8, WL) == pytest.approx(attention_memory(base, 16, 2, 8, WL) + extra)
+    lc, gpu, eff = known.layers[1], _gpu(), Efficiency()
+    slow = attention_layer_time(lc, 256, 4096.0, _side(gpu, 8), eff, known)
+    fast = attention_layer_time(base.layers[1], 256, 4096.0, _side(gpu, 8), eff, base)
+    assert slow > fast  # each rank reads a whole head's KV
