@@ -18,12 +18,40 @@ from msc.errors import MscError
 IMPL = "msc"
 
 
+# Keyword arguments of transformers' attention interface that msc::attention can ignore: the runtime owns
+# the KV cache, the step's packing and the causal mask, so these carry nothing it needs.
+def _per_call_kwargs() -> set[str]:
+    """The generic per-call flags transformers threads through every layer (TransformersKwargs)."""
+    from transformers.utils.generic import TransformersKwargs
+
+    return {k for c in TransformersKwargs.__mro__ for k in getattr(c, "__annotations__", {})}
+
+
+_BENIGN_KWARGS = frozenset({
+    "position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "output_attentions", "output_hidden_states", "output_router_logits", "use_cache", "past_key_values",
+    "past_key_value", "return_dict", "deterministic", "num_items_in_batch", "seq_idx", "s_aux", "softcap",
+} | _per_call_kwargs())
+
+
 def _msc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
-    """transformers attention interface -> msc::attention (the runtime owns the KV cache and the mask)."""
+    """transformers attention interface -> msc::attention (the runtime owns the KV cache and the mask).
+
+    NOTE: any other argument with a value (a position bias, sparse-attention indices, sinks under another
+    name, non-causal attention) is refused at compile time, naming it: ignored, it would compile into a
+    program that computes something else."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if kwargs.get("softcap") is not None:
         raise MscError(f"{type(module).__name__} uses attention logit soft-capping, which msc::attention does not implement yet")
+    if kwargs.get("is_causal", True) is False:
+        raise MscError(f"{type(module).__name__} asks for non-causal attention (is_causal=False), which msc::attention "
+                       "does not implement (it attends causally per sequence)")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _BENIGN_KWARGS and k != "is_causal")
+    if unknown:
+        raise MscError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes attention "
+                       f"argument(s) {', '.join(unknown)} that msc::attention does not apply; refusing rather than "
+                       "compiling a program that computes something else")
     window = -1 if sliding_window is None else int(sliding_window)
     sinks = kwargs.get("s_aux")  # [nh] per-head sink logits (GPT-OSS)
     out = torch.ops.msc.attention(query, key, value, int(module.layer_idx), float(scaling), window, sinks)  # [1, T, nh, dv]

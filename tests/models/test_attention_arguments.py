@@ -1,0 +1,67 @@
+"""msc's attention implementation refuses what it does not apply (issue 26: never a silently wrong program):
+an unknown attention argument with a value, or non-causal attention, is an error naming it at compile time."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from msc.errors import MscError
+from models.base import _msc_attention
+
+
+class _Attn(nn.Module):
+    layer_idx = 3
+
+
+Q = torch.zeros(1, 4, 2, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"position_bias": torch.zeros(1, 4, 2, 2)}, "position_bias"),
+    ({"indices": torch.zeros(2, 1, dtype=torch.long)}, "indices"),
+    ({"sinks": torch.zeros(4)}, "sinks"),  # sinks under another name than GPT-OSS's s_aux
+    ({"is_causal": False}, "non-causal"),
+    ({"softcap": 30.0}, "soft-capping"),
+])
+def test_arguments_it_does_not_apply_are_refused_by_name(kwargs, match):
+    with pytest.raises(MscError, match=match):
+        _msc_attention(_Attn(), Q, Q, Q, None, **kwargs)
+
+
+def test_per_call_flags_and_empty_arguments_pass():
+    """What every family threads through (transformers' TransformersKwargs), and unknown names left None, reach
+    msc::attention with the module's layer, scaling and window."""
+    from msc.runtime import context
+
+    seen = {}
+
+    class _Runtime:
+        def attention(self, q, k, v, layer, scaling, window, sinks=None):
+            seen.update(layer=layer, scaling=scaling, window=window)
+            return q.new_zeros(1, q.shape[2], q.shape[1], v.shape[3])
+
+    ok = {"position_ids": torch.zeros(1, 2, dtype=torch.long), "output_router_logits": False, "output_attentions": False,
+          "is_causal": True, "cu_seq_lens_q": None, "position_bias": None}
+    with context.use(_Runtime()):
+        out, _ = _msc_attention(_Attn(), Q, Q, Q, None, scaling=0.5, sliding_window=7, **ok)
+    assert out.shape == (1, 2, 4, 8) and seen == {"layer": 3, "scaling": 0.5, "window": 7}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers.models.inkling") is None, reason="needs transformers' inkling")
+def test_inkling_is_refused_at_compile_time_naming_its_position_bias(tmp_path):
+    """Inkling's attention adds a relative-position bias (a keyword argument): it compiled and ran before,
+    returning other tokens than transformers' with no message."""
+    from msc.compiler import compile_spec
+    from msc.spec import parse_spec
+
+    cfg = dict(model_type="inkling_text", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+               sliding_window_size=16, d_rel=4, rel_extent=32, intermediate_size=128, moe_intermediate_size=32,
+               n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, max_position_embeddings=256)
+    with pytest.raises(MscError, match="InklingAttention .* position_bias"):
+        compile_spec(parse_spec({"model": {"config": cfg, "dtype": "float32"}, "device": "cpu",
+                                 "plan": {"experts": {"nodes": 2}}}), tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # nothing half-written
