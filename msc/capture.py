@@ -99,9 +99,35 @@ def capture(config, adapter: FamilyAdapter, dtype: str = "float32", template: bo
         for name, op in MSC_OPS.items():
             if n.op == "call_function" and n.target is op and name in _LAYER_ARG:
                 node_meta(n)["layer"] = int(n.args[_LAYER_ARG[name]])
+    _check_every_layer_attends(model, gm)
     graph_meta(gm)["capture"] = {"model_class": type(model).__name__, "num_moe_layers": num_moe,
                                  "template": graph_meta(gm).get("template")}
     return Captured(gm, constants, num_moe, time.perf_counter() - t0)
+
+
+def _check_every_layer_attends(model: nn.Module, gm) -> None:
+    """Refuse a model whose decoder layers mix tokens some other way than attention (a short convolution, a
+    recurrent or linear-attention state): that state lives outside msc::attention, which the runtime's KV
+    cache does not hold, so the compiled program would decode wrongly after the first steps (issue 26).
+
+    NOTE: checked on the captured graph: every decoder layer must call msc::attention."""
+    from msc.models.generic import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except MscError:
+        return  # no recognisable layer list: the adapter's own checks apply
+    attending = {int(n.args[3]) for n in gm.graph.nodes if n.op == "call_function" and n.target is MSC_OPS["attention"]}
+    missing = [i for i in range(len(layers)) if i not in attending]
+    if not missing:
+        return
+    path = next((name for name, mod in model.named_modules() if mod is layers), "layers")
+    i = missing[0]
+    parts = ", ".join(sorted({type(m).__name__ for m in layers[i].children()}))
+    raise MscError(f"{path}.{i} ({type(layers[i]).__name__}: {parts}) mixes tokens without attention; "
+                   f"{len(missing)} of {len(layers)} decoder layers do (layers {missing[:8]}{' ...' if len(missing) > 8 else ''}). "
+                   "Their state (a convolution or recurrent state) would live outside msc::attention and the KV "
+                   "cache, so msc refuses the model rather than compile one that decodes wrongly")
 
 
 def _export(model: nn.Module, dynamic: bool = True) -> torch.export.ExportedProgram:

@@ -65,3 +65,21 @@ def test_inkling_is_refused_at_compile_time_naming_its_position_bias(tmp_path):
         compile_spec(parse_spec({"model": {"config": cfg, "dtype": "float32"}, "device": "cpu",
                                  "plan": {"experts": {"nodes": 2}}}), tmp_path / "b")
     assert not (tmp_path / "b").exists()  # nothing half-written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers.models.lfm2_moe") is None, reason="needs transformers' lfm2_moe")
+def test_layers_that_mix_tokens_without_attention_are_refused(tmp_path):
+    """LFM2-MoE's short-convolution layers keep a state outside the attention call (the KV cache does not
+    hold it): with its activation given, it would compile and decode wrongly after a few steps."""
+    from msc.compiler import compile_spec
+    from msc.spec import parse_spec
+
+    cfg = dict(model_type="lfm2_moe", vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_dense_layers=1,
+               num_experts_per_tok=2, num_experts=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+               max_position_embeddings=256, hidden_act="silu")
+    with pytest.raises(MscError, match=r"model\.layers\.0 \(Lfm2MoeDecoderLayer: .*Lfm2MoeShortConv.*\) mixes tokens "
+                                       r"without attention; 2 of 4 decoder layers do \(layers \[0, 2\]\)"):
+        compile_spec(parse_spec({"model": {"config": cfg, "dtype": "float32"}, "device": "cpu",
+                                 "plan": {"experts": {"nodes": 2}}}), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
