@@ -43,6 +43,25 @@ def _mm_for(ms: float, dev) -> tuple:
     return torch.randn(rows, n, device=dev, dtype=torch.bfloat16), b
 
 
+def _graph_times(fn, steps: int, before=lambda r: None) -> list[float]:
+    """Run fn once (warm-up), capture it as a CUDA graph, then the wall seconds of `steps` replays (before(r)
+    runs ahead of replay r, outside the timing)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for r in range(steps):
+        before(r)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def _flags(timeout_s):
     from msc.backends.comm.device_flags import DeviceFlags
 
@@ -125,19 +144,7 @@ def main() -> None:
             fl.wait(ret, 1 + k, epoch)
 
     epoch.fill_(1)
-    step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    times = []
-    for r in range(args.steps):
-        epoch.fill_(2 + r)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = _graph_times(step, args.steps, before=lambda r: epoch.fill_(2 + r))
     peer_err = q_out.get(timeout=120)
     p.join(60)
     # the same products in one process (B's operands rebuilt here at B's size)
@@ -149,18 +156,7 @@ def main() -> None:
             torch.mm(x, w, out=out)
             torch.mm(xb, wb, out=outb)
 
-    colocated()
-    torch.cuda.synchronize()
-    g1 = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g1):
-        colocated()
-    one = []
-    for _ in range(args.steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        g1.replay()
-        torch.cuda.synchronize()
-        one.append(time.perf_counter() - t)
+    one = _graph_times(colocated, args.steps)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), "layers": args.layers,
            "rtt_us": rtt_us, "two_proc_step_ms": statistics.median(times) * 1e3,

@@ -22,6 +22,7 @@ Every figure comes from this one run; JSON with the GPU and versions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -111,6 +112,12 @@ def _env(variant: str, device: str) -> dict:
         _MPS["dir"] = tempfile.mkdtemp(prefix="msc-mps-")
         _MPS["daemon"] = MpsDaemon(Path(_MPS["dir"])).start()
     return {**env, **_MPS["daemon"].env(100)}
+
+
+def stop_mps() -> None:
+    """Stop the MPS daemon the MPS variants started (if any)."""
+    if "daemon" in _MPS:
+        _MPS.pop("daemon").stop()
 
 
 def roles(bundle, prompts, output_len: int, m: int, device: str, variant: str = "stage") -> dict:
@@ -207,7 +214,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "outputs"}), flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="msc-engine-step-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="msc-engine-step-") as tmp, contextlib.ExitStack() as stack:
+        stack.callback(stop_mps)  # the MPS daemon goes down whatever happens
         bundle = _bundle(tmp, args.model, args.layers, most, max_seq_len)
         if "colocated" in parts:
             for row in colocated(bundle, prompts, batches, args.output_len, dev):
@@ -232,8 +240,6 @@ def main() -> None:
                     row["serve_over_decode"] = row["tokens_per_s"] / row["decode_tokens_per_s"]
                 emit(row)
 
-    if "daemon" in _MPS:
-        _MPS.pop("daemon").stop()
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "none (CPU)"
     print(f"\n{args.model}, {args.layers} layers, {args.input_len} in / {args.output_len} out, GPU {gpu}")
     print("| batch | what | step ms | vs colocated |")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_step import MIXTRAL_8X7B, TINY, _bundle, colocated, roles  # noqa: E402
+from engine_step import MIXTRAL_8X7B, TINY, _bundle, colocated, roles, stop_mps  # noqa: E402
 
 
 def predictions(bundle_dir: str, batches: list[int], ctx: float, gpu: str, profile_path: str | None) -> dict:
@@ -37,7 +37,7 @@ def predictions(bundle_dir: str, batches: list[int], ctx: float, gpu: str, profi
     from msc.planner.cost import cost_of_spec
     from msc.planner.hardware import get_gpu, load_catalogue
     from msc.planner.perf import Efficiency, colocated_step, disaggregated_step, load_profile
-    from msc.planner.search import _over_nvlink, side_of
+    from msc.planner.search import over_nvlink, side_of
     from msc.spec import parse_spec
 
     manifest = Bundle.open(bundle_dir).manifest
@@ -50,7 +50,7 @@ def predictions(bundle_dir: str, batches: list[int], ctx: float, gpu: str, profi
     out = {}
     for b in batches:
         col = colocated_step(cost, b, ctx, one, eff, prof)
-        dis = disaggregated_step(cost, b, 1, 1, 1, ctx, _over_nvlink(one), _over_nvlink(one), eff, prof).total
+        dis = disaggregated_step(cost, b, 1, 1, 1, ctx, over_nvlink(one), over_nvlink(one), eff, prof).total
         out[b] = {"colocated_s": col, "roles_s": dis}
     return out
 
@@ -99,10 +99,7 @@ def main() -> None:
             rows.append({"batch": b, "colocated_measured_s": m_col, "colocated_predicted_s": p["colocated_s"],
                          "colocated_error": p["colocated_s"] / m_col - 1, "roles_measured_s": m_roles,
                          "roles_predicted_s": p["roles_s"], "roles_error": p["roles_s"] / m_roles - 1})
-    from engine_step import _MPS
-
-    if "daemon" in _MPS:
-        _MPS.pop("daemon").stop()
+    stop_mps()
     print(f"\n{args.model}, {args.layers} layers, context {ctx:g}, GPU {torch.cuda.get_device_name() if dev == 'cuda' else 'none'}"
           f", predictions for {gpu} {'with the profile' if profile else '(roofline: no profile)'}")
     print("| batch | colocated measured ms | predicted | error | two roles measured ms | predicted | error |")

@@ -47,7 +47,7 @@ def _msc_attention(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("is_causal", True) is False:
         raise MscError(f"{type(module).__name__} asks for non-causal attention (is_causal=False), which msc::attention "
                        "does not implement (it attends causally per sequence)")
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _BENIGN_KWARGS and k != "is_causal")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _BENIGN_KWARGS | {"is_causal"})
     if unknown:
         raise MscError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes attention "
                        f"argument(s) {', '.join(unknown)} that msc::attention does not apply; refusing rather than "

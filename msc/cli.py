@@ -47,6 +47,19 @@ def _fail(e: MscError) -> None:
     raise typer.Exit(1)
 
 
+def _checkpoint_option():
+    """--checkpoint of the commands that run a bundle (one definition, the same help everywhere)."""
+    return typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the one the bundle names "
+                        "(a bundle copied without it); checked against the bundle before anything starts")
+
+
+def _mps_option():
+    """--mps of the commands that start role processes."""
+    return typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM shares: "
+                        "attention,expert percent (e.g. 100,100 or 40,60), or auto (from the spec's planner.profile, "
+                        "measured by msc profile); with it decode steps hand off on the GPU (docs/engine.md)")
+
+
 def _parse_ids(values: list[str]) -> list[list[int]]:
     prompts = []
     for v in values:
@@ -101,12 +114,8 @@ def run_cmd(
     top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely tokens (0: all)"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="sample from the smallest set with this mass"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed: prompt i draws with seed + i (repeatable runs)"),
-    mps: Optional[str] = typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM "
-                                      "shares: attention,expert percent (e.g. 40,60), or auto (from the spec's "
-                                      "planner.profile, measured by msc profile)"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
-                                              "one the bundle names (a bundle copied without it); checked against "
-                                              "the bundle before anything starts"),
+    mps: Optional[str] = _mps_option(),
+    checkpoint: Optional[Path] = _checkpoint_option(),
     record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="with --colocated: write how many "
                                                   "(token, expert) pairs each expert got per layer, a routing profile "
                                                   "for the planner (planner: {routing: FILE})"),
@@ -499,12 +508,8 @@ def serve_cmd(
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one JSON line per request on stderr"),
     max_restarts: int = typer.Option(3, "--max-restarts", min=0, help="restart the role processes after a role dies "
                                      "or hangs, at most this many times in 10 minutes (0: stay down and answer 503)"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the checkpoint folder to read instead of the "
-                                              "one the bundle names (a bundle copied without it); checked against "
-                                              "the bundle before anything starts"),
-    mps: Optional[str] = typer.Option(None, "--mps", help="run the roles of one GPU under CUDA MPS with these SM "
-                                      "shares: attention,expert percent (e.g. 100,100), or auto (from the spec's "
-                                      "planner.profile); with it decode steps hand off on the GPU (docs/engine.md)"),
+    checkpoint: Optional[Path] = _checkpoint_option(),
+    mps: Optional[str] = _mps_option(),
 ):
     """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""

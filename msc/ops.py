@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from msc.backends.compute import torch_eager
+from msc.runtime import routing_recorder
 
 
 def _ctx():
@@ -103,8 +104,6 @@ def experts(
     backends/compute/torch_eager.gated_experts). Ids outside the slice contribute nothing, so partial sums
     over expert nodes add up to the full layer.
     """
-    from msc.runtime import routing_recorder
-
     if routing_recorder.ACTIVE is not None and first_expert == 0:  # msc run --colocated --record-routing
         routing_recorder.ACTIVE.add(layer, top_k_index)
     if hidden.is_cuda and _fused_moe_ok(act, layout, gate_up_bias, down_bias):

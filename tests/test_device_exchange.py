@@ -40,13 +40,11 @@ def test_area_parts_are_disjoint_aligned_and_inside_the_buffer(kind):
     ("auto", {"distinct_gpus": True}, True),
     ("auto", {"mps": True}, True),
     ("auto", {"mps": True, "replicas": 2}, False),  # several replicas: never (see the module's NOTE)
-    ("on", {"replicas": 2}, False),
     ("auto", {"mps": True, "tp_size": 2}, False),
     ("auto", {"mps": True, "delays": True}, False),
     ("auto", {"mps": True, "transport": "tcp"}, False),
     ("off", {"mps": True}, False),
     ("on", {"device": "cpu", "transport": "shm"}, True),
-    ("on", {"one_host": False}, False),
 ])
 def test_when_it_turns_on(monkeypatch, env, kw, expect):
     monkeypatch.setenv(dx.ENV, env)
@@ -57,6 +55,20 @@ def test_when_it_turns_on(monkeypatch, env, kw, expect):
     facts = {"device": "cuda", "transport": "cuda_ipc", "replicas": 1, "tp_size": 1, "delays": False,
              "distinct_gpus": False, "one_host": True, **kw}
     assert dx.wanted(**facts) is expect
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"replicas": 2}, "2 attention replicas"),
+    ({"one_host": False}, "roles on several hosts"),
+    ({"transport": "tcp"}, "transport tcp"),
+    ({"tp_size": 2, "delays": True}, "tensor parallelism .* injected delays"),
+])
+def test_forcing_it_on_where_it_cannot_run_names_why(monkeypatch, kw, match):
+    monkeypatch.setenv(dx.ENV, "on")
+    facts = {"device": "cuda", "transport": "cuda_ipc", "replicas": 1, "tp_size": 1, "delays": False,
+             "distinct_gpus": False, "one_host": True, **kw}
+    with pytest.raises(MscError, match=match):
+        dx.wanted(**facts)
 
 
 def test_a_bad_mode_is_refused(monkeypatch):

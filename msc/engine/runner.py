@@ -114,7 +114,7 @@ class ModelRunner:
         # msc.runtime.device_exchange.AttentionDeviceExchange, set by the role when the run uses it: decode-only
         # steps then run as one graph per (micro-batches, bucket) with the hand-offs on the device
         self.device_exchange = None
-        self._in_device_step = False
+        self._step_exchange = None  # the exchange the msc ops talk to while a step runs (set per step)
         self._device_steps: dict[tuple[int, int], _DeviceStep] = {}
         self._device_eager_runs = 0
 
@@ -128,12 +128,10 @@ class ModelRunner:
     def dispatch(self, hidden, idx, weights, layer, bounds):
         if not self.remote:
             raise MscError("a colocated program has no dispatch; this looks like an attention role's program")
-        ex = self.device_exchange if self._in_device_step else self.exchange
-        return ex.dispatch(hidden, idx, weights, layer, bounds)
+        return (self._step_exchange or self.exchange).dispatch(hidden, idx, weights, layer, bounds)
 
     def combine(self, ticket, hidden, layer):
-        ex = self.device_exchange if self._in_device_step else self.exchange
-        return ex.combine(ticket, hidden, layer)
+        return (self._step_exchange or self.exchange).combine(ticket, hidden, layer)
 
     def expert_recv(self, *a):
         raise MscError("an expert node's program cannot run in the engine; give it the attention or colocated program")
@@ -255,15 +253,19 @@ class ModelRunner:
                         bb = buckets[mb]
                         self.meta = self._static_meta(bb).update_(metas[mb])
                         self.staged.run_stage(stage, envs[mb], call=lambda s, args: graphs.call(s, args, bb))
+        self.step_no += 1
+        return self._sampled(step, groups, ends, [lambda env=env: _logits(self.staged.output(env))[0] for env in envs])
+
+    def _sampled(self, step: StepInput, groups: list[range], ends: list[list[int]], logits_of: list) -> Tensor:
+        """The logits of the step's sampled rows [S, V] in row order; logits_of[mb]() gives micro-batch mb's
+        [T_mb, V] (called only for micro-batches that hold a sampled row)."""
         wanted = set(step.sample_rows)
         rows = []
-        for g, env, e in zip(groups, envs, ends):
+        for g, logits, e in zip(groups, logits_of, ends):
             pick = [k for k, i in enumerate(g) if i in wanted]
             if pick:
-                logits = _logits(self.staged.output(env))[0]  # [T_mb, V]
-                rows.append(logits[[e[k] for k in pick]])
-        self.step_no += 1
-        return torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
+                rows.append(logits()[[e[k] for k in pick]])
+        return torch.cat(rows) if rows else torch.empty(0, device=self.device)
 
     @property
     def captured_segments(self) -> int:
@@ -286,29 +288,27 @@ class ModelRunner:
             envs.append(self.staged.start(input_ids, position_ids))
             metas.append(meta)
             ends.append(e)
-        devx = self.device_exchange
-        devx.begin(max(sum(step.counts[i] for i in g) for g in groups), len(groups), eager=True)
-        self._in_device_step = True
-        try:
-            with context.use(self), torch.no_grad():
-                for stage, mb in ping_pong(self.staged.num_stages, len(groups)):
-                    self.mb = devx.mb = mb
-                    self.meta = metas[mb]
-                    with self.trace.span("compute", f"attention stage {stage} (device exchange)", None, mb):
-                        self.staged.run_stage(stage, envs[mb])
-        finally:
-            self._in_device_step = False
-        wanted = set(step.sample_rows)
-        rows = []
-        for g, env, e in zip(groups, envs, ends):
-            pick = [k for k, i in enumerate(g) if i in wanted]
-            if pick:
-                rows.append(_logits(self.staged.output(env))[0][[e[k] for k in pick]])
-        out = torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
-        devx.check()
+        self.device_exchange.begin(max(sum(step.counts[i] for i in g) for g in groups), len(groups), eager=True)
+        with self.trace.span("compute", f"device step m={len(groups)} (prompt tokens)"):
+            self._run_device_stages(envs, metas)
+        out = self._sampled(step, groups, ends, [lambda env=env: _logits(self.staged.output(env))[0] for env in envs])
+        self.device_exchange.check()
         self._device_eager_runs += 1
         self.step_no += 1
         return out
+
+    def _run_device_stages(self, envs: list, metas: list[StepMeta]) -> None:
+        """Every stage of every micro-batch in ping-pong order, dispatch / combine through the device exchange."""
+        devx = self.device_exchange
+        self._step_exchange = devx
+        try:
+            with context.use(self), torch.no_grad():
+                for stage, mb in ping_pong(self.staged.num_stages, len(envs)):
+                    self.mb = devx.mb = mb
+                    self.meta = metas[mb]
+                    self.staged.run_stage(stage, envs[mb])
+        finally:
+            self._step_exchange = None
 
     def _execute_device(self, step: StepInput, groups: list[range]) -> Tensor:
         """A decode step whose hand-offs are device flags (msc.runtime.device_exchange): every micro-batch padded
@@ -329,20 +329,11 @@ class ModelRunner:
             d.positions[mb].copy_(pos, non_blocking=True)
             d.metas[mb].update_(meta)
             ends.append(e)
-        devx = self.device_exchange
-        devx.begin(bb, m)
+        self.device_exchange.begin(bb, m)
 
         def body() -> None:
             envs = [self.staged.start(d.input_ids[mb], d.positions[mb]) for mb in range(m)]
-            self._in_device_step = True
-            try:
-                with context.use(self), torch.no_grad():
-                    for stage, mb in ping_pong(self.staged.num_stages, m):
-                        self.mb = devx.mb = mb
-                        self.meta = d.metas[mb]
-                        self.staged.run_stage(stage, envs[mb])
-            finally:
-                self._in_device_step = False
+            self._run_device_stages(envs, d.metas)
             d.logits = [_logits(self.staged.output(env))[0] for env in envs]  # m x [bb, V]
 
         with self.trace.span("compute", f"device step m={m} bucket={bb}"):
@@ -354,14 +345,8 @@ class ModelRunner:
                 d.graph = self.capture(body, warmups=0)
                 d.graph.replay()
         d.runs += 1
-        wanted = set(step.sample_rows)
-        rows = []
-        for g, logits, e in zip(groups, d.logits, ends):
-            pick = [k for k, i in enumerate(g) if i in wanted]
-            if pick:
-                rows.append(logits[[e[k] for k in pick]])
-        out = torch.cat(rows) if rows else torch.empty(0, device=self.device)  # [S, V] in row order
-        devx.check()  # reads the error word: waits for the step, as sampling would
+        out = self._sampled(step, groups, ends, [lambda lg=lg: lg for lg in d.logits])
+        self.device_exchange.check()  # reads the error word: waits for the step, as sampling would
         self.step_no += 1
         return out
 

@@ -232,7 +232,8 @@ def cost_of_spec(spec, use_cache: bool = True) -> tuple[ModelCost, dict]:
     if path is not None and path.is_file():
         try:
             d = json.loads(path.read_text())
-            return _from_dict(d["cost"]), d["moe"]
+            if "max_position_embeddings" in d["moe"]:  # else an entry from before that key: recomputed
+                return _from_dict(d["cost"]), d["moe"]
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed and rewritten
     from msc.capture import capture_layer_kinds

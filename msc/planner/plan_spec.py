@@ -169,18 +169,12 @@ def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) 
     """Simulate one decode step of a plan (per-layer times from the performance model) and draw its
     timeline; returns the simulator's summary (iteration time, idle fractions) next to the model's formula."""
     from msc.planner.perf import attention_layer_time, comm_time, expert_layer_time, head_time
-    from msc.planner.search import side_of
     from msc.planner.simulator import simulate, to_trace
     from msc.trace_plot import plot_trace
 
     pl, p = report.planner, report.result.plans[plan_index]
     model, ctx = pl.model, pl.wl.mean_context
-    exp_gpu = (pl.att_pool if pl.shared else pl.exp_pool).gpu
-    att, exp = side_of(pl.att_pool.gpu, p.tp_a), side_of(exp_gpu, p.tp_e)
-    if pl._in_node(p.gpus):  # the exchange over NVLink, as the search costed it
-        from msc.planner.search import _over_nvlink
-
-        att, exp = _over_nvlink(att), _over_nvlink(exp)
+    att, exp = pl.sides(p.tp_a, p.tp_e, p.gpus)  # as the search costed them
     tokens = p.b_a * p.n_a
     t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, p.b_a, att, pl.eff)

@@ -59,9 +59,13 @@ class RoutingProfile(BaseModel):
             return 1.0
         return busiest_share(c, nodes) * nodes
 
-    def check_model(self, num_experts: int) -> None:
+    def check_model(self, num_experts: int, num_layers: int) -> None:
         if self.experts != num_experts:
             raise MscError(f"the routing profile is for {self.experts} experts; the model has {num_experts}")
+        beyond = sorted(layer for layer in self.layers if layer >= num_layers)
+        if beyond:
+            raise MscError(f"the routing profile has layers {beyond[:8]}, but the model has {num_layers} (0 to "
+                           f"{num_layers - 1})")
         for layer in self.layers:
             if len(self.layers[layer]) != num_experts:
                 raise MscError(f"routing profile layer {layer}: {len(self.layers[layer])} counts for {num_experts} experts")

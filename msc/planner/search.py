@@ -176,7 +176,7 @@ def _side_of(gpu, tp: int) -> Side:
     return Side(flops=gpu.flops, mem_bw=gpu.mem_bw, nic_bw=gpu.nic_bw, nvlink_bw=gpu.nvlink_bw, tp=tp)
 
 
-def _over_nvlink(side: Side, where=True) -> Side:
+def over_nvlink(side: Side, where=True) -> Side:
     """The side with its exchange bandwidth NVLink's instead of the NIC's (`where`: elementwise mask)."""
     bw = np.where(where, side.nvlink_bw, side.nic_bw) if isinstance(where, np.ndarray) else side.nvlink_bw
     return Side(side.flops, side.mem_bw, bw, side.nvlink_bw, side.tp)
@@ -211,7 +211,7 @@ class Planner:
         self.model, self.att_pool, self.exp_pool = model, attention, expert
         self.routing = routing  # msc.planner.routing.RoutingProfile: skewed expert loads (None: uniform)
         if routing is not None:
-            routing.check_model(model.num_experts)
+            routing.check_model(model.num_experts, len(model.layers))
         self.pinned = pinned or Pinned()
         self.colocated_reason: str | None = None  # set by colocated() when there is no instance
         self.shared = expert is None  # homogeneous: one pool for both sides
@@ -248,22 +248,25 @@ class Planner:
     # ------------------------------------------------------------------ one configuration
     def step(self, tp_a: int, n_a: int, tp_e: int, n_e: int, m: int, b_a: int):
         self.evaluated += 1
-        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
-        att, exp = side_of(self.att_pool.gpu, tp_a), side_of(exp_gpu, tp_e)
-        if self._in_node(tp_a * n_a + tp_e * n_e):
-            att, exp = _over_nvlink(att), _over_nvlink(exp)
+        att, exp = self.sides(tp_a, tp_e, tp_a * n_a + tp_e * n_e)
         return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile,
                                   self.routing)
 
-    def _in_node(self, gpus):
-        """Whether a plan of `gpus` GPUs sits in one node, its exchange over NVLink: one pool (one GPU type)
-        whose nodes hold it whole (elementwise over arrays).
+    def sides(self, tp_a, tp_e, gpus) -> tuple[Side, Side]:
+        """The attention and expert sides of plans with these tp sizes and GPU counts (ints, or int arrays),
+        their exchange over NVLink where a plan sits in one node: one pool (one GPU type) whose nodes hold it
+        whole.
 
         NOTE: a plan larger than a node is costed over the NIC throughout, although some of its pairs may
         share a node: placement inside the cluster is not modelled."""
-        if not self.shared:
-            return False if not isinstance(gpus, np.ndarray) else np.zeros(len(gpus), dtype=bool)
-        return gpus <= self.att_pool.per_node
+        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
+        make = _side_of if isinstance(tp_a, np.ndarray) else side_of  # side_of caches the scalar sides
+        att, exp = make(self.att_pool.gpu, tp_a), make(exp_gpu, tp_e)
+        in_node = self.shared & (np.asarray(gpus) <= self.att_pool.per_node)
+        if in_node.any():
+            where = in_node if in_node.ndim else True
+            att, exp = over_nvlink(att, where), over_nvlink(exp, where)
+        return att, exp
 
     def _fits_gpus(self, tp_a: int, n_a: int, tp_e: int, n_e: int) -> bool:
         if self.shared:
@@ -345,12 +348,8 @@ class Planner:
     def steps(self, cfgs: np.ndarray, b_a: np.ndarray) -> StepTimes:
         """step() of many configurations at once: cfgs [N, 5] rows (tp_a, n_a, tp_e, n_e, m), b_a [N]."""
         self.evaluated += len(b_a)
-        exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
         tp_a, n_a, tp_e, n_e, m = cfgs.T
-        att, exp = _side_of(self.att_pool.gpu, tp_a), _side_of(exp_gpu, tp_e)
-        in_node = self._in_node(tp_a * n_a + tp_e * n_e)
-        if in_node.any():
-            att, exp = _over_nvlink(att, in_node), _over_nvlink(exp, in_node)
+        att, exp = self.sides(tp_a, tp_e, tp_a * n_a + tp_e * n_e)
         return disaggregated_step(self.model, b_a, m, n_a, n_e, self.wl.mean_context, att, exp, self.eff, self.profile,
                                   self.routing)
 
@@ -436,6 +435,12 @@ class Planner:
                 p.gain = self.score(p) / self.score(colo)
         return SearchResult(plans[:top] if top else plans, colo, self.evaluated, rejected)
 
+    def colocated_side(self, g: int) -> Side:
+        """A colocated instance of g GPUs of the attention pool: its all-reduces over NVLink inside a node, over
+        each GPU's NIC for an instance larger than one (`per_node`)."""
+        side = side_of(self.att_pool.gpu, g)
+        return side if g <= self.att_pool.per_node else Side(side.flops, side.mem_bw, side.nic_bw, side.nic_bw, g)
+
     def fastest(self) -> tuple[float, tuple]:
         """The shortest step of any configuration that fits in memory, at one sequence per micro-batch, and
         that configuration (inf and () when none fits)."""
@@ -465,9 +470,7 @@ class Planner:
         prof = self.profile
         experts = max(self.model.num_experts, 1)
         while g <= max(pool.count, 1):
-            side = side_of(gpu, g)
-            if g > pool.per_node:  # across nodes: the all-reduces go over each GPU's NIC
-                side = Side(side.flops, side.mem_bw, side.nic_bw, side.nic_bw, g)
+            side = self.colocated_side(g)
             usable = gpu.mem_bytes * self.eff.memory_fraction
             room = (usable - self.model.attention_weight_bytes() / g
                     - self.model.expert_weight_bytes() * math.ceil(experts / g) / experts)
@@ -525,7 +528,8 @@ def explain_infeasible(result: SearchResult, planner: Planner) -> str:
             parts.append(f"the experts need {m.expert_weight_bytes() / 2**30:.1f} GiB; {exp_pool.gpu.name} × {most} "
                          f"offer {exp_pool.gpu.mem_bytes * planner.eff.memory_fraction * most / 2**30:.1f} GiB usable")
     elif planner.pinned.any:
-        parts.append("no configuration with the pinned plan fields fits the pools' GPU counts")
+        parts.append("no configuration keeps the pinned plan fields (within the pools' GPU counts, with "
+                     "plan.batch_size a multiple of the micro-batch count)")
     else:
         gpus = planner.att_pool.count + (0 if planner.shared else planner.exp_pool.count)
         parts.append(f"disaggregation needs at least one attention and one expert GPU; the pools have {gpus}")

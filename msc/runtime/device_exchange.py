@@ -59,9 +59,9 @@ from torch import Tensor
 from msc.backends.comm.device_flags import flags_for
 from msc.backends.comm.m2n import PeerError, fetch_key
 from msc.errors import MscError
+from msc.runtime.exchange import MAX_MICROBATCHES  # slots per layer: the exchange's micro-batch limit
 
 ENV = "MSC_DEVICE_EXCHANGE"
-MAX_MICROBATCHES = 8  # slots per layer (the exchange's limit)
 _ALIGN = 256
 
 
@@ -95,14 +95,24 @@ def mode() -> str:
 
 def wanted(*, device: str, transport: str, replicas: int, tp_size: int, delays: bool, distinct_gpus: bool,
            one_host: bool) -> bool:
-    """Whether this run's roles use the device exchange (every role decides alike from the same facts)."""
+    """Whether this run's roles use the device exchange (every role decides alike from the same facts).
+    `on` where it cannot run is an error naming why, not a silent fallback."""
     m = mode()
-    if m == "off" or tp_size > 1 or delays or not one_host or replicas > 1:
+    if m == "off":
         return False
+    blockers = [why for why, bad in (
+        (f"{replicas} attention replicas (it serves one)", replicas > 1),
+        (f"tensor parallelism (tp = {tp_size})", tp_size > 1),
+        ("injected delays (runtime.delay_ms)", delays),
+        ("roles on several hosts", not one_host),
+        (f"transport {transport} (it needs cuda_ipc, or shm on the CPU)", transport not in ("cuda_ipc", "shm")),
+    ) if bad]
     if m == "on":
-        return transport in ("cuda_ipc", "shm")
+        if blockers:
+            raise MscError(f"{ENV}=on, but the device exchange cannot run with {'; '.join(blockers)}")
+        return True
     mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
-    return device == "cuda" and transport == "cuda_ipc" and replicas == 1 and (mps or distinct_gpus)
+    return not blockers and device == "cuda" and transport == "cuda_ipc" and (mps or distinct_gpus)
 
 
 # ---------------------------------------------------------------------- areas
@@ -117,22 +127,21 @@ def _layout(kind: str, d: Dims) -> tuple[list[tuple[str, int, torch.dtype, tuple
             parts += [(f"out{mb}", d.dtype, (d.max_rows, d.hidden))]
     out, at = [], 0
     for name, dt, shape in parts:
-        n = torch.Size(shape).numel() * torch.tensor([], dtype=dt).element_size()
         out.append((name, at, dt, shape))
-        at += (n + _ALIGN - 1) // _ALIGN * _ALIGN
+        at += (_nbytes(dt, shape) + _ALIGN - 1) // _ALIGN * _ALIGN
     return out, at
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    return torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
 
 
 class Area:
     """Typed views of one shared byte buffer (this process's own, or a peer's mapped here)."""
 
     def __init__(self, buf: Tensor, kind: str, d: Dims):
-        self.buf = buf
         layout, _ = _layout(kind, d)
-        self.views = {}
-        for name, at, dt, shape in layout:
-            n = torch.Size(shape).numel() * torch.tensor([], dtype=dt).element_size()
-            self.views[name] = buf[at:at + n].view(dt).view(shape)
+        self.views = {name: buf[at:at + _nbytes(dt, shape)].view(dt).view(shape) for name, at, dt, shape in layout}
 
     def __getitem__(self, name: str) -> Tensor:
         return self.views[name]
@@ -180,13 +189,15 @@ class Links:
         self.timeout_s = timeout_s
         self._paths = paths
 
-    def failed_slot(self) -> int | None:
-        """The slot of a wait that expired since the last check (the error word is cleared), else None."""
+    def failed_wait(self) -> str | None:
+        """'layer L, micro-batch M' of a wait that expired since the last check (the error word is cleared),
+        else None."""
         e = int(self.error.item())
         if e == 0:
             return None
         self.error.zero_()
-        return e - 1
+        layer, mb = divmod(e - 1, MAX_MICROBATCHES)
+        return f"layer {layer}, micro-batch {mb}"
 
     def close(self) -> None:
         for p in self._paths:
@@ -238,7 +249,6 @@ class AttentionDeviceExchange:
         self.links, self.host, self.expert_ranks = links, host_exchange, expert_ranks
         self.mb = 0
         self.epoch_no = 0
-        self.rows = 0  # the step's rows per micro-batch (its bucket)
 
     def begin(self, rows: int, microbatches: int, eager: bool = False) -> None:
         """Before a step's execution: a fresh epoch on the device, and each expert node told to run its side
@@ -246,17 +256,14 @@ class AttentionDeviceExchange:
         if rows > self.links.theirs[self.expert_ranks[0]]["hidden0"].shape[0]:
             raise MscError(f"a micro-batch of {rows} rows is larger than the device exchange's areas")
         self.epoch_no += 1
-        self.rows = rows
         self.links.epoch.fill_(self.epoch_no)
         self.host.device_step(self.epoch_no, rows, microbatches, eager)
 
     def check(self) -> None:
         """After the step's results were read: a wait that expired is the expert node's failure."""
-        s = self.links.failed_slot()
-        if s is not None:
-            layer, mb = divmod(s, MAX_MICROBATCHES)
-            raise PeerError(f"device exchange: no expert node answered layer {layer}, micro-batch {mb} of epoch "
-                            f"{self.epoch_no} within {self.links.timeout_s:.0f} s (expert ranks {self.expert_ranks}: "
+        where = self.links.failed_wait()
+        if where is not None:
+            raise PeerError(f"device exchange: no expert node answered {where} of epoch {self.epoch_no} within {self.links.timeout_s:.0f} s (expert ranks {self.expert_ranks}: "
                             "has one died?)")
 
     def dispatch(self, hidden: Tensor, idx: Tensor, weights: Tensor, layer: int, bounds: list[int]) -> Tensor:
@@ -287,12 +294,11 @@ class ExpertDeviceSteps:
     """The expert node's end: runs its program's stages for a replica's device step, eagerly the first time a
     (replica, bucket, m) is seen, then from a CUDA graph."""
 
-    def __init__(self, links: Links, program, trace=None):
-        self.links, self.program, self.trace = links, program, trace
+    def __init__(self, links: Links, program):
+        self.links, self.program = links, program
         self.replica, self.mb, self.rows = None, 0, 0
         self._seen: dict[tuple, object] = {}  # key -> None (ran eagerly once) or its graph
         self._pool = None
-        self.steps = 0
 
     # the runtime context of the expert program during a device step
     def expert_recv(self, layer, hidden_size, top_k, dtype):
@@ -330,17 +336,15 @@ class ExpertDeviceSteps:
         computes `rows` rows of each, the ones past a micro-batch's end on stale area contents (finite values a
         replica wrote before, or zeros), which the replica never reads back."""
         lk = self.links
-        s = lk.failed_slot()  # the previous device step's waits (finished by now: the replica saw its results)
-        if s is not None:
-            layer, mb = divmod(s, MAX_MICROBATCHES)
-            raise PeerError(f"device exchange: replica rank {self.replica} sent nothing for layer {layer}, micro-batch "
-                            f"{mb} within {lk.timeout_s:.0f} s")
+        where = lk.failed_wait()  # the previous device step's waits (finished by now: the replica saw its results)
+        if where is not None:
+            raise PeerError(f"device exchange: replica rank {self.replica} sent nothing for {where} within "
+                            f"{lk.timeout_s:.0f} s")
         if replica not in lk.own:
             raise MscError(f"rank {replica} asked for a device step but has no device link with this expert node")
         self.replica, self.rows = replica, rows
         lk.epoch.fill_(epoch)
         key = (replica, rows, microbatches)
-        self.steps += 1
         if lk.device.type != "cuda" or eager:
             self._body(microbatches)
             return

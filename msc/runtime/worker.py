@@ -191,7 +191,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                     comm = tensor_parallel.ExpertLeaderExchange(comm)
             worker = ExpertRole(program, comm, delay_s=cfg["delay_ms"]["expert"] / 1e3, trace=trace)
             if links is not None:
-                worker.device_steps = device_exchange.ExpertDeviceSteps(links, worker.program, trace)
+                worker.device_steps = device_exchange.ExpertDeviceSteps(links, worker.program)
             worker.on_batch = _fault_hook(role["name"])
             worker.serve()
             return

@@ -141,6 +141,10 @@ def test_a_colocated_instance_across_nodes_all_reduces_over_the_nic():
     assert nic > nvlink
     assert one_node is not None and two_nodes is not None
     assert one_node.per_gpu >= two_nodes.per_gpu
+    # the planner's instance of 16 GPUs: NVLink within one node of 16, each GPU's NIC across two nodes of 8
+    assert _planner(count=16, per_node=16).colocated_side(16).nvlink_bw == gpu.nvlink_bw
+    assert _planner(count=16, per_node=8).colocated_side(16).nvlink_bw == gpu.nic_bw
+    assert _planner(count=16, per_node=8).colocated_side(8).nvlink_bw == gpu.nvlink_bw
 
 
 def test_kv_heads_replicated_beyond_tp_cost_memory_and_bandwidth():

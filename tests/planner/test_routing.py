@@ -82,6 +82,7 @@ def test_expert_layer_time_scales_its_pairs_by_the_load():
     ({"experts": 8, "layers": {"1": [-1] + [1] * 7}}, "counts must be finite numbers >= 0"),
     ({"experts": 8, "default": [0] * 8}, "add up to a positive"),
     ({"experts": 8, "default": [1] * 8, "extra": 1}, "not valid: extra"),
+    ({"experts": 8, "layers": {"99": [1] * 8}}, r"layers \[99\], but the model has 8"),
 ])
 def test_bad_routing_profiles_are_one_clear_error(tmp_path, doc, match):
     path = tmp_path / "r.json"
