@@ -53,9 +53,63 @@ def _msc_attention(module, query, key, value, attention_mask, scaling=None, drop
                        f"argument(s) {', '.join(unknown)} that msc::attention does not apply; refusing rather than "
                        "compiling a program that computes something else")
     window = -1 if sliding_window is None else int(sliding_window)
+    if getattr(module, "_msc_mla", False):
+        return _mla_attention(module, query, key, value, float(scaling), window), None
     sinks = kwargs.get("s_aux")  # [nh] per-head sink logits (GPT-OSS)
     out = torch.ops.msc.attention(query, key, value, int(module.layer_idx), float(scaling), window, sinks)  # [1, T, nh, dv]
     return out, None
+
+
+# ---------------------------------------------------------------- multi-head latent attention (MLA)
+# NOTE: transformers' MLA families (DeepSeek-V2/V3, GLM-4-MoE-Lite, LongCat, Mistral 4, ...) share one shape:
+# the normalised latent and the rotary key go through `expand_kv` (kv_b_proj per head) straight into the
+# attention interface. msc swaps `expand_kv` per module for a hand-over of the unexpanded pair, so that
+# msc::mla_attention receives the latent and caches it (r + dr values a token instead of nh·(dk + dv)). The
+# attention interface checks it got exactly that pair back; anything done to the expanded keys or values
+# in between would be lost, so it is refused.
+def is_mla(module: nn.Module) -> bool:
+    """An attention module of transformers' MLA shape: an `expand_kv` method and a `kv_b_proj` projection."""
+    return callable(getattr(type(module), "expand_kv", None)) and isinstance(getattr(module, "kv_b_proj", None), nn.Module)
+
+
+def _hand_over_latent(self, latent, k_rot):
+    """msc's `expand_kv` of an MLA module: no expansion; the latent [1, 1, T, r] and rotary key [1, 1, T, dr]
+    go on to msc::mla_attention as they are (see _mla_attention)."""
+    self._msc_mla_pair = (latent, k_rot)
+    return latent, k_rot
+
+
+def prepare_mla(module: nn.Module, where: str) -> None:
+    """Route an MLA module's attention through msc::mla_attention (latent cache); MscError naming `where`
+    when its latent projection is one msc does not absorb."""
+    kv_b = module.kv_b_proj
+    if type(kv_b) is not nn.Linear or kv_b.bias is not None:
+        raise MscError(f"{where}.kv_b_proj ({type(kv_b).__name__}{', with a bias' if getattr(kv_b, 'bias', None) is not None else ''}) "
+                       "is not a plain bias-free linear: msc's latent attention cannot absorb it")
+    for attr in ("qk_nope_head_dim", "v_head_dim", "kv_lora_rank"):
+        if not isinstance(getattr(module, attr, None), int):
+            raise MscError(f"{where} ({type(module).__name__}) has no integer '{attr}'; msc reads MLA's widths from it")
+    if kv_b.in_features != module.kv_lora_rank or kv_b.out_features % (module.qk_nope_head_dim + module.v_head_dim):
+        raise MscError(f"{where}.kv_b_proj is [{kv_b.out_features}, {kv_b.in_features}]; expected [heads x "
+                       f"({module.qk_nope_head_dim} + {module.v_head_dim}), {module.kv_lora_rank}]")
+    module.expand_kv = _hand_over_latent.__get__(module)
+    module._msc_mla = True
+
+
+def _mla_attention(module, query, key, value, scaling: float, window: int):
+    """query [1, nh, T, dn + dr] and the pair handed over by _hand_over_latent -> msc::mla_attention."""
+    pair = getattr(module, "_msc_mla_pair", None)
+    module._msc_mla_pair = None
+    if pair is None or key is not pair[0] or value is not pair[1]:
+        raise MscError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) changes the keys or values "
+                       "between expand_kv and attention; msc's latent attention would not compute what it computes")
+    dn, dv = module.qk_nope_head_dim, module.v_head_dim
+    if query.shape[-1] != dn + value.shape[-1]:
+        raise MscError(f"{type(module).__name__}: query width {query.shape[-1]} is not qk_nope_head_dim {dn} + the "
+                       f"rotary key's {value.shape[-1]}")
+    out = torch.ops.msc.mla_attention(query, key, value, module.kv_b_proj.weight, int(module.layer_idx), scaling,
+                                      window, dn, dv)  # [1, T, nh, dv]
+    return out
 
 
 def _no_mask(*args, **kwargs):
@@ -150,6 +204,9 @@ class FamilyAdapter:
                 "Mixture-of-Experts models only"
             )
         paths = {id(m): name for name, m in model.named_modules()}
+        for name, mod in model.named_modules():
+            if is_mla(mod):
+                prepare_mla(mod, name)
         for layer, block in blocks:
             where = paths.get(id(block.experts), f"layer {layer} experts")
             block.experts._msc_act, block.experts._msc_layout = describe_experts(block.experts, where)

@@ -2,8 +2,8 @@
 
 Such a family needs no code of its own:
 - attention goes through transformers' attention interface (msc registers `msc` there), so any
-  attention whose core is softmax(QKᵀ)V — GQA, MLA with its own value width, sliding windows, sinks —
-  reaches `msc::attention` with the runtime's KV cache;
+  attention whose core is softmax(QKᵀ)V — GQA, sliding windows, sinks — reaches `msc::attention` with the
+  runtime's KV cache, and MLA (an `expand_kv` + `kv_b_proj` module) `msc::mla_attention` with a latent cache;
 - the experts module (decorated with `use_experts_implementation`) is dispatched to `msc::experts`,
   with its activation, biases and storage order read from the module (`describe_experts`);
 - the router is **not** replaced: its own code (softmax or sigmoid scores, correction bias, group-limited

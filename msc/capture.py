@@ -27,7 +27,7 @@ from msc.ops import MSC_OPS
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LAYER_ARG = {"attention": 3, "router": 3, "experts": 5}
+_LAYER_ARG = {"attention": 3, "mla_attention": 4, "router": 3, "experts": 5}
 
 
 @dataclass
@@ -117,7 +117,8 @@ def _check_every_layer_attends(model: nn.Module, gm) -> None:
         layers = decoder_layers(model)
     except MscError:
         return  # no recognisable layer list: the adapter's own checks apply
-    attending = {int(n.args[3]) for n in gm.graph.nodes if n.op == "call_function" and n.target is MSC_OPS["attention"]}
+    attending = {int(n.args[_LAYER_ARG[name]]) for n in gm.graph.nodes for name in ("attention", "mla_attention")
+                 if n.op == "call_function" and n.target is MSC_OPS[name]}
     missing = [i for i in range(len(layers)) if i not in attending]
     if not missing:
         return

@@ -44,6 +44,26 @@ def _attention_fake(q, k, v, layer, scaling, sliding_window, sinks=None):
     return q.new_empty(b, t, nh, v.shape[-1])
 
 
+@torch.library.custom_op("msc::mla_attention", mutates_args=())
+def mla_attention(
+    q: Tensor, latent: Tensor, k_rot: Tensor, kv_b: Tensor, layer: int, scaling: float, sliding_window: int,
+    nope_dim: int, v_head_dim: int,
+) -> Tensor:
+    """Multi-head latent attention (DeepSeek's MLA) whose cache keeps the compressed latent, not expanded heads.
+
+    q [1, nh, T, dn + dr] (no-position part, then the rotary part), latent [1, 1, T, r] (normalised), k_rot
+    [1, 1, T, dr] (rotary key shared by every head), kv_b [nh·(dn + dv), r] (kv_b_proj's weight: per head, dn
+    key rows then dv value rows) -> [1, T, nh, dv]. It equals attention over keys cat(latent·W_kᵀ, k_rot) and
+    values latent·W_vᵀ of every head; the runtime caches cat(latent, k_rot) once per token (r + dr values)."""
+    return _ctx().mla_attention(q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim)
+
+
+@mla_attention.register_fake
+def _mla_attention_fake(q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim):
+    b, nh, t, _ = q.shape
+    return q.new_empty(b, t, nh, v_head_dim)
+
+
 # ---------------------------------------------------------------- tensor parallelism
 @torch.library.custom_op("msc::tp_all_reduce", mutates_args=())
 def tp_all_reduce(x: Tensor, layer: int) -> Tensor:
@@ -221,12 +241,14 @@ SIDE_EFFECT_OPS = (
     torch.ops.msc.expert_recv.default,
     torch.ops.msc.expert_send.default,
     torch.ops.msc.attention.default,
+    torch.ops.msc.mla_attention.default,
 )
 for _op in SIDE_EFFECT_OPS:
     torch.fx.node._side_effectful_functions.add(_op)
 
 MSC_OPS = {
     "attention": torch.ops.msc.attention.default,
+    "mla_attention": torch.ops.msc.mla_attention.default,
     "router": torch.ops.msc.router.default,
     "experts": torch.ops.msc.experts.default,
     "remote_experts": torch.ops.msc.remote_experts.default,
@@ -240,3 +262,8 @@ MSC_OPS = {
 def is_op(node: torch.fx.Node, name: str) -> bool:
     """True when `node` calls the msc op `name` (e.g. ``is_op(n, "experts")``)."""
     return node.op == "call_function" and node.target is MSC_OPS[name]
+
+
+def is_attention(node: torch.fx.Node) -> bool:
+    """True for either attention op (msc::attention or msc::mla_attention): the calls that own a KV cache."""
+    return is_op(node, "attention") or is_op(node, "mla_attention")

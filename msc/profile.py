@@ -90,7 +90,7 @@ def run_profile(spec, *, batches: list[int], contexts: list[int], expert_tokens:
     model = build_random_model(hf_config, DTYPES[spec.model.dtype])
     gm = from_hf_model(captured, model, "cuda")
     engine = ColocatedEngine(gm, hf_config.num_hidden_layers, "cuda", max_batch=max(batches),
-                             max_seq_len=max(contexts) + 64, buckets=tuple(sorted(batches)))
+                             max_seq_len=max(contexts) + 64)
     catalogue = load_catalogue(spec.hardware.catalogue if spec.hardware else None)
     name = gpu_name or (spec.hardware.pool.gpu if spec.hardware and spec.hardware.pool else "H200")
     side = side_of(get_gpu(name, catalogue), 1)

@@ -18,7 +18,7 @@ The projections are found from the graph, not from names: for each msc::attentio
 nodes q, k and v come from (searching back through view, norm and rotary nodes) and the first aten.linear
 its output reaches (searching forward through views). A projection viewed per head ([1, T, -1, d]) is
 split; one shared by every head (MLA's latents) stays whole, and shapes that name the head count are
-rewritten; a fused QKV projection (DBRX) gives each rank its q, k and v rows. The embedding and the LM
+rewritten; msc::mla_attention's kv_b weight is split by head rows; a fused QKV projection (DBRX) gives each rank its q, k and v rows. The embedding and the LM
 head are split by vocabulary rows (_shard_vocabulary); router and norms stay replicated. Expert programs
 split every expert's intermediate dimension (shard_experts). A meta-device run of rank 0's attention
 program refuses, at compile time, a program that does not fit its share.
@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from msc.errors import MscError
 from msc.ir import ROLE_ATTENTION, fetch_attr, get_attr_targets, graph_meta, node_meta
-from msc.ops import MSC_OPS, is_op
+from msc.ops import MSC_OPS, is_attention, is_op
 from msc.pass_manager import Pass, PassResult, register_pass, require_ran
 from msc.runtime.staged import STAGE_KEY
 
@@ -174,11 +174,15 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
                            "projection); msc does not shard it")
         slices[target] = sl
 
-    for attn in [n for n in new.graph.nodes if is_op(n, "attention")]:
-        layer = attn.args[3]
+    for attn in [n for n in new.graph.nodes if is_attention(n)]:
+        mla = is_op(attn, "mla_attention")
+        layer = attn.args[4] if mla else attn.args[3]
         found = {}
         region: list[fx.Node] = []
-        for what, arg in (("q", attn.args[0]), ("k", attn.args[1]), ("v", attn.args[2])):
+        # NOTE: MLA's latent and rotary key are shared by every head (whole on every rank); its per-head
+        # projections are the query's and kv_b (the op's weight argument: rows of this rank's heads)
+        inputs = (("q", attn.args[0]),) if mla else (("q", attn.args[0]), ("k", attn.args[1]), ("v", attn.args[2]))
+        for what, arg in inputs:
             found[what], passed = _source_linears(arg)
             region += passed
         feeds: dict[fx.Node, set[str]] = {}
@@ -221,7 +225,11 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
                     heads = num_heads if shape[1] == num_heads else num_kv_heads
                     shape[1] = heads // tp if heads % tp == 0 else 1
                     n.args = (n.args[0], shape, *n.args[2:])
-        sinks = attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("sinks")
+        if mla:
+            w = param(attn.args[3])
+            rows = fetch_attr(new, w).shape[0]
+            put(w, {"rows": list(head_rows(rank, tp, num_heads, rows // num_heads))})
+        sinks = None if mla else attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("sinks")
         if sinks is not None:
             per = num_heads // tp
             put(param(sinks), {"rows": [rank * per, (rank + 1) * per]})

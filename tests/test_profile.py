@@ -90,3 +90,27 @@ def test_profile_keeps_the_search_at_its_tp_and_scales_k4_with_the_experts_a_nod
 def test_profile_of_another_gpu_is_refused(tmp_path):
     with pytest.raises(MscError, match="measured on 'NVIDIA H200'.*A100-80GB"):
         _h200_planner(tmp_path, gpu="A100-80GB")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="msc profile measures a GPU; this machine has none")
+def test_profile_runs_on_a_gpu(tmp_path):
+    """The whole profile on a small Mixtral-shaped model: a fit whose prediction matches its own measurements
+    (within 25 %: two parameters fitted to a handful of steps)."""
+    import yaml
+
+    from msc.profile import run_profile
+    from msc.spec import load_spec
+
+    spec_file = tmp_path / "m.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "model": {"config": {"model_type": "mixtral", "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
+                             "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                             "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 4096},
+                  "dtype": "bfloat16"},
+        "device": "cuda"}))
+    report = run_profile(load_spec(spec_file), batches=[16, 32, 64], contexts=[128, 256], expert_tokens=[16, 64, 256],
+                         say=lambda *_: None)
+    assert {"k1", "k2", "k1_ctx"} <= set(report.profile["attention"]) and report.profile["expert"]["k3"] >= 0
+    for row in report.rows:
+        assert row["measured_s"] > 0 and abs(row["error"]) < 0.25, row

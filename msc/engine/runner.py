@@ -23,7 +23,7 @@ from torch import Tensor
 
 from msc.errors import MscError
 from msc.runtime import context
-from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention
+from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention, paged_mla_attention
 from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
 from msc.runtime.trace import Trace
 
@@ -125,6 +125,13 @@ class ModelRunner:
                 time.sleep(self.delay_s / self.step_microbatches)
         return paged_attention(self.cache, layer, q, k, v, self.meta, scaling, sliding_window, sinks)
 
+    def mla_attention(self, q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim):
+        if self.delay_s > 0:
+            with self.trace.span("compute", "injected delay", layer, self.mb, injected=True):
+                time.sleep(self.delay_s / self.step_microbatches)
+        return paged_mla_attention(self.cache, layer, q, latent, k_rot, kv_b, self.meta, scaling, sliding_window,
+                                   nope_dim, v_head_dim)
+
     def dispatch(self, hidden, idx, weights, layer, bounds):
         if not self.remote:
             raise MscError("a colocated program has no dispatch; this looks like an attention role's program")
@@ -139,17 +146,23 @@ class ModelRunner:
     expert_send = expert_recv
 
     # ------------------------------------------------------------------ the cache
-    def kv_shape(self) -> tuple[int, int, int, torch.dtype]:
-        """nkv, d, dv and dtype of the KV cache, read off one token through the program (experts answered
-        with zeros: the probe needs the attention shapes only)."""
+    def kv_shape(self) -> tuple[int, int, int, torch.dtype, bool]:
+        """nkv, d, dv, dtype and v_in_k of the KV cache, read off one token through the program (experts
+        answered with zeros: the probe needs the attention shapes only). MLA (msc::mla_attention) caches one
+        shared head of width r + dr whose first r entries are the values (the latent): (1, r + dr, r, dtype, True)."""
         if getattr(self, "_kv_shape", None) is not None:
             return self._kv_shape
         shapes = {}
 
         class _Probe:
             def attention(_, q, k, v, layer, scaling, sliding_window, sinks=None):
-                shapes.setdefault("kv", (k.shape[1], k.shape[3], v.shape[3], k.dtype))
+                shapes.setdefault("kv", (k.shape[1], k.shape[3], v.shape[3], k.dtype, False))
                 return q.new_zeros(1, q.shape[2], q.shape[1], v.shape[3])
+
+            def mla_attention(_, q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim):
+                r = latent.shape[-1]
+                shapes.setdefault("kv", (1, r + k_rot.shape[-1], r, latent.dtype, True))
+                return q.new_zeros(1, q.shape[2], q.shape[1], v_head_dim)
 
             def dispatch(_, hidden, idx, weights, layer, bounds):
                 return torch.tensor([layer])
@@ -166,14 +179,16 @@ class ModelRunner:
         return self._kv_shape
 
     def kv_bytes_per_token(self) -> int:
-        nkv, d, dv, dtype = self.kv_shape()
-        return self.num_layers * nkv * (d + dv) * torch.tensor([], dtype=dtype).element_size()
+        nkv, d, dv, dtype, v_in_k = self.kv_shape()
+        return self.num_layers * nkv * (d + (0 if v_in_k else dv)) * torch.tensor([], dtype=dtype).element_size()
 
     def make_cache(self, num_blocks: int, page_size: int, max_seq_len: int) -> PagedKVCache:
-        nkv, d, dv, dtype = self.kv_shape()
-        self.cache = PagedKVCache(self.num_layers, num_blocks, page_size, nkv, d, dv, dtype, self.device, max_seq_len)
+        nkv, d, dv, dtype, v_in_k = self.kv_shape()
+        self.cache = PagedKVCache(self.num_layers, num_blocks, page_size, nkv, d, dv, dtype, self.device, max_seq_len,
+                                  v_in_k=v_in_k)
         self.cache.k.zero_()
-        self.cache.v.zero_()
+        if not v_in_k:
+            self.cache.v.zero_()
         _ = self.cache.scratch_slot  # taken now, so the scheduler's page count never includes it
         return self.cache
 

@@ -6,8 +6,11 @@ Nothing here is typed in per model. The captured graph (msc.capture, on the meta
   (projections, routers, shared experts, dense MLPs, the head);
 - `msc::attention` gives the head counts and widths from its q, k, v shapes ([1, heads, T, d]): the core
   costs 2·nh·(dk + dv) FLOPs per token per context position, and the KV cache holds nkv·(dk + dv) values per
-  token per layer (msc caches expanded heads, so MLA's cache is that of its expanded heads); a sliding
-  window caps the positions the core reads;
+  token per layer; a sliding window caps the positions the core reads;
+- `msc::mla_attention` (MLA, the runtime's latent cache: msc.runtime.paged_kv.paged_mla_attention) keeps
+  r + dr values per token per layer in one head shared by all (every tensor-parallel rank holds all of it);
+  its core, with W_k absorbed into the query, costs 2·nh·(2r + dr) FLOPs per context position, and the
+  absorption and the value projection 2·numel(kv_b) per token;
 - `msc::experts` gives the stacked expert weights [E, ...]: each routed token costs 2·(numel(gate_up) +
   numel(down))/E FLOPs on its expert, and an expert's bytes are read once per forward when any token hits it.
 """
@@ -152,6 +155,16 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             c.kv_bytes_per_token = nkv * (dk + dv) * dtype_bytes
             c.kv_heads = nkv
             c.window = int(n.args[5])
+        elif is_op(n, "mla_attention"):
+            q, lat, rot = (a.meta["val"].shape for a in n.args[:3])  # [1, nh, T, dn + dr], [1, 1, T, r], [1, 1, T, dr]
+            c = lc(int(n.args[4]))
+            nh, r, dr = int(q[1]), int(lat[-1]), int(rot[-1])
+            dtype_bytes = n.args[0].meta["val"].element_size()
+            c.core_flops_per_token_ctx = 2.0 * nh * (2 * r + dr)
+            c.attn_flops_per_token += 2.0 * fetch_attr(gm, n.args[3].target).numel()  # W_k absorbed, W_v applied
+            c.kv_bytes_per_token = (r + dr) * dtype_bytes
+            c.kv_heads = 1
+            c.window = int(n.args[6])
         elif is_op(n, "router"):  # Mixtral's swapped router: [T, H] @ [E, H]ᵀ
             w = n.args[1]
             lc(int(n.args[3])).attn_flops_per_token += 2.0 * fetch_attr(gm, w.target).numel()
@@ -211,7 +224,7 @@ def _cache_path(spec) -> Path | None:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "?"
-    key = json.dumps({"model": model, "dtype": spec.model.dtype, "versions": versions, "format": 1}, sort_keys=True)
+    key = json.dumps({"model": model, "dtype": spec.model.dtype, "versions": versions, "format": 2}, sort_keys=True)
     root = Path(os.environ.get("MSC_CACHE_DIR") or Path.home() / ".cache" / "msc")
     return root / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 

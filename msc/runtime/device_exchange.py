@@ -316,7 +316,7 @@ class ExpertDeviceSteps:
     def attention(self, *a):
         raise MscError("an expert node's program has no attention")
 
-    dispatch = combine = attention
+    dispatch = combine = mla_attention = attention
 
     def _body(self, microbatches: int) -> None:
         from msc.runtime import context

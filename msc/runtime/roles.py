@@ -166,7 +166,7 @@ class ExpertRole:
     def attention(self, *a):
         raise MscError("an expert node's program has no attention")
 
-    dispatch = combine = attention
+    dispatch = combine = mla_attention = attention
 
     def serve(self) -> int:
         """Run batches until every attention replica is done; returns how many."""

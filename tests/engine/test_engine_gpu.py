@@ -28,7 +28,7 @@ def _family(name, tmp_path, new=7, **plan):
     return bundle, [reference_generate(hf, p, new) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])
 def test_colocated_engine_on_the_gpu(tmp_path, name):
     bundle, refs = _family(name, tmp_path)
     gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cuda")
@@ -54,8 +54,9 @@ def test_role_processes_under_mps(tmp_path):
     assert res["device_steps"][0] > 0  # under MPS the device exchange is on by default
 
 
-# NOTE: not deepseek_v3: its tiny config's value head dim (12) is outside the Triton decode kernel (issue 21)
-@pytest.mark.parametrize("name,m", [("mixtral", 1), ("qwen3_moe", 2), ("qwen2_moe", 3), ("gpt_oss", 4)])
+# NOTE: deepseek_v3 decodes through the MLA latent kernel (backends/compute/triton_mla.py)
+@pytest.mark.parametrize("name,m", [("mixtral", 1), ("qwen3_moe", 2), ("qwen2_moe", 3), ("gpt_oss", 4),
+                                    ("deepseek_v3", 2)])
 def test_device_exchange_on_the_gpu(tmp_path, name, m):
     """Decode steps as one CUDA graph per role with the hand-offs by device flags, prompt steps eagerly (forced
     on without MPS: the roles time-slice the GPU, slowly but correctly)."""

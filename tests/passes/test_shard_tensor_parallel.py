@@ -90,7 +90,8 @@ def test_tensor_parallel_ranks_generate_transformers_tokens(compiled, name, tp):
     for rank, outputs, logits, kv_heads in results:
         assert not isinstance(outputs, str), f"rank {rank}: {outputs}"
         assert outputs == refs, f"rank {rank}"
-        assert kv_heads == max(1, heads[1] // tp)  # its own key/value heads (one, replicated, when tp > nkv)
+        # its own key/value heads (one, replicated, when tp > nkv); MLA's one latent head on every rank
+        assert kv_heads == (1 if getattr(hf.config, "kv_lora_rank", None) else max(1, heads[1] // tp))
         with torch.no_grad():
             for prompt, out, ours in zip(PROMPTS, outputs, logits):
                 ref = hf(torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]  # [NEW, V]

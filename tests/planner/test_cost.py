@@ -53,8 +53,11 @@ def test_mixtral_costs_match_the_architecture():
 def test_deepseek_mla_dense_layer_and_gpt_oss_windows():
     cost, cfg = _cost("deepseek_v3")
     assert [lc.moe for lc in cost.layers] == [False, True, True]  # first_k_dense_replace = 1
-    dk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    assert cost.layers[1].kv_bytes_per_token == cfg.num_attention_heads * (dk + cfg.v_head_dim) * 4  # expanded heads
+    # the latent cache: kv_lora_rank + qk_rope_head_dim values a token (float32), one head for all
+    assert cost.layers[1].kv_bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert cost.layers[1].kv_heads == 1
+    nh, r, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    assert cost.layers[1].core_flops_per_token_ctx == 2 * nh * (2 * r + dr)  # W_k absorbed: scores over r + dr, values r
     assert cost.layers[1].experts == cfg.n_routed_experts
     # the dense layer's MLP replaces the MoE layer's router and shared experts on the attention side
     h = cfg.hidden_size
