@@ -125,9 +125,9 @@ def roles(bundle, prompts, output_len: int, m: int, device: str, variant: str = 
 
     res = run_bundle(bundle.path, prompts, output_len, random_weights=True, device=device, microbatches=m,
                      sampling=[{"ignore_eos": True}] * len(prompts), timeout_s=580, env=_env(variant, device))
-    full = [r for r in res["records"][0] if not r["prefill"] and len(r["decode"]) == len(prompts)]
-    times = res["decode_times"][0]
-    steps = times[-len(full):] if full else times  # decode-only steps of the whole batch (the last ones)
+    # decode-only steps of the whole batch (the engine's step wall time, as the colocated part measures it)
+    steps = [r["seconds"] for r in res["records"][0] if not r["prefill"] and len(r["decode"]) == len(prompts)]
+    steps = steps or res["decode_times"][0]
     return {"step_s": statistics.median(steps), "decode_steps": len(steps), "outputs": res["outputs"],
             "variant": variant, "captured_segments": res["captured_segments"][0],
             "device_steps": res["device_steps"][0]}

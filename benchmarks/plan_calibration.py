@@ -2,7 +2,8 @@
 decode step, colocated and as two role processes, within 10 %? (GPU; one run writes every figure.)
 
 Mixtral-8x7B's shape with --layers layers, bf16, random weights:
-1. `msc profile` of that model on this GPU (the planner's linear fits; or --profile FILE measured before);
+1. `msc profile` of that model on this GPU at the same batches (the planner's linear fits and the exchange's
+   hand-off, from its own runs; or --profile FILE measured before);
 2. measured: the colocated engine's decode step and two role processes' (1 attention replica + 1 expert node
    on this GPU, the device exchange under MPS, m = 1) at each batch, --input-len prompt tokens, median decode
    step (benchmarks/engine_step.py's functions);
@@ -85,7 +86,8 @@ def main() -> None:
             spec_file.write_text(yaml.safe_dump(spec))
             profile = str(Path(tmp) / "profile.json")
             subprocess.run([sys.executable, "-m", "msc.cli", "profile", str(spec_file), "-o", profile, "--gpu", gpu,
-                            "--contexts", f"{args.input_len},{int(ctx * 2 - args.input_len)}"], check=True)
+                            "--contexts", f"{args.input_len},{int(ctx * 2 - args.input_len)}",
+                            "--batches", args.batches], check=True)
             prof_doc = json.loads(Path(profile).read_text())
         else:
             prof_doc = json.loads(Path(profile).read_text()) if profile else None

@@ -650,6 +650,8 @@ def profile_cmd(
     contexts: str = typer.Option("571,730", help="two context lengths (tokens per sequence)"),
     expert_tokens: str = typer.Option("16,64,256,1024,4096", help="token counts for the experts alone"),
     gpu: Optional[str] = typer.Option(None, help="catalogue GPU the predictions use (default: the spec's pool, else H200)"),
+    roles: bool = typer.Option(True, "--roles/--no-roles",
+                               help="also run two role processes on this GPU and fit the exchange's hand-off cost"),
 ):
     """Measure attention and expert times on this GPU; write the planner's profile and compare its predictions."""
     from msc.profile import run_profile, write_profile
@@ -658,7 +660,7 @@ def profile_cmd(
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     try:
         report = run_profile(load_spec(spec), batches=ints(batches), contexts=ints(contexts),
-                             expert_tokens=ints(expert_tokens), gpu_name=gpu, say=err.print)
+                             expert_tokens=ints(expert_tokens), gpu_name=gpu, roles=roles, say=err.print)
         write_profile(report, output)
     except MscError as e:
         _fail(e)
@@ -670,6 +672,15 @@ def profile_cmd(
         t.add_row(str(r["batch"]), str(r["context"]), f"{r['measured_s'] * 1e3:.2f}", f"{r['predicted_s'] * 1e3:.2f}",
                   f"{r['error']:+.1%}", f"{r['roofline_s'] * 1e3:.2f}", f"{r['roofline_error']:+.1%}")
     out.print(t)
+    if report.roles_rows:
+        t = Table(title=f"two role processes on this GPU ({p['exchange']['how']}): predicted decode step vs measured")
+        for col in ("batch", "context", "colocated ms", "roles measured ms", "roles predicted ms", "error"):
+            t.add_column(col, justify="right")
+        for r in report.roles_rows:
+            t.add_row(str(r["batch"]), str(r["context"]), f"{r['colocated_measured_s'] * 1e3:.2f}",
+                      f"{r['measured_s'] * 1e3:.2f}", f"{r['predicted_s'] * 1e3:.2f}", f"{r['error']:+.1%}")
+        out.print(t)
+        out.print(f"exchange hand-off: {p['exchange']['handoff_s'] * 1e6:.1f} µs each way per MoE layer beyond the link model")
     a, e = p["attention"], p["expert"]
     out.print(f"fits per layer: T_a = {a['k1'] * 1e6:.3f} µs·b + {a['k2'] * 1e6:.1f} µs (+ {a['k1_ctx'] * 1e9:.3f} ns·b·Δctx), "
               f"T_e = {e['k3'] * 1e6:.4f} µs·pairs + {e['k4'] * 1e6:.1f} µs; wrote {output} (use it as planner.profile)")

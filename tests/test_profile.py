@@ -114,3 +114,29 @@ def test_profile_runs_on_a_gpu(tmp_path):
     assert {"k1", "k2", "k1_ctx"} <= set(report.profile["attention"]) and report.profile["expert"]["k3"] >= 0
     for row in report.rows:
         assert row["measured_s"] > 0 and abs(row["error"]) < 0.25, row
+    # two role processes ran; the fitted hand-off makes the planner's two-role step match theirs
+    assert [r["batch"] for r in report.roles_rows] == [16, 32, 64] and report.profile["exchange"]["handoff_s"] >= 0
+    for row in report.roles_rows:
+        assert row["measured_s"] > 0 and abs(row["error"]) < 0.25, row
+
+
+def test_the_measured_hand_off_is_part_of_every_exchange():
+    """A profile's exchange.handoff_s adds to the link model's one-way time, in the step of every plan."""
+    from msc.planner.cost import cost_of_spec
+    from msc.planner.hardware import get_gpu, load_catalogue
+    from msc.planner.perf import Efficiency, comm_time, disaggregated_step, load_profile
+    from msc.planner.search import side_of
+    from msc.spec import load_spec
+
+    profile = load_profile(ROOT / "docs/results/profile_mixtral_8x7b_h200.json")
+    with_handoff = profile.model_copy(update={"exchange": {"handoff_s": 40e-6, "how": "test"}})
+    with_handoff = type(profile).model_validate(with_handoff.model_dump())
+    cost, _ = cost_of_spec(load_spec(ROOT / "examples/mixtral-8x7b-h200.yaml"))
+    side, eff = side_of(get_gpu("H200", load_catalogue()), 1), Efficiency()
+    base = comm_time(cost, 64, 128, 2, side, side, eff, 1.0, profile)
+    assert comm_time(cost, 64, 128, 2, side, side, eff, 1.0, with_handoff) == pytest.approx(base + 40e-6, rel=1e-12)
+    a = disaggregated_step(cost, 64, 1, 2, 2, 600, side, side, eff, profile)
+    b = disaggregated_step(cost, 64, 1, 2, 2, 600, side, side, eff, with_handoff)
+    moe_layers = sum(lc.moe for lc in cost.layers)
+    assert b.t_c - a.t_c == pytest.approx(moe_layers * 40e-6, rel=1e-9)
+    assert b.total - a.total == pytest.approx(2 * moe_layers * 40e-6, rel=1e-6)  # m = 1: both ways, every layer

@@ -60,6 +60,16 @@ class ExpertFit(BaseModel):
     experts: Optional[int] = Field(None, ge=1)
 
 
+class ExchangeFit(BaseModel):
+    """What one attention <-> expert hand-off costs beyond the link model (bytes over bandwidth plus its
+    latency), measured by `msc profile` as two role processes run on its GPU: the roles' decode step minus
+    the colocated one, over two hand-offs per MoE layer (kernel syncs, flag waits, the sides' SM sharing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    handoff_s: float = Field(ge=0)
+    how: str = ""  # how the roles ran (the device exchange under MPS, or the host exchange)
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: int = 1
@@ -69,6 +79,7 @@ class Profile(BaseModel):
     context: float = Field(gt=0)
     attention: LinearFit
     expert: ExpertFit
+    exchange: ExchangeFit | None = None  # absent: hand-offs cost the link model alone
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -194,10 +205,10 @@ def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int
 
 
 def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: int, att: Side, exp: Side,
-              eff: Efficiency, load: float = 1.0) -> float:
+              eff: Efficiency, load: float = 1.0, profile: Profile | None = None) -> float:
     """One-way time of one layer's exchange: the replica sends b_a·K hidden vectors, an expert node receives
     tokens·K / n_e of them (the reference's T_c, with per-message utilisation); `load`: the busiest node's
-    share over the uniform one."""
+    share over the uniform one; plus the profile's measured hand-off cost, where it has one."""
     vec = model.hidden_size * model.dtype_bytes
     send = b_a * model.top_k * vec
     recv = tokens_global * model.top_k * vec / expert_nodes * load
@@ -206,7 +217,8 @@ def comm_time(model: ModelCost, b_a: float, tokens_global: float, expert_nodes: 
     # NOTE: one endpoint per replica and per expert node (its tp leader), whatever their tp: as compiled
     t_a = send / (att.nic_bw * util(msg_a, eff))
     t_e = recv / (exp.nic_bw * util(msg_e, eff))
-    return _max(t_a, t_e) + eff.nic_latency_s
+    handoff = profile.exchange.handoff_s if profile is not None and profile.exchange is not None else 0.0
+    return _max(t_a, t_e) + eff.nic_latency_s + handoff
 
 
 @dataclass
@@ -271,7 +283,7 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
         load = 1.0 if routing is None or not lc.moe else _loads(routing, idx[0], expert_nodes)
         a = attention_layer_time(lc, b_a, ctx, att, eff, model, profile, disaggregated=True)
         e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile, load)
-        c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff, load) if lc.moe else 0.0
+        c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff, load, profile) if lc.moe else 0.0
         n = len(idx)
         sums[0] += n * a
         sums[1] += n * e

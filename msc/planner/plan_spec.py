@@ -182,7 +182,7 @@ def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) 
     t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile, ld)
            for lc, ld in zip(model.layers, load)]
     # NOTE: the simulator takes one t_c: the busiest layer's (equal to every layer's under uniform routing)
-    t_c = max(comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff, ld) for ld in load)
+    t_c = max(comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff, ld, pl.profile) for ld in load)
     sim = simulate(len(model.layers), p.m, t_a, t_e, t_c, shared_link=True)  # the search's network model
     title = (f"{p.describe()}, batch {p.batch:,}: simulated step {sim.iteration_time * 1e3:.1f} ms "
              f"(model {p.step_s * 1e3:.1f} ms)")
