@@ -59,9 +59,9 @@ for stage in "$@"; do
           msc bench serve --url http://127.0.0.1:8123 --concurrency ${BS_BATCH:-64} --num-requests ${BS_REQUESTS:-192} \
             --no-progress -o "$OUT/bench_serve$TAG.json" 2>&1 | tail -22
           kill -INT $SERVE_PID; wait $SERVE_PID; tail -2 "$OUT/serve$TAG.log" ;;
-    pytest) python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/engine} 2>&1 | tail -30 ;;
+    pytest) python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging ${PYTEST_ARGS:-tests/engine} 2>&1 | tail -30 ;;
     mla) python3 benchmarks/mla_decode.py ${MLA_ARGS:-} --out "$OUT/mla_decode.json" 2>&1 | tail -40 ;;
-    calib) python3 benchmarks/plan_calibration.py ${CALIB_ARGS:-} --out "$OUT/plan_calibration.json" 2>&1 | tail -12 ;;
+    calib) python3 benchmarks/plan_calibration.py ${CALIB_ARGS:-} --out "$OUT/plan_calibration.json" 2>&1 | tail -40 ;;
     prefill) python3 benchmarks/prefill_profile.py ${PREFILL_ARGS:-} --out "$OUT/prefill_profile.json" 2>&1 | tail -40 ;;
     flags) python3 benchmarks/device_flags_pingpong.py ${FLAGS_ARGS:-} --out "$OUT/device_flags$TAG.json" 2>&1 | tail -9 ;;
     rolestrace) python3 benchmarks/roles_trace.py ${ROLES_ARGS:-} --out "$OUT/roles_trace.json" 2>&1 | tee "$OUT/roles_trace.log" | tail -8 ;;

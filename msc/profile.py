@@ -60,6 +60,9 @@ def _time_experts(layer_weights, hidden: int, top_k: int, tokens: int) -> float:
     return do_bench(lambda: fused_moe(x, idx, w, gate_up, down), warmup=10, rep=50, return_mode="median") / 1e3
 
 
+PROMPT_TOKENS_PER_STEP = 16384  # the engine's token budget a step, colocated and in the roles (ColocatedEngine's default)
+
+
 def _engine_decode_step(engine, batch: int, ctx: int, new: int, vocab: int, gen: torch.Generator) -> float:
     """Median wall time of the engine's decode steps in which all `batch` sequences decode, around context
     `ctx` (prompts of ctx - new/2 tokens, `new` tokens each: the prompts enter over several steps, then the
@@ -90,7 +93,8 @@ def _roles_decode_steps(spec, batches: list[int], ctx: int, new_tokens, longest:
     d = spec.model_dump(mode="json", exclude_none=True)
     d["device"] = "meta"  # compiled without weights; each role makes random ones on the GPU
     d["plan"] = {"attention": {"replicas": 1}, "experts": {"nodes": 1}, "microbatches": 1, "batch_size": max(batches)}
-    d["runtime"] = {**d.get("runtime", {}), "max_seq_len": longest, "kv_cache_tokens": max(batches) * longest}
+    d["runtime"] = {**d.get("runtime", {}), "max_seq_len": longest, "kv_cache_tokens": max(batches) * longest,
+                    "max_step_tokens": PROMPT_TOKENS_PER_STEP}  # the colocated engine's budget: the same step shapes
     mps = {"attention": 100, "expert": 100} if shutil.which(CONTROL) else None
     how = "device exchange under CUDA MPS" if mps else "host exchange (no CUDA MPS on this machine)"
     gen = torch.Generator().manual_seed(1)
@@ -145,11 +149,15 @@ def run_profile(spec, *, batches: list[int], contexts: list[int], expert_tokens:
     captured = capture(hf_config, adapter, spec.model.dtype)
     cost = model_cost(captured.gm, moe["top_k"], set(captured.constants))
     say(f"captured {hf_config.model_type} ({hf_config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f}s")
-    model = build_random_model(hf_config, DTYPES[spec.model.dtype])
-    gm = from_hf_model(captured, model, "cuda")
-    budget = 16384  # the engine's prompt tokens per step (ColocatedEngine's default)
+    budget = PROMPT_TOKENS_PER_STEP
     new_tokens = lambda b, ctx: -(-b * ctx // budget) + 8  # noqa: E731  prompts enter over several steps, then 8 full ones
     longest = max(contexts) + new_tokens(max(batches), max(contexts))
+    # NOTE: the role processes run first, while this process holds nothing on the GPU: each side needs its
+    # weights and the attention side its KV pool, which beside a colocated copy may not fit
+    roles_steps, how = (_roles_decode_steps(spec, batches, contexts[0], new_tokens, longest, hf_config.vocab_size, say)
+                        if roles else ({}, ""))
+    model = build_random_model(hf_config, DTYPES[spec.model.dtype])
+    gm = from_hf_model(captured, model, "cuda")
     engine = ColocatedEngine(gm, hf_config.num_hidden_layers, "cuda", max_batch=max(batches), max_seq_len=longest,
                              prefill_tokens=budget)
     catalogue = load_catalogue(spec.hardware.catalogue if spec.hardware else None)
@@ -187,10 +195,7 @@ def run_profile(spec, *, batches: list[int], contexts: list[int], expert_tokens:
                       expert={"k3": k3, "k4": k4, "experts": moe["num_experts"]}, tp=1)
     roles_rows = []
     if roles:
-        del engine, gm, model, weights  # the role processes need the GPU's memory
-        torch.cuda.empty_cache()
-        ctx = contexts[0]
-        measured, how = _roles_decode_steps(spec, batches, ctx, new_tokens, longest, hf_config.vocab_size, say)
+        ctx, measured = contexts[0], roles_steps
         link = over_nvlink(side)  # both roles on this GPU
         extra = [(measured[b] - steps[(b, ctx)]) / (2 * n_moe) - comm_time(cost, b, b, 1, link, link, eff)
                  for b in batches]
