@@ -316,16 +316,25 @@ def inspect_cmd(
     bundle: Path = typer.Argument(..., help="a compiled bundle directory"),
     role: str = typer.Option(None, "--role", help="also show this role's layers (e.g. expert.0)"),
     graph: bool = typer.Option(False, "--graph", help="with --role: print the role's program as Python code"),
+    routing: Optional[Path] = typer.Option(None, "--routing", help="a routing profile: each expert node's expected "
+                                           "load (default: the one place_experts was compiled with, if any)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (roles, passes, placement)"),
 ):
-    """Show what the compiler did: the captured graph, then each role's layers, ops, parameters and bytes."""
-    from msc.inspect import human_bytes, program_code, role_layers, role_table
+    """Show what the compiler did: the captured graph, then each role's layers, ops, parameters and bytes,
+    and where the experts sit."""
+    from msc.inspect import human_bytes, placement_report, program_code, role_layers, role_table
 
     try:
         rows, manifest = role_table(bundle)
         layer_rows = role_layers(bundle, role) if role else None
         code = program_code(bundle, role) if role and graph else None  # from the checked JSON: what runs
+        placement = placement_report(bundle, routing)
     except MscError as e:
         _fail(e)
+    if as_json:
+        print(json.dumps({"roles": rows, "passes": [p["name"] for p in manifest["passes"]], "placement": placement,
+                          **({"layers": layer_rows} if layer_rows is not None else {})}, default=str))
+        return
     model = manifest["model"]
     cap = manifest.get("captured")
     if cap:
@@ -344,6 +353,7 @@ def inspect_cmd(
     pipe = manifest.get("pipeline")
     if pipe:
         out.print(f"pipeline: {pipe['microbatches']} micro-batch(es) per step, {pipe['schedule']}")
+    _print_placement(placement)
     if layer_rows is not None:
         lt = Table(title=f"role {role}: per layer")
         for col in ("layer", "tensors", "parameters", "bytes", "msc ops"):
@@ -353,6 +363,28 @@ def inspect_cmd(
         out.print(lt)
         if code is not None:
             out.print(code, markup=False, highlight=False)
+
+
+def _print_placement(p: dict) -> None:
+    """The experts per node of the first MoE layer, and the expected loads where a routing profile is known."""
+    first = min(p["nodes"][0]["experts"]) if p["nodes"] and p["nodes"][0]["experts"] else None
+    if first is None:
+        return
+    t = Table(title=f"expert placement ({p['strategy']}), layer {first}"
+                    + (f"; expected share of the pairs from {p['routing']}" if p["imbalance"] is not None else ""))
+    t.add_column("node")
+    t.add_column("experts")
+    if p["imbalance"] is not None:
+        t.add_column("expected load", justify="right")
+    for j, node in enumerate(p["nodes"]):
+        cells = [f"expert.{j}", ", ".join(map(str, node["experts"][first]))]
+        if p["imbalance"] is not None:
+            share = node["expected_load"].get(first)
+            cells.append("" if share is None else f"{share:.1%}")
+        t.add_row(*cells)
+    out.print(t)
+    if p["imbalance"] is not None:
+        out.print(f"busiest node / mean, worst layer: {p['imbalance']:.2f} (contiguous: {p['contiguous_imbalance']:.2f})")
 
 
 @app.command("launch")

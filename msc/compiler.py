@@ -98,6 +98,32 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def pipeline_entries(passes) -> list[dict] | None:
+    """The spec's `passes:` as pass-manager entries. NOTE: a list without lower_roles (which every pipeline
+    needs) configures passes of the default pipeline by name (`passes: [{name: place_experts, config: {...}}]`)
+    instead of replacing the pipeline; a list with it is the whole pipeline."""
+    from msc.pass_manager import DEFAULT_PIPELINE
+
+    if passes is None:
+        return None
+    entries = [p.model_dump() for p in passes]
+    if any(e["name"] == "lower_roles" for e in entries):
+        return entries
+    given = {e["name"]: e for e in entries}
+    unknown = [n for n in given if n not in DEFAULT_PIPELINE]
+    if unknown:
+        raise MscError(f"passes: '{unknown[0]}' is not a pass of the default pipeline ({', '.join(DEFAULT_PIPELINE)}); "
+                       "to add a pass, list the whole pipeline (ending with lower_roles)")
+    return [given.get(n, {"name": n, "config": {}}) for n in DEFAULT_PIPELINE]
+
+
+def _expert_placement(placement: dict) -> dict:
+    """The manifest's record of place_experts: strategy, and per layer the slots (slot -> expert) and their shares."""
+    return {"strategy": placement.get("strategy", "contiguous"),
+            "slots": {str(k): v for k, v in placement.get("slots", {}).items()},
+            "shares": {str(k): v for k, v in placement.get("shares", {}).items()}}
+
+
 def attention_and_expert_roles(plan, programs: dict) -> list[dict]:
     """The bundle's role processes, by rank: attention replicas (the leader, tp rank 0, of each), expert nodes
     (likewise), then the other tensor-parallel ranks of the replicas (kind "attention_tp") and of the expert
@@ -145,7 +171,7 @@ def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> Non
 
     keys = job.checkpoint.keys() if job.checkpoint is not None else None
     colocated = LowerRoles._program(COLOCATED, fx.GraphModule(gm, LowerRoles._copy(gm.graph)), {}, ctx, keys)
-    manager = PassManager.from_entries([p.model_dump() for p in spec.passes] if spec.passes is not None else None)
+    manager = PassManager.from_entries(pipeline_entries(spec.passes))
     gm = manager.run(gm, ctx, progress=lambda name: say(f"pass {name}"))
     programs = graph_meta(gm).get("programs")
     if not programs:
@@ -165,6 +191,7 @@ def lower_and_write(stage: Path, job: Lowering, say: Progress, t0: float) -> Non
         "model": job.model,
         "roles": roles,
         "placement": {str(k): v for k, v in graph_meta(gm)["placement"]["bounds"].items()},
+        "expert_placement": _expert_placement(graph_meta(gm)["placement"]),
         "passes": graph_meta(gm)["passes"],
         "pipeline": graph_meta(gm).get("pipeline"),
         "capture_seconds": round(captured.seconds, 3),

@@ -149,3 +149,42 @@ def role_table(bundle_dir) -> tuple[list[dict], dict]:
             "bytes_h": human_bytes(nbytes),
         })
     return rows, b.manifest
+
+
+def placement_report(bundle_dir, routing=None) -> dict:
+    """Where each layer's experts sit (bundle manifest's expert_placement) and, with a routing profile (the
+    one given, else the one place_experts was compiled with, if any), each node's expected share of the
+    layer's (token, expert) pairs before (contiguous) and after, and the imbalance (busiest / mean) of the worst
+    layer: {"strategy", "routing", "nodes": [{"experts": {layer: [...]}, "expected_load": {layer: share}}],
+    "imbalance", "contiguous_imbalance", "imbalance_by_layer"}."""
+    from msc.passes.place_experts import LayerPlacement, place_contiguous
+    from msc.planner.routing import load_routing
+
+    b = Bundle.open(bundle_dir)
+    m = b.manifest
+    placed = m.get("expert_placement") or {}
+    bounds = {int(k): v for k, v in m["placement"].items()}
+    slots = {int(k): v for k, v in placed.get("slots", {}).items()}
+    shares = {int(k): v for k, v in placed.get("shares", {}).items()}
+    if routing is None:
+        step = next((p for p in m["passes"] if p["name"] == "place_experts"), {})
+        routing = (step.get("config") or {}).get("routing")
+    profile = load_routing(routing) if routing else None
+    nodes = len(next(iter(bounds.values()))) - 1
+    out_nodes = [{"experts": {}, "expected_load": {}} for _ in range(nodes)]
+    by_layer, before = {}, {}
+    for layer, bd in sorted(bounds.items()):
+        s = slots.get(layer) or list(range(bd[-1]))
+        p = LayerPlacement(s, bd, shares.get(layer) or [1.0] * len(s))
+        for j in range(nodes):
+            out_nodes[j]["experts"][layer] = p.node_experts(j)
+        counts = profile.counts(layer) if profile is not None else None
+        if counts is not None:
+            total = sum(counts) or 1.0
+            for j, load in enumerate(p.node_loads(counts)):
+                out_nodes[j]["expected_load"][layer] = load / total
+            by_layer[layer] = p.imbalance(counts)
+            before[layer] = place_contiguous(len(counts), nodes).imbalance(counts)
+    return {"strategy": placed.get("strategy", "contiguous"), "routing": None if routing is None else str(routing),
+            "nodes": out_nodes, "imbalance": max(by_layer.values()) if by_layer else None,
+            "contiguous_imbalance": max(before.values()) if before else None, "imbalance_by_layer": by_layer}

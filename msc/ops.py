@@ -179,6 +179,58 @@ def _remote_experts_fake(hidden, top_k_index, top_k_weights, layer):
     return torch.empty_like(hidden)
 
 
+# ---------------------------------------------------------------- expert placement (attention side)
+_SLOT_TABLES: dict = {}  # (layer, device, tables) -> (slot_of [E, C] int64, cum [E, C] f32) on that device
+
+
+@torch.library.custom_op("msc::expert_slots", mutates_args=())
+def expert_slots(top_k_index: Tensor, layer: int, slot_of: list[int], cum_share: list[float], copies: int) -> Tensor:
+    """Each (token, expert) pair's slot under a placement that moves or replicates experts (passes/place_experts):
+    top_k_index [T, K] expert ids -> [T, K] slot ids. Copy c of expert e sits in slot slot_of[e·C + c] (C =
+    `copies`, the most any expert has; missing copies repeat the last) and takes the pairs whose token's
+    fraction u falls below cum_share[e·C + c] and above the previous copy's: u = frac(t·φ) over the token
+    index t (a low-discrepancy sequence, so each copy gets its share of any run of tokens)."""
+    key = (layer, top_k_index.device, tuple(slot_of), tuple(cum_share))
+    tables = _SLOT_TABLES.get(key)
+    if tables is None:  # NOTE: built on the first (eager) call and kept, so a CUDA-graph capture reuses them
+        tables = _SLOT_TABLES[key] = (
+            torch.tensor(slot_of, dtype=torch.int64, device=top_k_index.device).reshape(-1, copies),
+            torch.tensor(cum_share, dtype=torch.float32, device=top_k_index.device).reshape(-1, copies))
+    slots, cum = tables
+    t = top_k_index.shape[0]
+    u = torch.frac(torch.arange(t, device=top_k_index.device, dtype=torch.float32) * 0.6180339887498949)  # [T]
+    idx = top_k_index.long()
+    copy = (u[:, None, None] >= cum[idx][..., :-1]).sum(-1)  # [T, K]: copies whose upper threshold u passed
+    return torch.gather(slots[idx], -1, copy.unsqueeze(-1)).squeeze(-1).to(top_k_index.dtype)  # [T, K]
+
+
+@expert_slots.register_fake
+def _expert_slots_fake(top_k_index, layer, slot_of, cum_share, copies):
+    return torch.empty_like(top_k_index)
+
+
+def slot_tables(slots: list[int], shares: list[float], num_experts: int) -> tuple[list[int], list[float], int]:
+    """msc::expert_slots' arguments for a layer's placement (slot -> expert, slot -> share of its expert)."""
+    by_expert: dict[int, list[int]] = {e: [] for e in range(num_experts)}
+    for s, e in enumerate(slots):
+        by_expert[e].append(s)
+    missing = [e for e, ss in by_expert.items() if not ss]
+    if missing:
+        raise ValueError(f"expert {missing[0]} has no slot in the placement")
+    c = max(len(ss) for ss in by_expert.values())
+    slot_of, cum = [], []
+    for e in range(num_experts):
+        ss = by_expert[e]
+        acc, row = 0.0, []
+        for s in ss:
+            acc += shares[s]
+            row.append(acc)
+        row[-1] = 2.0  # the last copy takes whatever is left (u < 1 always)
+        slot_of += ss + [ss[-1]] * (c - len(ss))
+        cum += row + [2.0] * (c - len(ss))
+    return slot_of, cum, c
+
+
 # ---------------------------------------------------------------- M2N communication (attention side)
 @torch.library.custom_op("msc::dispatch", mutates_args=())
 def dispatch(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, layer: int, expert_bounds: list[int]) -> Tensor:
@@ -252,6 +304,7 @@ MSC_OPS = {
     "router": torch.ops.msc.router.default,
     "experts": torch.ops.msc.experts.default,
     "remote_experts": torch.ops.msc.remote_experts.default,
+    "expert_slots": torch.ops.msc.expert_slots.default,
     "dispatch": torch.ops.msc.dispatch.default,
     "combine": torch.ops.msc.combine.default,
     "expert_recv": torch.ops.msc.expert_recv.default,

@@ -23,9 +23,10 @@ def _seed(*parts) -> int:
 
 
 def random_tensor(name: str, shape: list[int], dtype: torch.dtype, device, seed: int = 0,
-                  first_row: int | None = None) -> torch.Tensor:
+                  first_row: int | None = None, experts: list[int] | None = None) -> torch.Tensor:
     """One parameter. first_row: the tensor is rows first_row.. of an experts tensor [E, ...] (each row, one
-    expert, seeded by its global index)."""
+    expert, seeded by its global index); experts: the global index of each row (a placement that moves or
+    replicates experts)."""
     if len(shape) <= 1:
         return (torch.ones if "norm" in name else torch.zeros)(shape, dtype=dtype, device=device)
 
@@ -33,11 +34,12 @@ def random_tensor(name: str, shape: list[int], dtype: torch.dtype, device, seed:
         g = torch.Generator(device=device).manual_seed(s)
         return (torch.randn(shape_, generator=g, device=device, dtype=torch.float32) * INIT_STD).to(dtype)
 
-    if first_row is None:
+    if first_row is None and experts is None:
         return normal(shape, _seed(seed, name))
+    ids = experts if experts is not None else range(first_row, first_row + shape[0])
     out = torch.empty(shape, dtype=dtype, device=device)
-    for i in range(shape[0]):
-        out[i] = normal(shape[1:], _seed(seed, name, first_row + i))
+    for i, e in enumerate(ids):
+        out[i] = normal(shape[1:], _seed(seed, name, e))
     return out
 
 
@@ -71,5 +73,6 @@ def random_attrs(graph: fx.Graph, entries, constants: dict[str, torch.Tensor], d
             whole = random_tensor(e.target, how["of"], e.dtype, device, seed, first_rows.get(e.target))
             attrs[e.target] = take_share(whole, how)
         else:
-            attrs[e.target] = random_tensor(e.target, list(e.shape), e.dtype, device, seed, first_rows.get(e.target))
+            attrs[e.target] = random_tensor(e.target, list(e.shape), e.dtype, device, seed, first_rows.get(e.target),
+                                            e.source.get("experts"))
     return attrs

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from msc.errors import MscError
 from msc.ir import ROLE_ATTENTION, ROLE_EXPERT, graph_meta
-from msc.ops import MSC_OPS, is_op
+from msc.ops import MSC_OPS, is_op, slot_tables
 from msc.pass_manager import Pass, PassResult, register_pass, require_ran
 
 
@@ -29,22 +29,30 @@ class InsertDispatchCombine(Pass):
 
     def run(self, gm, ctx):
         roles = graph_meta(gm)["roles"]
-        bounds = graph_meta(gm)["placement"]["bounds"]
-        n_att = self._attention_side(roles[ROLE_ATTENTION], bounds)
+        placement = graph_meta(gm)["placement"]
+        n_att = self._attention_side(roles[ROLE_ATTENTION], placement)
         n_exp = self._expert_side(roles[ROLE_EXPERT], ctx)
         return PassResult(gm, {"dispatch_combine_pairs": n_att, "recv_send_pairs": n_exp})
 
     @staticmethod
-    def _attention_side(att: fx.GraphModule, bounds: dict[int, list[int]]) -> int:
+    def _attention_side(att: fx.GraphModule, placement: dict) -> int:
         count = 0
+        bounds, slots, shares = placement["bounds"], placement.get("slots", {}), placement.get("shares", {})
         for n in list(att.graph.nodes):
             if not is_op(n, "remote_experts"):
                 continue
             hidden, idx, w, layer = n.args
+            added = []
             with att.graph.inserting_before(n):
+                layer_slots = slots.get(layer)
+                if layer_slots is not None and layer_slots != list(range(len(layer_slots))):
+                    # NOTE: experts moved or replicated: each pair's expert id becomes its slot before the dispatch
+                    slot_of, cum, copies = slot_tables(layer_slots, shares[layer], max(layer_slots) + 1)
+                    idx = att.graph.call_function(MSC_OPS["expert_slots"], (idx, layer, slot_of, cum, copies))
+                    added.append(idx)
                 ticket = att.graph.call_function(MSC_OPS["dispatch"], (hidden, idx, w, layer, list(bounds[layer])))
                 out = att.graph.call_function(MSC_OPS["combine"], (ticket, hidden, layer))
-            for new in (ticket, out):
+            for new in (*added, ticket, out):
                 new.meta["msc"] = {"role": ROLE_ATTENTION, "layer": layer}
             out.meta["val"] = n.meta.get("val")
             n.replace_all_uses_with(out)

@@ -35,6 +35,30 @@ def expert_program_name(j: int) -> str:
     return f"{ROLE_EXPERT}.{j}"
 
 
+def expert_rows_source(adapter, target: str, keys, hf_config, experts: list[int], moved: bool = False) -> dict:
+    """The weight source of rows `experts` (in this order, repeats allowed: replicas) of a stacked experts
+    parameter: one source per run of consecutive experts from the adapter, joined. moved (a placement other
+    than expert e in slot e): the source also names the experts, which random weights seed each row by."""
+    runs: list[list[int]] = []
+    for e in experts:
+        if runs and e == runs[-1][1]:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e, e + 1])
+    parts = [adapter.checkpoint_source(target, keys, hf_config, (a, b)) for a, b in runs]
+    if len(parts) == 1:
+        src = dict(parts[0])
+    elif all(set(p) == {"stack"} for p in parts):
+        src = {"stack": [g for p in parts for g in p["stack"]]}
+    elif all(set(p) == {"key", "rows"} for p in parts):
+        src = {"cat": [{"key": p["key"], "rows": p["rows"]} for p in parts]}
+    else:
+        raise MscError(f"'{target}': experts {experts} come from checkpoint sources msc cannot join ({parts[0]})")
+    if moved:
+        src["experts"] = list(experts)
+    return src
+
+
 @register_pass
 class LowerRoles(Pass):
     name = "lower_roles"
@@ -52,12 +76,15 @@ class LowerRoles(Pass):
             rows = {}
             for n in exp.graph.nodes:
                 if is_op(n, "experts"):
-                    b = placement["bounds"][n.args[5]]
+                    layer = n.args[5]
+                    b = placement["bounds"][layer]
+                    slots = placement.get("slots", {}).get(layer) or list(range(b[-1]))
+                    moved = slots != list(range(len(slots)))
                     args = list(n.args)
-                    args[6] = b[j]
+                    args[6] = b[j]  # its first slot: the dispatch sends slot ids (msc::expert_slots)
                     n.args = tuple(args)
                     for wnode in expert_weight_nodes(n):  # gate_up, down and any biases: rows of this node's experts
-                        rows[wnode.target] = (b[j], b[j + 1])
+                        rows[wnode.target] = (slots[b[j]:b[j + 1]], moved)
             exp.recompile()
             programs[expert_program_name(j)] = self._program(expert_program_name(j), exp, rows, ctx, keys)
         meta["programs"] = programs
@@ -77,13 +104,15 @@ class LowerRoles(Pass):
         for target in get_attr_targets(gm.graph):
             t = fetch_attr(gm, target)
             shape = list(t.shape)
-            r = rows.get(target)
-            if r is not None:
-                shape[0] = r[1] - r[0]
+            experts, moved = rows.get(target, (None, False))
+            if experts is not None:
+                shape[0] = len(experts)
             if target in ctx.constants:
                 src = {"constant": target}
+            elif experts is not None:
+                src = expert_rows_source(ctx.adapter, target, keys, ctx.hf_config, experts, moved)
             else:
-                src = ctx.adapter.checkpoint_source(target, keys, ctx.hf_config, r)
+                src = ctx.adapter.checkpoint_source(target, keys, ctx.hf_config, None)
                 if ctx.checkpoint is not None:
                     have = ctx.checkpoint.source_shape(src)
                     if have != shape:

@@ -21,4 +21,4 @@ def test_provenance_of_every_pass_is_recorded(toy_gm):
     stamps = graph_meta(gm)["passes"]
     assert [s["name"] for s in stamps] == DEFAULT_PIPELINE
     assert all(s["seconds"] >= 0 and isinstance(s["config"], dict) for s in stamps)
-    assert stamps[2]["config"] == {"strategy": "contiguous"}
+    assert stamps[2]["config"] == {"strategy": "contiguous", "routing": None, "replicas_per_node": 1}
