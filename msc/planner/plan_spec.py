@@ -39,6 +39,12 @@ def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None, 
         raise MscError(f"planner.objective is '{objective}': expected 'gpu' (tokens/s per GPU) or 'cost' (per dollar)")
     profile = opts.pop("profile", None)
     routing_path = opts.pop("routing", None)
+    placement = opts.pop("placement", "contiguous")
+    replicas_per_node = opts.pop("replicas_per_node", 1)
+    if placement not in ("contiguous", "balanced", "replicated"):
+        raise MscError(f"planner.placement is '{placement}': expected contiguous, balanced or replicated (place_experts' strategies)")
+    if placement != "contiguous" and not routing_path:
+        raise MscError(f"planner.placement '{placement}' balances a routing profile: give planner.routing = FILE")
     max_m = int(opts.pop("max_microbatches", 8))
     try:
         eff = Efficiency.model_validate(opts)
@@ -64,6 +70,7 @@ def planner_for(spec, cost: ModelCost, tp_sizes: tuple[int, ...] | None = None, 
         from msc.planner.routing import load_routing
 
         routing = load_routing(routing_path)
+        routing.strategy, routing.replicas_per_node = placement, int(replicas_per_node)
     return Planner(cost, att, exp, wl, eff, prof, objective, max_m, pinned=pin, routing=routing, **kw)
 
 

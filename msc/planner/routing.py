@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from msc.errors import MscError
 
@@ -52,12 +52,31 @@ class RoutingProfile(BaseModel):
     def counts(self, layer: int) -> list[float] | None:
         return self.layers.get(layer, self.default)
 
+    # how the compiler will place the experts (the spec's `planner: {placement: ..., replicas_per_node: R}`,
+    # the strategies of passes/place_experts.py); not part of the file
+    strategy: str = Field("contiguous", exclude=True)
+    replicas_per_node: int = Field(1, ge=0, exclude=True)
+    _placed: dict = PrivateAttr(default_factory=dict)  # (layer, nodes, strategy, replicas) -> load factor
+
+    @property
+    def extra_slots(self) -> int:
+        """Expert slots each node holds beyond contiguous's (copies of hot experts: memory)."""
+        return self.replicas_per_node if self.strategy == "replicated" else 0
+
     def load_factor(self, layer: int, nodes: int) -> float:
-        """The busiest of `nodes` contiguous expert blocks' share of the layer's pairs, times `nodes`."""
+        """The busiest expert node's share of the layer's pairs, times `nodes`, under the placement strategy
+        (contiguous blocks unless told otherwise)."""
         c = self.counts(layer)
         if c is None:
             return 1.0
-        return busiest_share(c, nodes) * nodes
+        if self.strategy == "contiguous":
+            return busiest_share(c, nodes) * nodes
+        key = (layer, nodes, self.strategy, self.replicas_per_node)
+        if key not in self._placed:
+            from msc.passes.place_experts import place_layer
+
+            self._placed[key] = place_layer(self.strategy, c, len(c), nodes, self.replicas_per_node).imbalance(c)
+        return self._placed[key]
 
     def check_model(self, num_experts: int, num_layers: int) -> None:
         if self.experts != num_experts:

@@ -189,8 +189,10 @@ def attention_memory(model: ModelCost, b_a: int, m: int, tp_a: int, wl: Workload
     return (model.attention_weight_bytes() + kv + act) / tp_a
 
 
-def expert_memory(model: ModelCost, n_e: int, tp_e: int) -> float:
-    return model.expert_weight_bytes() / n_e / tp_e
+def expert_memory(model: ModelCost, n_e: int, tp_e: int, extra_slots: int = 0) -> float:
+    """Bytes per expert GPU: its share of the experts, plus `extra_slots` more experts (replicas)."""
+    per_expert = model.expert_weight_bytes() / max(model.num_experts, 1)
+    return (model.expert_weight_bytes() / n_e + extra_slots * per_expert) / tp_e
 
 
 def _max_b_by_memory(model: ModelCost, m: int, tp_a: int, wl: Workload, usable: float) -> int:
@@ -210,6 +212,7 @@ class Planner:
                  tp_sizes: tuple[int, ...] = TP_SIZES, pinned: Pinned | None = None, routing=None):
         self.model, self.att_pool, self.exp_pool = model, attention, expert
         self.routing = routing  # msc.planner.routing.RoutingProfile: skewed expert loads (None: uniform)
+        self.extra_slots = routing.extra_slots if routing is not None else 0  # replicas' memory per expert node
         if routing is not None:
             routing.check_model(model.num_experts, len(model.layers))
         self.pinned = pinned or Pinned()
@@ -297,7 +300,7 @@ class Planner:
         rejected = rejected if rejected is not None else {}
         exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
         usable_e = exp_gpu.mem_bytes * self.eff.memory_fraction
-        if expert_memory(self.model, n_e, tp_e) > usable_e:
+        if expert_memory(self.model, n_e, tp_e, self.extra_slots) > usable_e:
             rejected["expert memory"] = rejected.get("expert memory", 0) + 1
             return None
         b_mem = _max_b_by_memory(self.model, m, tp_a, self.wl, self.att_pool.gpu.mem_bytes * self.eff.memory_fraction)
@@ -338,7 +341,7 @@ class Planner:
             gpus=tp_a * n_a + tp_e * n_e,
             cost_per_hour=tp_a * n_a * self.att_pool.gpu.price_per_hour + tp_e * n_e * exp_pool.gpu.price_per_hour,
             attention_mem_bytes=attention_memory(self.model, b_a, m, tp_a, self.wl),
-            expert_mem_bytes=expert_memory(self.model, n_e, tp_e),
+            expert_mem_bytes=expert_memory(self.model, n_e, tp_e, self.extra_slots),
         )
 
     def score(self, p: Plan | Colocated) -> float:
@@ -365,7 +368,7 @@ class Planner:
         kept, b_mem = [], []
         for tp_a, n_a, tp_e, n_e, m in configs:
             if (n_e, tp_e) not in exp_fits:
-                exp_fits[n_e, tp_e] = expert_memory(self.model, n_e, tp_e) <= usable_e
+                exp_fits[n_e, tp_e] = expert_memory(self.model, n_e, tp_e, self.extra_slots) <= usable_e
             if not exp_fits[n_e, tp_e]:
                 rejected["expert memory"] = rejected.get("expert memory", 0) + 1
                 continue
@@ -447,7 +450,7 @@ class Planner:
         exp_gpu = (self.att_pool if self.shared else self.exp_pool).gpu
         usable_e = exp_gpu.mem_bytes * self.eff.memory_fraction
         usable_a = self.att_pool.gpu.mem_bytes * self.eff.memory_fraction
-        fits = [c for c in self.configurations() if expert_memory(self.model, c[3], c[2]) <= usable_e
+        fits = [c for c in self.configurations() if expert_memory(self.model, c[3], c[2], self.extra_slots) <= usable_e
                 and _max_b_by_memory(self.model, c[4], c[0], self.wl, usable_a) >= 1]
         if not fits:
             return math.inf, ()

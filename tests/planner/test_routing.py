@@ -89,3 +89,24 @@ def test_bad_routing_profiles_are_one_clear_error(tmp_path, doc, match):
     path.write_text(json.dumps(doc))
     with pytest.raises(MscError, match=match):
         Planner(_model(), Pool(_gpu(), 16, 8), None, WL, routing=load_routing(path))
+
+
+def test_placement_strategies_in_the_planner():
+    """planner.placement: the load factor is the placed node's (passes/place_experts), and replicas cost memory."""
+    from msc.passes.place_experts import place_balanced, place_replicated
+    from msc.planner.search import expert_memory
+
+    prof = RoutingProfile(experts=8, default=SKEW)
+    contiguous = prof.load_factor(1, 4)
+    prof.strategy = "balanced"
+    assert prof.load_factor(1, 4) == pytest.approx(place_balanced(SKEW, 4).imbalance(SKEW), rel=1e-12)
+    assert prof.load_factor(1, 4) < contiguous
+    prof.strategy, prof.replicas_per_node = "replicated", 1
+    assert prof.load_factor(1, 4) == pytest.approx(place_replicated(SKEW, 4, 1).imbalance(SKEW), rel=1e-12)
+    assert prof.load_factor(1, 4) <= 1.15
+    model, gpu = _model(), _gpu()
+    planner = Planner(model, Pool(gpu, 16, 8), None, WL, routing=prof)
+    assert planner.extra_slots == 1
+    assert expert_memory(model, 4, 1, 1) == pytest.approx(model.expert_weight_bytes() * (1 / 4 + 1 / 8), rel=1e-12)
+    best = planner.search(top=1).plans[0]
+    assert best.expert_mem_bytes == pytest.approx(expert_memory(model, best.n_e, best.tp_e, 1), rel=1e-12)
