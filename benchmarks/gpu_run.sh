@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
 # as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest flags prefill calib mla tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -60,6 +60,7 @@ for stage in "$@"; do
             --no-progress -o "$OUT/bench_serve$TAG.json" 2>&1 | tail -22
           kill -INT $SERVE_PID; wait $SERVE_PID; tail -2 "$OUT/serve$TAG.log" ;;
     pytest) python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging ${PYTEST_ARGS:-tests/engine} 2>&1 | tail -30 ;;
+    placement) python3 benchmarks/expert_placement.py ${PLACEMENT_ARGS:-} --out "$OUT/expert_placement.json" 2>&1 | tail -14 ;;
     mla) python3 benchmarks/mla_decode.py ${MLA_ARGS:-} --out "$OUT/mla_decode.json" 2>&1 | tail -40 ;;
     calib) python3 benchmarks/plan_calibration.py ${CALIB_ARGS:-} --out "$OUT/plan_calibration.json" 2>&1 | tail -40 ;;
     prefill) python3 benchmarks/prefill_profile.py ${PREFILL_ARGS:-} --out "$OUT/prefill_profile.json" 2>&1 | tail -40 ;;
