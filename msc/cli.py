@@ -116,9 +116,9 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed: prompt i draws with seed + i (repeatable runs)"),
     mps: Optional[str] = _mps_option(),
     checkpoint: Optional[Path] = _checkpoint_option(),
-    record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="with --colocated: write how many "
-                                                  "(token, expert) pairs each expert got per layer, a routing profile "
-                                                  "for the planner (planner: {routing: FILE})"),
+    record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="write how many (token, expert) "
+                                                  "pairs each expert got per layer: a routing profile for the planner "
+                                                  "(planner: {routing: FILE}) and place_experts"),
 ):
     """Start every role as its own process and generate (or, --colocated, run it all in one process)."""
     from msc.runtime.launcher import run_bundle
@@ -126,8 +126,6 @@ def run_cmd(
     from msc.bundle import Bundle
 
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    if not colocated and record_routing is not None:
-        _fail(MscError("--record-routing records in the colocated engine: add --colocated"))
     if colocated:
         roles_only = {"--microbatches": microbatches, "--delay-ms": delay_ms, "--trace": trace, "--mps": mps}
         given = [name for name, v in roles_only.items() if v is not None]
@@ -143,9 +141,11 @@ def run_cmd(
         shares = _mps_shares(Bundle.open(bundle), mps) if mps else None
         result = run_bundle(bundle, prompts, max_new_tokens, microbatches=microbatches, delay_ms=delays, trace=trace,
                             random_weights=random_weights, device=device, sampling=_per_prompt(sampling, len(prompts)),
-                            mps=shares, checkpoint=checkpoint)
+                            mps=shares, checkpoint=checkpoint, record_routing=record_routing)
     except MscError as e:
         _fail(e)
+    if record_routing is not None:
+        err.print(f"wrote {record_routing}: the replicas' routing (planner: {{routing: FILE}}, place_experts' routing)")
     steps = result["step_times"][0] if result["step_times"] else []
     if as_json:
         print(json.dumps({"outputs": result["outputs"], "finish_reasons": result["finish_reasons"],

@@ -238,6 +238,8 @@ def dispatch(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, layer: 
 
     Returns a ticket [1] (int64) that orders the matching `combine` after this send.
     """
+    if routing_recorder.ACTIVE is not None:  # msc run --record-routing (an attention replica)
+        routing_recorder.ACTIVE.add_slots(layer, top_k_index)
     return _ctx().dispatch(hidden, top_k_index, top_k_weights, layer, expert_bounds)
 
 

@@ -34,6 +34,14 @@ def test_recorded_routing_equals_transformers_router(tiny_bundle, tiny_hf, tmp_p
     assert {layer: list(c) for layer, c in prof.layers.items()} == {i: want[i].tolist() for i in range(len(want))}
 
 
-def test_record_routing_needs_colocated(tiny_bundle, tmp_path):
-    res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--record-routing", str(tmp_path / "r.json")])
-    assert res.exit_code != 0 and "--colocated" in res.output
+def test_role_processes_record_the_same_routing(tiny_bundle, tmp_path):
+    """Without --colocated the attention replica records at its dispatch: the same counts for the same tokens."""
+    ids = [a for p in PROMPTS for a in ("--input-ids", ",".join(map(str, p)))]
+    files = {}
+    for how in ("colocated", "roles"):
+        files[how] = tmp_path / f"{how}.json"
+        args = ["run", str(tiny_bundle.path), *ids, "--max-new-tokens", "6", "--json", "--record-routing", str(files[how])]
+        res = CliRunner().invoke(app, args + (["--colocated", "--device", "cpu"] if how == "colocated" else []))
+        assert res.exit_code == 0, res.output
+    a, b = load_routing(files["colocated"]), load_routing(files["roles"])
+    assert a.layers == b.layers and sum(sum(c) for c in a.layers.values()) > 0

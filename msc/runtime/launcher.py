@@ -198,6 +198,7 @@ def run_bundle(
     arrivals: list[int] | None = None,
     mps: dict[str, int] | None = None,
     checkpoint: str | Path | None = None,
+    record_routing: str | Path | None = None,
 ) -> dict:
     """Generate greedily for `prompts` with the bundle's roles.
 
@@ -206,6 +207,7 @@ def run_bundle(
     `trace` writes the roles' merged timeline there (Chrome / Perfetto JSON). `random_weights`: every role
     makes its weights on its device (msc.random_weights; the way to run a meta-compiled bundle), on
     `device` (cpu or cuda; default: the bundle's). `max_new_tokens`: one limit or one per prompt;
+    `record_routing`: write the replicas' routing profile there (msc.runtime.routing_recorder).
     `sampling`: per prompt, SamplingParams fields (temperature, top_k, top_p, seed, stop_token_ids,
     ignore_eos); `arrivals`: per prompt, the step of its replica's engine at which it joins (continuous
     batching without wall-clock timing). `mps`: {"attention": %, "expert": %}, run the roles (on one GPU) under
@@ -220,7 +222,7 @@ def run_bundle(
     if trace is not None and not Path(trace).parent.resolve().is_dir():
         raise MscError(f"trace file {trace}: directory {Path(trace).parent} does not exist")
     run_config = {"microbatches": microbatches, "delay_ms": delay_ms, "random_weights": random_weights, "device": device,
-                  "checkpoint": None if checkpoint is None else str(checkpoint)}
+                  "checkpoint": None if checkpoint is None else str(checkpoint), "record_routing": record_routing is not None}
     resolve_run_config(run_config, bundle.manifest)  # bad overrides fail here, before any process starts
     if not random_weights:  # a missing or mismatching checkpoint, too
         run_config["checkpoint"] = resolve_checkpoint(bundle, checkpoint)
@@ -253,6 +255,7 @@ def run_bundle(
         errors: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
         transport, used_m, step_times, decode_times, records, captured, device = None, None, [], [], [], [], []
+        routing: dict[int, list[int]] = {}
         for r in roles:
             if r["kind"] != "attention":
                 continue
@@ -262,6 +265,8 @@ def run_bundle(
             decode_times.append(res.get("decode_times", []))
             records.append(res.get("records", []))
             captured.append(res.get("captured_segments", 0))
+            for layer, c in (res.get("routing") or {}).items():  # the replicas' counts add up
+                routing[int(layer)] = [a + b for a, b in zip(routing[int(layer)], c)] if int(layer) in routing else list(c)
             device.append(res.get("device_steps", 0))
             for i, out, why, err in zip(res["indices"], res["outputs"], res["finish_reasons"], res["errors"]):
                 outputs[i], reasons[i], errors[i] = out, why, err
@@ -276,6 +281,10 @@ def run_bundle(
                     "model": bundle.manifest["model"]["model_type"], "layers": bundle.manifest["model"]["num_hidden_layers"],
                     "roles": [r["name"] for r in roles], "transport": transport}
             merge_traces([tmp / f"trace.{r['rank']}.json" for r in roles], trace, meta)
+    if record_routing is not None:
+        from msc.runtime.routing_recorder import write_profile
+
+        write_profile(routing, bundle.manifest["model"]["num_experts"], record_routing)
     result = {"outputs": outputs, "finish_reasons": reasons, "errors": errors, "transport": transport, "microbatches": used_m,
               "step_times": step_times, "decode_times": decode_times, "records": records,
               "captured_segments": captured, "device_steps": device}

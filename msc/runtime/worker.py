@@ -69,7 +69,7 @@ def resolve_run_config(over: dict, manifest: dict, source: str = "run options") 
     spec_delay = manifest["spec"]["runtime"].get("delay_ms") or {}
     cfg = {"microbatches": manifest["plan"]["microbatches"], "trace_dir": None,
            "delay_ms": {"attention": spec_delay.get("attention", 0.0), "expert": spec_delay.get("expert", 0.0)},
-           "random_weights": False, "device": None, "serve": None, "checkpoint": None}
+           "random_weights": False, "device": None, "serve": None, "checkpoint": None, "record_routing": False}
     unknown = set(over) - set(cfg)
     if unknown:
         raise MscError(f"{source}: unknown keys {sorted(unknown)}; expected {sorted(cfg)}")
@@ -175,7 +175,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
         if role["kind"] not in ("attention_tp", "expert_tp"):  # NOTE: a tp follower talks to its leader only
             endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                    buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
-        if endpoint is not None and device_exchange.wanted(
+        recording = bool(cfg["record_routing"])  # NOTE: graphs would count their padding rows: none while recording
+        if endpoint is not None and not recording and device_exchange.wanted(
                 device=device, transport=transport, replicas=len(att_ranks), tp_size=tp["size"],
                 delays=any(v > 0 for v in cfg["delay_ms"].values()), one_host=one_host,
                 distinct_gpus=device == "cuda" and torch.cuda.device_count() >= world):
@@ -209,6 +210,12 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                               delay_s=cfg["delay_ms"]["attention"] / 1e3, keep_logits=bool(req and req.get("dump_logits")))
         if links is not None:
             engine.runner.device_exchange = device_exchange.AttentionDeviceExchange(links, exchange, exp_ranks)
+        recorder = None
+        if recording and role["kind"] == "attention":
+            engine.runner.stage_graphs = None
+            from msc.runtime import routing_recorder
+
+            recorder = routing_recorder.record(m["model"]["num_experts"], routing_recorder.slot_maps_of(m))
         worker = AttentionRole(engine, exchange)
         worker.on_step = _fault_hook(role["name"])
         if cfg["serve"] is not None:
@@ -246,7 +253,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
                                    "forwards": len(steps), "transport": transport,
                                    "captured_segments": engine.runner.captured_segments,
                                    "device_steps": engine.runner.device_steps_run,
-                                   "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"]})
+                                   "step_times": steps, "decode_times": decode, "microbatches": cfg["microbatches"],
+                                   **({"routing": recorder.profile()["layers"]} if recorder is not None else {})})
         tmp.write_text(result)
         tmp.replace(out)
         job_store.report(f"result/{rank}", result)  # msc launch across nodes: node 0 collects the results

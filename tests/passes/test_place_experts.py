@@ -179,7 +179,10 @@ def test_a_skewed_router_recorded_placed_and_run(skewed_checkpoint, tmp_path):
         b = plain if strategy == "contiguous" else compile_spec(parse_spec(_spec(path, strategy, routing)), tmp_path / strategy)
         report = placement_report(b.path, routing)
         imbalance[strategy] = report["imbalance"]
-        out = run_bundle(b.path, PROMPTS, 6)
+        again = tmp_path / f"routing_{strategy}.json"
+        out = run_bundle(b.path, PROMPTS, 6, record_routing=again)
         assert out["outputs"] == refs, strategy
+        # recorded at the replica's dispatch, slots counted as their experts: the colocated recording's counts
+        assert json.loads(again.read_text())["layers"] == counts, strategy
     assert imbalance["replicated"] <= 1.15
     assert imbalance["balanced"] < imbalance["contiguous"]
