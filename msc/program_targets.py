@@ -52,6 +52,8 @@ COMMON: frozenset[str] = frozenset(f"torch.ops.aten.{n}" for n in (
     "permute.default", "clone.default", "contiguous.default", "_unsafe_view.default", "_to_copy.default",
     "split.Tensor", "narrow.default", "unbind.int", "repeat.default", "expand_as.default", "squeeze.dim",
     "unflatten.int",
+    # complex numbers (DeepSeek-V2's rotary embedding multiplies by e^{iθ})
+    "polar.default", "view_as_complex.default", "view_as_real.default",
     # new tensors (shapes from their arguments)
     "full.default", "zeros.default", "ones.default", "arange.default", "arange.start", "new_zeros.default",
     "full_like.default", "ones_like.default",

@@ -219,7 +219,7 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
         # NOTE: a shape that names the head count (MLA builds its key as new_empty([1, heads, T, d]) and expands
         # the shared rotary part to every head) takes this rank's count instead
         for n in region:
-            if n.target in _SHAPED and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) and len(n.args[1]) == 4:
+            if n.target in _SHAPED and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) and len(n.args[1]) >= 4:
                 shape = list(n.args[1])
                 if shape[1] in (num_heads, num_kv_heads):
                     heads = num_heads if shape[1] == num_heads else num_kv_heads

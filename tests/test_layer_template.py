@@ -40,7 +40,13 @@ def _deeper(config: dict) -> dict:
     return c
 
 
-@pytest.mark.parametrize("family", sorted({**FAMILIES, **GENERIC_FAMILIES}))
+# NOTE: DeepSeek-V2's MoE layers return two values where its dense layer returns one, which the layer template
+# does not cover: its capture falls back to a full export (correct, slower); strict, so a fix shows up here
+_FALLS_BACK = {"deepseek_v2": "MoE and dense layer blocks have different numbers of outputs"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=_FALLS_BACK[f]))
+                                    if f in _FALLS_BACK else f for f in sorted({**FAMILIES, **GENERIC_FAMILIES})])
 def test_template_capture_equals_full_capture(family):
     c = _deeper({**FAMILIES, **GENERIC_FAMILIES}[family])
     model_type = c.pop("model_type")

@@ -43,6 +43,11 @@ GENERIC_FAMILIES: dict[str, dict] = {
     # PhiMoE routes with a custom autograd.Function (sparsemixer); GraniteMoE stores its experts under other names
     "phimoe": dict(_COMMON, model_type="phimoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                    num_local_experts=4, num_experts_per_tok=2),
+    # DeepSeek-V2: MLA (the latent cache) with a complex-number rotary embedding
+    "deepseek_v2": dict(_COMMON, model_type="deepseek_v2", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, num_key_value_heads=4),
     "granitemoe": dict(_COMMON, model_type="granitemoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                        num_local_experts=4, num_experts_per_tok=2),
 }
