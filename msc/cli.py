@@ -542,6 +542,9 @@ def serve_cmd(
                                      "or hangs, at most this many times in 10 minutes (0: stay down and answer 503)"),
     checkpoint: Optional[Path] = _checkpoint_option(),
     mps: Optional[str] = _mps_option(),
+    record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="on shutdown, write how many (token, "
+                                                  "expert) pairs each expert got per layer while serving (a routing "
+                                                  "profile for the planner and place_experts)"),
 ):
     """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
@@ -557,19 +560,21 @@ def serve_cmd(
                                "without them")
             with err.status("loading the colocated program"):
                 engine = ColocatedServingEngine(bundle, random_weights=random_weights, device=device,
-                                                checkpoint=checkpoint).start()
+                                                checkpoint=checkpoint, record_routing=record_routing).start()
         else:
             from msc.bundle import Bundle
 
             shares = _mps_shares(Bundle.open(bundle), mps) if mps else None
             engine = ServingEngine(bundle, random_weights=random_weights, device=device, microbatches=microbatches,
-                                   max_restarts=max_restarts, checkpoint=checkpoint, mps=shares)
+                                   max_restarts=max_restarts, checkpoint=checkpoint, mps=shares,
+                                   record_routing=record_routing)
             with err.status(f"starting {len(engine.bundle.roles)} role processes"):
                 engine.start()
     except MscError as e:
         _fail(e)
     _serve_http(engine, bundle, host, port, api_key, access_log, served_model_name)
-    err.print(f"stopped: served {engine.served} requests")
+    err.print(f"stopped: served {engine.served} requests" + (f"; wrote the routing to {record_routing}"
+                                                             if record_routing is not None else ""))
 
 
 @app.command("plan")

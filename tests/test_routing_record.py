@@ -45,3 +45,26 @@ def test_role_processes_record_the_same_routing(tiny_bundle, tmp_path):
         assert res.exit_code == 0, res.output
     a, b = load_routing(files["colocated"]), load_routing(files["roles"])
     assert a.layers == b.layers and sum(sum(c) for c in a.layers.values()) > 0
+
+
+def test_serving_records_the_routing_on_close(tiny_bundle, tmp_path):
+    """msc serve --record-routing: the role processes' and the colocated server's counts, written when the server
+    closes, equal the colocated run's for the same greedy requests."""
+    from msc.engine.request import SamplingParams
+    from msc.runtime.serving import ColocatedServingEngine, ServingEngine
+
+    ids = [a for p in PROMPTS for a in ("--input-ids", ",".join(map(str, p)))]
+    want = tmp_path / "run.json"
+    res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--colocated", "--device", "cpu", *ids,
+                                   "--max-new-tokens", "6", "--record-routing", str(want)])
+    assert res.exit_code == 0, res.output
+    for name, cls in (("roles", ServingEngine), ("colocated", ColocatedServingEngine)):
+        out = tmp_path / f"serve_{name}.json"
+        eng = cls(tiny_bundle.path, record_routing=out).start(timeout_s=120)
+        try:
+            handles = [eng.submit(p, params=SamplingParams(max_tokens=6, ignore_eos=True)) for p in PROMPTS]
+            for h in handles:
+                h.result(timeout=120)
+        finally:
+            eng.close()
+        assert load_routing(out).layers == load_routing(want).layers, name

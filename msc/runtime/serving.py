@@ -262,15 +262,17 @@ class ServingEngine(_Server):
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
                  microbatches: int | None = None, env: dict[str, str] | None = None,
                  request_timeout_s: float | None = None, max_restarts: int = 3, checkpoint: str | Path | None = None,
-                 mps: dict[str, int] | None = None):
+                 mps: dict[str, int] | None = None, record_routing: str | Path | None = None):
         super().__init__(bundle_dir, request_timeout_s)
+        self.record_routing = record_routing  # write the replicas' routing profile here when the server closes
         m = self.bundle.manifest
         if mps is not None and (device or m["device"]) != "cuda":
             raise MscError("--mps shares a GPU between role processes: serve with --device cuda")
         self.mps, self._mps_daemon = mps, None  # {"attention": %, "expert": %}: the roles run under CUDA MPS
         self.replicas = [r for r in self.bundle.roles if r["kind"] == "attention"]
         self._run_config = {"microbatches": microbatches, "random_weights": random_weights, "device": device,
-                            "checkpoint": None if checkpoint is None else str(checkpoint)}
+                            "checkpoint": None if checkpoint is None else str(checkpoint),
+                            "record_routing": record_routing is not None}
         resolve_run_config(dict(self._run_config), m)  # bad options fail here, before any process starts
         if not random_weights:  # checked once here; every (re)start of the roles reads this folder
             self.checkpoint = self._run_config["checkpoint"] = resolve_checkpoint(self.bundle, checkpoint)
@@ -343,6 +345,22 @@ class ServingEngine(_Server):
             self._mps_daemon = MpsDaemon(self._workdir).start()
             mps = (self._mps_daemon, self.mps)
         self._procs = spawn_roles(self.bundle, self._workdir, cfg, self._env, tag=self._tag, mps=mps)
+
+    def _write_routing(self) -> None:
+        """The replicas' routing counts (each wrote its own when told to stop) summed into one profile."""
+        import json
+
+        from msc.runtime.routing_recorder import write_profile
+
+        total: dict[int, list[int]] = {}
+        for r in self.replicas:
+            f = self._workdir / f"result.{r['rank']}.json"
+            if not f.exists():
+                continue  # a replica that did not stop cleanly has no counts to give
+            for layer, c in (json.loads(f.read_text()).get("routing") or {}).items():
+                layer = int(layer)
+                total[layer] = [a + b for a, b in zip(total[layer], c)] if layer in total else list(c)
+        write_profile(total, self.bundle.manifest["model"]["num_experts"], self.record_routing)
 
     def _stop_roles(self, grace_s: float) -> None:
         stop_roles(self._procs, grace_s)
@@ -508,6 +526,8 @@ class ServingEngine(_Server):
                 thread.join(timeout=5)
             self._reader = None
         self._stop_roles(grace_s)
+        if self.record_routing is not None and self._workdir is not None:
+            self._write_routing()
         for link in self._links.values():
             link.close()
         self._links, self._send_locks = {}, {}
@@ -525,7 +545,8 @@ class ColocatedServingEngine(_Server):
     engine as every other path, with the experts in process instead of on expert nodes."""
 
     def __init__(self, bundle_dir: str | Path, *, random_weights: bool = False, device: str | None = None,
-                 request_timeout_s: float | None = None, checkpoint: str | Path | None = None):
+                 request_timeout_s: float | None = None, checkpoint: str | Path | None = None,
+                 record_routing: str | Path | None = None):
         import torch
 
         from msc.engine.build import build_engine
@@ -541,7 +562,13 @@ class ColocatedServingEngine(_Server):
             self.checkpoint = resolve_checkpoint(self.bundle, checkpoint)
         program = self.bundle.load_program(m["colocated"]["program"], self.device, random_weights=random_weights,
                                            checkpoint=self.checkpoint)
-        self.engine = build_engine(m, program, self.device)
+        # NOTE: no CUDA graphs while recording the routing: a graph's padding rows would be counted
+        self.engine = build_engine(m, program, self.device, cuda_graphs=record_routing is None)
+        self.record_routing, self._recorder = record_routing, None
+        if record_routing is not None:  # after build_engine: its KV-shape probe runs the program on a dummy token
+            from msc.runtime import routing_recorder
+
+            self._recorder = routing_recorder.record(m["model"]["num_experts"])
         self.replicas = [{"name": "colocated"}]
         self._thread: threading.Thread | None = None
 
@@ -561,6 +588,11 @@ class ColocatedServingEngine(_Server):
         self.engine.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=grace_s)
+        if self._recorder is not None:
+            from msc.runtime import routing_recorder
+
+            routing_recorder.stop()
+            self._recorder.write(self.record_routing)
 
     def submit(self, prompt: list[int], max_new_tokens: int | None = None,
                params: SamplingParams | None = None) -> ServingRequest:

@@ -226,6 +226,10 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             link = serve_link.connect(srv["host"], int(srv["port"]), srv["token"], replica, runtime["timeout_s"])
             try:
                 worker.serve(link)
+                if recorder is not None:  # told to stop: the serving process sums the replicas' counts
+                    out = Path(result.replace("{rank}", str(rank)))
+                    out.with_suffix(".tmp").write_text(json.dumps({"routing": recorder.profile()["layers"]}))
+                    out.with_suffix(".tmp").replace(out)
             finally:
                 link.close()
             return
