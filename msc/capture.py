@@ -100,6 +100,7 @@ def capture(config, adapter: FamilyAdapter, dtype: str = "float32", template: bo
             if n.op == "call_function" and n.target is op and name in _LAYER_ARG:
                 node_meta(n)["layer"] = int(n.args[_LAYER_ARG[name]])
     _check_every_layer_attends(model, gm)
+    _check_one_cache_layout(gm)
     graph_meta(gm)["capture"] = {"model_class": type(model).__name__, "num_moe_layers": num_moe,
                                  "template": graph_meta(gm).get("template")}
     return Captured(gm, constants, num_moe, time.perf_counter() - t0)
@@ -129,6 +130,30 @@ def _check_every_layer_attends(model: nn.Module, gm) -> None:
                    f"{len(missing)} of {len(layers)} decoder layers do (layers {missing[:8]}{' ...' if len(missing) > 8 else ''}). "
                    "Their state (a convolution or recurrent state) would live outside msc::attention and the KV "
                    "cache, so msc refuses the model rather than compile one that decodes wrongly")
+
+
+def cache_layout(node) -> tuple:
+    """What one attention call keeps per token in the KV cache: ("kv", heads, key width, value width) or
+    ("latent", r + dr, r) for MLA, from the captured node's argument shapes."""
+    val = lambda i: node.args[i].meta["val"]  # noqa: E731
+    if node.target is MSC_OPS["mla_attention"]:
+        return ("latent", int(val(1).shape[-1] + val(2).shape[-1]), int(val(1).shape[-1]))
+    return ("kv", int(val(1).shape[1]), int(val(1).shape[-1]), int(val(2).shape[-1]))
+
+
+def _check_one_cache_layout(gm) -> None:
+    """Refuse a model whose layers keep differently shaped K/V (other head counts or widths per layer type):
+    the runtime's paged cache holds one shape for every layer, so such a model would fail (or worse) at run
+    time."""
+    layouts = {}
+    for n in gm.graph.nodes:
+        for name in ("attention", "mla_attention"):
+            if n.op == "call_function" and n.target is MSC_OPS[name] and all("val" in getattr(a, "meta", {}) for a in n.args[1:3]):
+                layouts.setdefault(cache_layout(n), []).append(int(n.args[_LAYER_ARG[name]]))
+    if len(layouts) > 1:
+        desc = "; ".join(f"layers {sorted(ls)[:6]}{' ...' if len(ls) > 6 else ''}: {lay}" for lay, ls in layouts.items())
+        raise MscError(f"the model's layers keep differently shaped keys and values ({desc}); msc's KV cache holds one "
+                       "shape for every layer, so it refuses the model rather than run it wrongly")
 
 
 def _export(model: nn.Module, dynamic: bool = True) -> torch.export.ExportedProgram:

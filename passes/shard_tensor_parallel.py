@@ -225,10 +225,12 @@ def shard_attention(gm: fx.GraphModule, tp: int, rank: int, num_heads: int, num_
                     heads = num_heads if shape[1] == num_heads else num_kv_heads
                     shape[1] = heads // tp if heads % tp == 0 else 1
                     n.args = (n.args[0], shape, *n.args[2:])
-        if mla:
+        if mla:  # kv_b's rows: dn + dv per key/value head (as many as the query heads, or fewer: grouped)
             w = param(attn.args[3])
+            per = attn.args[7] + attn.args[8]
             rows = fetch_attr(new, w).shape[0]
-            put(w, {"rows": list(head_rows(rank, tp, num_heads, rows // num_heads))})
+            check_tp(tp, num_heads, rows // per, "plan.attention.tp")
+            put(w, {"rows": list(head_rows(rank, tp, rows // per, per))})
         sinks = None if mla else attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("sinks")
         if sinks is not None:
             per = num_heads // tp

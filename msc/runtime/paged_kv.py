@@ -392,7 +392,13 @@ def paged_mla_attention(cache: PagedKVCache, layer: int, q: Tensor, latent: Tens
         raise MscError(f"paged_mla_attention: the cache is not a latent cache of width {r} + {k_rot.shape[-1]}")
     if meta.slots.shape[0] != t:
         raise MscError(f"paged_mla_attention: step has {t} tokens but meta has {meta.slots.shape[0]} slots")
-    w = kv_b.reshape(nh, dn + dv, r)  # per head: dn key rows, then dv value rows
+    nkv = kv_b.shape[0] // (dn + dv)  # heads kv_b expands the latent to (fewer than nh: grouped, GLM-4-MoE-Lite)
+    if nkv * (dn + dv) != kv_b.shape[0] or nh % nkv:
+        raise MscError(f"paged_mla_attention: kv_b has {kv_b.shape[0]} rows, not a whole number of heads of {dn} + {dv} "
+                       f"dividing the {nh} query heads")
+    w = kv_b.reshape(nkv, dn + dv, r)  # per head: dn key rows, then dv value rows
+    if nkv != nh:
+        w = w.repeat_interleave(nh // nkv, dim=0)  # [nh, dn + dv, r]: query head h reads key/value head h // group
     w_k, w_v = w[:, :dn], w[:, dn:]  # [nh, dn, r], [nh, dv, r]
     pair = torch.cat([latent, k_rot], dim=-1)  # [1, 1, T, r + dr]
     if not meta.decode and meta.mixed is None:  # fresh prompts: expanded, on the step's own tokens

@@ -22,7 +22,8 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def expanded_reference(q, latents, k_rots, kv_b, positions_of_queries, scale, window=-1):
     """float64 MLA of one sequence: q [n, nh, dn + dr] at the given positions; latents [S, r], k_rots [S, dr]
     of every position 0..S-1. Keys of head h: cat(latent·W_k[h]ᵀ, k_rot); values latent·W_v[h]ᵀ."""
-    w = kv_b.to(F64).reshape(NH, DN + DV, R)
+    w = kv_b.to(F64).reshape(-1, DN + DV, R)
+    w = w.repeat_interleave(NH // w.shape[0], dim=0)  # grouped: query head h reads key/value head h // group
     k_nope = torch.einsum("sr,hdr->hsd", latents.to(F64), w[:, :DN])  # [nh, S, dn]
     v = torch.einsum("sr,hdr->hsd", latents.to(F64), w[:, DN:])  # [nh, S, dv]
     k = torch.cat([k_nope, k_rots.to(F64)[None].expand(NH, -1, -1)], dim=-1)  # [nh, S, dn + dr]
@@ -47,16 +48,17 @@ def _step(cache, layer_inputs, meta, kv_b, scale, window=-1):
     return out[0]  # [T, nh, dv]
 
 
-@pytest.mark.parametrize("dtype,window,path", [(torch.float32, -1, "kernel"), (torch.float32, 5, "kernel"),
-                                               (torch.float16, -1, "kernel"), (torch.float32, 5, "gathered")])
-def test_prefill_then_decode_then_mixed_equal_the_expanded_reference(dtype, window, path, monkeypatch):
+@pytest.mark.parametrize("dtype,window,path,kv_heads", [
+    (torch.float32, -1, "kernel", NH), (torch.float32, 5, "kernel", NH), (torch.float16, -1, "kernel", NH),
+    (torch.float32, 5, "gathered", NH), (torch.float32, -1, "kernel", 2)])  # 2: grouped (GLM-4-MoE-Lite's kind)
+def test_prefill_then_decode_then_mixed_equal_the_expanded_reference(dtype, window, path, kv_heads, monkeypatch):
     if path == "gathered":  # a CPU run outside the tests: no Triton interpreter, each sequence's pages gathered
         if DEV.type == "cuda":
             pytest.skip("the gathered decode path is the CPU's")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     g = torch.Generator().manual_seed(0)
     scale = (DN + DR) ** -0.5
-    kv_b = (torch.randn(NH * (DN + DV), R, generator=g) * 0.3).to(dtype).to(DEV)
+    kv_b = (torch.randn(kv_heads * (DN + DV), R, generator=g) * 0.3).to(dtype).to(DEV)
     lens = [5, 9, 1]
     total = {s: [] for s in range(3)}  # every (q, latent, rot) a sequence has had, in order
 

@@ -83,3 +83,21 @@ def test_layers_that_mix_tokens_without_attention_are_refused(tmp_path):
         compile_spec(parse_spec({"model": {"config": cfg, "dtype": "float32"}, "device": "cpu",
                                  "plan": {"experts": {"nodes": 2}}}), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_layers_with_differently_shaped_keys_are_refused():
+    """MiMo-V2-Flash's sliding-window layers have other key/value head counts than its full ones: one paged cache
+    cannot hold both, so the compile refuses it, naming the layers and their shapes."""
+    from transformers import AutoConfig
+
+    from msc.capture import capture
+    from msc.errors import MscError
+    from msc.models.registry import adapter_for
+    from msc.models.survey import tiny_config
+
+    c = tiny_config("mimo_v2_flash")
+    mt = c.pop("model_type")
+    cfg = AutoConfig.for_model(mt, **c)
+    with pytest.raises(MscError, match=r"differently shaped keys and values \(layers \[0\]: \('kv', 2, 16, 16\); "
+                                       r"layers \[1\]: \('kv', 4, 16, 16\)"):
+        capture(cfg, adapter_for(mt, cfg))
