@@ -100,6 +100,9 @@ def build_key_index(model_type: str, keys: set[str]) -> KeyIndex:
                 index.renamed[target] = key
             continue
         conv = by_pattern[pattern]
+        if "*" not in pattern:  # not a per-expert merge: a split or reshape of one tensor (a fused QKV, say)
+            raise MscError(f"checkpoint key '{key}' is converted by transformers ({' + '.join(_op_names(conv))}) into "
+                           f"{list(conv.target_patterns)}, which msc's per-role checkpoint reader cannot reproduce")
         fused = index.fused.setdefault(target, _Fused(list(conv.source_patterns), _op_names(conv)))
         fused.experts[_expert_index(key, pattern)][pattern] = key
     return index

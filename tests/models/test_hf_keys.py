@@ -151,3 +151,14 @@ def test_missing_last_expert_is_named(saved):
     index = build_key_index(model_type, set(tensors) - {drop})
     with pytest.raises(MscError, match="expert 3"):
         index.source("model.layers.0.mlp.experts.down_proj", None, num_experts=4)
+
+
+def test_a_split_conversion_is_refused_by_name():
+    """Sarvam-MoE's checkpoint keeps a fused query_key_value that transformers splits on load: msc's per-role reader
+    cannot split it, and says so (it once failed with an IndexError)."""
+    from msc.errors import MscError
+    from msc.models.hf_keys import build_key_index
+
+    with pytest.raises(MscError, match=r"'model.layers.0.attention.query_key_value.weight' is converted by transformers "
+                                       r"\(Split\(dim=0\)\)"):
+        build_key_index("sarvam_moe", {"model.layers.0.attention.query_key_value.weight"})
