@@ -31,11 +31,12 @@ SIZES = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, expert_intermediate_size=32,
     shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, max_position_embeddings=256, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-    qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts=8, num_local_experts=8, moe_num_experts=8,
+    qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts=8, num_local_experts=8, moe_num_experts=8,
     num_experts_per_tok=2, moe_top_k=2, moe_k=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
     topk_group=1, sliding_window=8, d_model=64, n_heads=4, n_layers=2, pad_token_id=0,
 )
 PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+MAX_PARAMETERS = 20_000_000  # a tiny config has a few hundred thousand
 NEW_TOKENS = 5
 
 
@@ -96,13 +97,14 @@ def survey_one(model_type: str, workdir: Path) -> dict:
         config = tiny_config(model_type)
         spec = parse_spec({"model": {"config": config, "seed": 0}, "plan": {"experts": {"nodes": 2}, "batch_size": 3},
                            "runtime": {"max_step_tokens": 9}})
-    except Exception as e:
+        _transformers_runs(config)
+    except Exception as e:  # transformers itself cannot build or run the family at these sizes
         return {"family": model_type, "status": "no tiny config", "detail": _short(e)}
     try:
         bundle = compile_spec(spec, workdir / model_type)
     except MscError as e:
         msg = str(e)
-        status = "no tiny config" if msg.startswith("transformers could not build") else "refused"
+        status = "no tiny config" if msg.startswith("transformers could not build") or "transformers rejected" in msg else "refused"
         return {"family": model_type, "status": status, "detail": _short(msg)}
     except Exception as e:
         return {"family": model_type, "status": "error", "detail": "compile: " + _short(e)}
@@ -122,6 +124,22 @@ def survey_one(model_type: str, workdir: Path) -> dict:
     if wrong:
         return {"family": model_type, "status": "WRONG", "detail": f"{' and '.join(wrong)} differ from transformers"}
     return {"family": model_type, "status": "matches", "detail": ""}
+
+
+def _transformers_runs(config: dict) -> None:
+    """Build the family at `config` with transformers and run one forward (raises what transformers raises)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = dict(config)
+    cfg = AutoConfig.for_model(c.pop("model_type"), **c)
+    with torch.device("meta"):  # counted first: a config the sizes do not reach would build a full-size model
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"{n:,} parameters at these sizes (the config keeps its full-size fields elsewhere)")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        AutoModelForCausalLM.from_config(cfg).eval()(torch.tensor([PROMPTS[0]]))
 
 
 def _colocated(bundle, new: int) -> list[list[int]]:

@@ -130,8 +130,7 @@ def test_the_measured_hand_off_is_part_of_every_exchange():
     from msc.spec import load_spec
 
     profile = load_profile(ROOT / "docs/results/profile_mixtral_8x7b_h200.json")
-    with_handoff = profile.model_copy(update={"exchange": {"handoff_s": 40e-6, "how": "test"}})
-    with_handoff = type(profile).model_validate(with_handoff.model_dump())
+    with_handoff = type(profile).model_validate({**profile.model_dump(), "exchange": {"handoff_s": 40e-6, "how": "test"}})
     cost, _ = cost_of_spec(load_spec(ROOT / "examples/mixtral-8x7b-h200.yaml"))
     side, eff = side_of(get_gpu("H200", load_catalogue()), 1), Efficiency()
     base = comm_time(cost, 64, 128, 2, side, side, eff, 1.0, profile)

@@ -179,6 +179,12 @@ def test_a_skewed_router_recorded_placed_and_run(skewed_checkpoint, tmp_path):
         b = plain if strategy == "contiguous" else compile_spec(parse_spec(_spec(path, strategy, routing)), tmp_path / strategy)
         report = placement_report(b.path, routing)
         imbalance[strategy] = report["imbalance"]
+        shown = CliRunner().invoke(app, ["inspect", str(b.path), "--json", "--routing", str(routing)])
+        assert shown.exit_code == 0, shown.output
+        placement = json.loads(shown.stdout)["placement"]
+        assert placement["imbalance"] == pytest.approx(report["imbalance"]) and len(placement["nodes"]) == 4
+        loads = [sum(n["expected_load"].values()) for n in placement["nodes"]]  # shares of every layer's pairs
+        assert sum(loads) == pytest.approx(len(counts))
         again = tmp_path / f"routing_{strategy}.json"
         out = run_bundle(b.path, PROMPTS, 6, record_routing=again)
         assert out["outputs"] == refs, strategy
