@@ -349,7 +349,7 @@ def paged_attention(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
     sliding_window > 0 lets a query at position p see keys j with p - window < j <= p. `sinks` [nh]
     (GPT-OSS): one extra logit per head that joins the softmax and carries no value.
     """
-    _, nh, t, _ = q.shape
+    t = q.shape[2]
     if meta.slots.shape[0] != t:
         raise MscError(f"paged_attention: step has {t} tokens but meta has {meta.slots.shape[0]} slots")
     cache.write(layer, meta.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [T, nkv, d], [T, nkv, dv]
@@ -364,11 +364,19 @@ def paged_attention(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
         return _decode(cache, layer, q, meta, scaling, sliding_window)
     if meta.mixed is None:
         return _prefill(q, k, v, meta.prefill_spans, scaling, sliding_window)
-    parts = meta.mixed
+    return _mixed(cache, layer, q, k, v, meta.mixed, scaling, sliding_window, _decode)
+
+
+def _mixed(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, parts: MixedParts, scaling: float,
+           sliding_window: int, decode) -> Tensor:
+    """A mixed step: decode rows through `decode` (the kernel of this cache's kind), fresh prompts through the
+    batched prefill on the step's own k/v, chunks continuing a cached prefix over their gathered pages.
+    q [1, nh, T, d], k/v the step's [1, nkv, T, d | dv] -> [1, T, nh, dv] (dv: the cache's value width)."""
+    _, nh, t, _ = q.shape
     out = q.new_zeros(1, t, nh, cache.v_head_dim)  # [1, T, nh, dv]
     if parts.decode is not None:
         rows = parts.decode_rows  # [B_d]
-        out[0, rows] = _decode(cache, layer, q[:, :, rows], parts.decode, scaling, sliding_window)[0]
+        out[0, rows] = decode(cache, layer, q[:, :, rows], parts.decode, scaling, sliding_window)[0]
     if parts.fresh:
         _prefill(q, k, v, parts.fresh, scaling, sliding_window, out)
     if parts.continuing:
@@ -401,27 +409,18 @@ def paged_mla_attention(cache: PagedKVCache, layer: int, q: Tensor, latent: Tens
         w = w.repeat_interleave(nh // nkv, dim=0)  # [nh, dn + dv, r]: query head h reads key/value head h // group
     w_k, w_v = w[:, :dn], w[:, dn:]  # [nh, dn, r], [nh, dv, r]
     pair = torch.cat([latent, k_rot], dim=-1)  # [1, 1, T, r + dr]
+    cache.write(layer, meta.slots, pair[0].transpose(0, 1), None)
     if not meta.decode and meta.mixed is None:  # fresh prompts: expanded, on the step's own tokens
-        cache.write(layer, meta.slots, pair[0].transpose(0, 1), None)
         k_nope = torch.einsum("tr,hdr->htd", latent[0, 0], w_k)  # [nh, T, dn]
         v = torch.einsum("tr,hdr->htd", latent[0, 0], w_v)  # [nh, T, dv]
         k = torch.cat([k_nope, k_rot[0].expand(nh, -1, -1)], dim=-1)  # [nh, T, dn + dr]
         return _prefill(q, k.unsqueeze(0), v.unsqueeze(0), meta.prefill_spans, scaling, sliding_window)
-    cache.write(layer, meta.slots, pair[0].transpose(0, 1), None)
     q_lat = torch.einsum("xhtd,hdr->xhtr", q[..., :dn], w_k)  # [1, nh, T, r]
     q_abs = torch.cat([q_lat, q[..., dn:]], dim=-1)  # [1, nh, T, r + dr]
     if meta.decode:
         o = _mla_decode(cache, layer, q_abs, meta, scaling, sliding_window)  # [1, B, nh, r]
-    else:  # mixed: decode rows through the kernel, fresh prompts and continued chunks absorbed as well
-        parts = meta.mixed
-        o = q.new_zeros(1, t, nh, r)  # [1, T, nh, r]
-        if parts.decode is not None:
-            rows = parts.decode_rows  # [B_d]
-            o[0, rows] = _mla_decode(cache, layer, q_abs[:, :, rows], parts.decode, scaling, sliding_window)[0]
-        if parts.fresh:
-            _prefill(q_abs, pair, latent, parts.fresh, scaling, sliding_window, o)
-        if parts.continuing:
-            _gathered(cache, layer, q_abs, parts.continuing, scaling, sliding_window, None, o)
+    else:  # mixed: fresh prompts and continued chunks absorbed as well (one shared head, values the latent)
+        o = _mixed(cache, layer, q_abs, pair, latent, meta.mixed, scaling, sliding_window, _mla_decode)  # [1, T, nh, r]
     return torch.einsum("xthr,hvr->xthv", o, w_v)  # [1, T, nh, dv]
 
 
@@ -429,7 +428,7 @@ def _mla_decode(cache: PagedKVCache, layer: int, q_abs: Tensor, meta: StepMeta, 
                 sliding_window: int) -> Tensor:
     """One absorbed query per sequence over its latent pages: q_abs [1, nh, B, r + dr] -> [1, B, nh, r]. On a GPU
     (or under the Triton interpreter) the latent decode kernel; on a CPU each sequence's pages gathered."""
-    if q_abs.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not _triton_runs(q_abs):
         return _gathered(cache, layer, q_abs, _spans_of(meta), scaling, sliding_window, None)
     from msc.backends.compute.triton_mla import paged_mla_decode
 
@@ -550,13 +549,17 @@ def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scali
     return probs @ v
 
 
+def _triton_runs(q: Tensor) -> bool:
+    """Whether the Triton decode kernels run for q. NOTE: Triton has no CPU backend (its interpreter is for
+    tests): a CPU run gathers each sequence's pages and calls SDPA, one sequence at a time."""
+    return q.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
     if q.shape[2] != meta.seq_lens.shape[0]:
         raise MscError(f"paged_attention: a decode step needs one token per sequence; got {q.shape[2]} tokens "
                        f"for {meta.seq_lens.shape[0]} sequences")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        # NOTE: Triton has no CPU backend (its interpreter is for tests): a CPU run gathers each sequence's
-        # pages and calls SDPA, one sequence at a time
+    if not _triton_runs(q):
         return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, None)
     from msc.backends.compute.triton_attention import paged_decode_attention
 
