@@ -16,24 +16,17 @@ import argparse
 import itertools
 import json
 
+import sys
+from pathlib import Path
+
 import torch
-import triton
-import triton.testing
 
 from msc.backends.compute import triton_mla
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_attention import _median_ms, copy_bandwidth  # noqa: E402  (the same timing and copy ceiling)
+
 R, DR, PAGE, DTYPE = 512, 64, 16, torch.bfloat16
-
-
-def _median_ms(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def copy_bandwidth(gib: float = 2.0) -> float:
-    n = int(gib * (1 << 30))
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    return 2 * n / _median_ms(lambda: dst.copy_(src)) / 1e6  # GB/s
 
 
 def case(b: int, ctx: int, nh: int, g: torch.Generator):
@@ -65,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     from msc.bench import machine_info
 
-    gbps_copy = copy_bandwidth()
+    gbps_copy = copy_bandwidth()["gbps"]
     g = torch.Generator().manual_seed(0)
     scale = (128 + DR) ** -0.5
     variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
