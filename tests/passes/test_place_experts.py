@@ -79,7 +79,8 @@ def test_balanced_keeps_the_expert_counts_and_beats_contiguous():
         assert p.imbalance(counts) <= best * 4 / 3 + 1e-9  # LPT's guarantee
     # the skewed case: the two hot experts on different nodes
     p = place_balanced(SKEWED, 4)
-    assert {p.slots.index(0) // 2, p.slots.index(1) // 2} == {0, 1} or p.node_experts(0) != [0, 1]
+    node_of = {e: j for j in range(4) for e in p.node_experts(j)}
+    assert node_of[0] != node_of[1]
 
 
 def test_replicated_splits_the_hot_experts_as_well_as_any_split_can():
@@ -88,7 +89,7 @@ def test_replicated_splits_the_hot_experts_as_well_as_any_split_can():
     assert len(p.slots) == len(SKEWED) + nodes and all(len(p.node_slots(j)) == 3 for j in range(nodes))
     for e, slots in p.copies().items():
         assert abs(sum(p.shares[s] for s in slots) - 1) < 1e-6  # an expert's pairs all go somewhere
-        assert len({p.slots.index(e) for _ in slots}) == 1 and len({s // 3 for s in slots}) == len(slots)  # distinct nodes
+        assert len({s // 3 for s in slots}) == len(slots)  # its copies on distinct nodes
     # the best split for these holders: max over node sets S of (pairs of experts held only inside S) / |S|
     holders = {e: {s // 3 for s in slots} for e, slots in p.copies().items()}
     bound = max(sum(SKEWED[e] for e, h in holders.items() if h <= set(sub)) / len(sub)
