@@ -53,6 +53,19 @@ _M_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: e
 
 
 @triton.jit
+def _context_range(seq_len, window, split, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """(lo, begin, end): the first key the window lets the query see, and the positions [begin, end) this
+    context split walks (whole TILE-aligned tiles from lo's, cut into NUM_SPLITS runs)."""
+    lo = tl.maximum(seq_len - window, 0)
+    tile_lo = (lo // TILE) * TILE
+    n_tiles = (seq_len - tile_lo + TILE - 1) // TILE
+    tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+    begin = tile_lo + split * tiles_per_split * TILE
+    end = tl.minimum(begin + tiles_per_split * TILE, seq_len)
+    return lo, begin, end
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
     scale, window,
@@ -70,12 +83,7 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + b)
-    lo = tl.maximum(seq_len - window, 0)  # first key the window lets the query see
-    tile_lo = (lo // TILE) * TILE
-    n_tiles = (seq_len - tile_lo + TILE - 1) // TILE
-    tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
-    begin = tile_lo + split * tiles_per_split * TILE
-    end = tl.minimum(begin + tiles_per_split * TILE, seq_len)
+    lo, begin, end = _context_range(seq_len, window, split, TILE, NUM_SPLITS)
 
     rows = tl.arange(0, GROUP_PAD)  # query heads of this kv head's group, padded
     row_ok = rows < GROUP

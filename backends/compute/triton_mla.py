@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from msc.backends.compute.triton_attention import _M_INIT, _NO_WINDOW, _merge_splits_kernel, auto_num_splits
+from msc.backends.compute.triton_attention import (_M_INIT, _NO_WINDOW, _context_range, _merge_splits_kernel,
+                                                  auto_num_splits)
 from msc.errors import MscError
 
 # NOTE: launch configuration (HEADS query heads a program, TILE tokens a step), from one H100 run of
@@ -50,12 +51,7 @@ def _mla_decode_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + b)
-    lo = tl.maximum(seq_len - window, 0)  # first key the window lets the query see
-    tile_lo = (lo // TILE) * TILE
-    n_tiles = (seq_len - tile_lo + TILE - 1) // TILE
-    tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
-    begin = tile_lo + split * tiles_per_split * TILE
-    end = tl.minimum(begin + tiles_per_split * TILE, seq_len)
+    lo, begin, end = _context_range(seq_len, window, split, TILE, NUM_SPLITS)
 
     heads = hb * HEADS + tl.arange(0, HEADS)  # [HEADS]
     row_ok = heads < NH
