@@ -21,13 +21,15 @@ from torch import nn
 
 from msc.errors import MscError
 from msc.ir import fetch_attr, graph_meta, node_meta
+from msc.models import state_mixers
 from msc.models.base import IMPL, FamilyAdapter
-from msc.ops import MSC_OPS
+from msc.ops import MSC_OPS, STATE_OPS
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LAYER_ARG = {"attention": 3, "mla_attention": 4, "router": 3, "experts": 5}
+_LAYER_ARG = {"attention": 3, "mla_attention": 4, "router": 3, "experts": 5, "causal_conv1d": 3, "gated_delta_rule": 5,
+              "mamba2_scan": 7, "mamba_scan": 8}
 
 
 @dataclass
@@ -90,10 +92,11 @@ def capture(config, adapter: FamilyAdapter, dtype: str = "float32", template: bo
     model = build_meta_model(config, DTYPES[dtype]).eval()
     num_moe = adapter.prepare(model)
     gm = None
-    if template:
-        gm = _capture_by_template(model)
-    if gm is None:
-        gm = _unlift(_export(model))
+    with state_mixers.capturing(model):
+        if template:
+            gm = _capture_by_template(model)
+        if gm is None:
+            gm = _unlift(_export(model))
     constants = _buffers_on_cpu(model)
     for n in gm.graph.nodes:
         for name, op in MSC_OPS.items():
@@ -107,11 +110,13 @@ def capture(config, adapter: FamilyAdapter, dtype: str = "float32", template: bo
 
 
 def _check_every_layer_attends(model: nn.Module, gm) -> None:
-    """Refuse a model whose decoder layers mix tokens some other way than attention (a short convolution, a
-    recurrent or linear-attention state): that state lives outside msc::attention, which the runtime's KV
-    cache does not hold, so the compiled program would decode wrongly after the first steps (issue 26).
+    """Refuse a model whose decoder layers mix tokens some other way than attention or a known state mixer (a
+    short convolution, a recurrent or linear-attention state msc does not implement): that state would live
+    outside the runtime's caches, so the compiled program would decode wrongly after the first steps (issue 26).
+    A known state mixer (msc.models.state_mixers.KNOWN_MIXERS) must have made exactly the msc ops it is known
+    to make.
 
-    NOTE: checked on the captured graph: every decoder layer must call msc::attention."""
+    NOTE: checked on the captured graph: every decoder layer must call msc::attention (or MLA) or state ops."""
     from msc.models.generic import decoder_layers
 
     try:
@@ -120,16 +125,33 @@ def _check_every_layer_attends(model: nn.Module, gm) -> None:
         return  # no recognisable layer list: the adapter's own checks apply
     attending = {int(n.args[_LAYER_ARG[name]]) for n in gm.graph.nodes for name in ("attention", "mla_attention")
                  if n.op == "call_function" and n.target is MSC_OPS[name]}
-    missing = [i for i in range(len(layers)) if i not in attending]
+    made: dict[int, dict[str, int]] = {}
+    for n in gm.graph.nodes:
+        for name in STATE_OPS:
+            if n.op == "call_function" and n.target is MSC_OPS[name]:
+                per = made.setdefault(int(n.args[_LAYER_ARG[name]]), {})
+                per[name] = per.get(name, 0) + 1
+    path = next((name for name, mod in model.named_modules() if mod is layers), "layers")
+    for i, layer in enumerate(layers):
+        mixers = [m for m in layer.modules() if type(m).__name__ in state_mixers.KNOWN_MIXERS]
+        want: dict[str, int] = {}
+        for m in mixers:
+            for op, c in state_mixers.KNOWN_MIXERS[type(m).__name__].items():
+                want[op] = want.get(op, 0) + c
+        if made.get(i, {}) != want:
+            raise MscError(f"{path}.{i} ({type(layer).__name__}) made state ops {made.get(i, {})} where its mixers "
+                           f"({', '.join(type(m).__name__ for m in mixers) or 'none'}) make {want}; msc refuses a state "
+                           "layer it did not capture whole")
+    missing = [i for i in range(len(layers)) if i not in attending and i not in made]
     if not missing:
         return
-    path = next((name for name, mod in model.named_modules() if mod is layers), "layers")
     i = missing[0]
     parts = ", ".join(sorted({type(m).__name__ for m in layers[i].children()}))
-    raise MscError(f"{path}.{i} ({type(layers[i]).__name__}: {parts}) mixes tokens without attention; "
-                   f"{len(missing)} of {len(layers)} decoder layers do (layers {missing[:8]}{' ...' if len(missing) > 8 else ''}). "
-                   "Their state (a convolution or recurrent state) would live outside msc::attention and the KV "
-                   "cache, so msc refuses the model rather than compile one that decodes wrongly")
+    raise MscError(f"{path}.{i} ({type(layers[i]).__name__}: {parts}) mixes tokens without attention or a state mixer "
+                   f"msc knows; {len(missing)} of {len(layers)} decoder layers do (layers {missing[:8]}"
+                   f"{' ...' if len(missing) > 8 else ''}). Their state (a convolution or recurrent state) would live "
+                   "outside msc's KV and state caches, so msc refuses the model rather than compile one that decodes "
+                   f"wrongly (state mixers msc implements: {', '.join(state_mixers.KNOWN_MIXERS)})")
 
 
 def cache_layout(node) -> tuple:
@@ -256,7 +278,8 @@ def capture_layer_kinds(config, adapter: FamilyAdapter, dtype: str = "float32") 
         parent = model.get_submodule(parent_path)
         setattr(parent, attr, nn.ModuleList([layers[i] for i in traced]))
         try:
-            gm = _trace_for_costs(model)
+            with state_mixers.capturing(model):
+                gm = _trace_for_costs(model)
         finally:
             setattr(parent, attr, layers)
         # NOTE: in the shortened layer list a weight is named by its position; the cost model reads the layer
@@ -270,7 +293,8 @@ def capture_layer_kinds(config, adapter: FamilyAdapter, dtype: str = "float32") 
                 attrs[n.target] = t
         gm = fx.GraphModule(attrs, gm.graph)
     else:
-        gm = _trace_for_costs(model)
+        with state_mixers.capturing(model):
+            gm = _trace_for_costs(model)
     constants = set(_buffers_on_cpu(model))
     return LayerKinds(gm, constants, rep_of, time.perf_counter() - t0)
 

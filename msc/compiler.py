@@ -54,8 +54,22 @@ def load_hf_config(spec: Spec):
             raise MscError(f"model.path: transformers cannot read the config in {p}: {str(e).splitlines()[0]}") from None
     else:
         config = build_config(m.config.get("model_type"), m.config)
+    config = _text_config_of(config)
     check_config(config)
     return config
+
+
+def _text_config_of(config):
+    """The text config of a composite (vision-language) config whose causal LM is the text model's own class
+    (Qwen3.5-MoE: `qwen3_5_moe` and `qwen3_5_moe_text` both build Qwen3_5MoeForCausalLM from the text config);
+    any other config as it is. NOTE: msc compiles the language model, so it reads the sizes where that model does."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_lms
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is config or getattr(text, "model_type", None) is None:
+        return config
+    same = causal_lms.get(config.model_type) is not None and causal_lms.get(config.model_type) == causal_lms.get(text.model_type)
+    return text if same else config
 
 
 Progress = Callable[[str], None]

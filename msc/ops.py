@@ -64,6 +64,63 @@ def _mla_attention_fake(q, latent, k_rot, kv_b, layer, scaling, sliding_window, 
     return q.new_empty(b, t, nh, v_head_dim)
 
 
+# ---------------------------------------------------------------- state layers (per-sequence state, issue 26)
+@torch.library.custom_op("msc::causal_conv1d", mutates_args=())
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: int, index: int, activation: str) -> Tensor:
+    """Depthwise causal convolution of a state layer over each sequence's own past (a short convolution):
+    x [1, C, T], weight [C, K], bias [C] -> [1, C, T], then `activation` ("" for none). The runtime keeps each
+    sequence's last K - 1 inputs (its conv state; `index` tells a layer's several convolutions apart)."""
+    return _ctx().causal_conv1d(x, weight, bias, layer, index, activation)
+
+
+@causal_conv1d.register_fake
+def _causal_conv1d_fake(x, weight, bias, layer, index, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("msc::gated_delta_rule", mutates_args=())
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, layer: int, qk_l2norm: bool) -> Tensor:
+    """Gated delta rule linear attention (Gated DeltaNet: Qwen3-Next, Qwen3.5) over each sequence's recurrent
+    state S [Hv, dk, dv]: per token S <- exp(g)·S; S <- S + k ⊗ β(v - Sᵀk); o = Sᵀq (q scaled by dk^-½, q and k
+    L2-normalised when qk_l2norm). q, k [1, T, Hk, dk], v [1, T, Hv, dv], g (log decay), beta [1, T, Hv]
+    -> [1, T, Hv, dv] in q's dtype; each key head serves Hv / Hk value heads."""
+    return _ctx().gated_delta_rule(q, k, v, g, beta, layer, qk_l2norm)
+
+
+@gated_delta_rule.register_fake
+def _gated_delta_rule_fake(q, k, v, g, beta, layer, qk_l2norm):
+    return v.new_empty(v.shape, dtype=q.dtype)
+
+
+@torch.library.custom_op("msc::mamba2_scan", mutates_args=())
+def mamba2_scan(x: Tensor, b: Tensor, c: Tensor, dt: Tensor, a_log: Tensor, d: Tensor, dt_bias: Tensor, layer: int,
+                heads: int, groups: int, dt_min: float, dt_max: float) -> Tensor:
+    """Mamba-2's selective scan (state space duality: Nemotron-H, Granite-4 hybrids) over each sequence's state
+    h [heads, P, N]: per token dt = clamp(softplus(dt + dt_bias), dt_min, dt_max), h <- exp(dt·A)·h + dt·x ⊗ B,
+    y = h·C + D·x with A = -exp(a_log); head h reads group h // (heads / groups) of B and C. x [1, T, heads·P],
+    b, c [1, T, groups·N], dt [1, T, heads], a_log, d, dt_bias [heads] -> [1, T, heads·P] in x's dtype."""
+    return _ctx().mamba2_scan(x, b, c, dt, a_log, d, dt_bias, layer, heads, groups, dt_min, dt_max)
+
+
+@mamba2_scan.register_fake
+def _mamba2_scan_fake(x, b, c, dt, a_log, d, dt_bias, layer, heads, groups, dt_min, dt_max):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("msc::mamba_scan", mutates_args=())
+def mamba_scan(x: Tensor, dt: Tensor, b: Tensor, c: Tensor, gate: Tensor, a_log: Tensor, d: Tensor,
+               dt_bias: Optional[Tensor], layer: int) -> Tensor:
+    """Mamba's selective scan (Jamba) over each sequence's state h [I, N]: per token dt = softplus(dt + dt_bias),
+    h <- exp(dt·A)·h + dt·x·B, y = (h·C + D·x)·silu(gate) with A = -exp(a_log). x, dt, gate [1, I, T], b, c
+    [1, T, N], a_log [I, N], d, dt_bias [I] -> [1, I, T] in x's dtype."""
+    return _ctx().mamba_scan(x, dt, b, c, gate, a_log, d, dt_bias, layer)
+
+
+@mamba_scan.register_fake
+def _mamba_scan_fake(x, dt, b, c, gate, a_log, d, dt_bias, layer):
+    return torch.empty_like(x)
+
+
 # ---------------------------------------------------------------- tensor parallelism
 @torch.library.custom_op("msc::tp_all_reduce", mutates_args=())
 def tp_all_reduce(x: Tensor, layer: int) -> Tensor:
@@ -296,6 +353,10 @@ SIDE_EFFECT_OPS = (
     torch.ops.msc.expert_send.default,
     torch.ops.msc.attention.default,
     torch.ops.msc.mla_attention.default,
+    torch.ops.msc.causal_conv1d.default,
+    torch.ops.msc.gated_delta_rule.default,
+    torch.ops.msc.mamba2_scan.default,
+    torch.ops.msc.mamba_scan.default,
 )
 for _op in SIDE_EFFECT_OPS:
     torch.fx.node._side_effectful_functions.add(_op)
@@ -303,6 +364,10 @@ for _op in SIDE_EFFECT_OPS:
 MSC_OPS = {
     "attention": torch.ops.msc.attention.default,
     "mla_attention": torch.ops.msc.mla_attention.default,
+    "causal_conv1d": torch.ops.msc.causal_conv1d.default,
+    "gated_delta_rule": torch.ops.msc.gated_delta_rule.default,
+    "mamba2_scan": torch.ops.msc.mamba2_scan.default,
+    "mamba_scan": torch.ops.msc.mamba_scan.default,
     "router": torch.ops.msc.router.default,
     "experts": torch.ops.msc.experts.default,
     "remote_experts": torch.ops.msc.remote_experts.default,
@@ -317,6 +382,15 @@ MSC_OPS = {
 def is_op(node: torch.fx.Node, name: str) -> bool:
     """True when `node` calls the msc op `name` (e.g. ``is_op(n, "experts")``)."""
     return node.op == "call_function" and node.target is MSC_OPS[name]
+
+
+STATE_OPS = ("causal_conv1d", "gated_delta_rule", "mamba2_scan", "mamba_scan")
+
+
+def is_state_op(node: torch.fx.Node) -> bool:
+    """True for the ops of state layers (STATE_OPS: convolutions and recurrent scans): calls that own per-sequence
+    state the attention role keeps beside its KV cache."""
+    return node.op == "call_function" and any(node.target is MSC_OPS[n] for n in STATE_OPS)
 
 
 def is_attention(node: torch.fx.Node) -> bool:

@@ -51,7 +51,7 @@ COMMON: frozenset[str] = frozenset(f"torch.ops.aten.{n}" for n in (
     # shapes, views and copies
     "permute.default", "clone.default", "contiguous.default", "_unsafe_view.default", "_to_copy.default",
     "split.Tensor", "narrow.default", "unbind.int", "repeat.default", "expand_as.default", "squeeze.dim",
-    "unflatten.int",
+    "unflatten.int", "tensor_split.indices",
     # complex numbers (DeepSeek-V2's rotary embedding multiplies by e^{iθ})
     "polar.default", "view_as_complex.default", "view_as_real.default",
     # new tensors (shapes from their arguments)

@@ -9,7 +9,7 @@ from msc.capture import capture
 from msc.ir import graph_meta
 from msc.layer_template import choose_representatives
 from msc.models.registry import adapter_for
-from tests.models.families import FAMILIES, GENERIC_FAMILIES
+from tests.models.families import FAMILIES, GENERIC_FAMILIES, RUNNING_STATE_FAMILIES
 
 
 def canonical(gm: fx.GraphModule) -> list[tuple]:
@@ -46,9 +46,10 @@ _FALLS_BACK = {"deepseek_v2": "MoE and dense layer blocks have different numbers
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=_FALLS_BACK[f]))
-                                    if f in _FALLS_BACK else f for f in sorted({**FAMILIES, **GENERIC_FAMILIES})])
+                                    if f in _FALLS_BACK else f for f in sorted({**FAMILIES, **GENERIC_FAMILIES,
+                                                                                **RUNNING_STATE_FAMILIES})])
 def test_template_capture_equals_full_capture(family):
-    c = _deeper({**FAMILIES, **GENERIC_FAMILIES}[family])
+    c = _deeper({**FAMILIES, **GENERIC_FAMILIES, **RUNNING_STATE_FAMILIES}[family])
     model_type = c.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **c)
     by_template = capture(cfg, adapter_for(model_type, cfg), template=True)

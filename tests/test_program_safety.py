@@ -18,7 +18,7 @@ from msc.errors import MscError
 from msc.ir import allowed_target, graph_from_json
 from msc.program_targets import ATEN_TARGETS
 from msc.spec import parse_spec
-from tests.models.families import FAMILIES, GENERIC_FAMILIES
+from tests.models.families import FAMILIES, GENERIC_FAMILIES, RUNNING_STATE_FAMILIES
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -274,9 +274,9 @@ def test_every_target_the_default_passes_emit_for_a_family_is_allowed(family_bun
     assert any(t.startswith("torch.ops.msc.") for t in seen) and any(t.startswith("torch.ops.aten.") for t in seen)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(GENERIC_FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(GENERIC_FAMILIES) + sorted(RUNNING_STATE_FAMILIES))
 def test_targets_of_tensor_parallel_and_micro_batched_programs_are_allowed(family, tmp_path):
-    config = {**FAMILIES, **GENERIC_FAMILIES}[family]
+    config = {**FAMILIES, **GENERIC_FAMILIES, **RUNNING_STATE_FAMILIES}[family]
     # olmoe's attention is not split by tensor parallelism (its q comes from no head projection)
     attention = {"replicas": 2} if family == "olmoe" else {"tp": 2}
     spec = parse_spec({"model": {"config": config, "seed": 0, "dtype": "bfloat16"}, "device": "meta",

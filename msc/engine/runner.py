@@ -22,7 +22,8 @@ import torch.fx as fx
 from torch import Tensor
 
 from msc.errors import MscError
-from msc.runtime import context
+from msc.runtime import context, sequence_state
+from msc.runtime.sequence_state import SequenceStates, state_key
 from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention, paged_mla_attention
 from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
 from msc.runtime.trace import Trace
@@ -104,6 +105,7 @@ class ModelRunner:
             self.stage_graphs = StageGraphs(self.staged.root, self.staged.num_stages, self.staged.weight_args, self,
                                             emulate=self.device.type != "cuda")
         self._static_metas: dict[int, StepMeta] = {}
+        self.max_batch = max_batch
         self.buckets = tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
         self.cache: PagedKVCache | None = None
         self.meta: StepMeta | None = None
@@ -132,6 +134,22 @@ class ModelRunner:
         return paged_mla_attention(self.cache, layer, q, latent, k_rot, kv_b, self.meta, scaling, sliding_window,
                                    nope_dim, v_head_dim)
 
+    def causal_conv1d(self, x, weight, bias, layer, index, activation):
+        return sequence_state.causal_conv1d(self.cache.states, self.meta, state_key(layer, "conv", index), x, weight,
+                                            bias, activation)
+
+    def gated_delta_rule(self, q, k, v, g, beta, layer, qk_l2norm):
+        return sequence_state.gated_delta_rule(self.cache.states, self.meta, state_key(layer, "delta"), q, k, v, g, beta,
+                                               qk_l2norm)
+
+    def mamba2_scan(self, x, b, c, dt, a_log, d, dt_bias, layer, heads, groups, dt_min, dt_max):
+        return sequence_state.mamba2_scan(self.cache.states, self.meta, state_key(layer, "ssm"), x, b, c, dt, a_log, d,
+                                          dt_bias, heads, groups, dt_min, dt_max)
+
+    def mamba_scan(self, x, dt, b, c, gate, a_log, d, dt_bias, layer):
+        return sequence_state.mamba_scan(self.cache.states, self.meta, state_key(layer, "ssm"), x, dt, b, c, gate,
+                                         a_log, d, dt_bias)
+
     def dispatch(self, hidden, idx, weights, layer, bounds):
         if not self.remote:
             raise MscError("a colocated program has no dispatch; this looks like an attention role's program")
@@ -150,9 +168,21 @@ class ModelRunner:
         """nkv, d, dv, dtype and v_in_k of the KV cache, read off one token through the program (experts
         answered with zeros: the probe needs the attention shapes only). MLA (msc::mla_attention) caches one
         shared head of width r + dr whose first r entries are the values (the latent): (1, r + dr, r, dtype, True)."""
-        if getattr(self, "_kv_shape", None) is not None:
-            return self._kv_shape
-        shapes = {}
+        shapes = self._probe()
+        if "kv" not in shapes:
+            raise MscError("the program has no msc::attention: there is no KV cache to make")
+        return shapes["kv"]
+
+    def state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Each state layer's per-sequence state {key: (shape, dtype)} (msc.runtime.sequence_state); {} for a model
+        without state layers."""
+        return self._probe()["states"]
+
+    def _probe(self) -> dict:
+        """The cache shapes of the program, read off one token run with every stateful op answered by a probe."""
+        if getattr(self, "_probed", None) is not None:
+            return self._probed
+        shapes: dict = {"states": {}}
 
         class _Probe:
             def attention(_, q, k, v, layer, scaling, sliding_window, sinks=None):
@@ -164,6 +194,23 @@ class ModelRunner:
                 shapes.setdefault("kv", (1, r + k_rot.shape[-1], r, latent.dtype, True))
                 return q.new_zeros(1, q.shape[2], q.shape[1], v_head_dim)
 
+            def causal_conv1d(_, x, weight, bias, layer, index, activation):
+                shapes["states"][state_key(layer, "conv", index)] = ((x.shape[1], weight.shape[-1] - 1), x.dtype)
+                return torch.zeros_like(x)
+
+            def gated_delta_rule(_, q, k, v, g, beta, layer, qk_l2norm):
+                shapes["states"][state_key(layer, "delta")] = ((v.shape[2], k.shape[3], v.shape[3]), torch.float32)
+                return v.new_zeros(v.shape, dtype=q.dtype)
+
+            def mamba2_scan(_, x, b, c, dt, a_log, d, dt_bias, layer, heads, groups, dt_min, dt_max):
+                shapes["states"][state_key(layer, "ssm")] = ((heads, x.shape[-1] // heads, b.shape[-1] // groups),
+                                                             torch.float32)
+                return torch.zeros_like(x)
+
+            def mamba_scan(_, x, dt, b, c, gate, a_log, d, dt_bias, layer):
+                shapes["states"][state_key(layer, "ssm")] = (tuple(a_log.shape), torch.float32)
+                return torch.zeros_like(x)
+
             def dispatch(_, hidden, idx, weights, layer, bounds):
                 return torch.tensor([layer])
 
@@ -173,10 +220,12 @@ class ModelRunner:
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         with context.use(_Probe()), torch.no_grad():
             self.program(ids, ids)
-        if "kv" not in shapes:
-            raise MscError("the program has no msc::attention: there is no KV cache to make")
-        self._kv_shape = shapes["kv"]
-        return self._kv_shape
+        self._probed = shapes
+        return shapes
+
+    def state_bytes_per_sequence(self) -> int:
+        return sum(torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+                   for shape, dtype in self.state_shapes().values())
 
     def kv_bytes_per_token(self) -> int:
         nkv, d, dv, dtype, v_in_k = self.kv_shape()
@@ -189,6 +238,9 @@ class ModelRunner:
         self.cache.k.zero_()
         if not v_in_k:
             self.cache.v.zero_()
+        states = self.state_shapes()
+        if states:  # one slot per sequence that can run at once, and the scratch slot of padding rows
+            self.cache.states = SequenceStates(states, self.max_batch + 1, self.device)
         _ = self.cache.scratch_slot  # taken now, so the scheduler's page count never includes it
         return self.cache
 

@@ -56,6 +56,8 @@ class LayerCost:
     core_flops_per_token_ctx: float = 0.0  # attention core FLOPs per token per context position
     kv_bytes_per_token: int = 0  # KV-cache bytes this layer keeps per token of context
     kv_heads: int = 0  # key/value heads of its cache (0: unknown); tp beyond them replicates heads
+    state_bytes_per_seq: int = 0  # a state layer's per-sequence state (conv window, recurrent matrix), read and
+    #                               written once a decode step; every tensor-parallel rank keeps all of it
     window: int = -1  # sliding window (-1: full attention)
     experts: int = 0  # routed experts in this layer (0: dense layer, no expert side)
     expert_weight_bytes: int = 0  # bytes of ONE expert's weights
@@ -109,6 +111,10 @@ class ModelCost:
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token of context, summed over layers (msc's cache keeps every position)."""
         return self._total("kv", lambda: sum(lc.kv_bytes_per_token for lc in self.layers))
+
+    def state_bytes_per_seq(self) -> int:
+        """The state layers' per-sequence state bytes, summed over layers (one GPU's, whatever its tp)."""
+        return self._total("state", lambda: sum(lc.state_bytes_per_seq for lc in self.layers))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +171,25 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             c.kv_bytes_per_token = (r + dr) * dtype_bytes
             c.kv_heads = 1
             c.window = int(n.args[6])
+        elif is_op(n, "causal_conv1d"):  # x [1, C, T], weight [C, K]: the last K - 1 inputs kept
+            x, w = n.args[0].meta["val"], n.args[1].meta["val"]
+            lc(int(n.args[3])).state_bytes_per_seq += int(x.shape[1]) * (int(w.shape[-1]) - 1) * x.element_size()
+            lc(int(n.args[3])).attn_flops_per_token += 2.0 * w.numel()
+        elif is_op(n, "gated_delta_rule"):  # k [1, T, Hk, dk], v [1, T, Hv, dv]: S [Hv, dk, dv] in float32
+            k, v = n.args[1].meta["val"], n.args[2].meta["val"]
+            hv, dk, dv = int(v.shape[2]), int(k.shape[3]), int(v.shape[3])
+            lc(int(n.args[5])).state_bytes_per_seq += hv * dk * dv * 4
+            lc(int(n.args[5])).attn_flops_per_token += 8.0 * hv * dk * dv  # decay, predict, update, read
+        elif is_op(n, "mamba2_scan"):  # h [heads, P, N] in float32
+            x, b = n.args[0].meta["val"], n.args[1].meta["val"]
+            heads, groups = int(n.args[8]), int(n.args[9])
+            size = heads * (int(x.shape[-1]) // heads) * (int(b.shape[-1]) // groups)
+            lc(int(n.args[7])).state_bytes_per_seq += size * 4
+            lc(int(n.args[7])).attn_flops_per_token += 6.0 * size
+        elif is_op(n, "mamba_scan"):  # h [I, N] in float32
+            size = n.args[5].meta["val"].numel()
+            lc(int(n.args[8])).state_bytes_per_seq += size * 4
+            lc(int(n.args[8])).attn_flops_per_token += 6.0 * size
         elif is_op(n, "router"):  # Mixtral's swapped router: [T, H] @ [E, H]ᵀ
             w = n.args[1]
             lc(int(n.args[3])).attn_flops_per_token += 2.0 * fetch_attr(gm, w.target).numel()

@@ -162,7 +162,7 @@ def attention_layer_time(lc: LayerCost, b_a: float, ctx: float, side: Side, eff:
     if lc.kv_heads:  # tp beyond the KV heads replicates them: each rank reads a whole head's cache
         kv = (np.where(side.tp > lc.kv_heads, kv * side.tp / lc.kv_heads, kv) if isinstance(side.tp, np.ndarray)
               else kv * side.tp / lc.kv_heads if side.tp > lc.kv_heads else kv)
-    nbytes = lc.attn_weight_bytes + kv
+    nbytes = lc.attn_weight_bytes + kv + 2 * b_a * lc.state_bytes_per_seq  # a state layer reads and writes its state
     act = b_a * model.hidden_size * model.dtype_bytes
     coll = _allreduce(act, side) + _broadcast(act, side) if disaggregated else 2 * _allreduce(act, side)
     return _roofline(flops, nbytes, side, eff) + eff.layer_overhead_s + coll

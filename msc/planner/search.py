@@ -185,8 +185,9 @@ def over_nvlink(side: Side, where=True) -> Side:
 def attention_memory(model: ModelCost, b_a: int, m: int, tp_a: int, wl: Workload) -> float:
     """Bytes per attention GPU: its share of the attention weights and of the KV cache of m·b_a sequences."""
     kv = m * b_a * wl.max_context * model.kv_bytes_tp(tp_a)  # replicated heads when tp exceeds them
+    state = m * b_a * model.state_bytes_per_seq() * tp_a  # state layers: every rank keeps each sequence's state
     act = m * b_a * model.hidden_size * model.dtype_bytes * 16  # activations in flight (generous)
-    return (model.attention_weight_bytes() + kv + act) / tp_a
+    return (model.attention_weight_bytes() + kv + state + act) / tp_a
 
 
 def expert_memory(model: ModelCost, n_e: int, tp_e: int, extra_slots: int = 0) -> float:
@@ -196,7 +197,8 @@ def expert_memory(model: ModelCost, n_e: int, tp_e: int, extra_slots: int = 0) -
 
 
 def _max_b_by_memory(model: ModelCost, m: int, tp_a: int, wl: Workload, usable: float) -> int:
-    per_seq = (m * wl.max_context * model.kv_bytes_tp(tp_a) + m * model.hidden_size * model.dtype_bytes * 16) / tp_a
+    per_seq = ((m * wl.max_context * model.kv_bytes_tp(tp_a) + m * model.hidden_size * model.dtype_bytes * 16) / tp_a
+               + m * model.state_bytes_per_seq())
     room = usable - model.attention_weight_bytes() / tp_a
     return int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
 
@@ -477,7 +479,7 @@ class Planner:
             usable = gpu.mem_bytes * self.eff.memory_fraction
             room = (usable - self.model.attention_weight_bytes() / g
                     - self.model.expert_weight_bytes() * math.ceil(experts / g) / experts)
-            per_seq = self.wl.max_context * self.model.kv_bytes_tp(g) / g
+            per_seq = self.wl.max_context * self.model.kv_bytes_tp(g) / g + self.model.state_bytes_per_seq()
             b_mem = int(min(MAX_BATCH, room // per_seq)) if room > 0 else 0
             step = (lambda b: colocated_step(self.model, b, self.wl.mean_context, side, self.eff, prof,  # noqa: E731
                                              self.routing))

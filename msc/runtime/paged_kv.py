@@ -106,6 +106,9 @@ class PagedKVCache:
         self._row: dict[int, int] = {}
         self._free_rows: list[int] = []
         self._table = torch.zeros(0, self.max_blocks_per_seq, dtype=torch.int32)  # [rows, max_blocks]
+        # the state layers' per-sequence state (msc.runtime.sequence_state), when the model has state layers:
+        # a slot taken and freed with the sequence, like its pages
+        self.states = None
 
     # ---- sequences
     def add_sequence(self, seq_id: int) -> None:
@@ -116,12 +119,16 @@ class PagedKVCache:
             old = self._table.shape[0]
             self._table = torch.cat([self._table, torch.zeros(max(old, 16), self.max_blocks_per_seq, dtype=torch.int32)])
             self._free_rows = list(range(self._table.shape[0] - 1, old - 1, -1))
+        if self.states is not None:
+            self.states.add(seq_id)
         row = self._row[seq_id] = self._free_rows.pop()
         self._table[row].zero_()
 
     def drop_sequence(self, seq_id: int) -> None:
         """Forget the sequence and return its blocks to the free list (unknown ids are ignored)."""
         self.allocator.free(self._blocks.pop(seq_id, []))
+        if self.states is not None:
+            self.states.drop(seq_id)
         row = self._row.pop(seq_id, None)
         if row is not None:
             self._free_rows.append(row)
@@ -234,6 +241,7 @@ class StepMeta:
     decode: bool
     prefill_spans: list[tuple[int, int]] = field(default_factory=list)
     mixed: "MixedParts | None" = None  # a mixed step's parts (for_step)
+    state_slots: Tensor | None = None  # [B] int64 (cache device): each sequence's state slot (models with state layers)
 
     @classmethod
     def for_step(cls, cache: PagedKVCache, seq_ids: list[int], contexts: list[int], counts: list[int]) -> "StepMeta":
@@ -271,7 +279,7 @@ class StepMeta:
             cls.for_decode(cache, dec_ids, dec_pos) if dec_ids else None, fresh, cont)
         return cls(cache.slots(tok_seq, pos), cache.block_table(list(seq_ids)),
                    torch.tensor(lens, dtype=torch.int32, device=cache.device), decode=False, prefill_spans=spans,
-                   mixed=parts)
+                   mixed=parts, state_slots=_state_slots(cache, seq_ids))
 
     @classmethod
     def for_decode(cls, cache: PagedKVCache, seq_ids: list[int], positions: list[int],
@@ -296,7 +304,7 @@ class StepMeta:
             lens = torch.cat([lens, torch.zeros(pad, dtype=torch.int32)])
         dev = cache.device
         slots, table, lens = slots.to(dev), host.to(dev), lens.to(dev)
-        return cls(slots, table, lens, decode=True)
+        return cls(slots, table, lens, decode=True, state_slots=_state_slots(cache, seq_ids, pad))
 
     @classmethod
     def for_prefill(cls, cache: PagedKVCache, seq_ids: list[int], lengths: list[int]) -> "StepMeta":
@@ -313,7 +321,8 @@ class StepMeta:
         positions = torch.cat([torch.arange(n) for n in lengths])  # [T]
         slots = cache.slots(tok_seq, positions)  # [T]
         lens = torch.tensor(list(lengths), dtype=torch.int32, device=cache.device)  # [B]
-        return cls(slots, cache.block_table(list(seq_ids)), lens, decode=False, prefill_spans=spans)
+        return cls(slots, cache.block_table(list(seq_ids)), lens, decode=False, prefill_spans=spans,
+                   state_slots=_state_slots(cache, seq_ids))
 
     @classmethod
     def static(cls, cache: PagedKVCache, batch: int) -> "StepMeta":
@@ -322,12 +331,15 @@ class StepMeta:
         dev = cache.device
         return cls(slots=torch.full((batch,), cache.scratch_slot, dtype=torch.long, device=dev),
                    block_tables=torch.zeros(batch, cache.max_blocks_per_seq, dtype=torch.int32, device=dev),
-                   seq_lens=torch.zeros(batch, dtype=torch.int32, device=dev), decode=True)
+                   seq_lens=torch.zeros(batch, dtype=torch.int32, device=dev), decode=True,
+                   state_slots=_state_slots(cache, [], batch))
 
     def update_(self, other: "StepMeta") -> "StepMeta":
         """Copy `other`'s tensor contents into this meta's tensors in place (a CUDA graph's static inputs)."""
-        for name in ("slots", "block_tables", "seq_lens"):
+        for name in ("slots", "block_tables", "seq_lens", "state_slots"):
             dst, src = getattr(self, name), getattr(other, name)
+            if dst is None and src is None:
+                continue
             if dst.shape != src.shape or dst.dtype != src.dtype:
                 raise MscError(f"StepMeta.update_: {name} {src.dtype} {tuple(src.shape)} does not fit the static "
                                f"{dst.dtype} {tuple(dst.shape)}; build the step with the captured batch size (pad_to)")
@@ -338,6 +350,15 @@ class StepMeta:
     def copy_into(self, static: "StepMeta") -> "StepMeta":
         """static.update_(self)."""
         return static.update_(self)
+
+
+def _state_slots(cache: PagedKVCache, seq_ids, pad: int = 0) -> Tensor | None:
+    """[B + pad] int64 on the cache device: each sequence's state slot, padding rows the scratch slot; None when
+    the model has no state layers."""
+    if cache.states is None:
+        return None
+    st = cache.states
+    return torch.tensor([st.slot(s) for s in seq_ids] + [st.scratch] * pad, dtype=torch.long, device=cache.device)
 
 
 # ------------------------------------------------------------------------------------------- attention

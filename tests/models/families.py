@@ -51,3 +51,41 @@ GENERIC_FAMILIES: dict[str, dict] = {
     "granitemoe": dict(_COMMON, model_type="granitemoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                        num_local_experts=4, num_experts_per_tok=2),
 }
+
+# Families with state layers (issue 26): the layer types keep both kinds, the state layers' sizes tiny.
+STATE_FAMILIES: dict[str, dict] = {
+    "qwen3_next": dict(_COMMON, model_type="qwen3_next", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                       head_dim=16, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                       linear_conv_kernel_dim=4),
+    "qwen3_5_moe_text": dict(_COMMON, model_type="qwen3_5_moe_text", hidden_size=64, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32, num_hidden_layers=3, num_experts=6,
+                             num_experts_per_tok=2, head_dim=16,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    # the composite (vision-language) config of the same model: its causal LM reads the text config
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", text_config=dict(
+        _COMMON, model_type="qwen3_5_moe_text", hidden_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2, head_dim=16,
+        layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4)),
+    "lara_mini": dict(_COMMON, model_type="lara_mini", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                      head_dim=16, layer_types=["linear_attention", "sliding_attention", "full_attention"],
+                      sliding_window=4, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                      linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "granitemoehybrid": dict(_COMMON, model_type="granitemoehybrid", hidden_size=64, intermediate_size=48,
+                             shared_intermediate_size=32, num_hidden_layers=3, num_local_experts=6,
+                             num_experts_per_tok=2, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4,
+                             mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=1,
+                             mamba_chunk_size=8),
+    "jamba": dict(_COMMON, model_type="jamba", hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                  num_experts=6, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+                  expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+}
+
+# the state families that run (lara_mini is refused: its checkpoint fuses projections msc's reader cannot split);
+# the composite qwen3_5_moe is the text model's config inside another, tested by the family survey
+RUNNING_STATE_FAMILIES = {k: STATE_FAMILIES[k] for k in ("qwen3_next", "qwen3_5_moe_text", "granitemoehybrid", "jamba")}

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from msc.capture import capture
 from msc.models.registry import adapter_for
 from msc.planner.cost import model_cost
-from tests.models.families import FAMILIES, GENERIC_FAMILIES
+from tests.models.families import FAMILIES, GENERIC_FAMILIES, RUNNING_STATE_FAMILIES
 
 
 def _cost(family: str):
@@ -75,7 +75,7 @@ def _same_numbers(a, b, rel=1e-9) -> bool:
     return a == pytest.approx(b, rel=rel, abs=0)
 
 
-_ALL = {**FAMILIES, **GENERIC_FAMILIES}
+_ALL = {**FAMILIES, **GENERIC_FAMILIES, **RUNNING_STATE_FAMILIES}
 
 
 @pytest.mark.parametrize("family,deeper", [(f, True) for f in sorted(_ALL)] + [("mixtral", False), ("gpt_oss", False), ("phimoe", False)])

@@ -1,0 +1,106 @@
+"""The state layers' runtime (msc.runtime.sequence_state) against transformers' own functions, run on whole
+sequences: packed prefill steps, chunked prompts and batched decode steps must give what one call over each
+whole sequence gives, and slots must come and go with the sequences."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msc.errors import MscError
+from msc.runtime.paged_kv import PagedKVCache, StepMeta
+from msc.runtime.sequence_state import SequenceStates, causal_conv1d, gated_delta_rule, state_key
+
+hf = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+C, K = 6, 4
+HK, HV, DK, DV = 2, 4, 8, 5
+
+
+def _cache(seqs, max_batch=4):
+    cache = PagedKVCache(1, 80, 4, 1, 2, 2, torch.float32, "cpu", 128)
+    cache.states = SequenceStates({state_key(0, "conv", 0): ((C, K - 1), torch.float32),
+                                   state_key(0, "delta"): ((HV, DK, DV), torch.float32)}, max_batch + 1, "cpu")
+    for s in seqs:
+        cache.add_sequence(s)
+    return cache
+
+
+def _run_steps(cache, lengths, steps, fn):
+    """Feed each sequence's tokens in the given steps: steps is a list of {seq: count}; fn(meta, rows) runs one
+    step on the rows (global token indices) and returns its output rows."""
+    done = {s: 0 for s in lengths}
+    outs = {s: [] for s in lengths}
+    for step in steps:
+        ids = list(step)
+        meta = StepMeta.for_step(cache, ids, [done[s] for s in ids], [step[s] for s in ids])
+        rows = [(s, done[s] + i) for s in ids for i in range(step[s])]
+        out = fn(meta, rows)
+        for (s, _), o in zip(rows, out):
+            outs[s].append(o)
+        for s in ids:
+            done[s] += step[s]
+    return {s: torch.stack(o) for s, o in outs.items()}
+
+
+def test_conv_over_steps_equals_one_causal_convolution():
+    g = torch.Generator().manual_seed(0)
+    lengths = {0: 9, 1: 5, 2: 7}
+    xs = {s: torch.randn(C, n, generator=g) for s, n in lengths.items()}
+    w, b = torch.randn(C, K, generator=g), torch.randn(C, generator=g)
+    cache = _cache(lengths)
+    # a packed prefill of two prompts, a chunked prompt, then mixed and decode steps
+    steps = [{0: 4, 1: 3}, {0: 3, 1: 1, 2: 5}, {0: 1, 1: 1, 2: 1}, {0: 1, 2: 1}]
+
+    def step(meta, rows):
+        x = torch.stack([xs[s][:, p] for s, p in rows], dim=1).unsqueeze(0)  # [1, C, T]
+        return causal_conv1d(cache.states, meta, state_key(0, "conv", 0), x, w, b, "silu")[0].T
+
+    got = _run_steps(cache, lengths, steps, step)
+    for s, n in lengths.items():
+        want = hf.causal_conv1d_fn(xs[s].unsqueeze(0), w, b, activation="silu")[0].T  # [n, C]
+        torch.testing.assert_close(got[s], want)
+
+
+def test_gated_delta_rule_over_steps_equals_transformers_chunked_rule():
+    g = torch.Generator().manual_seed(1)
+    lengths = {0: 70, 1: 6, 2: 3}  # 70: more than one of transformers' 64-token chunks
+    q = {s: torch.randn(n, HK, DK, generator=g) for s, n in lengths.items()}
+    k = {s: torch.randn(n, HK, DK, generator=g) for s, n in lengths.items()}
+    v = {s: torch.randn(n, HV, DV, generator=g) for s, n in lengths.items()}
+    gate = {s: -F.softplus(torch.randn(n, HV, generator=g)) for s, n in lengths.items()}
+    beta = {s: torch.rand(n, HV, generator=g) for s, n in lengths.items()}
+    cache = _cache(lengths)
+    steps = [{0: 40, 1: 2}, {0: 28, 1: 3, 2: 2}, {0: 1, 1: 1, 2: 1}, {0: 1}]
+
+    def step(meta, rows):
+        pick = lambda d: torch.stack([d[s][p] for s, p in rows]).unsqueeze(0)  # noqa: E731
+        return gated_delta_rule(cache.states, meta, state_key(0, "delta"), pick(q), pick(k), pick(v), pick(gate),
+                                pick(beta), True)[0]
+
+    got = _run_steps(cache, lengths, steps, step)
+    for s in lengths:
+        want, _ = hf.torch_chunk_gated_delta_rule(q[s][None], k[s][None], v[s][None], gate[s][None], beta[s][None],
+                                                  use_qk_l2norm_in_kernel=True)
+        torch.testing.assert_close(got[s], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_slots_are_zeroed_for_a_new_sequence_and_limited():
+    cache = _cache([0, 1], max_batch=2)
+    key = state_key(0, "delta")
+    cache.states.buffer(key)[cache.states.slot(0)].fill_(3.0)
+    cache.drop_sequence(0)
+    cache.add_sequence(5)  # takes the freed slot: zeroed
+    assert cache.states.slot(5) != cache.states.scratch
+    assert float(cache.states.buffer(key)[cache.states.slot(5)].abs().sum()) == 0.0
+    with pytest.raises(MscError, match="state slots are taken"):
+        cache.add_sequence(6)
+
+
+def test_padded_decode_rows_use_the_scratch_slot():
+    cache = _cache([0])
+    meta = StepMeta.for_decode(cache, [0], [0], pad_to=4)
+    assert meta.state_slots.tolist() == [cache.states.slot(0)] + [cache.states.scratch] * 3
+    static = StepMeta.static(cache, 4)
+    static.update_(meta)
+    assert static.state_slots.tolist() == meta.state_slots.tolist()
