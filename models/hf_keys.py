@@ -10,7 +10,8 @@ NOTE: rather than restating each family's renames, msc runs every checkpoint key
 family's mapping as transformers' loader does (`rename_source_key`) and records which keys land on each
 parameter. A fusing converter is accepted when its operations are the ones msc's checkpoint reader can
 reproduce lazily, row block by row block: `MergeModulelist(dim=0)` (stack the experts) optionally followed by
-`Concatenate(dim=1)` (gate then up in one [2I, H] block). Anything else is refused by name.
+`Concatenate(dim=1)` (gate then up in one [2I, H] block), and `Concatenate(dim=0)` of whole tensors (read one
+after the other). Anything else is refused by name.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class KeyIndex:
 
     renamed: dict[str, str]  # param -> checkpoint key
     fused: dict[str, _Fused]  # param -> per-expert sources
+    # param -> (source patterns, pattern -> key): tensors concatenated along dim 0 (Kimi-Linear's one depthwise
+    # convolution from its q, k and v convolutions)
+    concat: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     def source(self, param: str, expert_rows: tuple[int, int] | None, num_experts: int | None = None) -> dict | None:
         """The weight source of `param` (None: not a renamed or fused parameter). num_experts: how many experts
@@ -43,6 +47,12 @@ class KeyIndex:
             if expert_rows is not None:
                 src["rows"] = list(expert_rows)
             return src
+        if param in self.concat:
+            patterns, keys = self.concat[param]
+            missing = [p for p in patterns if p not in keys]
+            if missing or expert_rows is not None:
+                raise MscError(f"checkpoint has no tensor for part '{missing[0] if missing else '?'}' of '{param}'")
+            return {"cat": [keys[p] for p in patterns]}
         fused = self.fused.get(param)
         if fused is None:
             return None
@@ -74,7 +84,7 @@ def _op_names(converter) -> list[str]:
 
 def _expert_index(key: str, pattern: str) -> int:
     """The number standing for `*` in `pattern` within `key` (`.experts.*.w1.weight` in `...experts.3.w1.weight`)."""
-    rx = re.escape(pattern).replace(r"\*", r"(\d+)")
+    rx = re.escape(pattern.replace("\\.", ".")).replace(r"\*", r"(\d+)")  # patterns may come regex-escaped
     m = re.search(rx, key)
     if m is None:
         raise MscError(f"cannot find the expert number of checkpoint key '{key}' (pattern '{pattern}')")
@@ -100,6 +110,9 @@ def build_key_index(model_type: str, keys: set[str]) -> KeyIndex:
                 index.renamed[target] = key
             continue
         conv = by_pattern[pattern]
+        if "*" not in pattern and _op_names(conv) == ["Concatenate(dim=0)"]:  # whole tensors end to end
+            index.concat.setdefault(target, (list(conv.source_patterns), {}))[1][pattern] = key
+            continue
         if "*" not in pattern:  # not a per-expert merge: a split or reshape of one tensor (a fused QKV, say)
             raise MscError(f"checkpoint key '{key}' is converted by transformers ({' + '.join(_op_names(conv))}) into "
                            f"{list(conv.target_patterns)}, which msc's per-role checkpoint reader cannot reproduce")

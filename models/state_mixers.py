@@ -20,6 +20,7 @@ state the replacement functions do not see would make the program decode wrongly
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 from typing import Iterator
@@ -37,9 +38,13 @@ KNOWN_MIXERS: dict[str, dict[str, int]] = {
     "NemotronHMamba2Mixer": {"causal_conv1d": 1, "mamba2_scan": 1},
     "GraniteMoeHybridMambaLayer": {"causal_conv1d": 1, "mamba2_scan": 1},
     "JambaMambaMixer": {"causal_conv1d": 1, "mamba_scan": 1},
+    "KimiLinearDeltaAttention": {"causal_conv1d": 1, "gated_delta_rule": 1},
 }
 
 _local = threading.local()
+# mixer classes named like state layers (MiniMax's lightning attention keeps a decayed key-value sum): refused
+# unless known, whatever they hold (not "LinearAttention": Kimi-Linear names its softmax MLA attention so)
+_STATEFUL_NAME = re.compile(r"Lightning|Mamba|DeltaNet|ShortConv|Retention|RWKV")
 
 
 def _layer_now(what: str) -> int:
@@ -98,6 +103,8 @@ REPLACEMENTS = {
     "causal_conv1d_forward": _conv_forward,
     "torch_chunk_gated_delta_rule": _chunk_gated_delta_rule,
     "torch_recurrent_gated_delta_rule": _recurrent_unreachable,
+    "chunk_kimi_delta_attention": _chunk_gated_delta_rule,  # Kimi delta attention: a per-channel decay
+    "recurrent_kimi_delta_attention": _recurrent_unreachable,
     "mamba2_scan_forward": _mamba2_scan_forward,
     "mamba_scan_forward": _mamba_scan_forward,
 }
@@ -110,23 +117,27 @@ def state_mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def unknown_state_layers(model: nn.Module) -> list[tuple[str, str, str]]:
     """(path, class, why) of modules that look like state layers msc does not implement: a depthwise convolution
-    (a short convolution keeps its last inputs) or a state-space decay `A_log`, outside the known mixers."""
+    (a short convolution keeps its last inputs) or a state-space decay `A_log`, outside the known mixers; then
+    modules named like state layers (_STATEFUL_NAME) that hold neither."""
     known = [name for name, _ in state_mixers(model)]
-    found = []
+
+    def skip(name: str) -> bool:  # a known mixer, a part of one or a module holding one (a decoder layer)
+        return any(name == k or name.startswith(k + ".") or not name or k.startswith(name + ".") for k in known)
+
+    found: dict[str, tuple[str, str]] = {}
     for name, m in model.named_modules():
-        if any(name == k or name.startswith(k + ".") for k in known):
+        if skip(name):
             continue
         if isinstance(m, nn.Conv1d) and m.groups == m.in_channels and m.in_channels > 1:
             parent = name.rpartition(".")[0]
-            found.append((parent, type(model.get_submodule(parent)).__name__, f"a depthwise convolution ({name})"))
+            found.setdefault(parent, (type(model.get_submodule(parent)).__name__, f"a depthwise convolution ({name})"))
         elif isinstance(getattr(m, "A_log", None), nn.Parameter):
-            found.append((name, type(m).__name__, "a state-space decay (A_log)"))
-    seen, out = set(), []
-    for path, cls, why in found:
-        if path not in seen:
-            seen.add(path)
-            out.append((path, cls, why))
-    return out
+            found.setdefault(name, (type(m).__name__, "a state-space decay (A_log)"))
+    for name, m in model.named_modules():
+        if not skip(name) and name not in found and _STATEFUL_NAME.search(type(m).__name__) and \
+                not any(f.startswith(name + ".") for f in found):
+            found[name] = (type(m).__name__, "a linear-attention or recurrent state (its class is named like one)")
+    return [(path, cls, why) for path, (cls, why) in found.items()]
 
 
 def check_known(model: nn.Module) -> None:

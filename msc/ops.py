@@ -82,8 +82,9 @@ def _causal_conv1d_fake(x, weight, bias, layer, index, activation):
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, layer: int, qk_l2norm: bool) -> Tensor:
     """Gated delta rule linear attention (Gated DeltaNet: Qwen3-Next, Qwen3.5) over each sequence's recurrent
     state S [Hv, dk, dv]: per token S <- exp(g)·S; S <- S + k ⊗ β(v - Sᵀk); o = Sᵀq (q scaled by dk^-½, q and k
-    L2-normalised when qk_l2norm). q, k [1, T, Hk, dk], v [1, T, Hv, dv], g (log decay), beta [1, T, Hv]
-    -> [1, T, Hv, dv] in q's dtype; each key head serves Hv / Hk value heads."""
+    L2-normalised when qk_l2norm). q, k [1, T, Hk, dk], v [1, T, Hv, dv], beta [1, T, Hv], g (log decay) [1, T, Hv]
+    per head or [1, T, Hv, dk] per key channel (Kimi delta attention) -> [1, T, Hv, dv] in q's dtype; each key
+    head serves Hv / Hk value heads."""
     return _ctx().gated_delta_rule(q, k, v, g, beta, layer, qk_l2norm)
 
 

@@ -124,7 +124,7 @@ def gated_delta_rule(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
     if qk_l2norm:
         qf, kf = _l2norm(qf), _l2norm(kf)
     qf = qf * qf.shape[-1] ** -0.5
-    decay, bf = g[0].float().exp(), beta[0].float()  # [T, Hv]
+    decay, bf = g[0].float().exp(), beta[0].float()  # [T, Hv] or [T, Hv, dk], [T, Hv]
     out = torch.empty(vf.shape, dtype=torch.float32, device=v.device)  # [T, Hv, dv]
     if meta.decode:
         slots = meta.state_slots  # [B]
@@ -141,10 +141,10 @@ def gated_delta_rule(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
 
 
 def delta_step(s: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """One token of the gated delta rule for B rows: s [B, H, dk, dv], q/k [B, H, dk], v [B, H, dv], decay/beta
-    [B, H] -> (new state, output [B, H, dv]). The state first decays, then moves its prediction for k towards v
-    by beta (the delta rule), then answers q."""
-    s = s * decay[..., None, None]
+    """One token of the gated delta rule for B rows: s [B, H, dk, dv], q/k [B, H, dk], v [B, H, dv], beta [B, H],
+    decay [B, H] (per head) or [B, H, dk] (per key channel) -> (new state, output [B, H, dv]). The state first
+    decays, then moves its prediction for k towards v by beta (the delta rule), then answers q."""
+    s = s * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
     predicted = torch.einsum("bhkv,bhk->bhv", s, k)  # [B, H, dv]
     s = s + k.unsqueeze(-1) * ((v - predicted) * beta.unsqueeze(-1)).unsqueeze(-2)
     return s, torch.einsum("bhkv,bhk->bhv", s, q)

@@ -84,8 +84,15 @@ STATE_FAMILIES: dict[str, dict] = {
     "jamba": dict(_COMMON, model_type="jamba", hidden_size=64, intermediate_size=48, num_hidden_layers=3,
                   num_experts=6, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
                   expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    "kimi_linear": dict(_COMMON, model_type="kimi_linear", hidden_size=64, intermediate_size=128,
+                        moe_intermediate_size=32, num_hidden_layers=3, num_experts=6, num_experts_per_token=2,
+                        num_shared_experts=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+                        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, head_dim=16,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"], linear_head_dim=8,
+                        linear_num_heads=4, linear_conv_kernel_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 # the state families that run (lara_mini is refused: its checkpoint fuses projections msc's reader cannot split);
 # the composite qwen3_5_moe is the text model's config inside another, tested by the family survey
-RUNNING_STATE_FAMILIES = {k: STATE_FAMILIES[k] for k in ("qwen3_next", "qwen3_5_moe_text", "granitemoehybrid", "jamba")}
+RUNNING_STATE_FAMILIES = {k: STATE_FAMILIES[k] for k in ("qwen3_next", "qwen3_5_moe_text", "granitemoehybrid", "jamba",
+                                                            "kimi_linear")}

@@ -1,5 +1,5 @@
 """Families with state layers (issue 26) beside attention: Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE), Mamba-2
-(Granite-4 hybrid), Mamba (Jamba).
+(Granite-4 hybrid), Mamba (Jamba), Kimi delta attention (Kimi-Linear: a per-channel decay, beside MLA).
 
 Each tiny config compiles with 2 expert nodes; as role processes its greedy tokens equal transformers' and its
 logits are within 1e-4 of the model's forward; on the colocated engine, prompts arriving while others decode,
@@ -17,7 +17,7 @@ from msc.engine.engine import Engine
 from msc.engine.request import SamplingParams
 from msc.engine.runner import ModelRunner
 from msc.errors import MscError
-from msc.ops import is_state_op
+from msc.ops import is_attention, is_state_op
 from msc.spec import parse_spec
 from msc.verify import reference_generate, verify_bundle
 from tests.models.families import RUNNING_STATE_FAMILIES, STATE_FAMILIES
@@ -44,7 +44,7 @@ def test_role_processes_match_transformers(bundle):
     config = AutoConfig.from_pretrained(str(bundle.checkpoint_dir()))
     gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cpu")
     state_layers = sorted({n.args[_LAYER_ARG[n.target.__name__.split(".")[0]]] for n in gm.graph.nodes if is_state_op(n)})
-    attention_layers = sorted(n.args[3] for n in gm.graph.nodes if n.target is torch.ops.msc.attention.default)
+    attention_layers = sorted(n.args[_LAYER_ARG[n.target.__name__.split(".")[0]]] for n in gm.graph.nodes if is_attention(n))
     assert state_layers and attention_layers
     assert sorted(state_layers + attention_layers) == list(range(config.num_hidden_layers))  # each layer one mixer
     r = verify_bundle(bundle.path, None, 8)
@@ -69,10 +69,10 @@ def test_colocated_engine_with_chunks_and_preemption_matches_transformers(bundle
 
 
 def test_unknown_state_layer_is_refused_naming_it(tmp_path):
-    # Kimi-Linear's delta attention keeps short-convolution and recurrent states that msc does not implement yet
-    spec = parse_spec({"model": {"config": {"model_type": "kimi_linear", "num_hidden_layers": 4}}, "device": "meta",
-                       "plan": {"experts": {"nodes": 2}}})
-    with pytest.raises(MscError, match=r"model\.layers\.0\.self_attn \(KimiLinearDeltaAttention\) holds a depthwise"):
+    # ZAYA's attention projects through depthwise convolutions over past tokens, a state msc does not implement
+    spec = parse_spec({"model": {"config": {"model_type": "zaya", "num_hidden_layers": 2, "num_experts_per_tok": 1}},
+                       "device": "meta", "plan": {"experts": {"nodes": 2}}})
+    with pytest.raises(MscError, match=r"model\.layers\.0\.self_attn\.qkv_proj \(ZayaCCAProjection\) holds a depthwise"):
         compile_spec(spec, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
