@@ -121,9 +121,10 @@ def _no_mask(*args, **kwargs):
 def _msc_experts(self, hidden_states, top_k_index, top_k_weights):
     """transformers experts interface -> msc::experts (all experts of the layer, first id 0)."""
     has_bias = getattr(self, "has_bias", False)
+    first = "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj"  # up-only experts: layout up_only
     return torch.ops.msc.experts(
-        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, int(self._msc_layer), 0,
-        self.gate_up_proj_bias if has_bias else None, self.down_proj_bias if has_bias else None,
+        hidden_states, top_k_index, top_k_weights, getattr(self, first), self.down_proj, int(self._msc_layer), 0,
+        getattr(self, f"{first}_bias") if has_bias else None, self.down_proj_bias if has_bias else None,
         getattr(self, "_msc_act", "silu"), getattr(self, "_msc_layout", ""),
     )
 
@@ -147,10 +148,10 @@ def describe_experts(experts: nn.Module, where: str) -> tuple[str, str]:
     if not hasattr(experts, "has_gate"):
         raise MscError(f"{where} ({cls}) does not use transformers' experts interface (use_experts_implementation): "
                        "msc cannot see its weights; write a family adapter for it")
-    if not experts.has_gate:
-        raise MscError(f"{where} ({cls}) has experts without a gate projection (up only), which msc does not implement yet")
     if getattr(experts, "has_post_expert_norm", False):
         raise MscError(f"{where} ({cls}) normalises each expert's output, which msc does not implement yet")
+    if not experts.has_gate:
+        return _describe_up_only(experts, where)
     for name in ("gate_up_proj", "down_proj"):
         if not isinstance(getattr(experts, name, None), torch.Tensor):
             raise MscError(f"{where} ({cls}) has no '{name}' parameter; msc expects stacked [E, ...] expert weights")
@@ -175,6 +176,29 @@ def describe_experts(experts: nn.Module, where: str) -> tuple[str, str]:
 
     parse_activation(act)  # an unknown activation name fails here, at compile time, naming it
     return act, ",".join(layout)
+
+
+def _describe_up_only(experts: nn.Module, where: str) -> tuple[str, str]:
+    """(act, layout) of experts without a gate projection (Nemotron-H): act(up(x)) then down, the activation
+    named by matching the module's act_fn against transformers' activation table."""
+    from transformers.activations import ACT2CLS
+
+    from msc.backends.compute.torch_eager import _up_only_fn
+
+    cls = type(experts).__name__
+    for name in ("up_proj", "down_proj"):
+        if not isinstance(getattr(experts, name, None), torch.Tensor):
+            raise MscError(f"{where} ({cls}) has no '{name}' parameter; msc expects stacked [E, ...] expert weights")
+    layout = "up_only,gate_up_t,down_t" if experts.is_transposed else "up_only"
+    act_cls = type(getattr(experts, "act_fn", None))
+    names = [k for k, v in ACT2CLS.items() if (v[0] if isinstance(v, tuple) else v) is act_cls]
+    for act in names:
+        try:
+            _up_only_fn(act)
+            return act, layout
+        except MscError:
+            continue
+    raise MscError(f"{where} ({cls}): up-only experts with activation {act_cls.__name__}, which msc does not implement")
 
 
 AttentionInterface.register(IMPL, _msc_attention)

@@ -39,6 +39,7 @@ KNOWN_MIXERS: dict[str, dict[str, int]] = {
     "GraniteMoeHybridMambaLayer": {"causal_conv1d": 1, "mamba2_scan": 1},
     "JambaMambaMixer": {"causal_conv1d": 1, "mamba_scan": 1},
     "KimiLinearDeltaAttention": {"causal_conv1d": 1, "gated_delta_rule": 1},
+    "MiniMaxLightningAttention": {"linear_attention": 1},
 }
 
 _local = threading.local()
@@ -97,6 +98,27 @@ def _mamba_scan_forward(module, hidden_states, time_step, B, C, gate, cache, **k
 def _recurrent_unreachable(*args, **kwargs):
     raise MscError("a state layer took its cached-decode path at capture; msc captures the no-cache path only")
 
+
+def _lightning_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """MiniMax's lightning attention with its decayed key-value sum through msc::linear_attention. NOTE: its own
+    forward has no replaceable function (the blockwise scan is written inline), so msc gives the module this
+    forward while capturing: the projections, activation, norm and output gate are the module's own, in its
+    order; the scan is o_i = Σ_{j<=i} exp(-slope·(i-j)) (q_i·k_j) v_j, what its blocks compute."""
+    if cache is not None:
+        raise MscError("MiniMax's lightning attention was given a transformers cache at capture")
+    b, t, _ = hidden_states.shape
+    qkv = self.act_fn(self.qkv_proj(hidden_states))
+    if attention_mask is not None:  # transformers multiplies a 2-D padding mask in; msc packs without padding
+        raise MscError("MiniMax's lightning attention was given an attention mask at capture; msc passes none")
+    q, k, v = torch.split(qkv.reshape(b, t, self.num_attention_heads, 3 * self.head_dim), self.head_dim, dim=3)
+    out = torch.ops.msc.linear_attention(q, k, v, -self.slope_rate.reshape(-1), int(self.layer_idx))  # [1, T, H, d]
+    out = self.norm(out.reshape(b, t, self.num_attention_heads * self.head_dim))
+    out = torch.sigmoid(self.output_gate(hidden_states)) * out
+    return self.out_proj(out), None
+
+
+# mixer class -> msc's forward for it (mixers whose state lives in code with no replaceable function)
+FORWARDS = {"MiniMaxLightningAttention": _lightning_forward}
 
 # name in a modeling module -> msc's replacement
 REPLACEMENTS = {
@@ -158,8 +180,11 @@ def capturing(model: nn.Module) -> Iterator[None]:
     check_known(model)
     modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
     saved = [(mod, name, getattr(mod, name)) for mod in modules for name in REPLACEMENTS if hasattr(mod, name)]
-    handles = []
+    handles, forwards = [], []
     for _, mixer in state_mixers(model):
+        if type(mixer).__name__ in FORWARDS:
+            forwards.append(mixer)
+            mixer.forward = FORWARDS[type(mixer).__name__].__get__(mixer)
         layer = getattr(mixer, "layer_idx", None)
         if not isinstance(layer, int):
             raise MscError(f"{type(mixer).__name__} has no layer_idx; msc cannot give its state a layer")
@@ -174,4 +199,6 @@ def capturing(model: nn.Module) -> Iterator[None]:
             setattr(mod, name, fn)
         for h in handles:
             h.remove()
+        for mixer in forwards:
+            del mixer.forward
         _local.layer = None

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_ARG = {"attention": 3, "mla_attention": 4, "router": 3, "experts": 5, "causal_conv1d": 3, "gated_delta_rule": 5,
-              "mamba2_scan": 7, "mamba_scan": 8}
+              "mamba2_scan": 7, "mamba_scan": 8, "linear_attention": 4}
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _check_every_layer_attends(model: nn.Module, gm) -> None:
             raise MscError(f"{path}.{i} ({type(layer).__name__}) made state ops {made.get(i, {})} where its mixers "
                            f"({', '.join(type(m).__name__ for m in mixers) or 'none'}) make {want}; msc refuses a state "
                            "layer it did not capture whole")
-    missing = [i for i in range(len(layers)) if i not in attending and i not in made]
+    missing = [i for i in range(len(layers)) if i not in attending and i not in made and not _position_wise(layers[i])]
     if not missing:
         return
     i = missing[0]
@@ -152,6 +152,18 @@ def _check_every_layer_attends(model: nn.Module, gm) -> None:
                    f"{' ...' if len(missing) > 8 else ''}). Their state (a convolution or recurrent state) would live "
                    "outside msc's KV and state caches, so msc refuses the model rather than compile one that decodes "
                    f"wrongly (state mixers msc implements: {', '.join(state_mixers.KNOWN_MIXERS)})")
+
+
+# NOTE: module kinds that compute each token on its own (no token mixing): a decoder layer made only of these
+# (Nemotron-H's MoE and MLP layers) needs neither attention nor a state. Anything else in a layer without
+# attention or a known state mixer is refused.
+_POSITION_WISE = re.compile(r"Norm|MLP|MoE|Moe|Experts|Router|Gate|TopK|Topk|FeedForward|Block$|DecoderLayer$|Activation")
+
+
+def _position_wise(layer: nn.Module) -> bool:
+    """Whether every module of a decoder layer is of a kind that computes each token on its own."""
+    plain = (nn.Linear, nn.Dropout, nn.Identity, nn.SiLU, nn.GELU, nn.ReLU, nn.Sigmoid, nn.Tanh)
+    return all(isinstance(m, plain) or _POSITION_WISE.search(type(m).__name__) for m in layer.modules())
 
 
 def cache_layout(node) -> tuple:

@@ -122,6 +122,19 @@ def _mamba_scan_fake(x, dt, b, c, gate, a_log, d, dt_bias, layer):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("msc::linear_attention", mutates_args=())
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, layer: int) -> Tensor:
+    """Decayed linear attention (MiniMax's lightning attention) over each sequence's state S [H, dk, dv]: per token
+    S <- exp(log_decay)·S + k ⊗ v, o = Sᵀq (no scaling, no normalisation). q, k [1, T, H, dk], v [1, T, H, dv],
+    log_decay [H] (<= 0) -> [1, T, H, dv] in q's dtype."""
+    return _ctx().linear_attention(q, k, v, log_decay, layer)
+
+
+@linear_attention.register_fake
+def _linear_attention_fake(q, k, v, log_decay, layer):
+    return v.new_empty(v.shape, dtype=q.dtype)
+
+
 # ---------------------------------------------------------------- tensor parallelism
 @torch.library.custom_op("msc::tp_all_reduce", mutates_args=())
 def tp_all_reduce(x: Tensor, layer: int) -> Tensor:
@@ -358,6 +371,7 @@ SIDE_EFFECT_OPS = (
     torch.ops.msc.gated_delta_rule.default,
     torch.ops.msc.mamba2_scan.default,
     torch.ops.msc.mamba_scan.default,
+    torch.ops.msc.linear_attention.default,
 )
 for _op in SIDE_EFFECT_OPS:
     torch.fx.node._side_effectful_functions.add(_op)
@@ -369,6 +383,7 @@ MSC_OPS = {
     "gated_delta_rule": torch.ops.msc.gated_delta_rule.default,
     "mamba2_scan": torch.ops.msc.mamba2_scan.default,
     "mamba_scan": torch.ops.msc.mamba_scan.default,
+    "linear_attention": torch.ops.msc.linear_attention.default,
     "router": torch.ops.msc.router.default,
     "experts": torch.ops.msc.experts.default,
     "remote_experts": torch.ops.msc.remote_experts.default,
@@ -385,7 +400,7 @@ def is_op(node: torch.fx.Node, name: str) -> bool:
     return node.op == "call_function" and node.target is MSC_OPS[name]
 
 
-STATE_OPS = ("causal_conv1d", "gated_delta_rule", "mamba2_scan", "mamba_scan")
+STATE_OPS = ("causal_conv1d", "gated_delta_rule", "mamba2_scan", "mamba_scan", "linear_attention")
 
 
 def is_state_op(node: torch.fx.Node) -> bool:

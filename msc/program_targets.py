@@ -38,6 +38,7 @@ COMMON: frozenset[str] = frozenset(f"torch.ops.aten.{n}" for n in (
     "mm.default", "bmm.default", "matmul.default", "addmm.default", "baddbmm.default",
     # elementwise math and activations
     "exp.default", "log.default", "tanh.default", "relu.default", "gelu.default", "sqrt.default", "erf.default",
+    "square.default",
     "softplus.default", "clamp_min.default", "clamp_max.default", "minimum.default", "maximum.default",
     "mul.Scalar", "add.Scalar", "sub.Scalar", "div.Scalar", "rsub.Scalar", "floor_divide.default",
     # comparisons and masks

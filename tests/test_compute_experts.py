@@ -327,3 +327,38 @@ def test_against_transformers_experts(name, hidden_act):
     hi = gated_experts(hidden, idx, w, mod.gate_up_proj[2:], mod.down_proj[2:], 2,
                        *(b[2:] if b is not None else None for b in bias), act=act, layout=layout)
     torch.testing.assert_close(lo + hi, want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ up-only experts
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("fn", [gated_experts, gated_experts_static])
+def test_up_only_relu2_experts_equal_a_per_token_reference(fn, transposed):
+    """Nemotron-H's experts (no gate: relu(up x)² then down), stored [E, I, H] / [E, H, I] or transposed (Ergo)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, H, generator=g, dtype=F64)
+    up = torch.randn(E, I, H, generator=g, dtype=F64)
+    down = torch.randn(E, H, I, generator=g, dtype=F64)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # [T, K]
+    w = torch.rand(T, K, generator=g, dtype=F64)
+    want = torch.zeros(T, H, dtype=F64)
+    for t in range(T):
+        for k in range(K):
+            e = int(idx[t, k])
+            for o in range(H):
+                acc = 0.0
+                for i in range(I):
+                    u = sum(float(up[e, i, j]) * float(x[t, j]) for j in range(H))
+                    acc += max(u, 0.0) ** 2 * float(down[e, o, i])
+                want[t, o] += float(w[t, k]) * acc
+    if transposed:
+        got = fn(x, idx, w, up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous(), 0, act="relu2",
+                 layout="up_only,gate_up_t,down_t")
+    else:
+        got = fn(x, idx, w, up, down, 0, act="relu2", layout="up_only")
+    torch.testing.assert_close(got, want)
+
+
+def test_up_only_experts_take_a_plain_activation_only():
+    with pytest.raises(MscError, match="not supported for experts without a gate"):
+        gated_experts(torch.zeros(1, H), torch.zeros(1, K, dtype=torch.long), torch.ones(1, K), torch.zeros(E, I, H),
+                      torch.zeros(E, H, I), 0, act="gpt_oss:1.7:7.0", layout="up_only")

@@ -29,8 +29,11 @@ _ACTIVATIONS = {
     "gelu_new": functools.partial(F.gelu, approximate="tanh"),
     "gelu_fast": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # Nemotron-H's experts (ReLU squared)
 }
-LAYOUT_FLAGS = frozenset({"gate_up_t", "down_t", "interleaved"})
+# NOTE: up_only: experts without a gate projection (Nemotron-H): `gate_up` holds the up projection [E, I, H] and
+# the activation applies to it alone
+LAYOUT_FLAGS = frozenset({"gate_up_t", "down_t", "interleaved", "up_only"})
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,6 +59,15 @@ def parse_activation(act: str):
     return lambda gate, up: fn(gate) * up
 
 
+def _up_only_fn(act: str):
+    """The activation of up-only experts: a plain name (no gated form)."""
+    fn = _ACTIVATIONS.get(act)
+    if fn is None:
+        raise MscError(f"experts activation '{act}' is not supported for experts without a gate (known: "
+                       f"{', '.join(sorted(_ACTIVATIONS))})")
+    return lambda up, _unused: fn(up)
+
+
 @functools.lru_cache(maxsize=64)
 def parse_layout(layout: str) -> frozenset[str]:
     flags = frozenset(f for f in layout.split(",") if f)
@@ -75,7 +87,8 @@ def gated_experts(
     with `interleaved` the gate and up rows alternate (gate_0, up_0, gate_1, ...).
     down [E_local, H, I], or [E_local, I, H] with `down_t`. Optional biases [E_local, 2I] and [E_local, H].
     """
-    gate_fn, flags = parse_activation(act), parse_layout(layout)
+    flags = parse_layout(layout)
+    gate_fn = _up_only_fn(act) if "up_only" in flags else parse_activation(act)
     out = torch.zeros_like(hidden)  # [T, H]
     local = top_k_index - first_expert  # [T, K]
     for e in range(gate_up.shape[0]):
@@ -86,7 +99,7 @@ def gated_experts(
         gu = x @ gate_up[e] if "gate_up_t" in flags else F.linear(x, gate_up[e])  # [n, 2I]
         if gate_up_bias is not None:
             gu = gu + gate_up_bias[e]
-        gate, up = (gu[..., ::2], gu[..., 1::2]) if "interleaved" in flags else gu.chunk(2, dim=-1)  # [n, I] each
+        gate, up = _gate_and_up(gu, flags)  # [n, I] each (up-only: the up projection twice)
         h = gate_fn(gate, up)  # [n, I]
         y = h @ down[e] if "down_t" in flags else F.linear(h, down[e])  # [n, H]
         if down_bias is not None:
@@ -94,6 +107,12 @@ def gated_experts(
         y = y * top_k_weights[token_idx, k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def _gate_and_up(gu: Tensor, flags: frozenset[str]) -> tuple[Tensor, Tensor]:
+    if "up_only" in flags:
+        return gu, gu
+    return (gu[..., ::2], gu[..., 1::2]) if "interleaved" in flags else gu.chunk(2, dim=-1)
 
 
 def gated_experts_static(
@@ -104,7 +123,8 @@ def gated_experts_static(
     where a token did not pick the expert) select, so nothing depends on the data's values and a CUDA graph
     can capture it. NOTE: E_local / K times the FLOPs of the loop, but a decode step reads every expert's
     weights either way once the batch hits most experts; the engine takes it only while capturing."""
-    gate_fn, flags = parse_activation(act), parse_layout(layout)
+    flags = parse_layout(layout)
+    gate_fn = _up_only_fn(act) if "up_only" in flags else parse_activation(act)
     e_local = gate_up.shape[0]
     local = top_k_index - first_expert  # [T, K]
     experts = torch.arange(e_local, device=hidden.device)  # [E]
@@ -115,7 +135,7 @@ def gated_experts_static(
         gu = torch.einsum("th,eih->eti", hidden, gate_up)  # [E, T, 2I]
     if gate_up_bias is not None:
         gu = gu + gate_up_bias[:, None, :]
-    gate, up = (gu[..., ::2], gu[..., 1::2]) if "interleaved" in flags else gu.chunk(2, dim=-1)  # [E, T, I] each
+    gate, up = _gate_and_up(gu, flags)  # [E, T, I] each
     h = gate_fn(gate, up)  # [E, T, I]
     y = torch.einsum("eti,eih->eth", h, down) if "down_t" in flags else torch.einsum("eti,ehi->eth", h, down)  # [E, T, H]
     if down_bias is not None:

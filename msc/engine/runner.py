@@ -150,6 +150,9 @@ class ModelRunner:
         return sequence_state.mamba_scan(self.cache.states, self.meta, state_key(layer, "ssm"), x, dt, b, c, gate,
                                          a_log, d, dt_bias)
 
+    def linear_attention(self, q, k, v, log_decay, layer):
+        return sequence_state.linear_attention(self.cache.states, self.meta, state_key(layer, "kv"), q, k, v, log_decay)
+
     def dispatch(self, hidden, idx, weights, layer, bounds):
         if not self.remote:
             raise MscError("a colocated program has no dispatch; this looks like an attention role's program")
@@ -210,6 +213,10 @@ class ModelRunner:
             def mamba_scan(_, x, dt, b, c, gate, a_log, d, dt_bias, layer):
                 shapes["states"][state_key(layer, "ssm")] = (tuple(a_log.shape), torch.float32)
                 return torch.zeros_like(x)
+
+            def linear_attention(_, q, k, v, log_decay, layer):
+                shapes["states"][state_key(layer, "kv")] = ((v.shape[2], k.shape[3], v.shape[3]), torch.float32)
+                return v.new_zeros(v.shape, dtype=q.dtype)
 
             def dispatch(_, hidden, idx, weights, layer, bounds):
                 return torch.tensor([layer])

@@ -180,6 +180,11 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             hv, dk, dv = int(v.shape[2]), int(k.shape[3]), int(v.shape[3])
             lc(int(n.args[5])).state_bytes_per_seq += hv * dk * dv * 4
             lc(int(n.args[5])).attn_flops_per_token += 8.0 * hv * dk * dv  # decay, predict, update, read
+        elif is_op(n, "linear_attention"):  # k [1, T, H, dk], v [1, T, H, dv]: S [H, dk, dv] in float32
+            k, v = n.args[1].meta["val"], n.args[2].meta["val"]
+            size = int(v.shape[2]) * int(k.shape[3]) * int(v.shape[3])
+            lc(int(n.args[4])).state_bytes_per_seq += size * 4
+            lc(int(n.args[4])).attn_flops_per_token += 6.0 * size
         elif is_op(n, "mamba2_scan"):  # h [heads, P, N] in float32
             x, b = n.args[0].meta["val"], n.args[1].meta["val"]
             heads, groups = int(n.args[8]), int(n.args[9])

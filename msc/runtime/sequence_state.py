@@ -197,6 +197,20 @@ def mamba_scan(states: SequenceStates, meta, key: str, x: Tensor, dt: Tensor, b:
     return y.transpose(0, 1).unsqueeze(0).to(x.dtype)  # [1, I, T]
 
 
+def linear_attention(states: SequenceStates, meta, key: str, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
+    """msc::linear_attention over the sequences' states S [S, H, dk, dv] (float32): see msc.ops."""
+    buf = states.buffer(key)
+    t = q.shape[1]
+    qf, kf, vf = (x[0].float() for x in (q, k, v))  # [T, H, d]
+    decay = torch.exp(log_decay.float())[:, None, None]  # [H, 1, 1]
+
+    def step(s, i):  # s [B, H, dk, dv]
+        s = s * decay + kf[i].unsqueeze(-1) * vf[i].unsqueeze(-2)
+        return s, torch.einsum("bhkv,bhk->bhv", s, qf[i])
+
+    return _scan(buf, meta, t, step, q.device).to(q.dtype).unsqueeze(0)  # [1, T, H, dv]
+
+
 def _scan(buf: Tensor, meta, t: int, step, device) -> Tensor:
     """Run a recurrence over a step's tokens: step(h [B, ...], token rows [B]) -> (h, y [B, ...]); a decode step
     is one batched call over every sequence's slot, any other step each sequence's tokens in order. -> y [T, ...]"""

@@ -104,3 +104,69 @@ def test_padded_decode_rows_use_the_scratch_slot():
     static = StepMeta.static(cache, 4)
     static.update_(meta)
     assert static.state_slots.tolist() == meta.state_slots.tolist()
+
+
+def _mamba_cache(shape, max_batch=4, seqs=(0, 1, 2)):
+    cache = PagedKVCache(1, 80, 4, 1, 2, 2, torch.float32, "cpu", 128)
+    cache.states = SequenceStates({state_key(0, "ssm"): (shape, torch.float32)}, max_batch + 1, "cpu")
+    for s in seqs:
+        cache.add_sequence(s)
+    return cache
+
+
+def test_mamba2_scan_over_steps_equals_transformers_chunked_scan():
+    from transformers.models.nemotron_h import modeling_nemotron_h as nh
+
+    from msc.runtime.sequence_state import mamba2_scan
+
+    g = torch.Generator().manual_seed(2)
+    heads, groups, p, n, chunk = 4, 2, 3, 5, 8
+    lengths = {0: 21, 1: 6, 2: 3}  # 21: three of transformers' 8-token chunks
+    x = {s: torch.randn(t, heads * p, generator=g) for s, t in lengths.items()}
+    b = {s: torch.randn(t, groups * n, generator=g) for s, t in lengths.items()}
+    c = {s: torch.randn(t, groups * n, generator=g) for s, t in lengths.items()}
+    dt = {s: torch.randn(t, heads, generator=g) for s, t in lengths.items()}
+    a_log, d, dt_bias = torch.rand(heads, generator=g), torch.randn(heads, generator=g), torch.randn(heads, generator=g)
+    cache = _mamba_cache((heads, p, n))
+    steps = [{0: 10, 1: 2}, {0: 11, 1: 4, 2: 2}, {2: 1}]
+
+    def step(meta, rows):
+        pick = lambda t: torch.stack([t[s][i] for s, i in rows]).unsqueeze(0)  # noqa: E731
+        return mamba2_scan(cache.states, meta, state_key(0, "ssm"), pick(x), pick(b), pick(c), pick(dt), a_log, d,
+                           dt_bias, heads, groups, 0.0, float("inf"))[0]
+
+    got = _run_steps(cache, lengths, steps, step)
+    for s, t in lengths.items():
+        want = nh.mamba2_chunk_scan(x[s].view(1, t, heads, p), dt[s][None], -torch.exp(a_log), b[s].view(1, t, groups, n),
+                                    c[s].view(1, t, groups, n), chunk_size=chunk, D=d, dt_bias=dt_bias, dt_softplus=True)
+        torch.testing.assert_close(got[s], want.reshape(t, heads * p), rtol=1e-4, atol=1e-4)
+
+
+def test_mamba_scan_over_steps_equals_transformers_selective_scan():
+    from transformers.models.jamba import modeling_jamba as jm
+
+    from msc.runtime.sequence_state import mamba_scan
+
+    g = torch.Generator().manual_seed(4)
+    inner, n = 6, 4
+    lengths = {0: 9, 1: 5, 2: 2}
+    x = {s: torch.randn(inner, t, generator=g) for s, t in lengths.items()}
+    dt = {s: torch.randn(inner, t, generator=g) for s, t in lengths.items()}
+    gate = {s: torch.randn(inner, t, generator=g) for s, t in lengths.items()}
+    b = {s: torch.randn(t, n, generator=g) for s, t in lengths.items()}
+    c = {s: torch.randn(t, n, generator=g) for s, t in lengths.items()}
+    a_log, d, dt_bias = torch.rand(inner, n, generator=g), torch.randn(inner, generator=g), torch.randn(inner, generator=g)
+    cache = _mamba_cache((inner, n))
+    steps = [{0: 4, 1: 3}, {0: 5, 1: 1, 2: 2}, {1: 1}]
+
+    def step(meta, rows):
+        cols = lambda t: torch.stack([t[s][:, i] for s, i in rows], dim=1).unsqueeze(0)  # noqa: E731  [1, I, T]
+        seq = lambda t: torch.stack([t[s][i] for s, i in rows]).unsqueeze(0)  # noqa: E731  [1, T, N]
+        return mamba_scan(cache.states, meta, state_key(0, "ssm"), cols(x), cols(dt), seq(b), seq(c), cols(gate),
+                          a_log, d, dt_bias)[0].T
+
+    got = _run_steps(cache, lengths, steps, step)
+    for s, t in lengths.items():
+        want = jm.mamba_selective_scan(x[s][None], dt[s][None], -torch.exp(a_log), b[s].T[None], c[s].T[None], D=d,
+                                       z=gate[s][None], delta_bias=dt_bias, delta_softplus=True)
+        torch.testing.assert_close(got[s], want[0].T, rtol=1e-4, atol=1e-4)

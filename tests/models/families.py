@@ -90,9 +90,21 @@ STATE_FAMILIES: dict[str, dict] = {
                         q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, head_dim=16,
                         layer_types=["linear_attention", "full_attention", "linear_attention"], linear_head_dim=8,
                         linear_num_heads=4, linear_conv_kernel_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Nemotron-H: one kind of block a layer (Mamba-2, MoE with up-only ReLU² experts, attention), its MoE layers
+    # mix no tokens at all
+    "nemotron_h": dict(_COMMON, model_type="nemotron_h", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=32, num_hidden_layers=4, n_routed_experts=6,
+                       num_experts_per_tok=2, n_group=1, topk_group=1, head_dim=16,
+                       layer_types=["mamba", "moe", "attention", "moe"], mamba_num_heads=4, mamba_head_dim=16,
+                       n_groups=2, ssm_state_size=8, conv_kernel=4, expand=1, chunk_size=8),
+    # MiniMax: lightning attention (decayed linear attention, blocks of 4 so transformers' blockwise scan crosses
+    # blocks) beside softmax attention
+    "minimax": dict(_COMMON, model_type="minimax", hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                    num_local_experts=6, num_experts_per_tok=2, head_dim=16, block_size=4,
+                    layer_types=["linear_attention", "full_attention", "linear_attention"]),
 }
 
 # the state families that run (lara_mini is refused: its checkpoint fuses projections msc's reader cannot split);
 # the composite qwen3_5_moe is the text model's config inside another, tested by the family survey
 RUNNING_STATE_FAMILIES = {k: STATE_FAMILIES[k] for k in ("qwen3_next", "qwen3_5_moe_text", "granitemoehybrid", "jamba",
-                                                            "kimi_linear")}
+                                                            "kimi_linear", "nemotron_h", "minimax")}

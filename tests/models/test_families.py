@@ -119,7 +119,7 @@ def test_family_without_adapter_goes_through_the_generic_one(tmp_path, family):
 
 @pytest.mark.parametrize("family, config, expected", [
     ("jetmoe", {}, r"model\.layers\.0\.self_attention\.experts \(JetMoeMoA\) does not use transformers' experts interface"),
-    ("nemotron_h", {}, r"model\.layers\.\d+\.mixer\.experts \(NemotronHExperts\) has experts without a gate projection"),
+    ("hy_v4", {}, r"model\.layers\.\d+\.mlp\.experts \(HYV4Experts\) computes its own gate activation"),
     ("deepseek_v4", {}, r"model\.layers\.0\.mlp\.experts \(DeepseekV4Experts\) computes its own gate activation"),
 ])
 def test_unsupported_family_names_the_module_and_the_reason(tmp_path, family, config, expected):
