@@ -21,6 +21,7 @@ on-disk names, stacked experts saved one expert at a time (`...experts.E.gate_pr
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from msc.errors import MscError
@@ -52,6 +53,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if named:
         return max(named, key=lambda t: t[0])[2]
     raise MscError(f"cannot find the decoder layers of {type(model).__name__} (no module list of {n} layers)")
+
+
+def _parameter_rows(config):
+    """param name -> its size along dim 0 in the model of `config` (built on the meta device, once)."""
+    shapes: dict = {}
+
+    def rows(name: str) -> int:
+        if not shapes:
+            from msc.capture import build_meta_model
+
+            shapes.update({n: tuple(p.shape) for n, p in build_meta_model(config, torch.float32).named_parameters()})
+        if name not in shapes:
+            raise MscError(f"the model has no parameter '{name}' to size a split checkpoint tensor by")
+        return shapes[name][0]
+
+    return rows
 
 
 class GenericAdapter(FamilyAdapter):
@@ -86,7 +103,10 @@ class GenericAdapter(FamilyAdapter):
     def checkpoint_source(self, param, keys, config, expert_rows):
         if keys is None or param in keys:
             return super().checkpoint_source(param, keys, config, expert_rows)
-        src = self._key_index(config.model_type, keys).source(param, expert_rows, self.moe_shape(config)["num_experts"])
+        index = self._key_index(config.model_type, keys)
+        if index.split and index.rows_of is None:
+            index.rows_of = _parameter_rows(config)
+        src = index.source(param, expert_rows, self.moe_shape(config)["num_experts"])
         if src is not None:
             return src
         return super().checkpoint_source(param, keys, config, expert_rows)

@@ -10,8 +10,9 @@ NOTE: rather than restating each family's renames, msc runs every checkpoint key
 family's mapping as transformers' loader does (`rename_source_key`) and records which keys land on each
 parameter. A fusing converter is accepted when its operations are the ones msc's checkpoint reader can
 reproduce lazily, row block by row block: `MergeModulelist(dim=0)` (stack the experts) optionally followed by
-`Concatenate(dim=1)` (gate then up in one [2I, H] block), and `Concatenate(dim=0)` of whole tensors (read one
-after the other). Anything else is refused by name.
+`Concatenate(dim=1)` (gate then up in one [2I, H] block), `Concatenate(dim=0)` of whole tensors (read one
+after the other) and `Split(dim=0)` of one tensor into parameters (each reads its row block, sized like the
+model's parameter). Anything else is refused by name.
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ class KeyIndex:
     # param -> (source patterns, pattern -> key): tensors concatenated along dim 0 (Kimi-Linear's one depthwise
     # convolution from its q, k and v convolutions)
     concat: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    # param -> (checkpoint key, every target param in order, this param's position): one tensor split along dim 0
+    # into parameters sized like the model's (Param2MoE's fused query_key_value, Lara-mini's in_proj)
+    split: dict[str, tuple[str, list[str], int]] = field(default_factory=dict)
+    rows_of: object = None  # param -> its size along dim 0 (set by the adapter; needed for `split`)
 
     def source(self, param: str, expert_rows: tuple[int, int] | None, num_experts: int | None = None) -> dict | None:
         """The weight source of `param` (None: not a renamed or fused parameter). num_experts: how many experts
@@ -47,6 +52,13 @@ class KeyIndex:
             if expert_rows is not None:
                 src["rows"] = list(expert_rows)
             return src
+        if param in self.split:
+            key, targets, pos = self.split[param]
+            if self.rows_of is None or expert_rows is not None:
+                raise MscError(f"'{param}' is split from checkpoint tensor '{key}', which needs the model's parameter sizes")
+            sizes = [int(self.rows_of(t)) for t in targets]
+            start = sum(sizes[:pos])
+            return {"key": key, "rows": [start, start + sizes[pos]]}
         if param in self.concat:
             patterns, keys = self.concat[param]
             missing = [p for p in patterns if p not in keys]
@@ -110,6 +122,11 @@ def build_key_index(model_type: str, keys: set[str]) -> KeyIndex:
                 index.renamed[target] = key
             continue
         conv = by_pattern[pattern]
+        if "*" not in pattern and _op_names(conv) == ["Split(dim=0)"]:  # one tensor, row blocks per target
+            targets = [target.replace(conv.target_patterns[0], t, 1) for t in conv.target_patterns]
+            for i, t in enumerate(targets):
+                index.split[t] = (key, targets, i)
+            continue
         if "*" not in pattern and _op_names(conv) == ["Concatenate(dim=0)"]:  # whole tensors end to end
             index.concat.setdefault(target, (list(conv.source_patterns), {}))[1][pattern] = key
             continue

@@ -153,12 +153,18 @@ def test_missing_last_expert_is_named(saved):
         index.source("model.layers.0.mlp.experts.down_proj", None, num_experts=4)
 
 
-def test_a_split_conversion_is_refused_by_name():
-    """Sarvam-MoE's checkpoint keeps a fused query_key_value that transformers splits on load: msc's per-role reader
-    cannot split it, and says so (it once failed with an IndexError)."""
-    from msc.errors import MscError
+def test_a_split_conversion_reads_each_parameter_s_row_block():
+    """Sarvam-MoE's checkpoint keeps a fused query_key_value that transformers splits on load, each part sized like
+    the model's q, k and v projections: each parameter reads its own rows of the one tensor (it once failed with an
+    IndexError, then was refused by name)."""
     from msc.models.hf_keys import build_key_index
 
-    with pytest.raises(MscError, match=r"'model.layers.0.attention.query_key_value.weight' is converted by transformers "
-                                       r"\(Split\(dim=0\)\)"):
-        build_key_index("sarvam_moe", {"model.layers.0.attention.query_key_value.weight"})
+    key = "model.layers.0.attention.query_key_value.weight"
+    index = build_key_index("sarvam_moe", {key})
+    sizes = {"q_proj": 64, "k_proj": 16, "v_proj": 16}
+    index.rows_of = lambda name: sizes[name.split(".")[-2]]
+    base = "model.layers.0.self_attn."  # (attention renamed self_attn by the family's mapping)
+    assert index.split[base + "q_proj.weight"][0] == key
+    got = {p: index.source(base + f"{p}.weight", None) for p in sizes}
+    assert got == {"q_proj": {"key": key, "rows": [0, 64]}, "k_proj": {"key": key, "rows": [64, 80]},
+                   "v_proj": {"key": key, "rows": [80, 96]}}
