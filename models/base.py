@@ -47,6 +47,7 @@ def _msc_attention(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("is_causal", True) is False:
         raise MscError(f"{type(module).__name__} asks for non-causal attention (is_causal=False), which msc::attention "
                        "does not implement (it attends causally per sequence)")
+    indices = kwargs.pop("indices", None) if getattr(module, "_msc_dsa", False) else None  # msc::dsa_index's picks
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _BENIGN_KWARGS | {"is_causal"})
     if unknown:
         raise MscError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes attention "
@@ -54,7 +55,7 @@ def _msc_attention(module, query, key, value, attention_mask, scaling=None, drop
                        "compiling a program that computes something else")
     window = -1 if sliding_window is None else int(sliding_window)
     if getattr(module, "_msc_mla", False):
-        return _mla_attention(module, query, key, value, float(scaling), window), None
+        return _mla_attention(module, query, key, value, float(scaling), window, indices), None
     sinks = kwargs.get("s_aux")  # [nh] per-head sink logits (GPT-OSS)
     out = torch.ops.msc.attention(query, key, value, int(module.layer_idx), float(scaling), window, sinks)  # [1, T, nh, dv]
     return out, None
@@ -96,7 +97,7 @@ def prepare_mla(module: nn.Module, where: str) -> None:
     module._msc_mla = True
 
 
-def _mla_attention(module, query, key, value, scaling: float, window: int):
+def _mla_attention(module, query, key, value, scaling: float, window: int, indices=None):
     """query [1, nh, T, dn + dr] and the pair handed over by _hand_over_latent -> msc::mla_attention."""
     pair = getattr(module, "_msc_mla_pair", None)
     module._msc_mla_pair = None
@@ -108,7 +109,7 @@ def _mla_attention(module, query, key, value, scaling: float, window: int):
         raise MscError(f"{type(module).__name__}: query width {query.shape[-1]} is not qk_nope_head_dim {dn} + the "
                        f"rotary key's {value.shape[-1]}")
     out = torch.ops.msc.mla_attention(query, key, value, module.kv_b_proj.weight, int(module.layer_idx), scaling,
-                                      window, dn, dv)  # [1, T, nh, dv]
+                                      window, dn, dv, indices)  # [1, T, nh, dv]
     return out
 
 
@@ -231,6 +232,9 @@ class FamilyAdapter:
         for name, mod in model.named_modules():
             if is_mla(mod):
                 prepare_mla(mod, name)
+        from msc.models.sparse_attention import prepare_indexers
+
+        prepare_indexers(model)
         for layer, block in blocks:
             where = paths.get(id(block.experts), f"layer {layer} experts")
             block.experts._msc_act, block.experts._msc_layout = describe_experts(block.experts, where)
@@ -255,5 +259,6 @@ class FamilyAdapter:
                 src["rows"] = list(expert_rows)
             return src
         if param == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            return {"key": "model.embed_tokens.weight"}
+            # the embedding's own source (Param2MoE saves it renamed, as model.word_embeddings.weight)
+            return self.checkpoint_source("model.embed_tokens.weight", keys, config, expert_rows)
         raise MscError(f"checkpoint has no tensor for parameter '{param}'")

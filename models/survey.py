@@ -76,10 +76,10 @@ def tiny_config(model_type: str) -> dict:
     from transformers import AutoConfig
 
     try:  # the test suite's tiny configs, where this runs inside the repository
-        from tests.models.families import FAMILIES, GENERIC_FAMILIES, STATE_FAMILIES
+        from tests.models.families import FAMILIES, GENERIC_FAMILIES, SPARSE_FAMILIES, STATE_FAMILIES
     except ImportError:
-        FAMILIES, GENERIC_FAMILIES, STATE_FAMILIES = {}, {}, {}
-    tested = {**FAMILIES, **GENERIC_FAMILIES, **STATE_FAMILIES}.get(model_type)
+        FAMILIES, GENERIC_FAMILIES, STATE_FAMILIES, SPARSE_FAMILIES = {}, {}, {}, {}
+    tested = {**FAMILIES, **GENERIC_FAMILIES, **STATE_FAMILIES, **SPARSE_FAMILIES}.get(model_type)
     if tested is not None:  # the test suite's own tiny config
         return dict(tested)
     base = AutoConfig.for_model(model_type)

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_ARG = {"attention": 3, "mla_attention": 4, "router": 3, "experts": 5, "causal_conv1d": 3, "gated_delta_rule": 5,
-              "mamba2_scan": 7, "mamba_scan": 8, "linear_attention": 4}
+              "mamba2_scan": 7, "mamba_scan": 8, "linear_attention": 4,
+              "dsa_index": 3}
 
 
 @dataclass

@@ -47,21 +47,36 @@ def _attention_fake(q, k, v, layer, scaling, sliding_window, sinks=None):
 @torch.library.custom_op("msc::mla_attention", mutates_args=())
 def mla_attention(
     q: Tensor, latent: Tensor, k_rot: Tensor, kv_b: Tensor, layer: int, scaling: float, sliding_window: int,
-    nope_dim: int, v_head_dim: int,
+    nope_dim: int, v_head_dim: int, indices: Optional[Tensor] = None,
 ) -> Tensor:
     """Multi-head latent attention (DeepSeek's MLA) whose cache keeps the compressed latent, not expanded heads.
 
     q [1, nh, T, dn + dr] (no-position part, then the rotary part), latent [1, 1, T, r] (normalised), k_rot
     [1, 1, T, dr] (rotary key shared by every head), kv_b [nh·(dn + dv), r] (kv_b_proj's weight: per head, dn
     key rows then dv value rows) -> [1, T, nh, dv]. It equals attention over keys cat(latent·W_kᵀ, k_rot) and
-    values latent·W_vᵀ of every head; the runtime caches cat(latent, k_rot) once per token (r + dr values)."""
-    return _ctx().mla_attention(q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim)
+    values latent·W_vᵀ of every head; the runtime caches cat(latent, k_rot) once per token (r + dr values).
+    `indices` [1, T, topk] (DeepSeek's sparse attention, from msc::dsa_index): each query attends only to those
+    positions of its own sequence (-1: none)."""
+    return _ctx().mla_attention(q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim, indices)
 
 
 @mla_attention.register_fake
-def _mla_attention_fake(q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim):
+def _mla_attention_fake(q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim, indices=None):
     b, nh, t, _ = q.shape
     return q.new_empty(b, t, nh, v_head_dim)
+
+
+@torch.library.custom_op("msc::dsa_index", mutates_args=())
+def dsa_index(q: Tensor, k: Tensor, weights: Tensor, layer: int, topk: int, scale: float) -> Tensor:
+    """DeepSeek sparse attention's indexer: caches each token's indexer key k [1, T, D] and, for every query q
+    [1, T, Hi, D] with head weights [1, T, Hi], scores its sequence's keys so far as Σ_h w_h·relu(q_h·k)·scale and
+    returns the positions of the top `topk` -> [1, T, topk] int64 (-1 past the sequence's length)."""
+    return _ctx().dsa_index(q, k, weights, layer, topk, scale)
+
+
+@dsa_index.register_fake
+def _dsa_index_fake(q, k, weights, layer, topk, scale):
+    return q.new_empty(1, q.shape[1], topk, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- state layers (per-sequence state, issue 26)
@@ -372,6 +387,7 @@ SIDE_EFFECT_OPS = (
     torch.ops.msc.mamba2_scan.default,
     torch.ops.msc.mamba_scan.default,
     torch.ops.msc.linear_attention.default,
+    torch.ops.msc.dsa_index.default,
 )
 for _op in SIDE_EFFECT_OPS:
     torch.fx.node._side_effectful_functions.add(_op)
@@ -379,6 +395,7 @@ for _op in SIDE_EFFECT_OPS:
 MSC_OPS = {
     "attention": torch.ops.msc.attention.default,
     "mla_attention": torch.ops.msc.mla_attention.default,
+    "dsa_index": torch.ops.msc.dsa_index.default,
     "causal_conv1d": torch.ops.msc.causal_conv1d.default,
     "gated_delta_rule": torch.ops.msc.gated_delta_rule.default,
     "mamba2_scan": torch.ops.msc.mamba2_scan.default,

@@ -96,6 +96,11 @@ class ModelRunner:
         # compute between its communication ops can be captured (msc.engine.stage_graphs): MSC_STAGE_GRAPHS=on.
         # Off by default until it has run on a GPU (=emulate runs the same bookkeeping without CUDA, as the
         # CPU tests do)
+        # NOTE: DeepSeek's sparse attention (msc::dsa_index) reads each step's lengths on the host
+        # (msc.runtime.sparse_index): such a program's steps are never captured in CUDA graphs
+        self.graph_safe = not any(n.op == "call_function" and n.target is torch.ops.msc.dsa_index.default
+                                  for n in program.graph.nodes)
+        cuda_graphs = cuda_graphs and self.graph_safe
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.remote
         mode = os.environ.get("MSC_STAGE_GRAPHS", "off")
         self.stage_graphs = None
@@ -127,12 +132,17 @@ class ModelRunner:
                 time.sleep(self.delay_s / self.step_microbatches)
         return paged_attention(self.cache, layer, q, k, v, self.meta, scaling, sliding_window, sinks)
 
-    def mla_attention(self, q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim):
+    def mla_attention(self, q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim, indices=None):
         if self.delay_s > 0:
             with self.trace.span("compute", "injected delay", layer, self.mb, injected=True):
                 time.sleep(self.delay_s / self.step_microbatches)
         return paged_mla_attention(self.cache, layer, q, latent, k_rot, kv_b, self.meta, scaling, sliding_window,
-                                   nope_dim, v_head_dim)
+                                   nope_dim, v_head_dim, indices)
+
+    def dsa_index(self, q, k, weights, layer, topk, scale):
+        from msc.runtime.sparse_index import dsa_index
+
+        return dsa_index(self.cache, self.meta, layer, q, k, weights, topk, scale)
 
     def causal_conv1d(self, x, weight, bias, layer, index, activation):
         return sequence_state.causal_conv1d(self.cache.states, self.meta, state_key(layer, "conv", index), x, weight,
@@ -192,7 +202,12 @@ class ModelRunner:
                 shapes.setdefault("kv", (k.shape[1], k.shape[3], v.shape[3], k.dtype, False))
                 return q.new_zeros(1, q.shape[2], q.shape[1], v.shape[3])
 
-            def mla_attention(_, q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim):
+            def dsa_index(_, q, k, weights, layer, topk, scale):
+                shapes["index"] = (k.shape[-1], k.dtype)
+                return torch.full((1, q.shape[1], topk), -1, dtype=torch.int64, device=q.device)
+
+            def mla_attention(_, q, latent, k_rot, kv_b, layer, scaling, sliding_window, nope_dim, v_head_dim,
+                              indices=None):
                 r = latent.shape[-1]
                 shapes.setdefault("kv", (1, r + k_rot.shape[-1], r, latent.dtype, True))
                 return q.new_zeros(1, q.shape[2], q.shape[1], v_head_dim)
@@ -236,7 +251,11 @@ class ModelRunner:
 
     def kv_bytes_per_token(self) -> int:
         nkv, d, dv, dtype, v_in_k = self.kv_shape()
-        return self.num_layers * nkv * (d + (0 if v_in_k else dv)) * torch.tensor([], dtype=dtype).element_size()
+        per_layer = nkv * (d + (0 if v_in_k else dv)) * torch.tensor([], dtype=dtype).element_size()
+        index = self._probe().get("index")  # DeepSeek sparse attention's indexer key
+        if index is not None:
+            per_layer += index[0] * torch.tensor([], dtype=index[1]).element_size()
+        return self.num_layers * per_layer
 
     def make_cache(self, num_blocks: int, page_size: int, max_seq_len: int) -> PagedKVCache:
         nkv, d, dv, dtype, v_in_k = self.kv_shape()
@@ -245,6 +264,10 @@ class ModelRunner:
         self.cache.k.zero_()
         if not v_in_k:
             self.cache.v.zero_()
+        index = self._probe().get("index")
+        if index is not None:
+            self.cache.index_k = torch.zeros(self.num_layers, num_blocks, page_size, index[0], dtype=index[1],
+                                             device=self.device)
         states = self.state_shapes()
         if states:  # one slot per sequence that can run at once, and the scratch slot of padding rows
             self.cache.states = SequenceStates(states, self.max_batch + 1, self.device)
@@ -296,7 +319,7 @@ class ModelRunner:
         groups = split_microbatches(step.counts, self.microbatches)
         self.step_microbatches = len(groups)
         if self.device_exchange is not None and self.delay_s == 0:
-            if step.decode_only:
+            if step.decode_only and self.graph_safe:
                 return self._execute_device(step, groups)
             return self._execute_device_eager(step, groups)
         graphs = self.stage_graphs if step.decode_only and self.stage_graphs is not None else None

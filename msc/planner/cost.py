@@ -168,9 +168,15 @@ def model_cost(gm: "fx.GraphModule", top_k: int, constants=()) -> ModelCost:
             dtype_bytes = n.args[0].meta["val"].element_size()
             c.core_flops_per_token_ctx = 2.0 * nh * (2 * r + dr)
             c.attn_flops_per_token += 2.0 * fetch_attr(gm, n.args[3].target).numel()  # W_k absorbed, W_v applied
-            c.kv_bytes_per_token = (r + dr) * dtype_bytes
+            c.kv_bytes_per_token += (r + dr) * dtype_bytes
             c.kv_heads = 1
             c.window = int(n.args[6])
+        elif is_op(n, "dsa_index"):  # k [1, T, D]: DeepSeek sparse attention's indexer key, cached per token
+            k = n.args[1].meta["val"]
+            c = lc(int(n.args[3]))
+            c.kv_bytes_per_token += int(k.shape[-1]) * k.element_size()
+            q = n.args[0].meta["val"]  # [1, T, Hi, D]: its scores read every cached key of the sequence
+            c.core_flops_per_token_ctx += 2.0 * int(q.shape[2]) * int(q.shape[3])
         elif is_op(n, "causal_conv1d"):  # x [1, C, T], weight [C, K]: the last K - 1 inputs kept
             x, w = n.args[0].meta["val"], n.args[1].meta["val"]
             lc(int(n.args[3])).state_bytes_per_seq += int(x.shape[1]) * (int(w.shape[-1]) - 1) * x.element_size()

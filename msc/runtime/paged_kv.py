@@ -109,6 +109,9 @@ class PagedKVCache:
         # the state layers' per-sequence state (msc.runtime.sequence_state), when the model has state layers:
         # a slot taken and freed with the sequence, like its pages
         self.states = None
+        # DeepSeek sparse attention's indexer keys [L, num_blocks, page_size, D] (msc.runtime.sparse_index), when the
+        # model has an indexer: written at the same slots as the step's keys
+        self.index_k = None
 
     # ---- sequences
     def add_sequence(self, seq_id: int) -> None:
@@ -406,7 +409,8 @@ def _mixed(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, par
 
 
 def paged_mla_attention(cache: PagedKVCache, layer: int, q: Tensor, latent: Tensor, k_rot: Tensor, kv_b: Tensor,
-                        meta: StepMeta, scaling: float, sliding_window: int, nope_dim: int, v_head_dim: int) -> Tensor:
+                        meta: StepMeta, scaling: float, sliding_window: int, nope_dim: int, v_head_dim: int,
+                        indices: Tensor | None = None) -> Tensor:
     """MLA over a latent cache (cache.v_in_k, one KV head of width r + dr, values its first r entries).
 
     q [1, nh, T, dn + dr], latent [1, 1, T, r], k_rot [1, 1, T, dr], kv_b [nh·(dn + dv), r] -> [1, T, nh, dv].
@@ -431,6 +435,14 @@ def paged_mla_attention(cache: PagedKVCache, layer: int, q: Tensor, latent: Tens
     w_k, w_v = w[:, :dn], w[:, dn:]  # [nh, dn, r], [nh, dv, r]
     pair = torch.cat([latent, k_rot], dim=-1)  # [1, 1, T, r + dr]
     cache.write(layer, meta.slots, pair[0].transpose(0, 1), None)
+    if indices is not None:  # DeepSeek sparse attention: each query over the positions its indexer picked
+        from msc.runtime.sparse_index import selected_attention
+
+        if sliding_window > 0:
+            raise MscError("paged_mla_attention: indexed sparse attention with a sliding window is not implemented")
+        q_lat = torch.einsum("xhtd,hdr->xhtr", q[..., :dn], w_k)  # [1, nh, T, r]
+        o = selected_attention(cache, layer, torch.cat([q_lat, q[..., dn:]], dim=-1), _spans_of(meta), indices, scaling)
+        return torch.einsum("xthr,hvr->xthv", o, w_v)  # [1, T, nh, dv]
     if not meta.decode and meta.mixed is None:  # fresh prompts: expanded, on the step's own tokens
         k_nope = torch.einsum("tr,hdr->htd", latent[0, 0], w_k)  # [nh, T, dn]
         v = torch.einsum("tr,hdr->htd", latent[0, 0], w_v)  # [nh, T, dv]

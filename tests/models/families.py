@@ -104,6 +104,13 @@ STATE_FAMILIES: dict[str, dict] = {
                     layer_types=["linear_attention", "full_attention", "linear_attention"]),
 }
 
+# Indexed sparse attention (DeepSeek's DSA): the indexer keeps 4 positions a query, so the 11-token prompts and
+# the decode steps after them attend to a strict subset of their past
+SPARSE_FAMILIES: dict[str, dict] = {
+    "deepseek_v32": dict(FAMILIES["deepseek_v3"], model_type="deepseek_v32", index_topk=4, index_head_dim=16,
+                         index_n_heads=2),
+}
+
 # the state families that run (lara_mini is refused: its checkpoint fuses projections msc's reader cannot split);
 # the composite qwen3_5_moe is the text model's config inside another, tested by the family survey
 RUNNING_STATE_FAMILIES = {k: STATE_FAMILIES[k] for k in ("qwen3_next", "qwen3_5_moe_text", "granitemoehybrid", "jamba",
