@@ -44,6 +44,13 @@ OVERRIDES = {
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"],
                            layer_group_size=2),
     "kolibri1_1": dict(index_num_heads=2),
+    # MLA families whose rotary width is head_dim
+    "axk1": dict(head_dim=8),
+    "longcat_flash": dict(head_dim=8, num_layers=2, zero_expert_num=2, expert_ffn_hidden_size=32),
+    "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2, indexer_kv_heads=1,
+                           indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2, linear_num_key_heads=2,
+                           linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "qwen4_exp": dict(text_config="qwen4_exp_text"),  # a composite config: its text model's tiny config inside
 }
 PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 MAX_PARAMETERS = 20_000_000  # a tiny config has a few hundred thousand
@@ -89,7 +96,10 @@ def tiny_config(model_type: str) -> dict:
     types = getattr(base, "layer_types", None)
     if isinstance(types, list) and types:
         d.pop("layer_types", None)  # transformers derives it where it can (some families do not let it be set)
-    return {"model_type": model_type, **d, **OVERRIDES.get(model_type, {})}
+    over = dict(OVERRIDES.get(model_type, {}))
+    if isinstance(over.get("text_config"), str):
+        return {"model_type": model_type, "text_config": tiny_config(over["text_config"])}
+    return {"model_type": model_type, **d, **over}
 
 
 def survey_one(model_type: str, workdir: Path) -> dict:

@@ -119,7 +119,7 @@ def test_family_without_adapter_goes_through_the_generic_one(tmp_path, family):
 
 @pytest.mark.parametrize("family, config, expected", [
     ("jetmoe", {}, r"model\.layers\.0\.self_attention\.experts \(JetMoeMoA\) does not use transformers' experts interface"),
-    ("hy_v4", {}, r"model\.layers\.\d+\.mlp\.experts \(HYV4Experts\) computes its own gate activation"),
+    ("hy_v4", {}, r"model\.layers\.\d+\.self_attn\.indexer \(HYV4Indexer\) selects the tokens its attention sees"),
     ("deepseek_v4", {}, r"model\.layers\.0\.mlp\.experts \(DeepseekV4Experts\) computes its own gate activation"),
 ])
 def test_unsupported_family_names_the_module_and_the_reason(tmp_path, family, config, expected):
