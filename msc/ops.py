@@ -373,8 +373,8 @@ def _expert_send_fake(hidden, layer):
     return None
 
 
-# NOTE: communication ops have effects that fx cannot see (they talk to peers), so dead-code elimination
-# must keep them even when nothing reads their output.
+# NOTE: communication ops and the ops that write the runtime's caches (KV pages, indexer keys, state slots) have
+# effects that fx cannot see, so dead-code elimination must keep them even when nothing reads their output.
 SIDE_EFFECT_OPS = (
     torch.ops.msc.dispatch.default,
     torch.ops.msc.combine.default,
