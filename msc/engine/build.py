@@ -31,8 +31,15 @@ def engine_sizes(manifest: dict, runner: ModelRunner) -> dict:
         dev = runner.device
         cap = (torch.cuda.get_device_properties(dev).total_memory * GPU_KV_FRACTION if dev.type == "cuda"
                else CPU_KV_BYTES)
-        kv_tokens = int(min(max_batch * max_seq_len, cap // per_token))
+        # NOTE: state layers keep a fixed state per sequence slot (msc.runtime.sequence_state), allocated for the
+        # whole batch beside the pages: it comes out of the same budget
+        states = runner.state_bytes_per_sequence() * (max_batch + 1)
+        kv_tokens = int(min(max_batch * max_seq_len, max(cap - states, 0) // per_token))
         if kv_tokens < max_seq_len:
+            if states:
+                raise MscError(f"the state layers' {states:,} bytes for {max_batch} sequences leave the KV cache "
+                               f"{kv_tokens} tokens, less than one sequence of max_seq_len={max_seq_len}; lower "
+                               "plan.batch_size or set runtime.kv_cache_tokens")
             raise MscError(f"the KV cache's default size ({kv_tokens} tokens at {per_token} bytes a token) cannot hold "
                            f"one sequence of max_seq_len={max_seq_len}; set runtime.kv_cache_tokens or runtime.max_seq_len")
     return {"max_batch": max_batch, "max_seq_len": max_seq_len, "max_step_tokens": rt.get("max_step_tokens", 8192),

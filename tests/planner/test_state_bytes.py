@@ -29,3 +29,28 @@ def test_qwen3_next_state_bytes_agree_with_the_config(tmp_path):
     grown = attention_memory(cost, 8, 1, 2, wl) - attention_memory(cost, 4, 1, 2, wl)
     kv_and_act = 4 * (wl.max_context * cost.kv_bytes_tp(2) + cost.hidden_size * cost.dtype_bytes * 16) / 2
     assert abs(grown - kv_and_act - 4 * per_seq) < 1e-6  # 4 more sequences: each GPU of tp 2 keeps their whole state
+
+
+def test_the_state_slots_come_out_of_the_default_kv_budget(tmp_path, monkeypatch):
+    """On the default budget (CPU_KV_BYTES here) the KV cache gets what the batch's state slots leave; a batch whose
+    states take it all is a clear error, not an out-of-memory later."""
+    from msc.engine import build
+
+    cfg = STATE_FAMILIES["qwen3_next"]
+    spec = {"model": {"config": cfg, "seed": 0, "dtype": "float32"}, "device": "cpu", "plan": {"experts": {"nodes": 2},
+                                                                                           "batch_size": 8}}
+    bundle = compile_spec(parse_spec(spec), tmp_path / "b")
+    program = bundle.load_program(bundle.manifest["colocated"]["program"], "cpu")
+    eng = build_engine(bundle.manifest, program, "cpu")
+    per_token, per_seq = eng.runner.kv_bytes_per_token(), eng.runner.state_bytes_per_sequence()
+    budget = 9 * per_seq + 300 * per_token  # 9 slots (8 + scratch) and 300 tokens of pages
+    monkeypatch.setattr(build, "CPU_KV_BYTES", budget)
+    sizes = build.engine_sizes(bundle.manifest, eng.runner)
+    assert sizes["kv_tokens"] == min(8 * sizes["max_seq_len"], 300)
+    monkeypatch.setattr(build, "CPU_KV_BYTES", 9 * per_seq)  # states take it all
+    import pytest
+
+    from msc.errors import MscError
+
+    with pytest.raises(MscError, match="state layers' .* leave the KV cache 0 tokens"):
+        build.engine_sizes(bundle.manifest, eng.runner)
