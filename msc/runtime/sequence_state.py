@@ -125,19 +125,11 @@ def gated_delta_rule(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
         qf, kf = _l2norm(qf), _l2norm(kf)
     qf = qf * qf.shape[-1] ** -0.5
     decay, bf = g[0].float().exp(), beta[0].float()  # [T, Hv] or [T, Hv, dk], [T, Hv]
-    out = torch.empty(vf.shape, dtype=torch.float32, device=v.device)  # [T, Hv, dv]
-    if meta.decode:
-        slots = meta.state_slots  # [B]
-        s, o = delta_step(buf[slots], qf, kf, vf, decay, bf)  # [B, Hv, dk, dv], [B, Hv, dv]
-        buf.index_copy_(0, slots, s)
-        return o.to(q.dtype).unsqueeze(0)  # [1, B, Hv, dv]
-    for (start, n), slot in zip(_spans(meta), meta.state_slots.tolist()):
-        s = buf[slot].unsqueeze(0)  # [1, Hv, dk, dv]
-        for t in range(start, start + n):
-            s, o = delta_step(s, qf[t:t + 1], kf[t:t + 1], vf[t:t + 1], decay[t:t + 1], bf[t:t + 1])
-            out[t] = o[0]
-        buf[slot] = s[0]
-    return out.to(q.dtype).unsqueeze(0)  # [1, T, Hv, dv]
+
+    def step(st, i):  # st [B, Hv, dk, dv]; i: token rows [B]
+        return delta_step(st, qf[i], kf[i], vf[i], decay[i], bf[i])
+
+    return _scan(buf, meta, q.shape[1], step, q.device).to(q.dtype).unsqueeze(0)  # [1, T, Hv, dv]
 
 
 def delta_step(s: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
