@@ -162,6 +162,8 @@ def describe_experts(experts: nn.Module, where: str) -> tuple[str, str]:
     gate = type(experts)._apply_gate
     if gate is _default_apply_gate:
         act = getattr(getattr(experts, "config", None), "hidden_act", None)
+        if not isinstance(act, str):  # another field (Gemma 4's hidden_activation): named by the module's act_fn
+            act = _act_fn_name(experts)
         if not isinstance(act, str):
             raise MscError(f"{where} ({cls}): cannot tell its activation (config.hidden_act is {act!r})")
         if not experts.is_concatenated:
@@ -177,6 +179,18 @@ def describe_experts(experts: nn.Module, where: str) -> tuple[str, str]:
 
     parse_activation(act)  # an unknown activation name fails here, at compile time, naming it
     return act, ",".join(layout)
+
+
+def _act_fn_name(experts: nn.Module) -> str | None:
+    """The activation name of transformers' table whose class the module's act_fn is (None: no act_fn or not in
+    the table, or no name of it that msc implements)."""
+    from transformers.activations import ACT2CLS
+
+    from msc.backends.compute.torch_eager import _ACTIVATIONS
+
+    act_cls = type(getattr(experts, "act_fn", None))
+    names = [k for k, v in ACT2CLS.items() if (v[0] if isinstance(v, tuple) else v) is act_cls and k in _ACTIVATIONS]
+    return names[0] if names else None
 
 
 def _describe_up_only(experts: nn.Module, where: str) -> tuple[str, str]:

@@ -29,7 +29,7 @@ from msc.models.base import FamilyAdapter
 from msc.models.hf_keys import KeyIndex, build_key_index
 
 _NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "top_k_experts", "moe_topk")
 _INTERMEDIATE_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size", "ffn_hidden_size")
 
 

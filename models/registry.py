@@ -27,6 +27,13 @@ def adapter_for(model_type: str, config=None) -> FamilyAdapter:
         if model_type in a.model_types:
             return a
     if config is not None and not any(getattr(config, k, None) for k in _EXPERT_COUNT_KEYS):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if text is not config and any(getattr(text, k, None) for k in _EXPERT_COUNT_KEYS):
+            raise MscError(
+                f"model_type '{model_type}' is a composite (multimodal) model whose causal LM is not its text "
+                f"model's class: msc compiles language models; use its text config (model_type "
+                f"'{text.model_type}') instead"
+            )
         raise MscError(
             f"model_type '{model_type}' has no MoE layers (its config names no experts): msc compiles "
             "Mixture-of-Experts models only"

@@ -51,6 +51,23 @@ OVERRIDES = {
                            indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2, linear_num_key_heads=2,
                            linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "qwen4_exp": dict(text_config="qwen4_exp_text"),  # a composite config: its text model's tiny config inside
+    # dots3: indexed MLA layers and sliding-window MLA layers of other widths (per-layer configs, swa_* fields);
+    # 4 layers so that both kinds occur (layers 0-1 indexed, 2-3 sliding)
+    "dots3_note_text": dict(num_hidden_layers=4, num_key_value_heads=4, index_topk=4, index_head_dim=16,
+                            index_n_heads=2, shared_experts_intermediate_size=32, swa_num_attention_heads=2,
+                            swa_num_key_value_heads=2, swa_q_lora_rank=20, swa_kv_lora_rank=12, swa_head_dim=24,
+                            swa_qk_nope_head_dim=16, swa_v_head_dim=8),
+    # Gemma 4: global (full-attention) layers of another head width (global_head_dim: per-layer configs),
+    # per-layer input embeddings, the MoE block beside a dense MLP
+    "gemma4_text": dict(vocab_size_per_layer_input=256, hidden_size_per_layer_input=8, enable_moe_block=True,
+                        num_experts=8, top_k_experts=2, global_head_dim=32, bos_token_id=2, eos_token_id=1),
+    "gemma4": dict(text_config="gemma4_text"),
+    "dots3_note": dict(text_config="dots3_note_text",  # its vision and audio towers' adapters must reach the text width
+                       vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          moe_intermediate_size=16, num_local_experts=4, adapter_in_dim=32,
+                                          adapter_out_dim=64, mlp_layer_types=["dense"]),
+                       audio_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         adapter_input_size=32, adapter_out_dim=64, downsample_hidden_size=16)),
 }
 PROMPTS = [[5, 17, 42, 8], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 MAX_PARAMETERS = 20_000_000  # a tiny config has a few hundred thousand
@@ -90,7 +107,7 @@ def tiny_config(model_type: str) -> dict:
     if tested is not None:  # the test suite's own tiny config
         return dict(tested)
     base = AutoConfig.for_model(model_type)
-    d = {k: v for k, v in SIZES.items() if hasattr(base, k)}
+    d = {k: v for k, v in SIZES.items() if _has_field(base, k)}
     if "kv_lora_rank" in d:  # MLA expands the latent to every query head
         d["num_key_value_heads"] = d.get("num_attention_heads", 4)
     types = getattr(base, "layer_types", None)
@@ -98,8 +115,16 @@ def tiny_config(model_type: str) -> dict:
         d.pop("layer_types", None)  # transformers derives it where it can (some families do not let it be set)
     over = dict(OVERRIDES.get(model_type, {}))
     if isinstance(over.get("text_config"), str):
-        return {"model_type": model_type, "text_config": tiny_config(over["text_config"])}
+        return {"model_type": model_type, **over, "text_config": tiny_config(over["text_config"])}
     return {"model_type": model_type, **d, **over}
+
+
+def _has_field(config, name: str) -> bool:
+    """Whether the config has the field (a per-layer field of a heterogeneous config raises on global reads)."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError: the field exists, per layer
+        return True
 
 
 def survey_one(model_type: str, workdir: Path) -> dict:

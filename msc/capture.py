@@ -77,11 +77,21 @@ def _buffers_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
         if not own:
             continue
         if any(True for _ in mod.parameters(recurse=False)):
-            raise MscError(f"module '{mod_name}' holds both parameters and buffers; msc cannot rebuild its buffers yet")
-        mod.to_empty(device="cpu", recurse=False)
+            # NOTE: a module with weights (Gemma 4's scaled embedding) keeps them on meta: only its buffers come
+            # to the CPU, so a full-size embedding is never materialised here
+            for b, t in own.items():
+                mod._buffers[b] = torch.empty_like(t, device="cpu")
+        else:
+            mod.to_empty(device="cpu", recurse=False)
+        for b in own:  # NaN first: a buffer the initialiser leaves alone is caught below, never used as garbage
+            if mod._buffers[b].is_floating_point():
+                mod._buffers[b].fill_(float("nan"))
         model._init_weights(mod)
         for b, t in mod.named_buffers(recurse=False):
             if b in own:
+                if t.is_floating_point() and torch.isnan(t).any():
+                    raise MscError(f"module '{mod_name}' ({type(mod).__name__}): its buffer '{b}' is not set by the "
+                                   "model's initialiser, so msc cannot rebuild it")
                 out[f"{mod_name}.{b}" if mod_name else b] = t.detach().clone()
     return out
 

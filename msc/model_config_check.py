@@ -135,10 +135,45 @@ def _check_sizes(get, name) -> None:
             raise MscError(f"model.config.{name(key)}: expected {expected}, got {_short(value)}")
 
 
+def _check_uniform_layers(config, where: str) -> None:
+    """Refuse a heterogeneous config (transformers' `per_layer_config`: layers with their own head counts or
+    widths), naming the fields that vary and the layers that differ."""
+    try:
+        heterogeneous = bool(getattr(config, "is_heterogeneous", False))
+        fields = sorted(config.per_layer_attributes or ()) if heterogeneous else []
+    except Exception:  # not transformers' HeterogeneousConfigMixin
+        return
+    if not fields:
+        return
+    layers = config.per_layer_config
+    differ = []
+    for field in fields:
+        values = [getattr(layers[i], field, None) for i in range(len(layers))]
+        if len(set(map(repr, values))) > 1:
+            first = values[0]
+            odd = [i for i, v in enumerate(values) if v != first]
+            differ.append(f"{field} ({first!r} at layer 0, {values[odd[0]]!r} at layer{'s' if len(odd) > 1 else ''} "
+                          f"{', '.join(map(str, odd[:6]))}{', ...' if len(odd) > 6 else ''})")
+    if not differ:  # every layer has the same values: the global reads are unambiguous
+        config.allow_global_per_layer_attribute_access = True
+        return
+    # NOTE: msc sizes attention, its paged KV cache and the planner's memory model once per model; layers of
+    # their own widths (Gemma 4's global layers, dots3's sliding MLA layers) would need per-layer caches.
+    # A refusal names the piece instead of compiling a program with the wrong widths.
+    raise MscError(f"{where}: layers of different shapes (per_layer_config) are not implemented: "
+                   + "; ".join(differ)
+                   + ". msc expects every layer's attention to have the same heads and widths")
+
+
 def check_config(config) -> None:
     """Refuse, with one line naming the key, a config msc cannot build a working model from: non-positive
-    sizes, zero experts, top-k above the expert count, head counts that do not divide."""
+    sizes, zero experts, top-k above the expert count, head counts that do not divide, layers of different
+    shapes."""
     where = "model.config"
+    _check_uniform_layers(config, where)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:  # a composite (vision-language) config: its language model's layers
+        _check_uniform_layers(text, where + ".text_config")
     _check_sizes(lambda key: _get(config, key), lambda key: _name(config, key))
 
     experts_key, top_k_key = _moe_keys(config)
