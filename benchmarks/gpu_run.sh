@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: set up msc on the lent GPU machine (its own torch/triton/transformers; pydantic carried
-# as wheels in .whl/), then run the stages named on the command line, logging each under $OUT.
+# One device call: set up msc on the lent GPU machine (its own torch and triton; pydantic and the CPU machine's
+# transformers with its dependencies carried as wheels in .whl/, so both machines run the same model code), then run the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -59,7 +59,9 @@ for stage in "$@"; do
           msc bench serve --url http://127.0.0.1:8123 --concurrency ${BS_BATCH:-64} --num-requests ${BS_REQUESTS:-192} \
             --no-progress -o "$OUT/bench_serve$TAG.json" 2>&1 | tail -22
           kill -INT $SERVE_PID; wait $SERVE_PID; tail -2 "$OUT/serve$TAG.log" ;;
-    pytest) python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging ${PYTEST_ARGS:-tests/engine} 2>&1 | tail -30 ;;
+    pytest) # the whole log comes back as pytest.log (the tail alone loses all but the last traceback)
+            timeout ${PYTEST_TIMEOUT:-560} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rfE --tb=short \
+              ${PYTEST_ARGS:-tests/engine} > "$OUT/pytest$TAG.log" 2>&1; echo "pytest rc $?"; tail -${PYTEST_TAIL:-30} "$OUT/pytest$TAG.log" ;;
     placement) python3 benchmarks/expert_placement.py ${PLACEMENT_ARGS:-} --out "$OUT/expert_placement.json" 2>&1 | tail -14 ;;
     mla) python3 benchmarks/mla_decode.py ${MLA_ARGS:-} --out "$OUT/mla_decode.json" 2>&1 | tail -40 ;;
     calib) python3 benchmarks/plan_calibration.py ${CALIB_ARGS:-} --out "$OUT/plan_calibration.json" 2>&1 | tail -40 ;;
