@@ -185,14 +185,19 @@ def expected_experts_hit(experts: int, tokens: float, top_k: int) -> float:
 
 
 def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int, side: Side, eff: Efficiency,
-                      model: ModelCost, profile: Profile | None = None, load: float = 1.0) -> float:
+                      model: ModelCost, profile: Profile | None = None, load: float = 1.0, extra_slots: int = 0) -> float:
     """One layer's expert side on one expert node for a micro-batch of `tokens_global` tokens (all replicas),
     with uniform routing: the node receives tokens·K·(experts_per_node / E) (token, expert) pairs; `load`: the
-    busiest node's pairs over that (msc.planner.routing; 1.0 for uniform routing)."""
+    busiest node's pairs over that (msc.planner.routing; 1.0 for uniform routing); `extra_slots`: copies of
+    experts the node holds beyond its E / n_e (replicated placement), whose weights it reads too."""
     if not lc.moe:
         return 0.0
     pairs = tokens_global * model.top_k * experts_per_node / lc.experts * load
-    hit = expected_experts_hit(lc.experts, tokens_global, model.top_k) * experts_per_node / lc.experts
+    # NOTE: weights read: the experts hit among those the node holds. A replica is a copy of a hot expert, so
+    # it is counted like any held expert; at decode sizes this term, not the pairs, sets the time (measured on
+    # the H100, docs/placement.md: three experts a node cost more than two, however evenly the pairs split)
+    held = experts_per_node + extra_slots
+    hit = expected_experts_hit(lc.experts, tokens_global, model.top_k) * held / lc.experts  # <= held
     if profile is not None:
         fit = profile.expert
         return fit.k3 * pairs + fit.k4 * (hit / fit.experts if fit.experts else 1.0)
@@ -274,6 +279,7 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
     msc.planner.routing: the busiest expert node sets each layer's expert time). Elementwise over arrays."""
     tokens = b_a * n_a  # one micro-batch across all replicas
     per_node = model.num_experts // expert_nodes
+    extra = routing.extra_slots if routing is not None else 0
     last = len(model.layers) - 1
     head = head_time(model, b_a, att, eff)
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # t_a, t_e, t_c, t_f, serial
@@ -282,7 +288,7 @@ def disaggregated_step(model: ModelCost, b_a: float, m: int, n_a: int, expert_no
     for lc, idx in groups:
         load = 1.0 if routing is None or not lc.moe else _loads(routing, idx[0], expert_nodes)
         a = attention_layer_time(lc, b_a, ctx, att, eff, model, profile, disaggregated=True)
-        e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile, load)
+        e = expert_layer_time(lc, tokens, per_node, exp, eff, model, profile, load, extra)
         c = comm_time(model, b_a, tokens, expert_nodes, att, exp, eff, load, profile) if lc.moe else 0.0
         n = len(idx)
         sums[0] += n * a

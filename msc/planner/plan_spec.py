@@ -186,7 +186,8 @@ def plan_timeline(report: PlanReport, out_png: str | Path, plan_index: int = 0) 
     t_a = [attention_layer_time(lc, p.b_a, ctx, att, pl.eff, model, pl.profile, disaggregated=True) for lc in model.layers]
     t_a[-1] += head_time(model, p.b_a, att, pl.eff)
     load = [pl.routing.load_factor(i, p.n_e) if pl.routing is not None else 1.0 for i in range(len(model.layers))]
-    t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile, ld)
+    extra = pl.routing.extra_slots if pl.routing is not None else 0
+    t_e = [expert_layer_time(lc, tokens, model.num_experts // p.n_e, exp, pl.eff, model, pl.profile, ld, extra)
            for lc, ld in zip(model.layers, load)]
     # NOTE: the simulator takes one t_c: the busiest layer's (equal to every layer's under uniform routing)
     t_c = max(comm_time(model, p.b_a, tokens, p.n_e, att, exp, pl.eff, ld, pl.profile) for ld in load)

@@ -110,3 +110,33 @@ def test_placement_strategies_in_the_planner():
     assert expert_memory(model, 4, 1, 1) == pytest.approx(model.expert_weight_bytes() * (1 / 4 + 1 / 8), rel=1e-12)
     best = planner.search(top=1).plans[0]
     assert best.expert_mem_bytes == pytest.approx(expert_memory(model, best.n_e, best.tp_e, 1), rel=1e-12)
+
+
+def test_a_replica_s_weights_are_read_at_decode_sizes():
+    """A node holding E/n_e + R experts reads R more experts' weights: at a decode-size micro-batch (weights
+    bound, every held expert hit) its layer time grows by R / (E/n_e) of the weight-read part; at a huge one
+    (pairs bound) the extra reads hardly matter. The H100 measurement behind it: docs/placement.md."""
+    from msc.planner.perf import _roofline
+
+    model, gpu, eff = _model(), _gpu(), Efficiency()
+    lc = next(lc for lc in model.layers if lc.moe)
+    side = _side(gpu, 1)
+    small, big = 64, 100_000
+    base = expert_layer_time(lc, small, 2, side, eff, model)
+    more = expert_layer_time(lc, small, 2, side, eff, model, extra_slots=1)
+    # 64 tokens top-2 of 8 experts hit all 8 (to 1e-7): 2 then 3 experts' weights, a weights-bound roofline
+    two, three = (_roofline(64 * model.top_k * 2 / 8 * lc.expert_flops_per_token, n * lc.expert_weight_bytes, side, eff)
+                  for n in (2, 3))
+    assert more - base == pytest.approx(three - two, rel=1e-6)
+    assert three > two
+    t_big = expert_layer_time(lc, big, 2, side, eff, model)
+    assert expert_layer_time(lc, big, 2, side, eff, model, extra_slots=1) == pytest.approx(t_big, rel=0.02)
+    prof = RoutingProfile(experts=8, default=SKEW)
+    prof.strategy, prof.replicas_per_node = "replicated", 1
+    # the planner's step charges each layer's busiest node its copies' weights too
+    st = disaggregated_step(model, 8, 1, 1, 4, 650.0, side, side, eff, routing=prof)
+    want = sum(expert_layer_time(lc, 8, 2, side, eff, model, None, prof.load_factor(i, 4), extra_slots=1)
+               for i, lc in enumerate(model.layers))
+    assert st.t_e == pytest.approx(want, rel=1e-12)
+    assert want > sum(expert_layer_time(lc, 8, 2, side, eff, model, None, prof.load_factor(i, 4))
+                      for i, lc in enumerate(model.layers))
