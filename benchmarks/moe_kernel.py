@@ -11,7 +11,6 @@ CUDA-event timings (triton.testing.do_bench), then the median over --seeds routi
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import sys
@@ -113,43 +112,11 @@ def bench(fn, rep_ms=200) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- tuning
-def candidate_configs(t: int, tma_only: bool = False):
-    """(BLOCK_M, tma, tile) candidates for one token count; `tile` is tried for each kernel in turn."""
-    rows = t * K / E
-    # NOTE: while few rows reach each expert the layer is bound by reading the weights, and every extra
-    # BLOCK_M tile of one expert reads its weights again: a BLOCK_M at or above the rows per expert wins.
-    if rows < 256:
-        bms = [16, 32, 64] if rows <= 16 else [32, 64, 128]
-        if not tma_only:
-            for bm in bms:
-                for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
-                    if bm == 128 and bk == 128 and stages == 4:
-                        continue  # too much shared memory
-                    yield bm, False, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        # TMA: wider k boxes stream the weights in longer contiguous runs
-        for bm in bms[:2]:
-            for bn, bk, stages in itertools.product((64, 128), (128, 256), (3, 4)):
-                if bk == 256 and (bn == 128 or bm > 32):
-                    continue  # too much shared memory
-                yield bm, True, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
-        return
-    # compute-bound (prefill): 128-row tiles (64 never won), wider n tiles and deeper pipelines
-    if not tma_only:
-        for bn, bk, warps, stages in itertools.product((64, 128, 256), (32, 64), (4, 8), (3, 4, 5)):
-            if bn == 256 and warps == 4:
-                continue  # accumulators alone would take every register
-            yield 128, False, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    for bn, warps, stages, persistent in itertools.product((64, 128, 256), (4, 8), (3, 4), (0, 1)):
-        if bn == 256 and warps == 4:
-            continue
-        yield 128, True, dict(BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages, persistent=persistent)
-
-
 def tune(tokens, gate_up, down, tma_only: bool = False) -> dict:
-    """Per token count: BLOCK_M, TMA or not, and per-kernel tiles with the lowest median time of the layer.
-    Coordinate search: each candidate tile is tried for one kernel with the best tile so far for the other.
-    The table's current entry (if any) competes too, so re-tuning never makes a size slower."""
-    from msc.backends.compute import triton_moe
+    """Per token count: the full candidate search of backends/compute/moe_tune.py (BLOCK_M, TMA or not,
+    per-kernel tiles, program order), timed on two routings; the table's current entry competes too, so
+    re-tuning never makes a size slower."""
+    from msc.backends.compute import moe_tune, triton_moe
 
     table = {}
     for t in tokens:
@@ -165,26 +132,9 @@ def tune(tokens, gate_up, down, tma_only: bool = False) -> dict:
                 print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
                 return float("inf")
 
-        best_per_key = {}
-        current = triton_moe.pick_config(t, K, E)
-        best_per_key["current"] = {**current, "ms": timed(current)}
-        for bm, tma, tile in candidate_configs(t, tma_only):
-            for kernel in ("gate_up", "down"):
-                if kernel == "gate_up" and tile["BLOCK_N"] == 256:
-                    continue  # two accumulators of 128 x 256 do not fit
-                base = best_per_key.get((bm, tma)) or {"BLOCK_M": bm, "tma": tma, "gate_up": tile, "down": tile}
-                cfg = {**{k: v for k, v in base.items() if k != "ms"}, kernel: tile}
-                ms = timed(cfg)
-                if (bm, tma) not in best_per_key or ms < best_per_key[(bm, tma)]["ms"]:
-                    best_per_key[(bm, tma)] = {**cfg, "ms": ms}
-        best = min(best_per_key.values(), key=lambda c: c["ms"])
-        for group_m in (1, 4, 16):  # program order (the default, 8, was used above)
-            cfg = {**{k: v for k, v in best.items() if k != "ms"}, "GROUP_M": group_m}
-            ms = timed(cfg)
-            if ms < best["ms"]:
-                best = {**cfg, "ms": ms}
-        print(f"tune T={t}: current {best_per_key['current']['ms']:.3f} ms -> {best}")
-        table[t] = {k: v for k, v in best.items() if k != "ms"}
+        best, ms, current_ms = moe_tune.search(timed, t, K, E, triton_moe.pick_config(t, K, E), tma_only)
+        print(f"tune T={t}: current {current_ms:.3f} ms -> {ms:.3f} ms {best}")
+        table[t] = best
     return table
 
 

@@ -16,7 +16,8 @@ Assignments whose expert lies outside this weight slice [first_expert, first_exp
 like the eager reference (`torch_eager.gated_experts`), so partial sums over expert nodes add up.
 
 Tile sizes come from a per-GPU table stored as data (moe_configs/<gpu>.json, written by
-benchmarks/moe_kernel.py --tune), else from a size heuristic.
+benchmarks/moe_kernel.py --tune); a GPU without one tunes each token bucket on first use, cached on disk
+(moe_tune.py); the size heuristic is the fallback.
 """
 from __future__ import annotations
 
@@ -399,6 +400,17 @@ def pick_config(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype = 
     return table[key]
 
 
+def _config_for(tokens: int, top_k: int, hidden: Tensor, gate_up: Tensor, down: Tensor) -> dict:
+    """pick_config where this GPU has a tile table (or the call is not a bf16/fp16 GPU one); else the entry
+    tuned on first use for this layer shape (moe_tune.py), or the heuristic where none can be tuned now."""
+    e = gate_up.shape[0]
+    if _interpreting() or hidden.dtype.itemsize > 2 or not hidden.is_cuda or load_config_table(_gpu_key()):
+        return pick_config(tokens, top_k, e, hidden.dtype)
+    from msc.backends.compute.moe_tune import first_use_config
+
+    return first_use_config(tokens, top_k, hidden, gate_up, down, _gpu_key()) or default_config(tokens, top_k, e)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 @functools.lru_cache(maxsize=8)
 def _sm_count(device_index: int) -> int:
@@ -438,7 +450,7 @@ def fused_moe(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
     if t == 0:
         return hidden.new_zeros(0, hdim)
     hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
-    cfg = config or pick_config(t, k, e, hidden.dtype)
+    cfg = config or _config_for(t, k, hidden, gate_up, down)
     if cfg.get("tma") and tma_possible(hidden, gate_up, down):
         return _fused_moe_tma(hidden, top_k_index, top_k_weights, gate_up, down, first_expert, act, cfg)
     bm = cfg["BLOCK_M"]
