@@ -28,7 +28,9 @@ for stage in "$@"; do
                 --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi.log" | tail -14 ;;
     tune) python3 benchmarks/moe_kernel.py --tune --write-config ${TUNE_ARGS:-} --tokens ${TUNE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -14
           cp backends/compute/moe_configs/*.json "$OUT/" ;;
-    moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} ${MOE_ARGS:-} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10 ;;
+    moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} ${MOE_ARGS:-} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10
+         # tiles tuned on first use (a GPU without a table): brought back beside the log
+         find ~/.cache/msc/moe_tiles -name '*.json' -exec cp {} "$OUT/" \; 2>/dev/null ;;
     attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
     e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
     m2n) msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu$TAG.json" --plot "$OUT/m2n_gpu$TAG.png" 2>&1 | tee "$OUT/m2n$TAG.log" | tail -20 ;;

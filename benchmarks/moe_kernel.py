@@ -148,6 +148,10 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true", help="also time msc and grouped_mm replayed from CUDA graphs")
     ap.add_argument("--out", default="moe_kernel.json")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("msc").setLevel(logging.INFO)  # first-use tuning says what it picked
     from msc.backends.compute import triton_moe
 
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -52,6 +52,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.delenv("MSC_MOE_AUTOTUNE", raising=False)
     monkeypatch.setattr(moe_tune, "_memory", {})
     monkeypatch.setattr(moe_tune, "_announced", set())
+    monkeypatch.setattr(moe_tune, "MIN_TUNED_BYTES", 0)  # the tiny layers below count as worth tuning
     calls = []
     tuned = {"BLOCK_M": 32, "tma": False, "gate_up": dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
              "down": dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)}
@@ -113,3 +114,18 @@ def test_a_damaged_cache_file_is_tuned_again(fresh):
     path.write_text("{not json")
     assert moe_tune.first_use_config(3, 2, *_layer(), "G")["BLOCK_M"] == 16
     assert len(calls) == 1 and json.loads(path.read_text())["configs"]["16"]["BLOCK_M"] == 16
+
+
+def test_tiny_layers_and_failed_tunings_run_the_heuristic(fresh, monkeypatch):
+    tmp_path, calls = fresh
+    monkeypatch.setattr(moe_tune, "MIN_TUNED_BYTES", 64 << 20)
+    assert moe_tune.first_use_config(3, 2, *_layer(), "G") is None and not calls  # 6 KB of weights: not tuned
+
+    def broken(*a, **k):
+        raise RuntimeError("no timer")
+
+    monkeypatch.setattr(moe_tune, "MIN_TUNED_BYTES", 0)
+    monkeypatch.setattr(moe_tune, "search", broken)
+    from msc.backends.compute.triton_moe import default_config
+
+    assert moe_tune.first_use_config(3, 2, *_layer(), "G") == default_config(16, 2, 4)
