@@ -199,9 +199,13 @@ class Bundle:
         rel = f"programs/{_plain_name(name)}.json"
         data = self.read_checked(rel)
         try:
-            return graph_from_json(data, device, source=f"{self.path / rel}")
+            graph = graph_from_json(data, device, source=f"{self.path / rel}")
         except RecursionError:
             raise MscError(f"{self.path / rel}: arguments are nested too deeply to be a program msc wrote") from None
+        from msc.fusions import fuse_rms_norms
+
+        fuse_rms_norms(graph)  # RMSNorm (+ the residual add) as one op; MSC_FUSE=0 keeps the graph as stored
+        return graph
 
     def weight_entries(self, name: str) -> list[WeightEntry]:
         """A role's weight map (checked against its digest) as WeightEntry rows, dtypes from a fixed table."""

@@ -183,6 +183,64 @@ def _tp_all_gather_fake(x, dim, parts):
     return x.new_empty(shape)
 
 
+# ---------------------------------------------------------------- RMSNorm (fused at load: msc.fusions)
+def _rms_norm_eager(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """The ops transformers' RMSNorm is captured as, in the same order (so the CPU result is the unfused one)."""
+    xf = x.to(torch.float32)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(dtype)
+
+
+def _fused_norm_ok(x: Tensor, weight: Tensor, dtype: torch.dtype, residual: Optional[Tensor] = None) -> bool:
+    """NOTE: the Triton kernel is opt-in (MSC_NORM_KERNEL=1) until it has run on a GPU: it was written and
+    checked under Triton's interpreter in session 15, when no device time was left. Off, a fused op runs the
+    unfused aten ops (what the program ran before the fusion)."""
+    import os
+
+    if not x.is_cuda or dtype != x.dtype or os.environ.get("MSC_NORM_KERNEL", "0") != "1":
+        return False
+    try:
+        from msc.backends.compute import triton_norm
+    except ImportError:  # triton not installed
+        return False
+    return triton_norm.supported(x, weight, residual)
+
+
+@torch.library.custom_op("msc::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """weight * (x32 * rsqrt(mean(x32², -1) + eps)).to(dtype), x32 = x in float32: transformers' RMSNorm as one
+    op (msc.fusions puts it where the graph has those ops). One Triton kernel on a GPU, the same ops on a CPU."""
+    if _fused_norm_ok(x, weight, dtype):
+        from msc.backends.compute import triton_norm
+
+        return triton_norm.rms_norm(x, weight, eps)[0]
+    return _rms_norm_eager(x, weight, eps, dtype)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps, dtype):
+    return torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
+
+
+@torch.library.custom_op("msc::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add before a norm, fused with it; the sum is the
+    next residual."""
+    if _fused_norm_ok(x, weight, dtype, residual):
+        from msc.backends.compute import triton_norm
+
+        return triton_norm.rms_norm(x, weight, eps, residual)
+    s = x + residual
+    return _rms_norm_eager(s, weight, eps, dtype), s
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps, dtype):
+    s = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.promote_types(x.dtype, residual.dtype),
+                    device=x.device)
+    return torch.empty(s.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device), s
+
+
 # ---------------------------------------------------------------- router
 @torch.library.custom_op("msc::router", mutates_args=())
 def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:

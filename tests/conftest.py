@@ -18,6 +18,7 @@ import msc.ops  # noqa: F401
 try:  # NOTE: the kernels are decorated now, under the setting above, whatever a test later sets TRITON_INTERPRET to
     import msc.backends.compute.triton_attention  # noqa: F401
     import msc.backends.compute.triton_moe  # noqa: F401
+    import msc.backends.compute.triton_norm  # noqa: F401
 except ImportError:  # no triton: the kernel tests skip themselves
     pass
 

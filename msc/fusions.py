@@ -1,0 +1,141 @@
+"""Fusions applied to a program when it is loaded (msc.bundle.Bundle.program_graph): RMSNorm, and the residual
+add before it, become one op (msc::rms_norm / msc::add_rms_norm: one Triton kernel on a GPU).
+
+transformers' RMSNorm is captured as
+
+    x32 = to(x, float32); ms = mean(pow(x32, 2), [-1], keepdim=True); r = rsqrt(add(ms, eps))
+    out = mul(weight, to(mul(x32, r), dtype))
+
+and a decoder layer's `x = residual + h` usually feeds it. The rewrite matches exactly that chain (either
+operand order of each mul) and nothing looser: a norm written another way (Gemma's
+1 + weight, a norm without the float32 cast) stays as it was.
+
+NOTE: the fused ops run the same aten ops on a CPU and wherever the kernel does not cover a call (shapes,
+dtypes), so fusing never changes a CPU result; on a GPU the kernel (backends/compute/triton_norm.py; opt-in
+with MSC_NORM_KERNEL=1 until it has run on a GPU) may change a value's last bit (float32 reduction order). Done at load time, not as a compile pass, so that bundles stay as captured (the colocated
+program and every role program alike) and `MSC_FUSE=0` compares with and without on the same bundle.
+"""
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+import torch.fx as fx
+
+from msc.runtime.staged import STAGE_KEY
+
+aten = torch.ops.aten
+
+
+def _call(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _other(node: fx.Node, one) -> object | None:
+    """The other operand of a binary mul/add node whose one operand is `one` (None: `one` is not an operand)."""
+    a, b = node.args[:2]
+    return b if a is one else a if b is one else None
+
+
+def _after(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node a comes after node b in their graph."""
+    n = b.next
+    while n is not b.graph._root:
+        if n is a:
+            return True
+        n = n.next
+    return False
+
+
+def _match_rms_norm(out: fx.Node):
+    """(x, weight, eps, dtype, nodes to drop) when `out` ends an RMSNorm chain, else None."""
+    if not _call(out, aten.mul.Tensor) or len(out.args) != 2 or out.kwargs:
+        return None
+    for cast, weight in ((out.args[1], out.args[0]), (out.args[0], out.args[1])):
+        if not (_call(cast, aten.to.dtype) and len(cast.args) == 2 and not cast.kwargs and len(cast.users) == 1):
+            continue
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            continue
+        scaled = cast.args[0]
+        if not (_call(scaled, aten.mul.Tensor) and len(scaled.args) == 2 and len(scaled.users) == 1):
+            continue
+        for x32, r in ((scaled.args[0], scaled.args[1]), (scaled.args[1], scaled.args[0])):
+            if not (_call(r, aten.rsqrt.default) and len(r.users) == 1 and _call(x32, aten.to.dtype)):
+                continue
+            if x32.args[1:] != (torch.float32,) or x32.kwargs:
+                continue
+            add = r.args[0]
+            if not (_call(add, aten.add.Tensor) and len(add.args) == 2 and not add.kwargs and len(add.users) == 1
+                    and isinstance(add.args[1], float)):
+                continue
+            mean = add.args[0]
+            if not (_call(mean, aten.mean.dim) and list(mean.args[1:]) == [[-1], True] and not mean.kwargs
+                    and len(mean.users) == 1):
+                continue
+            sq = mean.args[0]
+            if not (_call(sq, aten.pow.Tensor_Scalar) and sq.args[0] is x32 and sq.args[1] == 2 and len(sq.users) == 1):
+                continue
+            return x32.args[0], weight, add.args[1], cast.args[1], [out, cast, scaled, r, add, mean, sq, x32]
+    return None
+
+
+def fuse_rms_norms(gm_or_graph) -> dict[str, int]:
+    """Rewrite every matched RMSNorm (and the residual add feeding it) in place; {"rms_norm": n, "add_rms_norm": m}."""
+    graph = gm_or_graph.graph if isinstance(gm_or_graph, fx.GraphModule) else gm_or_graph
+    counts = {"rms_norm": 0, "add_rms_norm": 0}
+    if os.environ.get("MSC_FUSE") == "0":
+        return counts
+    import msc.ops  # noqa: F401  (registers the msc ops)
+
+    # NOTE: names chosen here: a graph rebuilt from a bundle's JSON names its nodes itself, so fx's own
+    # namespace does not know them and could hand out a name twice
+    taken = {n.name for n in graph.nodes}
+
+    def make(target, args, base):
+        i = 0
+        while f"{base}_{i}" in taken:
+            i += 1
+        taken.add(f"{base}_{i}")
+        return graph.create_node("call_function", target, args, name=f"{base}_{i}")
+
+    for out in list(graph.nodes):
+        if out.graph is not graph:  # erased by an earlier rewrite
+            continue
+        m = _match_rms_norm(out)
+        if m is None:
+            continue
+        x, weight, eps, dtype, chain = m
+        meta = out.meta.get("msc", {})
+        # NOTE: the add joins only when the pipeline schedules it with the norm (same stage, if staged)
+        fuse_add = (_call(x, aten.add.Tensor) and len(x.args) == 2 and not x.kwargs
+                    and all(isinstance(a, fx.Node) for a in x.args)
+                    and x.meta.get("msc", {}).get(STAGE_KEY) == meta.get(STAGE_KEY))
+        # NOTE: placed where the chain starts (right after the add, when fused), not at the norm's end: the
+        # kept float32 cast and the sum's other users may come before the end and must see the new values
+        with graph.inserting_before(x.next if fuse_add else chain[-1]):  # (inserting_after would reverse them)
+            if fuse_add:
+                pair = make(torch.ops.msc.add_rms_norm.default, (x.args[0], x.args[1], weight, eps, dtype), "add_rms_norm")
+                normed = make(operator.getitem, (pair, 0), "add_rms_norm_out")
+                total = make(operator.getitem, (pair, 1), "add_rms_norm_sum")
+                new_nodes = (pair, normed, total)
+            else:
+                normed = make(torch.ops.msc.rms_norm.default, (x, weight, eps, dtype), "rms_norm")
+                new_nodes = (normed,)
+        for node in new_nodes:  # the norm's place in the schedule (pipeline stage, layer)
+            node.meta["msc"] = dict(meta)
+        if _after(weight, new_nodes[0]):  # a role program fetches each weight right before its first use
+            new_nodes[0].prepend(weight)
+        out.replace_all_uses_with(normed)
+        for node in chain:  # the chain's nodes, last first: each has no users left once its consumer is gone
+            if not node.users:  # NOTE: x32 may have other users (in a float32 graph the residual reads the no-op
+                graph.erase_node(node)  # cast): it then stays, reading x (or the fused sum, below)
+        if fuse_add:
+            x.replace_all_uses_with(total)  # the sum's other users (the next residual) read the fused op's sum
+            graph.erase_node(x)
+            counts["add_rms_norm"] += 1
+        else:
+            counts["rms_norm"] += 1
+    if isinstance(gm_or_graph, fx.GraphModule):
+        gm_or_graph.recompile()
+    return counts
