@@ -3,8 +3,11 @@ friends come from fixed tables, names cannot smuggle Python into fx's generated 
 weight map matches the digest recorded at compile time, and `msc inspect --graph` shows what will run."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import operator
+import os
 import shutil
 import sys
 import uuid
@@ -249,6 +252,20 @@ def test_every_allow_listed_aten_name_is_a_real_op_of_that_name():
         assert f"{resolved.namespace}.{resolved._opname}.{resolved._overloadname}" == f"{ns}.{op}.{overload}"
 
 
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _check_every_target(bundle: Bundle) -> set[str]:
     """Every call target stored in `bundle` is allowed, and every program loads (weights too when it has a
     checkpoint) with exactly its stored targets; the targets seen."""
@@ -258,11 +275,15 @@ def _check_every_target(bundle: Bundle) -> set[str]:
         refused = [t for t in stored if allowed_target(t) is None]
         assert not refused, (path, refused)
         name = path.name.removesuffix(".json")
-        if bundle.manifest["model"]["checkpoint"] is not None:
-            gm = bundle.load_program(name)
-        else:
-            gm = bundle.load_program(name, random_weights=True)
+        load = (lambda: bundle.load_program(name)) if bundle.manifest["model"]["checkpoint"] is not None else (
+            lambda: bundle.load_program(name, random_weights=True))
+        with _env(MSC_FUSE="0"):  # as stored, without the load-time fusions (msc/fusions.py)
+            gm = load()
         assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [allowed_target(t) for t in stored]
+        # fused: the stored targets less the fused chains, plus msc's own fused ops (and getitem of their pairs)
+        fused_ops = {torch.ops.msc.rms_norm.default, torch.ops.msc.add_rms_norm.default, operator.getitem}
+        extra = {n.target for n in load().graph.nodes if n.op == "call_function"} - {allowed_target(t) for t in stored}
+        assert extra <= fused_ops, extra
         seen |= set(stored)
     return seen
 

@@ -67,7 +67,7 @@ def _context_range(seq_len, window, split, TILE: tl.constexpr, NUM_SPLITS: tl.co
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, sinks_ptr,
     scale, window,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
@@ -76,7 +76,7 @@ def _paged_decode_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     PAGE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -97,6 +97,13 @@ def _paged_decode_kernel(
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) + _M_INIT
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    if HAS_SINKS:
+        # NOTE: a sink (GPT-OSS) is one more logit per head with no value: the first split starts its running
+        # softmax from it (max = the sink, mass exp(0) = 1), so every split and the merge treat it as a key
+        sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32)  # [GROUP_PAD]
+        first = split == 0
+        m_i = tl.where(first, sink, m_i)
+        l_i = tl.where(first, 1.0, l_i)
     acc = tl.zeros([GROUP_PAD, DV], dtype=tl.float32)
     bt_row = bt_ptr + b * stride_btb
     for start in range(begin, end, TILE):
@@ -216,6 +223,7 @@ def paged_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
     sliding_window: int = -1, out: Tensor | None = None, *, num_splits: int | None = None,
     tile: int = DECODE_TILE, num_warps: int = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of one new query token per sequence over its paged context.
 
@@ -224,10 +232,16 @@ def paged_decode_attention(
     K/V must already be in the cache). Returns [B, nh, dv] in q's dtype (into `out` when given).
     sliding_window > 0: the query (at position seq_len - 1) sees keys at positions >= seq_len - window.
     num_splits: context splits per (sequence, kv head); None picks one from the shapes (auto_num_splits).
+    sinks [nh] (GPT-OSS): one extra logit per head that joins the softmax and carries no value.
     No host synchronisation: capturable in a CUDA graph.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     b, nh, d = q.shape
+    if sinks is not None:
+        if tuple(sinks.shape) != (nh,) or sinks.device != q.device:
+            raise MscError(f"paged_decode_attention: sinks must be [{nh}] on {q.device}; got {tuple(sinks.shape)} on "
+                           f"{sinks.device}")
+        sinks = sinks.to(torch.float32).contiguous()
     _, page, nkv, _ = k_cache.shape
     dv = v_cache.shape[-1]
     if not _is_pow2(tile) or tile < 16:
@@ -253,19 +267,21 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), D=d, DV=dv, PAGE=page,
         TILE=tile, NUM_SPLITS=splits,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", IEEE_DOT=q.dtype == torch.float32,
+        HAS_SINKS=sinks is not None,
     )
+    sinks_arg = sinks if sinks is not None else seq_lens  # (not read without sinks)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0))
     if splits == 1:
         _paged_decode_kernel[(b, nkv, 1)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, out, out, float(scale), window, *strides,
+            q, k_cache, v_cache, block_tables, seq_lens, out, out, out, sinks_arg, float(scale), window, *strides,
             out.stride(0), out.stride(1), **flags, num_warps=num_warps, num_stages=num_stages)
         return out
     acc = torch.empty(b, nh, splits, dv, device=q.device, dtype=torch.float32)  # [B, nh, S, dv]
     m = torch.empty(b, nh, splits, device=q.device, dtype=torch.float32)  # [B, nh, S]
     l = torch.empty(b, nh, splits, device=q.device, dtype=torch.float32)  # [B, nh, S]
     _paged_decode_kernel[(b, nkv, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, m, l, float(scale), window, *strides,
+        q, k_cache, v_cache, block_tables, seq_lens, acc, m, l, sinks_arg, float(scale), window, *strides,
         0, 0, **flags, num_warps=num_warps, num_stages=num_stages)
     _merge_splits_kernel[(b, nh)](
         acc, m, l, out, out.stride(0), out.stride(1),

@@ -378,9 +378,12 @@ def paged_attention(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
         raise MscError(f"paged_attention: step has {t} tokens but meta has {meta.slots.shape[0]} slots")
     cache.write(layer, meta.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [T, nkv, d], [T, nkv, dv]
     if sinks is not None:
-        # NOTE: the Triton decode kernel and the batched prefill have no sinks; such a model's steps gather
-        # each sequence's pages (correct everywhere, not the fast path). Decode steps on a GPU gather on the
-        # device only, so that they can be captured in a CUDA graph (no host reads of the step's lengths).
+        # NOTE: decode steps with sinks take the Triton kernel (it starts each head's softmax from its sink)
+        # where the head widths fit it; the batched prefill has no sinks, so other steps gather each
+        # sequence's pages (correct everywhere, not the fast path), and decode steps the kernel does not fit
+        # gather on the device only, so that a CUDA graph can still capture them.
+        if meta.decode and _triton_runs(q) and _kernel_fits(cache):
+            return _decode(cache, layer, q, meta, scaling, sliding_window, sinks)
         if meta.decode and _graph_safe_decode(q):
             return decode_on_device(cache, layer, q, meta, scaling, sliding_window, sinks)
         return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, sinks)
@@ -588,16 +591,22 @@ def _triton_runs(q: Tensor) -> bool:
     return q.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float, sliding_window: int) -> Tensor:
+def _kernel_fits(cache: PagedKVCache) -> bool:
+    """Whether the Triton decode kernel takes this cache's head widths (powers of two, at least 16)."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (cache.head_dim, cache.v_head_dim))
+
+
+def _decode(cache: PagedKVCache, layer: int, q: Tensor, meta: StepMeta, scaling: float, sliding_window: int,
+            sinks: Tensor | None = None) -> Tensor:
     if q.shape[2] != meta.seq_lens.shape[0]:
         raise MscError(f"paged_attention: a decode step needs one token per sequence; got {q.shape[2]} tokens "
                        f"for {meta.seq_lens.shape[0]} sequences")
     if not _triton_runs(q):
-        return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, None)
+        return _gathered(cache, layer, q, _spans_of(meta), scaling, sliding_window, sinks)
     from msc.backends.compute.triton_attention import paged_decode_attention
 
     out = paged_decode_attention(q[0].transpose(0, 1), cache.k[layer], cache.v[layer], meta.block_tables,
-                                 meta.seq_lens, scaling, sliding_window)  # [B, nh, dv]
+                                 meta.seq_lens, scaling, sliding_window, sinks=sinks)  # [B, nh, dv]
     return out.unsqueeze(0)  # [1, T, nh, dv]
 
 
