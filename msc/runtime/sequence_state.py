@@ -117,6 +117,8 @@ def gated_delta_rule(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
                      qk_l2norm: bool) -> Tensor:
     """msc::gated_delta_rule over the sequences' recurrent states [S, Hv, dk, dv] (float32): see msc.ops."""
     buf = states.buffer(key)
+    if not meta.decode and _chunked_prefill(per_channel=g.dim() == 4):
+        return _chunked_delta_rule(buf, meta, q, k, v, g, beta, qk_l2norm)
     hk, hv = q.shape[2], v.shape[2]
     qf, kf, vf = (t[0].float() for t in (q, k, v))  # [T, H, d]
     if hv != hk:  # grouped: each key head serves hv / hk consecutive value heads
@@ -130,6 +132,42 @@ def gated_delta_rule(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
         return delta_step(st, qf[i], kf[i], vf[i], decay[i], bf[i])
 
     return _scan(buf, meta, q.shape[1], step, q.device).to(q.dtype).unsqueeze(0)  # [1, T, Hv, dv]
+
+
+def _chunked_prefill(per_channel: bool) -> bool:
+    """Whether a prompt step (any step that is not decode-only) runs transformers' chunked form of the gated delta
+    rule (64-token chunks of matrix products, from the slot's state) rather than msc's token-by-token recurrence
+    (what decode steps run, and the reference the chunked form is tested against). MSC_STATE_PREFILL=auto (the
+    default) | chunked | loop.
+
+    NOTE: auto takes the chunked form for a per-head decay (Qwen3-Next, Qwen3.5) and the recurrence for a
+    per-key-channel one (Kimi): on this project's CPU, `python benchmarks/state_prefill.py` measured the chunked
+    form 2.7-7x faster per head (256-4096 tokens) and transformers' chunked KDA 5x slower than the recurrence
+    (docs/results/state_prefill_*cpu.json). Not measured on a GPU."""
+    import os
+
+    mode = os.environ.get("MSC_STATE_PREFILL", "auto")
+    return mode == "chunked" or (mode == "auto" and not per_channel)
+
+
+def _chunked_delta_rule(buf: Tensor, meta, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                        qk_l2norm: bool) -> Tensor:
+    """Each sequence's tokens of the step through transformers' chunked gated delta rule, started from its slot's
+    state, the final state written back. q/k [1, T, Hk, dk], v [1, T, Hv, dv], g [1, T, Hv] (per head: Qwen3-Next's
+    function) or [1, T, Hv, dk] (per key channel: Kimi's), beta [1, T, Hv] -> [1, T, Hv, dv]."""
+    if g.dim() == 3:
+        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as chunked
+    else:
+        from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention as chunked
+    out = v.new_empty(1, q.shape[1], v.shape[2], v.shape[3], dtype=torch.float32)  # [1, T, Hv, dv]
+    for (start, n), slot in zip(_spans(meta), meta.state_slots.tolist()):
+        part = slice(start, start + n)
+        o, final = chunked(q[:, part].float(), k[:, part].float(), v[:, part].float(), g[:, part].float(),
+                           beta[:, part].float(), initial_state=buf[slot:slot + 1].float(), output_final_state=True,
+                           use_qk_l2norm_in_kernel=qk_l2norm)
+        out[:, part] = o.float()
+        buf[slot] = final[0].to(buf.dtype)
+    return out.to(q.dtype)
 
 
 def delta_step(s: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

@@ -62,7 +62,11 @@ def test_conv_over_steps_equals_one_causal_convolution():
         torch.testing.assert_close(got[s], want)
 
 
-def test_gated_delta_rule_over_steps_equals_transformers_chunked_rule():
+@pytest.mark.parametrize("prefill", ["chunked", "loop"])
+def test_gated_delta_rule_over_steps_equals_transformers_chunked_rule(monkeypatch, prefill):
+    """Both prompt paths: transformers' chunked form started from each slot's state (the default for a per-head
+    decay) and msc's own token-by-token recurrence (MSC_STATE_PREFILL=loop, what decode steps run)."""
+    monkeypatch.setenv("MSC_STATE_PREFILL", prefill)
     g = torch.Generator().manual_seed(1)
     lengths = {0: 70, 1: 6, 2: 3}  # 70: more than one of transformers' 64-token chunks
     q = {s: torch.randn(n, HK, DK, generator=g) for s, n in lengths.items()}
@@ -170,3 +174,32 @@ def test_mamba_scan_over_steps_equals_transformers_selective_scan():
         want = jm.mamba_selective_scan(x[s][None], dt[s][None], -torch.exp(a_log), b[s].T[None], c[s].T[None], D=d,
                                        z=gate[s][None], delta_bias=dt_bias, delta_softplus=True)
         torch.testing.assert_close(got[s], want[0].T, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prompts_equal_the_recurrence_with_a_per_channel_decay(monkeypatch):
+    """Kimi's per-key-channel decay: prompt steps through transformers' chunked KDA from the slot's state
+    (MSC_STATE_PREFILL=chunked; auto keeps the recurrence there, faster on a CPU) give what msc's recurrence gives
+    (an independent computation, token by token), chunk boundaries and carried state included; float32."""
+    g = torch.Generator().manual_seed(7)
+    lengths = {0: 90, 1: 33}
+    hk = HV  # KDA: as many key heads as value heads
+    q = {s: torch.randn(n, hk, DK, generator=g) for s, n in lengths.items()}
+    k = {s: torch.randn(n, hk, DK, generator=g) for s, n in lengths.items()}
+    v = {s: torch.randn(n, HV, DV, generator=g) for s, n in lengths.items()}
+    gate = {s: -F.softplus(torch.randn(n, HV, DK, generator=g)) for s, n in lengths.items()}
+    beta = {s: torch.rand(n, HV, generator=g) for s, n in lengths.items()}
+    steps = [{0: 70, 1: 20}, {0: 20, 1: 13}]  # the second step starts from the states the first left
+    got = {}
+    for prefill in ("chunked", "loop"):
+        monkeypatch.setenv("MSC_STATE_PREFILL", prefill)
+        cache = _cache(lengths)
+
+        def step(meta, rows):
+            pick = lambda d: torch.stack([d[s][p] for s, p in rows]).unsqueeze(0)  # noqa: E731
+            return gated_delta_rule(cache.states, meta, state_key(0, "delta"), pick(q), pick(k), pick(v), pick(gate),
+                                    pick(beta), True)[0]
+
+        got[prefill] = (_run_steps(cache, lengths, steps, step), cache.states.buffer(state_key(0, "delta")).clone())
+    for s in lengths:
+        torch.testing.assert_close(got["chunked"][0][s], got["loop"][0][s], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["chunked"][1], got["loop"][1], rtol=1e-4, atol=1e-4)  # the states left behind

@@ -1,0 +1,84 @@
+"""Prompt (prefill) time of the gated delta rule (Qwen3-Next's linear attention, Kimi's per-channel form): msc's
+token-by-token recurrence against transformers' chunked form started from the slot's state, side by side in one
+run (msc.runtime.sequence_state; MSC_STATE_PREFILL=loop|chunked, whatever `auto` would pick).
+
+    python benchmarks/state_prefill.py --out state_prefill.json [--tokens 256,1024,4096] [--device cpu|cuda]
+
+One layer of Qwen3-Next-80B-A3B's shape by default (16 key heads, 32 value heads, 128-wide keys and values),
+one sequence whose whole prompt is one step; medians of --reps runs; the two outputs are checked against each
+other first. Writes JSON (machine, versions, rows) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="256,1024,4096")
+    ap.add_argument("--key-heads", type=int, default=16)
+    ap.add_argument("--value-heads", type=int, default=32)
+    ap.add_argument("--dk", type=int, default=128)
+    ap.add_argument("--dv", type=int, default=128)
+    ap.add_argument("--per-channel", action="store_true", help="Kimi's per-key-channel decay")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="state_prefill.json")
+    args = ap.parse_args()
+    from msc.bench import machine_info
+    from msc.runtime.paged_kv import PagedKVCache, StepMeta
+    from msc.runtime.sequence_state import SequenceStates, gated_delta_rule, state_key
+
+    dev, hk, hv, dk, dv = args.device, args.key_heads, args.value_heads, args.dk, args.dv
+    hk = hv if args.per_channel else hk
+    rows = []
+    print(f"gated delta rule, {hk} key / {hv} value heads, dk {dk}, dv {dv}, "
+          f"{'per-channel' if args.per_channel else 'per-head'} decay, {dev}")
+    print("| tokens | recurrence ms | chunked ms | recurrence / chunked | max |diff| |")
+    print("|---|---|---|---|---|")
+    for t in [int(x) for x in args.tokens.split(",")]:
+        g = torch.Generator().manual_seed(t)
+        q, k = (torch.randn(1, t, hk, dk, generator=g).to(dev) for _ in range(2))
+        v = torch.randn(1, t, hv, dv, generator=g).to(dev)
+        gate = -F.softplus(torch.randn(1, t, hv, *((dk,) if args.per_channel else ()), generator=g)).to(dev)
+        beta = torch.rand(1, t, hv, generator=g).to(dev)
+        key = state_key(0, "delta")
+        times, outs = {}, {}
+        for mode in ("loop", "chunked"):
+            os.environ["MSC_STATE_PREFILL"] = mode
+            samples = []
+            for _ in range(args.reps):
+                cache = PagedKVCache(1, t // 16 + 2, 16, 1, 16, 16, torch.float32, dev, t + 16)
+                cache.states = SequenceStates({key: ((hv, dk, dv), torch.float32)}, 2, dev)
+                cache.add_sequence(0)
+                meta = StepMeta.for_step(cache, [0], [0], [t])
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                outs[mode] = gated_delta_rule(cache.states, meta, key, q, k, v, gate, beta, True)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                samples.append(time.perf_counter() - t0)
+            times[mode] = statistics.median(samples)
+        diff = (outs["loop"] - outs["chunked"]).abs().max().item()
+        if not diff < 1e-3:
+            raise AssertionError(f"T={t}: the two forms differ by {diff}")
+        row = {"tokens": t, "loop_s": times["loop"], "chunked_s": times["chunked"],
+               "ratio": times["loop"] / times["chunked"], "max_abs_diff": diff}
+        rows.append(row)
+        print(f"| {t} | {times['loop'] * 1e3:.1f} | {times['chunked'] * 1e3:.1f} | {row['ratio']:.1f} | {diff:.1e} |")
+    meta = {**machine_info(("torch", "transformers")), "device": dev, "key_heads": hk, "value_heads": hv, "dk": dk,
+            "dv": dv, "per_channel": args.per_channel, "reps": args.reps}
+    with open(args.out, "w") as f:
+        json.dump({"benchmark": "state_prefill", "meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
