@@ -32,8 +32,9 @@ def _kernel():
 
 
 # ------------------------------------------------------------------------------------------ reference
-def ref_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window=-1):
-    """float64: for each sequence, gather its K/V token by token, softmax over the visible keys."""
+def ref_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window=-1, sinks=None):
+    """float64: for each sequence, gather its K/V token by token, softmax over the visible keys (and the head's
+    sink [nh], a logit with no value, where given)."""
     q, k_cache, v_cache, block_tables, seq_lens = (t.cpu() for t in (q, k_cache, v_cache, block_tables, seq_lens))
     b, nh, _ = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
@@ -46,8 +47,11 @@ def ref_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window=-1):
         vals = torch.stack([v_cache[blk, off] for blk, off in toks]).to(F64)  # [n, nkv, dv]
         visible = torch.tensor([window <= 0 or p >= n - window for p in range(n)])
         for h in range(nh):
-            logits = scale * (keys[:, h // rep] @ q[i, h].to(F64))  # [n]
-            probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=0)
+            logits = (scale * (keys[:, h // rep] @ q[i, h].to(F64))).masked_fill(~visible, float("-inf"))  # [n]
+            if sinks is None:
+                probs = torch.softmax(logits, dim=0)
+            else:
+                probs = torch.softmax(torch.cat([logits, sinks[h].cpu().to(F64).reshape(1)]), dim=0)[:-1]
             out[i, h] = probs @ vals[:, h // rep]
     return out
 
@@ -295,25 +299,6 @@ def test_gpu_bf16_realistic_and_cuda_graph():
         assert _rel_err(static_out[0], want) < 1e-2, f"replay {step}"
 
 
-def ref_decode_with_sinks(q, k_cache, v_cache, block_tables, seq_lens, scale, sinks, window=-1):
-    """float64, independent of the kernel: softmax over [visible keys' logits, the head's sink], sink dropped."""
-    q, k_cache, v_cache, block_tables, seq_lens, sinks = (t.cpu() for t in (q, k_cache, v_cache, block_tables, seq_lens, sinks))
-    b, nh, _ = q.shape
-    page, nkv = k_cache.shape[1], k_cache.shape[2]
-    rep = nh // nkv
-    out = torch.zeros(b, nh, v_cache.shape[-1], dtype=F64)
-    for i in range(b):
-        n = int(seq_lens[i])
-        toks = [(int(block_tables[i, p // page]), p % page) for p in range(n)]
-        keys = torch.stack([k_cache[blk, off] for blk, off in toks]).to(F64)  # [n, nkv, d]
-        vals = torch.stack([v_cache[blk, off] for blk, off in toks]).to(F64)  # [n, nkv, dv]
-        visible = torch.tensor([window <= 0 or p >= n - window for p in range(n)])
-        for h in range(nh):
-            logits = (scale * (keys[:, h // rep] @ q[i, h].to(F64))).masked_fill(~visible, float("-inf"))
-            probs = torch.softmax(torch.cat([logits, sinks[h].to(F64).reshape(1)]), dim=0)[:-1]  # [n]
-            out[i, h] = probs @ vals[:, h // rep]
-    return out
-
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("window", [-1, 6])
@@ -326,7 +311,7 @@ def test_kernel_with_attention_sinks(num_splits, window):
     sinks = torch.tensor([0.5, -1.0, 3.0, 8.0], device=DEV)  # [NH]
     out = torch.full((len(lens), NH, 16), float("nan"), device=DEV)
     _kernel()(q, kc, vc, table, seq_lens, 0.25, window, out=out, num_splits=num_splits, tile=16, sinks=sinks)
-    want = ref_decode_with_sinks(q, kc, vc, table, seq_lens, 0.25, sinks, window)
+    want = ref_decode(q, kc, vc, table, seq_lens, 0.25, window, sinks)
     torch.testing.assert_close(out.cpu().to(F64), want, rtol=1e-5, atol=1e-5)
     plain = ref_decode(q, kc, vc, table, seq_lens, 0.25, window)
     assert (want[:, 3].abs().sum() < 0.1 * plain[:, 3].abs().sum())  # the sink of 8 takes most of head 3's mass
