@@ -1,11 +1,14 @@
-"""Prompt (prefill) time of the gated delta rule (Qwen3-Next's linear attention, Kimi's per-channel form): msc's
-token-by-token recurrence against transformers' chunked form started from the slot's state, side by side in one
-run (msc.runtime.sequence_state; MSC_STATE_PREFILL=loop|chunked, whatever `auto` would pick).
+"""Prompt (prefill) time of a state layer: msc's token-by-token recurrence against transformers' chunked form
+started from the slot's state, side by side in one run (msc.runtime.sequence_state; MSC_STATE_PREFILL=loop|chunked,
+whatever `auto` would pick).
 
     python benchmarks/state_prefill.py --out state_prefill.json [--tokens 256,1024,4096] [--device cpu|cuda]
+    python benchmarks/state_prefill.py --per-channel ...        # Kimi's per-key-channel decay
+    python benchmarks/state_prefill.py --op mamba2 ...          # Mamba-2's scan (Nemotron-H, Granite-4 hybrid)
 
-One layer of Qwen3-Next-80B-A3B's shape by default (16 key heads, 32 value heads, 128-wide keys and values),
-one sequence whose whole prompt is one step; medians of --reps runs; the two outputs are checked against each
+The gated delta rule of one Qwen3-Next-80B-A3B layer by default (16 key heads, 32 value heads, 128-wide keys and
+values); `--op mamba2`: a Mamba-2 scan of 128 heads of 64 channels, 8 groups, state 128 (Nemotron-H's shape).
+One sequence whose whole prompt is one step; medians of --reps runs; the two outputs are checked against each
 other first. Writes JSON (machine, versions, rows) to --out.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="256,1024,4096")
+    ap.add_argument("--op", default="delta", choices=["delta", "mamba2"])
     ap.add_argument("--key-heads", type=int, default=16)
     ap.add_argument("--value-heads", type=int, default=32)
     ap.add_argument("--dk", type=int, default=128)
@@ -34,35 +38,52 @@ def main() -> None:
     args = ap.parse_args()
     from msc.bench import machine_info
     from msc.runtime.paged_kv import PagedKVCache, StepMeta
-    from msc.runtime.sequence_state import SequenceStates, gated_delta_rule, state_key
+    from msc.runtime.sequence_state import SequenceStates, gated_delta_rule, mamba2_scan, state_key
 
     dev, hk, hv, dk, dv = args.device, args.key_heads, args.value_heads, args.dk, args.dv
     hk = hv if args.per_channel else hk
     rows = []
-    print(f"gated delta rule, {hk} key / {hv} value heads, dk {dk}, dv {dv}, "
-          f"{'per-channel' if args.per_channel else 'per-head'} decay, {dev}")
+    heads, hd, groups, n_state = 128, 64, 8, 128  # --op mamba2
+    if args.op == "mamba2":
+        print(f"Mamba-2 scan, {heads} heads x {hd}, {groups} groups, state {n_state}, {dev}")
+    else:
+        print(f"gated delta rule, {hk} key / {hv} value heads, dk {dk}, dv {dv}, "
+              f"{'per-channel' if args.per_channel else 'per-head'} decay, {dev}")
     print("| tokens | recurrence ms | chunked ms | recurrence / chunked | max |diff| |")
     print("|---|---|---|---|---|")
     for t in [int(x) for x in args.tokens.split(",")]:
         g = torch.Generator().manual_seed(t)
-        q, k = (torch.randn(1, t, hk, dk, generator=g).to(dev) for _ in range(2))
-        v = torch.randn(1, t, hv, dv, generator=g).to(dev)
-        gate = -F.softplus(torch.randn(1, t, hv, *((dk,) if args.per_channel else ()), generator=g)).to(dev)
-        beta = torch.rand(1, t, hv, generator=g).to(dev)
-        key = state_key(0, "delta")
+        if args.op == "mamba2":
+            x = torch.randn(1, t, heads * hd, generator=g).to(dev)
+            bm, cm = (torch.randn(1, t, groups * n_state, generator=g).to(dev) for _ in range(2))
+            dtm = torch.randn(1, t, heads, generator=g).to(dev)
+            a_log, dd, dt_bias = torch.rand(heads).to(dev), torch.randn(heads).to(dev), torch.randn(heads).to(dev)
+            key, shape = state_key(0, "ssm"), (heads, hd, n_state)
+
+            def run(states, meta):
+                return mamba2_scan(states, meta, key, x, bm, cm, dtm, a_log, dd, dt_bias, heads, groups, 0.0, float("inf"))
+        else:
+            q, k = (torch.randn(1, t, hk, dk, generator=g).to(dev) for _ in range(2))
+            v = torch.randn(1, t, hv, dv, generator=g).to(dev)
+            gate = -F.softplus(torch.randn(1, t, hv, *((dk,) if args.per_channel else ()), generator=g)).to(dev)
+            beta = torch.rand(1, t, hv, generator=g).to(dev)
+            key, shape = state_key(0, "delta"), (hv, dk, dv)
+
+            def run(states, meta):
+                return gated_delta_rule(states, meta, key, q, k, v, gate, beta, True)
         times, outs = {}, {}
         for mode in ("loop", "chunked"):
             os.environ["MSC_STATE_PREFILL"] = mode
             samples = []
             for _ in range(args.reps):
                 cache = PagedKVCache(1, t // 16 + 2, 16, 1, 16, 16, torch.float32, dev, t + 16)
-                cache.states = SequenceStates({key: ((hv, dk, dv), torch.float32)}, 2, dev)
+                cache.states = SequenceStates({key: (shape, torch.float32)}, 2, dev)
                 cache.add_sequence(0)
                 meta = StepMeta.for_step(cache, [0], [0], [t])
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                outs[mode] = gated_delta_rule(cache.states, meta, key, q, k, v, gate, beta, True)
+                outs[mode] = run(cache.states, meta)
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 samples.append(time.perf_counter() - t0)
@@ -74,8 +95,9 @@ def main() -> None:
                "ratio": times["loop"] / times["chunked"], "max_abs_diff": diff}
         rows.append(row)
         print(f"| {t} | {times['loop'] * 1e3:.1f} | {times['chunked'] * 1e3:.1f} | {row['ratio']:.1f} | {diff:.1e} |")
-    meta = {**machine_info(("torch", "transformers")), "device": dev, "key_heads": hk, "value_heads": hv, "dk": dk,
-            "dv": dv, "per_channel": args.per_channel, "reps": args.reps}
+    meta = {**machine_info(("torch", "transformers")), "device": dev, "op": args.op, "reps": args.reps,
+            **({"heads": heads, "head_dim": hd, "groups": groups, "state": n_state} if args.op == "mamba2" else
+               {"key_heads": hk, "value_heads": hv, "dk": dk, "dv": dv, "per_channel": args.per_channel})}
     with open(args.out, "w") as f:
         json.dump({"benchmark": "state_prefill", "meta": meta, "rows": rows}, f, indent=1)
 

@@ -140,8 +140,8 @@ def _chunked_prefill(per_channel: bool) -> bool:
     (what decode steps run, and the reference the chunked form is tested against). MSC_STATE_PREFILL=auto (the
     default) | chunked | loop.
 
-    NOTE: auto takes the chunked form for a per-head decay (Qwen3-Next, Qwen3.5) and the recurrence for a
-    per-key-channel one (Kimi): on this project's CPU, `python benchmarks/state_prefill.py` measured the chunked
+    NOTE: auto takes the chunked form for a per-head decay (Qwen3-Next, Qwen3.5; Mamba-2's scan likewise) and the
+    recurrence for a per-key-channel one (Kimi): on this project's CPU, `python benchmarks/state_prefill.py` measured the chunked
     form 2.7-7x faster per head (256-4096 tokens) and transformers' chunked KDA 5x slower than the recurrence
     (docs/results/state_prefill_*cpu.json). Not measured on a GPU."""
     import os
@@ -190,6 +190,8 @@ def mamba2_scan(states: SequenceStates, meta, key: str, x: Tensor, b: Tensor, c:
     buf = states.buffer(key)
     t = x.shape[1]
     p, n = x.shape[-1] // heads, b.shape[-1] // groups
+    if not meta.decode and _chunked_prefill(per_channel=False):
+        return _chunked_mamba2(buf, meta, x, b, c, dt, a_log, d, dt_bias, heads, groups, dt_min, dt_max)
     xf = x[0].float().reshape(t, heads, p)  # [T, H, P]
     rep = heads // groups
     bf = b[0].float().reshape(t, groups, n).repeat_interleave(rep, dim=1)  # [T, H, N]
@@ -204,6 +206,32 @@ def mamba2_scan(states: SequenceStates, meta, key: str, x: Tensor, b: Tensor, c:
 
     out = _scan(buf, meta, t, step, x.device)  # [T, H, P]
     return (out + skip).reshape(1, t, heads * p).to(x.dtype)
+
+
+def _chunked_mamba2(buf: Tensor, meta, x: Tensor, b: Tensor, c: Tensor, dt: Tensor, a_log: Tensor, d: Tensor,
+                    dt_bias: Tensor, heads: int, groups: int, dt_min: float, dt_max: float) -> Tensor:
+    """Each sequence's tokens of the step through transformers' chunked Mamba-2 scan (SSD) from its slot's state,
+    the final state written back; the D skip added here as the recurrence does. -> [1, T, H·P]."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import mamba2_chunk_scan
+
+    t = x.shape[1]
+    p, n = x.shape[-1] // heads, b.shape[-1] // groups
+    a = -torch.exp(a_log.float())  # [H]
+    out = torch.empty(1, t, heads, p, dtype=torch.float32, device=x.device)  # [1, T, H, P]
+    for (start, m), slot in zip(_spans(meta), meta.state_slots.tolist()):
+        part = slice(start, start + m)
+        y, final = mamba2_chunk_scan(
+            x[:, part].float().reshape(1, m, heads, p), dt[:, part].float(), a,
+            b[:, part].float().reshape(1, m, groups, n), c[:, part].float().reshape(1, m, groups, n),
+            chunk_size=CHUNK, D=None, dt_bias=dt_bias.float(), initial_states=buf[slot:slot + 1].float(),
+            dt_softplus=True, dt_limit=(dt_min, dt_max), return_final_states=True)
+        out[:, part] = y.float()
+        buf[slot] = final[0].to(buf.dtype)
+    skip = d.float()[:, None] * x[0].float().reshape(t, heads, p)  # [T, H, P]
+    return (out[0] + skip).reshape(1, t, heads * p).to(x.dtype)
+
+
+CHUNK = 64  # tokens per chunk of the chunked prompt forms (matrix products inside a chunk, a recurrence across)
 
 
 def mamba_scan(states: SequenceStates, meta, key: str, x: Tensor, dt: Tensor, b: Tensor, c: Tensor, gate: Tensor,

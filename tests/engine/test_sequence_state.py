@@ -118,7 +118,9 @@ def _mamba_cache(shape, max_batch=4, seqs=(0, 1, 2)):
     return cache
 
 
-def test_mamba2_scan_over_steps_equals_transformers_chunked_scan():
+@pytest.mark.parametrize("prefill", ["auto", "loop"])  # auto: transformers' chunked SSD from each slot's state
+def test_mamba2_scan_over_steps_equals_transformers_chunked_scan(monkeypatch, prefill):
+    monkeypatch.setenv("MSC_STATE_PREFILL", prefill)
     from transformers.models.nemotron_h import modeling_nemotron_h as nh
 
     from msc.runtime.sequence_state import mamba2_scan
