@@ -79,3 +79,18 @@ def test_family_bfloat16_logits_on_the_gpu(tmp_path, name):
         bf16_error = (ref16 - ref32).abs().max().item()
         err = (logits.float() - ref16).abs().max().item()
         assert err <= 2 * bf16_error + 1 / 64, (prompt, err, bf16_error)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_fused_norm_kernel_tokens_on_the_gpu(tmp_path, monkeypatch, name):
+    """The RMSNorm kernel (MSC_NORM_KERNEL=1: msc::rms_norm / add_rms_norm in Triton, including Qwen3's per-head
+    q/k norms and DeepSeek's latent norms) keeps float32 greedy tokens equal to transformers', colocated and as
+    role processes; GPT-OSS's decode steps take the decode kernel with its sinks."""
+    monkeypatch.setenv("MSC_NORM_KERNEL", "1")  # inherited by the role processes
+    bundle = _compile(name, tmp_path)
+    refs = _refs(bundle)
+    eng = build_engine(bundle.manifest, bundle.load_program(bundle.manifest["colocated"]["program"], "cuda"), "cuda")
+    assert any("rms_norm" in str(n.target) for n in eng.runner.program.graph.nodes)
+    reqs = eng.generate(PROMPTS, SamplingParams(max_tokens=NEW), arrivals=ARRIVALS)
+    assert [r.output for r in reqs] == refs, "colocated"
+    assert run_bundle(bundle.path, PROMPTS, NEW, arrivals=ARRIVALS)["outputs"] == refs, "role processes"
