@@ -90,7 +90,8 @@ def test_fused_norm_kernel_tokens_on_the_gpu(tmp_path, monkeypatch, name):
     bundle = _compile(name, tmp_path)
     refs = _refs(bundle)
     eng = build_engine(bundle.manifest, bundle.load_program(bundle.manifest["colocated"]["program"], "cuda"), "cuda")
-    assert any("rms_norm" in str(n.target) for n in eng.runner.program.graph.nodes)
+    fused = any("rms_norm" in str(n.target) for n in eng.runner.program.graph.nodes)
+    assert fused == (name != "gpt_oss")  # GPT-OSS's norm scales in float32 before its cast: another chain, not fused
     reqs = eng.generate(PROMPTS, SamplingParams(max_tokens=NEW), arrivals=ARRIVALS)
     assert [r.output for r in reqs] == refs, "colocated"
     assert run_bundle(bundle.path, PROMPTS, NEW, arrivals=ARRIVALS)["outputs"] == refs, "role processes"
