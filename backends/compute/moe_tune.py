@@ -7,7 +7,9 @@ layer's shape (experts, hidden, intermediate, top-k, dtype), so later processes 
 
     $MSC_CACHE_DIR (default ~/.cache/msc)/moe_tiles/<gpu>/triton-<version>/E<e>_H<h>_I<i>_K<k>_<dtype>.json
 
-MSC_MOE_AUTOTUNE=0 turns the first-use tuning off (the size heuristic then runs, and the log line says so).
+MSC_MOE_AUTOTUNE=0 turns the first-use tuning off (the size heuristic then runs, and the log line says so); role
+processes set it unless told otherwise (msc/runtime/worker.py: peers wait on their steps with a timeout), so tiles
+come from a table or from what the colocated engine, `msc profile` or the benchmark tuned on this machine.
 A call made while a CUDA graph is being captured cannot time anything: it takes the heuristic for that call
 (the engine's eager warm-up steps before capture have normally tuned its buckets already).
 
@@ -163,7 +165,7 @@ def first_use_config(tokens: int, top_k: int, hidden: torch.Tensor, gate_up: tor
                 log.warning("no fused-MoE tile table for %s: tuning each token bucket on first use (seconds each), "
                             "cached in %s", gpu, key_path.parent)
         if off or capturing or gate_up.nbytes + down.nbytes < MIN_TUNED_BYTES:
-            return None
+            return None  # NOTE: a tuned entry on disk (read above) is used even when tuning is off
         if timer is None:
             from triton.testing import do_bench
 

@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     lifecycle.watch_parent()  # started by a launcher: end with it
     lifecycle.exit_on_sigterm()  # stopped by its launcher (torchrun tearing a failed job down): say so on the way out
     heartbeat = lifecycle.Heartbeat(int(os.environ.get("RANK", 0))).start()
+    # NOTE: a role process does not tune the fused MoE's tiles on first use (backends/compute/moe_tune.py):
+    # tuning a bucket takes tens of seconds inside a step its peers wait on with a timeout. Tiles tuned by the
+    # colocated engine, `msc profile` or the benchmark on this machine (the disk cache), or a GPU's table, are
+    # used; otherwise the heuristic (announced once). MSC_MOE_AUTOTUNE=1 in the environment overrides this.
+    os.environ.setdefault("MSC_MOE_AUTOTUNE", "0")
     try:
         profile_dir = os.environ.get("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
         if profile_dir:

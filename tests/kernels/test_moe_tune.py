@@ -129,3 +129,34 @@ def test_tiny_layers_and_failed_tunings_run_the_heuristic(fresh, monkeypatch):
     from msc.backends.compute.triton_moe import default_config
 
     assert moe_tune.first_use_config(3, 2, *_layer(), "G") == default_config(16, 2, 4)
+
+
+def test_tiles_tuned_earlier_are_used_where_tuning_is_off(fresh, monkeypatch):
+    """A role process (tuning off: msc/runtime/worker.py) reads what the colocated engine or the benchmark tuned
+    on this machine, and tunes nothing itself."""
+    tmp_path, calls = fresh
+    tuned = moe_tune.first_use_config(40, 2, *_layer(), "G")  # tuned by, say, msc profile
+    monkeypatch.setenv("MSC_MOE_AUTOTUNE", "0")
+    moe_tune._memory.clear()  # another process
+    assert moe_tune.first_use_config(50, 2, *_layer(), "G") == tuned
+    assert moe_tune.first_use_config(300, 2, *_layer(), "G") is None  # a bucket nobody tuned: the heuristic
+    assert len(calls) == 1
+
+
+def test_role_processes_do_not_tune_unless_told(monkeypatch):
+    import os
+
+    from msc.runtime import worker
+
+    monkeypatch.setenv("MSC_MOE_AUTOTUNE", "x")  # recorded as it was, so the worker's setdefault is undone too
+    monkeypatch.delenv("MSC_MOE_AUTOTUNE")
+    monkeypatch.setattr(worker.lifecycle, "watch_parent", lambda: None)
+    monkeypatch.setattr(worker.lifecycle, "exit_on_sigterm", lambda: None)
+    seen = []
+    monkeypatch.setattr(worker, "run_worker", lambda *a: seen.append(os.environ.get("MSC_MOE_AUTOTUNE")))
+    assert worker.main(["--bundle", "unused"]) == 0
+    assert seen == ["0"]
+    monkeypatch.setenv("MSC_MOE_AUTOTUNE", "1")
+    worker.main(["--bundle", "unused"])
+    assert seen == ["0", "1"]
+
