@@ -140,8 +140,8 @@ def _chunked_prefill(per_channel: bool) -> bool:
     (what decode steps run, and the reference the chunked form is tested against). MSC_STATE_PREFILL=auto (the
     default) | chunked | loop.
 
-    NOTE: auto takes the chunked form for a per-head decay (Qwen3-Next, Qwen3.5; Mamba-2's scan likewise) and the
-    recurrence for a per-key-channel one (Kimi): on this project's CPU, `python benchmarks/state_prefill.py` measured the chunked
+    NOTE: auto takes the chunked form for a per-head decay (Qwen3-Next, Qwen3.5; Mamba-2's scan and MiniMax's
+    lightning attention likewise) and the recurrence for a per-key-channel one (Kimi): on this project's CPU, `python benchmarks/state_prefill.py` measured the chunked
     form 2.7-7x faster per head (256-4096 tokens) and transformers' chunked KDA 5x slower than the recurrence
     (docs/results/state_prefill_*cpu.json). Not measured on a GPU."""
     import os
@@ -259,6 +259,8 @@ def linear_attention(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
     """msc::linear_attention over the sequences' states S [S, H, dk, dv] (float32): see msc.ops."""
     buf = states.buffer(key)
     t = q.shape[1]
+    if not meta.decode and _chunked_prefill(per_channel=False):
+        return _chunked_linear_attention(buf, meta, q, k, v, log_decay)
     qf, kf, vf = (x[0].float() for x in (q, k, v))  # [T, H, d]
     decay = torch.exp(log_decay.float())[:, None, None]  # [H, 1, 1]
 
@@ -267,6 +269,30 @@ def linear_attention(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
         return s, torch.einsum("bhkv,bhk->bhv", s, qf[i])
 
     return _scan(buf, meta, t, step, q.device).to(q.dtype).unsqueeze(0)  # [1, T, H, dv]
+
+
+def _chunked_linear_attention(buf: Tensor, meta, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
+    """The recurrence S_t = λ·S_{t-1} + k_tᵀv_t, y_t = q_t·S_t (λ = exp(log_decay) per head) over each sequence's
+    tokens in chunks of CHUNK: inside a chunk, y_i = λ^(i+1)·q_i·S + Σ_{j≤i} λ^(i-j)·(q_i·k_j)·v_j (matrix products),
+    and the chunk hands on S' = λ^C·S + Σ_j λ^(C-1-j)·k_jᵀv_j. q/k [1, T, H, dk], v [1, T, H, dv] -> [1, T, H, dv]."""
+    t = q.shape[1]
+    ld = log_decay.float()  # [H]
+    out = torch.empty(t, v.shape[2], v.shape[3], dtype=torch.float32, device=q.device)  # [T, H, dv]
+    for (start, n), slot in zip(_spans(meta), meta.state_slots.tolist()):
+        s = buf[slot].float()  # [H, dk, dv]
+        for a in range(start, start + n, CHUNK):
+            c = min(CHUNK, start + n - a)
+            qc, kc, vc = (x[0, a:a + c].float().transpose(0, 1) for x in (q, k, v))  # [H, c, d]
+            pos = torch.arange(c, device=q.device, dtype=torch.float32)
+            gap = pos[:, None] - pos[None, :]  # [c, c]: i - j
+            within = torch.exp(ld[:, None, None] * gap.clamp(min=0)) * (gap >= 0)  # [H, c, c]: λ^(i-j), j <= i
+            y = ((qc @ kc.transpose(1, 2)) * within) @ vc  # [H, c, dv]
+            y = y + torch.exp(ld[:, None, None] * (pos + 1)[None, :, None]) * (qc @ s)  # the carried state's part
+            out[a:a + c] = y.transpose(0, 1)
+            tail = torch.exp(ld[:, None] * (c - 1 - pos)[None, :])  # [H, c]: λ^(c-1-j)
+            s = torch.exp(ld * c)[:, None, None] * s + (kc * tail[..., None]).transpose(1, 2) @ vc  # [H, dk, dv]
+        buf[slot] = s.to(buf.dtype)
+    return out.to(q.dtype).unsqueeze(0)  # [1, T, H, dv]
 
 
 def _scan(buf: Tensor, meta, t: int, step, device) -> Tensor:

@@ -205,3 +205,33 @@ def test_chunked_prompts_equal_the_recurrence_with_a_per_channel_decay(monkeypat
     for s in lengths:
         torch.testing.assert_close(got["chunked"][0][s], got["loop"][0][s], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["chunked"][1], got["loop"][1], rtol=1e-4, atol=1e-4)  # the states left behind
+
+
+def test_chunked_lightning_attention_equals_the_recurrence(monkeypatch):
+    """MiniMax's lightning attention (msc::linear_attention): prompt steps in 64-token chunks of matrix products
+    give what the token-by-token recurrence gives (an independent computation), over steps that carry each
+    sequence's state, chunk boundaries, strong and weak decays included; float32."""
+    from msc.runtime.sequence_state import linear_attention
+
+    g = torch.Generator().manual_seed(11)
+    h, dk, dv = 4, 8, 6
+    lengths = {0: 150, 1: 37, 2: 5}
+    q, k, v = ({s: torch.randn(n, h, d, generator=g) for s, n in lengths.items()} for d in (dk, dk, dv))
+    log_decay = torch.tensor([-0.01, -0.3, -2.0, -8.0])  # per head
+    steps = [{0: 100, 1: 30}, {0: 50, 1: 7, 2: 5}]  # prompts in two steps: the second starts from carried states
+    got = {}
+    for prefill in ("auto", "loop"):
+        monkeypatch.setenv("MSC_STATE_PREFILL", prefill)
+        cache = PagedKVCache(1, 80, 4, 1, 2, 2, torch.float32, "cpu", 256)
+        cache.states = SequenceStates({state_key(0, "lin"): ((h, dk, dv), torch.float32)}, 4, "cpu")
+        for s in lengths:
+            cache.add_sequence(s)
+
+        def step(meta, rows):
+            pick = lambda d: torch.stack([d[s][p] for s, p in rows]).unsqueeze(0)  # noqa: E731
+            return linear_attention(cache.states, meta, state_key(0, "lin"), pick(q), pick(k), pick(v), log_decay)[0]
+
+        got[prefill] = (_run_steps(cache, lengths, steps, step), cache.states.buffer(state_key(0, "lin")).clone())
+    for s in lengths:
+        torch.testing.assert_close(got["auto"][0][s], got["loop"][0][s], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["auto"][1], got["loop"][1], rtol=1e-4, atol=1e-4)
