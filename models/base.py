@@ -196,24 +196,16 @@ def _act_fn_name(experts: nn.Module) -> str | None:
 def _describe_up_only(experts: nn.Module, where: str) -> tuple[str, str]:
     """(act, layout) of experts without a gate projection (Nemotron-H): act(up(x)) then down, the activation
     named by matching the module's act_fn against transformers' activation table."""
-    from transformers.activations import ACT2CLS
-
-    from msc.backends.compute.torch_eager import _up_only_fn
-
     cls = type(experts).__name__
     for name in ("up_proj", "down_proj"):
         if not isinstance(getattr(experts, name, None), torch.Tensor):
             raise MscError(f"{where} ({cls}) has no '{name}' parameter; msc expects stacked [E, ...] expert weights")
     layout = "up_only,gate_up_t,down_t" if experts.is_transposed else "up_only"
-    act_cls = type(getattr(experts, "act_fn", None))
-    names = [k for k, v in ACT2CLS.items() if (v[0] if isinstance(v, tuple) else v) is act_cls]
-    for act in names:
-        try:
-            _up_only_fn(act)
-            return act, layout
-        except MscError:
-            continue
-    raise MscError(f"{where} ({cls}): up-only experts with activation {act_cls.__name__}, which msc does not implement")
+    act = _act_fn_name(experts)
+    if act is None:
+        raise MscError(f"{where} ({cls}): up-only experts with activation {type(getattr(experts, 'act_fn', None)).__name__}, "
+                       "which msc does not implement")
+    return act, layout
 
 
 AttentionInterface.register(IMPL, _msc_attention)

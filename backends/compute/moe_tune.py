@@ -33,7 +33,7 @@ log = logging.getLogger("msc.backends.compute.moe_tune")
 # token counts a tuned entry is made for; a call uses the entry of the smallest bucket at or above its tokens
 BUCKETS = (16, 64, 256, 1024, 4096, 8192)
 _lock = threading.Lock()
-_memory: dict[tuple, dict[int, dict]] = {}  # cache key -> {bucket: config}
+_memory: dict[tuple, dict[int, dict | None]] = {}  # (gpu, E, H, I, K, dtype) -> {bucket: config, None: heuristic}
 _announced: set[str] = set()
 # NOTE: a layer whose experts' weights are smaller than this runs in microseconds with any tile: not worth a
 # first step of tens of seconds (tiny test models run the heuristic)
@@ -141,17 +141,23 @@ def first_use_config(tokens: int, top_k: int, hidden: torch.Tensor, gate_up: tor
     """The tuned config of `tokens`' bucket for this layer shape on this GPU (tuned now if no process has:
     see the module docstring), or None where none can be had (tuning off, or inside a CUDA-graph capture).
     `timer(fn)` times one call of fn in ms (default: triton.testing.do_bench's median)."""
+    if gate_up.nbytes + down.nbytes < MIN_TUNED_BYTES:
+        return None  # a tiny layer: the heuristic, silently
+    e, two_i, h = gate_up.shape
+    shape = (gpu, e, h, two_i // 2, top_k, hidden.dtype)
+    b = bucket_of(tokens)
+    table = _memory.get(shape)
+    if table is not None and b in table:  # NOTE: the per-call path (every MoE layer of an eager step): no I/O, no lock
+        return table[b]
     import triton
 
     from msc.backends.compute import triton_moe
 
-    e, two_i, h = gate_up.shape
     key_path = cache_path(gpu, triton.__version__, e, h, two_i // 2, top_k, hidden.dtype)
-    b = bucket_of(tokens)
     with _lock:
-        table = _memory.get(key_path)
+        table = _memory.get(shape)
         if table is None:
-            table = _memory[key_path] = _read(key_path)
+            table = _memory[shape] = _read(key_path)
         if b in table:
             return table[b]
         off = os.environ.get("MSC_MOE_AUTOTUNE", "1") == "0"
@@ -164,8 +170,11 @@ def first_use_config(tokens: int, top_k: int, hidden: torch.Tensor, gate_up: tor
             else:
                 log.warning("no fused-MoE tile table for %s: tuning each token bucket on first use (seconds each), "
                             "cached in %s", gpu, key_path.parent)
-        if off or capturing or gate_up.nbytes + down.nbytes < MIN_TUNED_BYTES:
-            return None  # NOTE: a tuned entry on disk (read above) is used even when tuning is off
+        if off:  # NOTE: a tuned entry on disk (read above) is used even when tuning is off
+            table[b] = None  # the heuristic for this bucket, decided once
+            return None
+        if capturing:  # an eager call later may tune it
+            return None
         if timer is None:
             from triton.testing import do_bench
 

@@ -194,8 +194,8 @@ def expert_layer_time(lc: LayerCost, tokens_global: float, experts_per_node: int
         return 0.0
     pairs = tokens_global * model.top_k * experts_per_node / lc.experts * load
     # NOTE: weights read: the experts hit among those the node holds. A replica is a copy of a hot expert, so
-    # it is counted like any held expert; at decode sizes this term, not the pairs, sets the time (measured on
-    # the H100, docs/placement.md: three experts a node cost more than two, however evenly the pairs split)
+    # it is counted like any held expert; at decode sizes this term, not the pairs, sets the roofline time (the
+    # H100 placement runs of docs/placement.md did not settle the measured ordering at those sizes)
     held = experts_per_node + extra_slots
     hit = expected_experts_hit(lc.experts, tokens_global, model.top_k) * held / lc.experts  # <= held
     if profile is not None:

@@ -134,16 +134,19 @@ def gated_delta_rule(states: SequenceStates, meta, key: str, q: Tensor, k: Tenso
     return _scan(buf, meta, q.shape[1], step, q.device).to(q.dtype).unsqueeze(0)  # [1, T, Hv, dv]
 
 
-def _chunked_prefill(per_channel: bool) -> bool:
-    """Whether a prompt step (any step that is not decode-only) runs transformers' chunked form of the gated delta
-    rule (64-token chunks of matrix products, from the slot's state) rather than msc's token-by-token recurrence
-    (what decode steps run, and the reference the chunked form is tested against). MSC_STATE_PREFILL=auto (the
-    default) | chunked | loop.
+CHUNK = 64  # tokens per chunk of the chunked prompt forms (matrix products inside a chunk, a recurrence across)
 
-    NOTE: auto takes the chunked form for a per-head decay (Qwen3-Next, Qwen3.5; Mamba-2's scan and MiniMax's
-    lightning attention likewise) and the recurrence for a per-key-channel one (Kimi): on this project's CPU, `python benchmarks/state_prefill.py` measured the chunked
-    form 2.7-7x faster per head (256-4096 tokens) and transformers' chunked KDA 5x slower than the recurrence
-    (docs/results/state_prefill_*cpu.json). Not measured on a GPU."""
+
+def _chunked_prefill(per_channel: bool) -> bool:
+    """Whether a prompt step (any step that is not decode-only) runs a chunked form (matrix products inside
+    CHUNK-token chunks, the state handed between chunks, from the slot's state) rather than msc's token-by-token
+    recurrence (what decode steps run, and the reference the chunked forms are tested against).
+    MSC_STATE_PREFILL=auto (the default) | chunked | loop.
+
+    NOTE: auto takes the chunked form where one was faster on this project's CPU (`python
+    benchmarks/state_prefill.py`, figures in docs/notes.md, session 15): per-head gated delta rules, Mamba-2's scan,
+    lightning attention; Kimi's per-key-channel rule keeps the recurrence (transformers' chunked KDA was slower).
+    Not measured on a GPU."""
     import os
 
     mode = os.environ.get("MSC_STATE_PREFILL", "auto")
@@ -160,14 +163,23 @@ def _chunked_delta_rule(buf: Tensor, meta, q: Tensor, k: Tensor, v: Tensor, g: T
     else:
         from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention as chunked
     out = v.new_empty(1, q.shape[1], v.shape[2], v.shape[3], dtype=torch.float32)  # [1, T, Hv, dv]
-    for (start, n), slot in zip(_spans(meta), meta.state_slots.tolist()):
-        part = slice(start, start + n)
+
+    def run(part, state):  # state [1, Hv, dk, dv]
         o, final = chunked(q[:, part].float(), k[:, part].float(), v[:, part].float(), g[:, part].float(),
-                           beta[:, part].float(), initial_state=buf[slot:slot + 1].float(), output_final_state=True,
+                           beta[:, part].float(), initial_state=state, output_final_state=True,
                            use_qk_l2norm_in_kernel=qk_l2norm)
         out[:, part] = o.float()
-        buf[slot] = final[0].to(buf.dtype)
+        return final
+
+    _each_sequence(buf, meta, run)
     return out.to(q.dtype)
+
+
+def _each_sequence(buf: Tensor, meta, run) -> None:
+    """The chunked forms' driver: for each sequence of a prompt step, run(its token slice along T, its slot's state
+    [1, ...] in float32) -> the final state [1, ...], written back to the slot."""
+    for (start, n), slot in zip(_spans(meta), meta.state_slots.tolist()):
+        buf[slot] = run(slice(start, start + n), buf[slot:slot + 1].float())[0].to(buf.dtype)
 
 
 def delta_step(s: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,20 +230,20 @@ def _chunked_mamba2(buf: Tensor, meta, x: Tensor, b: Tensor, c: Tensor, dt: Tens
     p, n = x.shape[-1] // heads, b.shape[-1] // groups
     a = -torch.exp(a_log.float())  # [H]
     out = torch.empty(1, t, heads, p, dtype=torch.float32, device=x.device)  # [1, T, H, P]
-    for (start, m), slot in zip(_spans(meta), meta.state_slots.tolist()):
-        part = slice(start, start + m)
+
+    def run(part, state):  # state [1, H, P, N]
+        m = part.stop - part.start
         y, final = mamba2_chunk_scan(
             x[:, part].float().reshape(1, m, heads, p), dt[:, part].float(), a,
             b[:, part].float().reshape(1, m, groups, n), c[:, part].float().reshape(1, m, groups, n),
-            chunk_size=CHUNK, D=None, dt_bias=dt_bias.float(), initial_states=buf[slot:slot + 1].float(),
+            chunk_size=CHUNK, D=None, dt_bias=dt_bias.float(), initial_states=state,
             dt_softplus=True, dt_limit=(dt_min, dt_max), return_final_states=True)
         out[:, part] = y.float()
-        buf[slot] = final[0].to(buf.dtype)
+        return final
+
+    _each_sequence(buf, meta, run)
     skip = d.float()[:, None] * x[0].float().reshape(t, heads, p)  # [T, H, P]
     return (out[0] + skip).reshape(1, t, heads * p).to(x.dtype)
-
-
-CHUNK = 64  # tokens per chunk of the chunked prompt forms (matrix products inside a chunk, a recurrence across)
 
 
 def mamba_scan(states: SequenceStates, meta, key: str, x: Tensor, dt: Tensor, b: Tensor, c: Tensor, gate: Tensor,
@@ -278,10 +290,11 @@ def _chunked_linear_attention(buf: Tensor, meta, q: Tensor, k: Tensor, v: Tensor
     t = q.shape[1]
     ld = log_decay.float()  # [H]
     out = torch.empty(t, v.shape[2], v.shape[3], dtype=torch.float32, device=q.device)  # [T, H, dv]
-    for (start, n), slot in zip(_spans(meta), meta.state_slots.tolist()):
-        s = buf[slot].float()  # [H, dk, dv]
-        for a in range(start, start + n, CHUNK):
-            c = min(CHUNK, start + n - a)
+
+    def run(part, state):  # state [1, H, dk, dv]
+        s = state[0]  # [H, dk, dv]
+        for a in range(part.start, part.stop, CHUNK):
+            c = min(CHUNK, part.stop - a)
             qc, kc, vc = (x[0, a:a + c].float().transpose(0, 1) for x in (q, k, v))  # [H, c, d]
             pos = torch.arange(c, device=q.device, dtype=torch.float32)
             gap = pos[:, None] - pos[None, :]  # [c, c]: i - j
@@ -291,7 +304,9 @@ def _chunked_linear_attention(buf: Tensor, meta, q: Tensor, k: Tensor, v: Tensor
             out[a:a + c] = y.transpose(0, 1)
             tail = torch.exp(ld[:, None] * (c - 1 - pos)[None, :])  # [H, c]: λ^(c-1-j)
             s = torch.exp(ld * c)[:, None, None] * s + (kc * tail[..., None]).transpose(1, 2) @ vc  # [H, dk, dv]
-        buf[slot] = s.to(buf.dtype)
+        return s.unsqueeze(0)
+
+    _each_sequence(buf, meta, run)
     return out.to(q.dtype).unsqueeze(0)  # [1, T, H, dv]
 
 

@@ -2,8 +2,12 @@
 config's sizes agree, and the planner's memory model counts them per sequence."""
 from __future__ import annotations
 
+import pytest
+
 from msc.compiler import compile_spec
+from msc.engine import build
 from msc.engine.build import build_engine
+from msc.errors import MscError
 from msc.planner.cost import cost_of_spec
 from msc.planner.search import Workload, attention_memory
 from msc.spec import parse_spec
@@ -34,8 +38,6 @@ def test_qwen3_next_state_bytes_agree_with_the_config(tmp_path):
 def test_the_state_slots_come_out_of_the_default_kv_budget(tmp_path, monkeypatch):
     """On the default budget (CPU_KV_BYTES here) the KV cache gets what the batch's state slots leave; a batch whose
     states take it all is a clear error, not an out-of-memory later."""
-    from msc.engine import build
-
     cfg = STATE_FAMILIES["qwen3_next"]
     spec = {"model": {"config": cfg, "seed": 0, "dtype": "float32"}, "device": "cpu", "plan": {"experts": {"nodes": 2},
                                                                                            "batch_size": 8}}
@@ -48,9 +50,5 @@ def test_the_state_slots_come_out_of_the_default_kv_budget(tmp_path, monkeypatch
     sizes = build.engine_sizes(bundle.manifest, eng.runner)
     assert sizes["kv_tokens"] == min(8 * sizes["max_seq_len"], 300)
     monkeypatch.setattr(build, "CPU_KV_BYTES", 9 * per_seq)  # states take it all
-    import pytest
-
-    from msc.errors import MscError
-
     with pytest.raises(MscError, match="state layers' .* leave the KV cache 0 tokens"):
         build.engine_sizes(bundle.manifest, eng.runner)
