@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch and triton; pydantic and the CPU machine's
 # transformers with its dependencies carried as wheels in .whl/, so both machines run the same model code), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest decodeprof flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,7 +13,7 @@ fi
 for d in backends passes models; do [ -e msc/$d ] || ln -s ../$d msc/$d; done
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 msc() { python3 -m msc.cli "$@"; }
-TAG=
+TAG=${TAG:-}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 for stage in "$@"; do
@@ -32,6 +32,7 @@ for stage in "$@"; do
          # tiles tuned on first use (a GPU without a table): brought back beside the log
          find ~/.cache/msc/moe_tiles -name '*.json' -exec cp {} "$OUT/" \; 2>/dev/null ;;
     attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
+    decodeprof) python3 benchmarks/decode_profile.py ${DPROF_ARGS:-} --out "$OUT/decode_profile$TAG.json" 2>&1 | tee "$OUT/decode_profile$TAG.log" | tail -${DPROF_TAIL:-40} ;;
     e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
     m2n) msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu$TAG.json" --plot "$OUT/m2n_gpu$TAG.png" 2>&1 | tee "$OUT/m2n$TAG.log" | tail -20 ;;
     mpson) # the CUDA MPS control daemon up: processes on one GPU then share it instead of time-slicing it.

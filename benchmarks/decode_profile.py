@@ -1,0 +1,147 @@
+"""Where a decode step's GPU time goes (GPU): the colocated engine of `msc run --colocated` on a
+Mixtral-8x7B-shaped bundle (bf16, random weights), its decode step replayed from the CUDA graph under
+torch.profiler; every kernel put in a group (experts, attention, matmuls, norms, rotary, router, ...) with its
+time and launches per layer, and the part of the step no kernel covers (launch gaps).
+
+    python benchmarks/decode_profile.py --layers 16 --batch 64,256 --context 650 --out decode_profile.json
+
+Run it twice with MSC_NORM_KERNEL=0 / 1 (or MSC_FUSE=0) to see a fusion's before and after; the floor column
+is e2e_decode.py's roofline floor of the same step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_step import MIXTRAL_8X7B, _bundle  # noqa: E402
+
+# NOTE: first match wins; the patterns are the kernel names Triton (function names), cuBLAS / CUTLASS and
+# PyTorch's ATen kernels carry on Hopper with torch 2.11
+GROUPS = [
+    ("experts", r"moe|align_block|expert"),
+    ("attention", r"paged|decode_att|attention|flash|kv_write|store_kv|mla"),
+    ("norm", r"rms|norm"),
+    ("rotary", r"rotary|rope"),
+    ("router", r"topk|softmax|sort|router|bitonic"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|gemv|sm90|cublas|matmul"),
+    ("copy / cat / index", r"copy|cat|index|gather|scatter|fill"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce"),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for g, pat in GROUPS if re.search(pat, low)), "other")
+
+
+def profile_step(runner, batch: int, context: int, steps: int) -> dict:
+    """Kernel times of `steps` replays of the decode graph of `batch` sequences at `context` tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seq_ids = list(range(20_000_000, 20_000_000 + batch))
+    for s in seq_ids:
+        runner.cache.add_sequence(s)
+        runner.cache.ensure(s, context + 1)
+    from msc.engine.runner import StepInput
+
+    step = StepInput(seq_ids, [context] * batch, [1] * batch, [1] * batch, list(range(batch)))
+    try:
+        graph = runner._load_graph(step).graph
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            walls.append(a.elapsed_time(b) / 1e3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+    finally:
+        for s in seq_ids:
+            runner.cache.drop_sequence(s)
+    kernels: dict[str, list] = defaultdict(lambda: [0.0, 0])  # name -> [seconds, launches]
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            k = kernels[ev.name]
+            k[0] += ev.device_time / 1e6
+            k[1] += 1
+    return {"wall_s": statistics.median(walls), "kernels": {n: (s / steps, c / steps) for n, (s, c) in kernels.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--batch", default="64,256")
+    ap.add_argument("--context", type=int, default=650, help="tokens in every sequence's cache (571 + 159 / 2)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=25, help="kernels listed by name")
+    ap.add_argument("--out", default="decode_profile.json")
+    args = ap.parse_args()
+    from decode_attention import copy_bandwidth
+    from e2e_decode import floor_step
+    from transformers import MixtralConfig
+
+    from msc.engine.build import build_engine
+
+    batches = [int(b) for b in args.batch.split(",")]
+    cfg = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    ceil = {"copy_bytes_per_s": copy_bandwidth()["gbps"] * 1e9, "bf16_flops_per_s": 7e14}
+    env = {k: os.environ[k] for k in ("MSC_NORM_KERNEL", "MSC_FUSE", "MSC_MOE_AUTOTUNE") if k in os.environ}
+    res = {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "triton": __import__("triton").__version__, "python": platform.python_version(), "env": env,
+                    "layers": args.layers, "context": args.context, "copy_bytes_per_s": ceil["copy_bytes_per_s"]},
+           "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = _bundle(tmp, "mixtral", args.layers, max(batches), args.context + 64)
+        gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cuda", random_weights=True)
+        eng = build_engine(bundle.manifest, gm, "cuda")
+        for b in batches:
+            p = profile_step(eng.runner, b, args.context, args.steps)
+            floor = floor_step(cfg, b, args.context, ceil)["floor_s"]
+            groups: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
+            for name, (s, c) in p["kernels"].items():
+                groups[group_of(name)][0] += s
+                groups[group_of(name)][1] += c
+            busy = sum(s for s, _ in groups.values())
+            launches = sum(c for _, c in groups.values())
+            print(f"\nbatch {b}, context {args.context}, {args.layers} layers ({res['meta']['gpu']}, {env or 'defaults'}):"
+                  f" step {p['wall_s'] * 1e3:.2f} ms, kernels {busy * 1e3:.2f} ms in {launches:.0f} launches "
+                  f"({launches / args.layers:.1f} a layer), gaps {(p['wall_s'] - busy) * 1e3:.2f} ms; "
+                  f"floor {floor * 1e3:.2f} ms, step / floor {p['wall_s'] / floor:.2f}")
+            print("| group | ms a step | µs a layer | launches a layer | share |")
+            print("|---|---|---|---|---|")
+            for g, (s, c) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+                print(f"| {g} | {s * 1e3:.3f} | {s / args.layers * 1e6:.1f} | {c / args.layers:.1f} | {s / p['wall_s']:.1%} |")
+            print(f"| (gaps) | {(p['wall_s'] - busy) * 1e3:.3f} | {(p['wall_s'] - busy) / args.layers * 1e6:.1f} | | "
+                  f"{(p['wall_s'] - busy) / p['wall_s']:.1%} |")
+            top = sorted(p["kernels"].items(), key=lambda kv: -kv[1][0])[: args.top]
+            print("| kernel | group | µs a step | launches a step |")
+            print("|---|---|---|---|")
+            for name, (s, c) in top:
+                print(f"| {name[:90]} | {group_of(name)} | {s * 1e6:.1f} | {c:.0f} |")
+            res["rows"].append({"batch": b, "step_s": p["wall_s"], "kernel_s": busy, "launches": launches,
+                                "floor_s": floor, "groups": {g: {"s": s, "launches": c} for g, (s, c) in groups.items()},
+                                "kernels": [{"name": n, "s": s, "launches": c} for n, (s, c) in top]})
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
