@@ -202,9 +202,9 @@ class Bundle:
             graph = graph_from_json(data, device, source=f"{self.path / rel}")
         except RecursionError:
             raise MscError(f"{self.path / rel}: arguments are nested too deeply to be a program msc wrote") from None
-        from msc.fusions import fuse_rms_norms
+        from msc.fusions import fuse_program
 
-        fuse_rms_norms(graph)  # RMSNorm (+ the residual add) as one op; MSC_FUSE=0 keeps the graph as stored
+        fuse_program(graph)  # RMSNorm (+ the residual add), rotary, as single ops; MSC_FUSE=0 keeps the graph as stored
         return graph
 
     def weight_entries(self, name: str) -> list[WeightEntry]:

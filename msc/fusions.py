@@ -48,6 +48,30 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
+def _node_maker(graph: fx.Graph):
+    """make(target, args, base) -> a new call_function node named base_N.
+
+    NOTE: names chosen here: a graph rebuilt from a bundle's JSON names its nodes itself, so fx's own
+    namespace does not know them and could hand out a name twice."""
+    taken = {n.name for n in graph.nodes}
+
+    def make(target, args, base):
+        i = 0
+        while f"{base}_{i}" in taken:
+            i += 1
+        taken.add(f"{base}_{i}")
+        return graph.create_node("call_function", target, args, name=f"{base}_{i}")
+
+    return make
+
+
+def fuse_program(gm_or_graph) -> dict[str, int]:
+    """Every load-time fusion, in place: {"rms_norm": n, "add_rms_norm": m, "rotary": r}; nothing with MSC_FUSE=0."""
+    counts = fuse_rms_norms(gm_or_graph)
+    counts.update(fuse_rotary(gm_or_graph))
+    return counts
+
+
 def _match_rms_norm(out: fx.Node):
     """(x, weight, eps, dtype, nodes to drop) when `out` ends an RMSNorm chain, else None."""
     if not _call(out, aten.mul.Tensor) or len(out.args) != 2 or out.kwargs:
@@ -88,16 +112,7 @@ def fuse_rms_norms(gm_or_graph) -> dict[str, int]:
         return counts
     import msc.ops  # noqa: F401  (registers the msc ops)
 
-    # NOTE: names chosen here: a graph rebuilt from a bundle's JSON names its nodes itself, so fx's own
-    # namespace does not know them and could hand out a name twice
-    taken = {n.name for n in graph.nodes}
-
-    def make(target, args, base):
-        i = 0
-        while f"{base}_{i}" in taken:
-            i += 1
-        taken.add(f"{base}_{i}")
-        return graph.create_node("call_function", target, args, name=f"{base}_{i}")
+    make = _node_maker(graph)
 
     for out in list(graph.nodes):
         if out.graph is not graph:  # erased by an earlier rewrite
@@ -136,6 +151,82 @@ def fuse_rms_norms(gm_or_graph) -> dict[str, int]:
             counts["add_rms_norm"] += 1
         else:
             counts["rms_norm"] += 1
+    if isinstance(gm_or_graph, fx.GraphModule):
+        gm_or_graph.recompile()
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+_SLICE_END = 2 ** 62  # an open-ended slice's end as torch.export writes it (sys.maxsize)
+
+
+def _slice_of(node, x=None):
+    """(source, dim, start, end) of a unit-step aten.slice node (end None when open-ended), else None."""
+    if not (_call(node, aten.slice.Tensor) and not node.kwargs and len(node.args) in (4, 5) and len(node.users) == 1):
+        return None
+    src, dim, start, end = node.args[:4]
+    if (len(node.args) == 5 and node.args[4] != 1) or (x is not None and src is not x):
+        return None
+    if not all(isinstance(v, int) for v in (dim, start)) or not (end is None or isinstance(end, int)):
+        return None
+    return src, dim, start, (None if end is None or end >= _SLICE_END else end)
+
+
+def _match_rotary(out: fx.Node):
+    """(x, cos, sin, dim, half, cat_dim, nodes to drop) when `out` is x * cos + cat(-x[half:], x[:half]) * sin
+    (the slices along dim, the cat along cat_dim: the same dimension when both name the last), else None."""
+    if not (_call(out, aten.add.Tensor) and len(out.args) == 2 and not out.kwargs):
+        return None
+    for plain, turned in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
+        if not (_call(plain, aten.mul.Tensor) and _call(turned, aten.mul.Tensor) and len(plain.users) == 1
+                and len(turned.users) == 1 and not plain.kwargs and not turned.kwargs and plain is not turned):
+            continue
+        for cat, sin in ((turned.args[0], turned.args[1]), (turned.args[1], turned.args[0])):
+            if not (_call(cat, aten.cat.default) and len(cat.users) == 1 and not cat.kwargs
+                    and isinstance(sin, fx.Node) and len(cat.args[0]) == 2):
+                continue
+            dim = cat.args[1] if len(cat.args) > 1 else 0
+            neg, low = cat.args[0]
+            if not (_call(neg, aten.neg.default) and len(neg.users) == 1):
+                continue
+            hi = _slice_of(neg.args[0])
+            lo = _slice_of(low, hi[0]) if hi else None
+            if not (isinstance(dim, int) and hi and lo and hi[1] == lo[1] and lo[2] == 0 and lo[3] == hi[2] and hi[3] is None and hi[2] > 0):
+                continue
+            x = hi[0]
+            cos = _other(plain, x)
+            if not isinstance(cos, fx.Node) or cos is x:
+                continue
+            return x, cos, sin, hi[1], hi[2], dim, [out, plain, turned, cat, neg, neg.args[0], low]
+    return None
+
+
+def fuse_rotary(gm_or_graph) -> dict[str, int]:
+    """Rewrite every matched rotary embedding (transformers' rotate_half form) in place; {"rotary": n}.
+
+    NOTE: other forms (DeepSeek's interleaved pairs, complex multiplication, a partial rotary's pass-through
+    part) are different chains and stay as they are."""
+    graph = gm_or_graph.graph if isinstance(gm_or_graph, fx.GraphModule) else gm_or_graph
+    counts = {"rotary": 0}
+    if os.environ.get("MSC_FUSE") == "0":
+        return counts
+    import msc.ops  # noqa: F401  (registers the msc ops)
+
+    make = _node_maker(graph)
+    for out in list(graph.nodes):
+        if out.graph is not graph:
+            continue
+        m = _match_rotary(out)
+        if m is None:
+            continue
+        x, cos, sin, dim, half, cat_dim, chain = m
+        with graph.inserting_before(out):  # every input is defined before the chain's products
+            node = make(torch.ops.msc.rotary.default, (x, cos, sin, dim, half, cat_dim), "rotary")
+        node.meta["msc"] = dict(out.meta.get("msc", {}))
+        out.replace_all_uses_with(node)
+        for n in chain:  # last first: each has no users left once its consumer is gone
+            graph.erase_node(n)
+        counts["rotary"] += 1
     if isinstance(gm_or_graph, fx.GraphModule):
         gm_or_graph.recompile()
     return counts

@@ -241,6 +241,37 @@ def _add_rms_norm_fake(x, residual, weight, eps, dtype):
     return torch.empty(s.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device), s
 
 
+# ---------------------------------------------------------------- rotary (fused at load: msc.fusions)
+def _rotary_eager(x: Tensor, cos: Tensor, sin: Tensor, dim: int, half: int, cat_dim: int) -> Tensor:
+    """The ops transformers' apply_rotary_pos_emb is captured as (x * cos + rotate_half(x) * sin)."""
+    rotated = torch.cat((-x.narrow(dim, half, x.shape[dim] - half), x.narrow(dim, 0, half)), cat_dim)
+    return x * cos + rotated * sin
+
+
+@torch.library.custom_op("msc::rotary", mutates_args=())
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, dim: int, half: int, cat_dim: int) -> Tensor:
+    """x * cos + cat(-x[half:], x[:half]) * sin (halves sliced along `dim`, joined along `cat_dim`):
+    transformers' rotary embedding of q or k as one op (msc.fusions puts it where the graph has those ops). One
+    Triton kernel on a GPU, giving the unfused ops' values bit for bit (backends/compute/triton_rotary.py); the
+    same ops on a CPU."""
+    last = (-1, x.dim() - 1)
+    if x.is_cuda and dim in last and cat_dim in last:
+        try:
+            from msc.backends.compute import triton_rotary
+        except ImportError:  # triton not installed
+            triton_rotary = None
+        if triton_rotary is not None and triton_rotary.supported(x, cos, sin, half):
+            return triton_rotary.rotary(x, cos, sin, half)
+    return _rotary_eager(x, cos, sin, dim, half, cat_dim)
+
+
+@rotary.register_fake
+def _rotary_fake(x, cos, sin, dim, half, cat_dim):
+    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    return torch.empty(shape, dtype=torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype),
+                       device=x.device)
+
+
 # ---------------------------------------------------------------- router
 @torch.library.custom_op("msc::router", mutates_args=())
 def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:

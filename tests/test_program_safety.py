@@ -281,7 +281,8 @@ def _check_every_target(bundle: Bundle) -> set[str]:
             gm = load()
         assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [allowed_target(t) for t in stored]
         # fused: the stored targets less the fused chains, plus msc's own fused ops (and getitem of their pairs)
-        fused_ops = {torch.ops.msc.rms_norm.default, torch.ops.msc.add_rms_norm.default, operator.getitem}
+        fused_ops = {torch.ops.msc.rms_norm.default, torch.ops.msc.add_rms_norm.default, torch.ops.msc.rotary.default,
+                     operator.getitem}
         extra = {n.target for n in load().graph.nodes if n.op == "call_function"} - {allowed_target(t) for t in stored}
         assert extra <= fused_ops, extra
         seen |= set(stored)
