@@ -53,9 +53,9 @@ def profile_step(runner, batch: int, context: int, steps: int) -> dict:
     for s in seq_ids:
         runner.cache.add_sequence(s)
         runner.cache.ensure(s, context + 1)
-    from msc.engine.runner import StepInput
+    from msc.engine.runner import StepInput, decode_token_ids
 
-    step = StepInput(seq_ids, [context] * batch, [1] * batch, [1] * batch, list(range(batch)))
+    step = StepInput(seq_ids, [context] * batch, [1] * batch, decode_token_ids(batch), list(range(batch)))
     try:
         graph = runner._load_graph(step).graph
         for _ in range(3):

@@ -32,7 +32,7 @@ for stage in "$@"; do
          # tiles tuned on first use (a GPU without a table): brought back beside the log
          find ~/.cache/msc/moe_tiles -name '*.json' -exec cp {} "$OUT/" \; 2>/dev/null ;;
     attention) python3 benchmarks/decode_attention.py ${ATT_ARGS:-} --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/attention.log" | tail -12 ;;
-    decodeprof) python3 benchmarks/decode_profile.py ${DPROF_ARGS:-} --out "$OUT/decode_profile$TAG.json" 2>&1 | tee "$OUT/decode_profile$TAG.log" | tail -${DPROF_TAIL:-40} ;;
+    decodeprof) python3 benchmarks/decode_profile.py ${DPROF_ARGS:-} --out "$OUT/decode_profile$TAG.json" 2>&1 | tail -${DPROF_TAIL:-40} ;;
     e2e) python3 benchmarks/e2e_decode.py ${E2E_ARGS:-} --out "$OUT/e2e_decode.json" 2>&1 | tee "$OUT/e2e.log" | tail -14 ;;
     m2n) msc bench m2n --device cuda --mn ${M2N_MN:-1} --scale ${M2N_SCALE:-0.5} -o "$OUT/m2n_gpu$TAG.json" --plot "$OUT/m2n_gpu$TAG.png" 2>&1 | tee "$OUT/m2n$TAG.log" | tail -20 ;;
     mpson) # the CUDA MPS control daemon up: processes on one GPU then share it instead of time-slicing it.

@@ -1,19 +1,24 @@
-"""Fusions applied to a program when it is loaded (msc.bundle.Bundle.program_graph): RMSNorm, and the residual
-add before it, become one op (msc::rms_norm / msc::add_rms_norm: one Triton kernel on a GPU).
+"""Fusions applied to a program when it is loaded (msc.bundle.Bundle.program_graph), each one op with one
+Triton kernel on a GPU:
 
-transformers' RMSNorm is captured as
+- RMSNorm, and the residual add before it (msc::rms_norm / msc::add_rms_norm). transformers' RMSNorm is
+  captured as
 
-    x32 = to(x, float32); ms = mean(pow(x32, 2), [-1], keepdim=True); r = rsqrt(add(ms, eps))
-    out = mul(weight, to(mul(x32, r), dtype))
+      x32 = to(x, float32); ms = mean(pow(x32, 2), [-1], keepdim=True); r = rsqrt(add(ms, eps))
+      out = mul(weight, to(mul(x32, r), dtype))
 
-and a decoder layer's `x = residual + h` usually feeds it. The rewrite matches exactly that chain (either
-operand order of each mul) and nothing looser: a norm written another way (Gemma's
-1 + weight, a norm without the float32 cast) stays as it was.
+  and a decoder layer's `x = residual + h` usually feeds it. The rewrite matches exactly that chain (either
+  operand order of each mul) and nothing looser: a norm written another way (Gemma's 1 + weight, a norm
+  without the float32 cast) stays as it was.
+- Rotary position embedding of q and of k (msc::rotary): `x * cos + cat(-x[h:], x[:h]) * sin`, transformers'
+  rotate_half form. Interleaved (DeepSeek), complex (DeepSeek-V2) and GPT-OSS's own forms are other chains.
 
-NOTE: the fused ops run the same aten ops on a CPU and wherever the kernel does not cover a call (shapes,
-dtypes), so fusing never changes a CPU result; on a GPU the kernel (backends/compute/triton_norm.py; opt-in
-with MSC_NORM_KERNEL=1 until it has run on a GPU) may change a value's last bit (float32 reduction order). Done at load time, not as a compile pass, so that bundles stay as captured (the colocated
-program and every role program alike) and `MSC_FUSE=0` compares with and without on the same bundle.
+NOTE: the fused ops run the same aten ops on a CPU and wherever a kernel does not cover a call (shapes,
+dtypes), so fusing never changes a CPU result. On a GPU the norm kernel (backends/compute/triton_norm.py;
+MSC_NORM_KERNEL=0 turns it off) may change a value's last bit (float32 reduction order); the rotary kernel
+rounds as the unfused ops do and gives their values. Done at load time, not as a compile pass, so that
+bundles stay as captured (the colocated program and every role program alike) and `MSC_FUSE=0` compares with
+and without on the same bundle.
 """
 from __future__ import annotations
 

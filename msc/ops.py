@@ -192,12 +192,11 @@ def _rms_norm_eager(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -
 
 
 def _fused_norm_ok(x: Tensor, weight: Tensor, dtype: torch.dtype, residual: Optional[Tensor] = None) -> bool:
-    """NOTE: the Triton kernel is opt-in (MSC_NORM_KERNEL=1) until it has run on a GPU: it was written and
-    checked under Triton's interpreter in session 15, when no device time was left. Off, a fused op runs the
-    unfused aten ops (what the program ran before the fusion)."""
+    """NOTE: on a GPU the Triton kernel runs by default (MSC_NORM_KERNEL=0 turns it off: the fused op then
+    runs the unfused aten ops, what the program ran before the fusion)."""
     import os
 
-    if not x.is_cuda or dtype != x.dtype or os.environ.get("MSC_NORM_KERNEL", "0") != "1":
+    if not x.is_cuda or dtype != x.dtype or os.environ.get("MSC_NORM_KERNEL", "1") == "0":
         return False
     try:
         from msc.backends.compute import triton_norm

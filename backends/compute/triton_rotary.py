@@ -73,5 +73,6 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, half: int) -> Tensor:
         block_r = max(1, 2048 // block_d)
         _rotary_kernel[(triton.cdiv(n_rows, block_r),)](
             x4, c4, s4, o4, n_rows, n1, n2, d, half, *x4.stride()[:3], *c4.stride()[:3], *s4.stride()[:3],
-            *o4.stride()[:3], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+            *o4.stride()[:3], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+            enable_fp_fusion=False)  # NOTE: a fused multiply-add would skip the product's rounding that torch does
     return out

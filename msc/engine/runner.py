@@ -51,6 +51,15 @@ class StepInput:
         return all(n == 1 for n in self.counts)
 
 
+def decode_token_ids(batch: int, seed: int = 0) -> list[int]:
+    """Token ids for a synthetic decode step: different tokens route to different experts, as a real batch's do.
+
+    NOTE: one id for every sequence would send the whole batch to the same top-k experts, and a step would
+    read a fraction of the expert weights a real step reads. Ids 3..258 exist in every vocabulary msc runs."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 259, (batch,), generator=g).tolist()
+
+
 @dataclass
 class _Graph:
     """Static buffers of one decode batch bucket and the CUDA graph that reads and writes them."""
@@ -530,7 +539,7 @@ class ModelRunner:
         for s in seq_ids:
             self.cache.add_sequence(s)
             self.cache.ensure(s, context_len + 1)
-        step = StepInput(seq_ids, [context_len] * batch, [1] * batch, [1] * batch, list(range(batch)))
+        step = StepInput(seq_ids, [context_len] * batch, [1] * batch, decode_token_ids(batch), list(range(batch)))
         run = (lambda: self.execute(step))
         if self.cuda_graphs:
             run = self._load_graph(step).graph.replay  # the inputs stay: every replay is the same step
