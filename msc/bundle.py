@@ -236,10 +236,14 @@ class Bundle:
         entries = self.weight_entries(name)
         needs_constants = any("constant" in e.source for e in entries)
         constants = load_file(str(self.path / "constants.safetensors")) if needs_constants else {}
+        from msc.fusions import fuse_weights
+
         if random_weights:
             from msc.random_weights import random_attrs
 
-            return fx.GraphModule(random_attrs(graph, entries, constants, device, seed), graph)
+            gm = fx.GraphModule(random_attrs(graph, entries, constants, device, seed), graph)
+            fuse_weights(gm, device)  # sibling linears as one (on a GPU)
+            return gm
         own = reader is None
         reader = CheckpointReader(self.checkpoint_dir(checkpoint)) if own else reader
         try:
@@ -247,7 +251,10 @@ class Bundle:
         finally:
             if own:
                 reader.close()
-        return fx.GraphModule(attrs, graph)
+        gm = fx.GraphModule(attrs, graph)
+        del attrs  # NOTE: the fusion frees the originals it concatenates only when nothing else holds them
+        fuse_weights(gm, device)
+        return gm
 
 
 def resolve_checkpoint(bundle: Bundle, given: str | Path | None) -> str | None:

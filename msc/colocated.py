@@ -22,15 +22,21 @@ COLOCATED = "colocated"
 
 def colocated_program(captured: Captured, weight: Callable[[str], Tensor], device: str | torch.device) -> fx.GraphModule:
     """The captured graph bound to `device`, its parameters from weight(target) and its constants (rotary
-    tables) moved to the device."""
+    tables) moved to the device; fused as a bundle's programs are when loaded (msc.fusions)."""
+    from msc.fusions import fuse_program, fuse_weights
+
     gm = bind_device(captured.gm, device)
+    fuse_program(gm.graph)  # NOTE: the load-time fusions of a bundle's programs, so both paths run one program
     attrs = {}
     for target in get_attr_targets(gm.graph):
         if target in captured.constants:
             attrs[target] = captured.constants[target].to(device)
         else:
             attrs[target] = weight(target)
-    return fx.GraphModule(attrs, gm.graph)
+    out = fx.GraphModule(attrs, gm.graph)
+    del attrs
+    fuse_weights(out, device)
+    return out
 
 
 def from_hf_model(captured: Captured, model: nn.Module, device: str | torch.device) -> fx.GraphModule:

@@ -71,10 +71,20 @@ def _node_maker(graph: fx.Graph):
 
 
 def fuse_program(gm_or_graph) -> dict[str, int]:
-    """Every load-time fusion, in place: {"rms_norm": n, "add_rms_norm": m, "rotary": r}; nothing with MSC_FUSE=0."""
+    """Every load-time fusion of the graph alone, in place: {"rms_norm": n, "add_rms_norm": m, "rotary": r};
+    nothing with MSC_FUSE=0."""
     counts = fuse_rms_norms(gm_or_graph)
     counts.update(fuse_rotary(gm_or_graph))
     return counts
+
+
+def fuse_weights(gm: fx.GraphModule, device) -> dict[str, int]:
+    """The load-time fusions that rewrite weights too, once a program holds its tensors: sibling linears on a
+    GPU (MSC_FUSE_LINEARS=1 applies it on a CPU as well, =0 nowhere; MSC_FUSE=0 turns every fusion off)."""
+    flag = os.environ.get("MSC_FUSE_LINEARS")
+    if flag == "0" or (flag != "1" and torch.device(device).type != "cuda"):
+        return {}
+    return fuse_sibling_linears(gm)
 
 
 def _match_rms_norm(out: fx.Node):
@@ -234,4 +244,90 @@ def fuse_rotary(gm_or_graph) -> dict[str, int]:
         counts["rotary"] += 1
     if isinstance(gm_or_graph, fx.GraphModule):
         gm_or_graph.recompile()
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- sibling linears
+def _delete_attr(gm: fx.GraphModule, target: str) -> None:
+    owner, _, leaf = target.rpartition(".")
+    delattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def fuse_sibling_linears(gm: fx.GraphModule) -> dict[str, int]:
+    """Linears that read the same input (q, k and v; a shared expert's gate and up) become one linear over
+    their weights concatenated, split after it; in place, weights included: {"linear_groups": n, "linears": m}.
+
+    A group takes linears whose weights (and biases, all or none) no other node reads, of one dtype, device
+    and input width, in one pipeline stage. The originals' tensors are dropped, so memory stays as it was.
+    NOTE: for a GPU (msc.bundle calls it for CUDA programs): one GEMM instead of three at decode sizes, where
+    k's and v's are too small to fill the GPU; on a CPU the separate products are kept, so that a CPU
+    result stays the stored program's bit for bit. The split outputs are views of the fused product with
+    its row stride: a `view` reading one directly becomes a `reshape` (the same values; a copy where the
+    strides cannot be viewed)."""
+    graph = gm.graph
+    counts = {"linear_groups": 0, "linears": 0}
+    if os.environ.get("MSC_FUSE") == "0":
+        return counts
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            readers[n.target] = readers.get(n.target, 0) + 1
+
+    def own_attr(node) -> bool:  # a get_attr node whose tensor nothing else reads
+        return isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1 and readers[node.target] == 1
+
+    groups: dict[tuple, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if not (_call(n, aten.linear.default) and not n.kwargs and len(n.args) in (2, 3)):
+            continue
+        bias = n.args[2] if len(n.args) == 3 else None
+        if not own_attr(n.args[1]) or not (bias is None or own_attr(bias)):
+            continue
+        groups.setdefault((n.args[0], bias is not None, n.meta.get("msc", {}).get(STAGE_KEY)), []).append(n)
+    make = _node_maker(graph)
+    taken = {n.name for n in graph.nodes}
+    for (x, has_bias, _), lins in groups.items():
+        if len(lins) < 2:
+            continue
+        from msc.ir import fetch_attr
+
+        ws = [fetch_attr(gm, lin.args[1].target) for lin in lins]
+        bs = [fetch_attr(gm, lin.args[2].target) for lin in lins] if has_bias else []
+        w0 = ws[0]
+        if not all(w.dim() == 2 and w.shape[1] == w0.shape[1] and w.dtype == w0.dtype and w.device == w0.device
+                   for w in ws) or not all(b.dim() == 1 and b.dtype == bs[0].dtype for b in bs):
+            continue
+        sizes = [w.shape[0] for w in ws]
+        first = lins[0]  # graph order: the input is defined before every linear of the group
+        base = "msc_fused_" + first.args[1].target.rpartition(".")[0].replace(".", "_")
+        attrs = [(base + "_weight", torch.cat(ws))] + ([(base + "_bias", torch.cat(bs))] if has_bias else [])
+        for lin in lins:  # the originals' tensors go: the fused copy takes their place in memory
+            for arg in lin.args[1:]:
+                _delete_attr(gm, arg.target)
+        del ws, bs, w0
+        with graph.inserting_before(first):
+            new_attrs = []
+            for name, tensor in attrs:
+                gm.register_buffer(name, tensor)
+                node_name = name if name not in taken else name + "_n"
+                taken.add(node_name)
+                new_attrs.append(graph.create_node("get_attr", name, name=node_name))
+            fused = make(aten.linear.default, (x, *new_attrs), "linear_fused")
+            split = make(aten.split_with_sizes.default, (fused, sizes, -1), "linear_split")
+            parts = [make(operator.getitem, (split, i), "linear_part") for i in range(len(lins))]
+        meta = first.meta.get("msc", {})
+        for node in (*new_attrs, fused, split, *parts):
+            node.meta["msc"] = dict(meta)
+        for lin, part in zip(lins, parts):
+            lin.replace_all_uses_with(part)
+            for user in part.users:
+                if _call(user, aten.view.default):
+                    user.target = aten.reshape.default
+            old = lin.args[1:]
+            graph.erase_node(lin)
+            for arg in old:
+                graph.erase_node(arg)
+        counts["linear_groups"] += 1
+        counts["linears"] += len(lins)
+    gm.recompile()
     return counts

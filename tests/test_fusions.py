@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from msc.compiler import compile_spec
-from msc.fusions import fuse_rms_norms
+from msc.fusions import fuse_rms_norms, fuse_sibling_linears
 from msc.runtime.launcher import run_bundle
 from msc.spec import parse_spec
-from tests.models.families import FAMILIES
+from tests.models.families import FAMILIES, GENERIC_FAMILIES
 
 PROMPTS = [[5, 17, 42, 8], [7, 7, 9]]
 
 
 def _bundle(name, tmp_path, **plan):
-    d = {"model": {"config": FAMILIES[name], "seed": 0, "dtype": "float32"},
+    d = {"model": {"config": {**FAMILIES, **GENERIC_FAMILIES}[name], "seed": 0, "dtype": "float32"},
          "plan": {"experts": {"nodes": 2}, **plan}}
     return compile_spec(parse_spec(d), tmp_path / name)
 
@@ -113,3 +113,38 @@ def test_rotary_is_fused_and_the_program_computes_the_same_logits(tmp_path, monk
     for a, b in zip(*runs):
         assert a.output == b.output
         assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
+def _generate(bundle, gm, new=4):
+    from msc.engine.build import build_engine
+    from msc.engine.request import SamplingParams
+
+    return build_engine(bundle.manifest, gm, "cpu", keep_logits=True).generate(PROMPTS, SamplingParams(max_tokens=new))
+
+
+@pytest.mark.parametrize("name", sorted({**FAMILIES, **GENERIC_FAMILIES}))
+def test_sibling_linears_fused_give_the_same_tokens(tmp_path, name):
+    """Linears reading one input (q / k / v, a shared expert's gate / up, DeepSeek's q_a / kv_a) as one linear
+    over concatenated weights, split after (what loading does on a GPU): every family's colocated program
+    gives the unfused program's tokens and its logits to float32 rounding (one product instead of several)."""
+    bundle = _bundle(name, tmp_path)
+    prog = bundle.manifest["colocated"]["program"]
+    plain, fused = bundle.load_program(prog), bundle.load_program(prog)
+    counts = fuse_sibling_linears(fused)
+    lins = lambda gm: sum(t is torch.ops.aten.linear.default for t in _targets(gm.graph))  # noqa: E731
+    assert lins(fused) == lins(plain) - counts["linears"] + counts["linear_groups"]
+    assert counts["linear_groups"] >= (0 if name == "dbrx" else 1)  # DBRX's q, k, v are one linear already
+    held = lambda gm: sum(t.numel() for t in gm.state_dict().values())  # noqa: E731
+    assert held(fused) == held(plain)  # the originals were dropped
+    for a, b in zip(_generate(bundle, fused), _generate(bundle, plain)):
+        assert a.output == b.output
+        for x, y in zip(a.logits, b.logits):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_sibling_linears_fused_in_role_processes(tmp_path):
+    """The role programs (micro-batch stages too) load with the fusion and give the unfused tokens."""
+    bundle = _bundle("deepseek_v3", tmp_path, microbatches=2)
+    fused = run_bundle(bundle.path, PROMPTS, 4, env={"MSC_FUSE_LINEARS": "1"})
+    plain = run_bundle(bundle.path, PROMPTS, 4, env={"MSC_FUSE_LINEARS": "0"})
+    assert fused["outputs"] == plain["outputs"]
