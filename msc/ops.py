@@ -274,7 +274,17 @@ def _rotary_fake(x, cos, sin, dim, half, cat_dim):
 # ---------------------------------------------------------------- router
 @torch.library.custom_op("msc::router", mutates_args=())
 def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:
-    """Softmax top-k routing, renormalised: hidden [T, H], weight [E, H] -> (weights [T, K] f32, index [T, K] i64)."""
+    """Softmax top-k routing, renormalised: hidden [T, H], weight [E, H] -> (weights [T, K] f32, index [T, K] i64).
+    On a GPU the matmul, then one Triton kernel for the rest (backends/compute/triton_router.py)."""
+    if hidden.is_cuda:
+        try:
+            from msc.backends.compute import triton_router
+        except ImportError:  # triton not installed
+            triton_router = None
+        if triton_router is not None:
+            logits = torch.nn.functional.linear(hidden, weight)  # [T, E]
+            if triton_router.supported(logits, top_k):
+                return triton_router.softmax_topk(logits, top_k)
     return torch_eager.softmax_topk_router(hidden, weight, top_k)
 
 

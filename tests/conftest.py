@@ -20,6 +20,7 @@ try:  # NOTE: the kernels are decorated now, under the setting above, whatever a
     import msc.backends.compute.triton_moe  # noqa: F401
     import msc.backends.compute.triton_norm  # noqa: F401
     import msc.backends.compute.triton_rotary  # noqa: F401
+    import msc.backends.compute.triton_router  # noqa: F401
 except ImportError:  # no triton: the kernel tests skip themselves
     pass
 
