@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 triton_moe = pytest.importorskip("msc.backends.compute.triton_moe", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# NOTE: a GPU's float32 tl.dot multiplies in TF32 (10-bit mantissas): about 1e-3 relative, where the
+# interpreter's float32 products are exact to float32 rounding
+TOL = 1e-5 if DEVICE == "cpu" else 5e-3
 
 
 def reference(hidden, idx, w, gate_up, down, first, act="silu"):
@@ -48,14 +51,14 @@ def test_matches_float64_reference(t, seed):
     hidden, idx, w, gate_up, down = make(t, 32, 48, 4, 2, torch.float32, seed)
     out = triton_moe.fused_moe(hidden, idx, w, gate_up, down)
     assert out.shape == hidden.shape and torch.isfinite(out).all()
-    assert rel_err(out, reference(hidden, idx, w, gate_up, down, 0)) < 1e-5
+    assert rel_err(out, reference(hidden, idx, w, gate_up, down, 0)) < TOL
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu_pytorch_tanh"])
 def test_other_activations(act):
     hidden, idx, w, gate_up, down = make(9, 32, 32, 4, 2, torch.float32, 3)
     out = triton_moe.fused_moe(hidden, idx, w, gate_up, down, act=act)
-    assert rel_err(out, reference(hidden, idx, w, gate_up, down, 0, act)) < 1e-5
+    assert rel_err(out, reference(hidden, idx, w, gate_up, down, 0, act)) < TOL
 
 
 def test_expert_slice_partial_sums_add_up():
@@ -63,8 +66,8 @@ def test_expert_slice_partial_sums_add_up():
     hidden, idx, w, gate_up, down = make(11, 32, 32, 6, 2, torch.float32, 4)
     parts = [triton_moe.fused_moe(hidden, idx, w, gate_up[lo:lo + 3], down[lo:lo + 3], first_expert=lo) for lo in (0, 3)]
     full = reference(hidden, idx, w, gate_up, down, 0)
-    assert rel_err(parts[0], reference(hidden, idx, w, gate_up[:3], down[:3], 0)) < 1e-5
-    assert rel_err(parts[0] + parts[1], full) < 1e-5
+    assert rel_err(parts[0], reference(hidden, idx, w, gate_up[:3], down[:3], 0)) < TOL
+    assert rel_err(parts[0] + parts[1], full) < TOL
 
 
 def test_no_tokens_and_untouched_experts():
@@ -77,7 +80,7 @@ def test_no_tokens_and_untouched_experts():
 
 def test_align_groups_assignments_by_expert():
     g = torch.Generator().manual_seed(7)
-    idx = torch.randint(0, 6, (13, 2), generator=g)
+    idx = torch.randint(0, 6, (13, 2), generator=g).to(DEVICE)
     bm = 4
     sorted_ids, token_of, block_expert, tiles_used = triton_moe.moe_align(idx, 1, 4, bm)  # local experts: global 1..4
     a = idx.numel()
@@ -125,7 +128,7 @@ def test_tma_path_matches_float64_reference(persistent, t, inter, lo, hi, seed, 
     hidden, idx, w, gate_up, down = make(t, 32, inter, 5, 2, torch.float32, seed)
     out = triton_moe.fused_moe(hidden, idx, w, gate_up[lo:hi], down[lo:hi], first_expert=lo, config=tma_config(persistent))
     assert taken, "the TMA path did not run"
-    assert rel_err(out, reference(hidden, idx, w, gate_up[lo:hi], down[lo:hi], lo)) < 1e-5
+    assert rel_err(out, reference(hidden, idx, w, gate_up[lo:hi], down[lo:hi], lo)) < TOL
 
 
 def test_bad_weights_are_a_clear_error():
