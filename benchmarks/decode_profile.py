@@ -6,7 +6,9 @@ time and launches per layer, and the part of the step no kernel covers (launch g
     python benchmarks/decode_profile.py --layers 16 --batch 64,256 --context 650 --out decode_profile.json
 
 Run it twice with MSC_NORM_KERNEL=0 / 1 (or MSC_FUSE=0) to see a fusion's before and after; the floor column
-is e2e_decode.py's roofline floor of the same step.
+is e2e_decode.py's roofline floor of the same step. `--real-steps N` also profiles N whole engine steps of real
+requests (571-token prompts, then decode): the wall of a step against the GPU time in it, and the host-side
+calls that take the rest.
 """
 from __future__ import annotations
 
@@ -85,6 +87,40 @@ def profile_step(runner, batch: int, context: int, steps: int) -> dict:
     return {"wall_s": statistics.median(walls), "kernels": {n: (s / steps, c / steps) for n, (s, c) in kernels.items()}}
 
 
+def profile_real_steps(eng, batch: int, input_len: int, steps: int, top: int) -> dict:
+    """N decode steps of `batch` real requests (prompts fed first, outside the profile): step wall, GPU kernel
+    time within it, and the host-side calls by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from msc.engine.request import SamplingParams
+
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+    for i, p in enumerate(torch.randint(3, 32000, (batch, input_len), generator=g).tolist()):
+        eng.add_request(f"profile-{batch}-{i}", p, params)
+    while True:  # prompts in
+        rec = eng.step()
+        if not rec.prefill and not eng.scheduler.waiting:
+            break
+    for _ in range(3):
+        eng.step()  # warm: every sequence decoding
+    first = eng.step_no
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    while eng.scheduler.has_work:
+        eng.step()
+    walls = [r.seconds for r in eng.records if r.step >= first][:steps]
+    gpu = sum(ev.device_time for ev in prof.events()
+              if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0) / 1e6 / steps
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"wall_s": statistics.median(walls), "gpu_s": gpu,
+            "host_top": [{"name": e.key, "self_cpu_ms_a_step": e.self_cpu_time_total / 1e3 / steps,
+                          "calls_a_step": e.count / steps} for e in host]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16)
@@ -92,6 +128,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=650, help="tokens in every sequence's cache (571 + 159 / 2)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=25, help="kernels listed by name")
+    ap.add_argument("--real-steps", type=int, default=0, help="also profile this many engine steps of real requests")
     ap.add_argument("--out", default="decode_profile.json")
     args = ap.parse_args()
     from decode_attention import copy_bandwidth
@@ -139,6 +176,15 @@ def main() -> None:
             res["rows"].append({"batch": b, "step_s": p["wall_s"], "kernel_s": busy, "launches": launches,
                                 "floor_s": floor, "groups": {g: {"s": s, "launches": c} for g, (s, c) in groups.items()},
                                 "kernels": [{"name": n, "s": s, "launches": c} for n, (s, c) in top]})
+        for b in batches if args.real_steps else []:
+            real = profile_real_steps(eng, b, args.context - 79, args.real_steps, 15)
+            print(f"\nbatch {b}, real requests ({args.real_steps} decode steps): step wall {real['wall_s'] * 1e3:.2f} ms, "
+                  f"GPU kernels {real['gpu_s'] * 1e3:.2f} ms a step, the rest {(real['wall_s'] - real['gpu_s']) * 1e3:.2f} ms")
+            print("| host call | self ms a step | calls a step |")
+            print("|---|---|---|")
+            for h in real["host_top"]:
+                print(f"| {h['name'][:80]} | {h['self_cpu_ms_a_step']:.3f} | {h['calls_a_step']:.1f} |")
+            res.setdefault("real", []).append({"batch": b, **real})
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
 
