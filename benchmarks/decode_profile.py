@@ -31,7 +31,7 @@ from engine_step import MIXTRAL_8X7B, _bundle  # noqa: E402
 # NOTE: first match wins; the patterns are the kernel names Triton (function names), cuBLAS / CUTLASS and
 # PyTorch's ATen kernels carry on Hopper with torch 2.11
 GROUPS = [
-    ("experts", r"moe|align_block|expert"),
+    ("experts", r"moe|align|expert|gate_up|_down_"),
     ("attention", r"paged|decode_att|attention|flash|kv_write|store_kv|mla"),
     ("norm", r"rms|norm"),
     ("rotary", r"rotary|rope"),
