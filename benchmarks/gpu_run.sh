@@ -63,11 +63,11 @@ for stage in "$@"; do
             --no-progress -o "$OUT/bench_serve$TAG.json" 2>&1 | tail -22
           kill -INT $SERVE_PID; wait $SERVE_PID; tail -2 "$OUT/serve$TAG.log" ;;
     pytest) # the whole log comes back as pytest.log (the tail alone loses all but the last traceback);
-            # PYTEST_MARK (default gpu) selects by marker; PYTEST_MARK= (empty) runs every test named, the kernel
+            # PYTEST_MARK (default gpu) selects by marker, PYTEST_K by name (-k); PYTEST_MARK= (empty) runs every test named, the kernel
             # tests that run on both a CPU and a GPU included
             # (pyproject's addopts deselect gpu tests; a -m given here replaces its -m)
             MARK=${PYTEST_MARK-gpu}
-            timeout ${PYTEST_TIMEOUT:-560} python3 -m pytest -q -m "${MARK:-gpu or not gpu}" -p no:cacheprovider -rfE --tb=short \
+            timeout ${PYTEST_TIMEOUT:-560} python3 -m pytest -q -m "${MARK:-gpu or not gpu}" ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rfE --tb=short \
               ${PYTEST_ARGS:-tests/engine} > "$OUT/pytest$TAG.log" 2>&1; echo "pytest rc $?"; tail -${PYTEST_TAIL:-30} "$OUT/pytest$TAG.log" ;;
     placement) python3 benchmarks/expert_placement.py ${PLACEMENT_ARGS:-} --out "$OUT/expert_placement.json" 2>&1 | tail -14 ;;
     mla) python3 benchmarks/mla_decode.py ${MLA_ARGS:-} --out "$OUT/mla_decode.json" 2>&1 | tail -40 ;;
