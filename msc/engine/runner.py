@@ -527,7 +527,10 @@ class ModelRunner:
     def _execute_graph(self, step: StepInput) -> Tensor:
         g = self._load_graph(step)
         g.graph.replay()
-        return g.logits[step.sample_rows]  # [S, V]
+        rows = step.sample_rows
+        if rows == list(range(len(rows))):  # NOTE: the usual decode step: a view, no index tensor to copy over
+            return g.logits[: len(rows)]  # [S, V]
+        return g.logits[rows]  # [S, V]
 
     # ------------------------------------------------------------------ timing (msc profile)
     def time_decode(self, batch: int, context_len: int, steps: int = 20, warmup: int = 3) -> float:
