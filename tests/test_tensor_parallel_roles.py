@@ -188,3 +188,16 @@ def test_a_tp_group_whose_ranks_would_share_a_gpu_is_refused():
     one_gpu = lambda rank: rank % 1  # noqa: E731 (role_device's map on a 1-GPU host)
     with pytest.raises(MscError, match=r"one GPU per rank of a group; ranks \[0, 3\] would share GPUs \[0, 0\]"):
         make_group(None, {"rank": 0, "size": 2, "ranks": [0, 3]}, "cuda:0", timedelta(seconds=5), one_gpu)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_tp_roles_with_sibling_linears_fused(reference, tmp_path, name):
+    """The sibling-linear fusion (a GPU's default; forced here with MSC_FUSE_LINEARS=1) on tp ranks' shards of
+    q / k / v (and DeepSeek's q_a / kv_a, whole on every rank): transformers' tokens still."""
+    d, hf, refs = reference(name)
+    spec = parse_spec({**d, "plan": {**d["plan"], "attention": {"replicas": 1, "tp": 2},
+                                     "experts": {"nodes": 2, "tp": 2}, "microbatches": 2}})
+    bundle = compile_spec(spec, tmp_path / "b")
+    res = run_bundle(bundle.path, PROMPTS, NEW, arrivals=ARRIVALS, dump_logits=True, env={"MSC_FUSE_LINEARS": "1"})
+    assert res["outputs"] == refs
+    assert max_logit_error(hf, PROMPTS, res["outputs"], res["logits"]) < 1e-4
