@@ -63,10 +63,13 @@ def candidate_configs(t: int, top_k: int, num_experts: int, tma_only: bool = Fal
                     if bm == 128 and bk == 128 and stages == 4:
                         continue  # too much shared memory
                     yield bm, False, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        # TMA: wider k boxes stream the weights in longer contiguous runs
-        for bm in bms[:2]:
+        # TMA: wider k boxes stream the weights in longer contiguous runs. NOTE: the full search also tries the
+        # largest BLOCK_M (one tile per expert where the routing is uneven, so no expert's weights are read twice)
+        for bm in (bms[:2] if quick else bms):
             for bn, bk, stages in itertools.product((64, 128), (128, 256), (4,) if quick else (3, 4)):
                 if bk == 256 and (bn == 128 or bm > 32):
+                    continue  # too much shared memory
+                if bm == 128 and bn == 128 and bk == 128 and stages == 4:
                     continue  # too much shared memory
                 yield bm, True, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
         return
