@@ -28,6 +28,7 @@ import os
 import torch
 import torch.fx as fx
 
+from msc.ir import fetch_attr
 from msc.runtime.staged import STAGE_KEY
 
 aten = torch.ops.aten
@@ -289,8 +290,6 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> dict[str, int]:
     for (x, has_bias, _), lins in groups.items():
         if len(lins) < 2:
             continue
-        from msc.ir import fetch_attr
-
         ws = [fetch_attr(gm, lin.args[1].target) for lin in lins]
         bs = [fetch_attr(gm, lin.args[2].target) for lin in lins] if has_bias else []
         w0 = ws[0]
