@@ -51,40 +51,19 @@ def profile_step(runner, batch: int, context: int, steps: int) -> dict:
     """Kernel times of `steps` replays of the decode graph of `batch` sequences at `context` tokens."""
     from torch.profiler import ProfilerActivity, profile
 
-    seq_ids = list(range(20_000_000, 20_000_000 + batch))
-    for s in seq_ids:
-        runner.cache.add_sequence(s)
-        runner.cache.ensure(s, context + 1)
-    from msc.engine.runner import StepInput, decode_token_ids
-
-    step = StepInput(seq_ids, [context] * batch, [1] * batch, decode_token_ids(batch), list(range(batch)))
-    try:
-        graph = runner._load_graph(step).graph
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        walls = []
-        for _ in range(steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            walls.append(a.elapsed_time(b) / 1e3)
+    with runner.synthetic_decode(batch, context) as replay:  # the decode graph's replay (what time_decode times)
+        wall = runner.median_seconds(replay, steps, warmup=3)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                graph.replay()
+                replay()
             torch.cuda.synchronize()
-    finally:
-        for s in seq_ids:
-            runner.cache.drop_sequence(s)
     kernels: dict[str, list] = defaultdict(lambda: [0.0, 0])  # name -> [seconds, launches]
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
             k = kernels[ev.name]
             k[0] += ev.device_time / 1e6
             k[1] += 1
-    return {"wall_s": statistics.median(walls), "kernels": {n: (s / steps, c / steps) for n, (s, c) in kernels.items()}}
+    return {"wall_s": wall, "kernels": {n: (s / steps, c / steps) for n, (s, c) in kernels.items()}}
 
 
 def profile_real_steps(eng, batch: int, input_len: int, steps: int, top: int) -> dict:
@@ -95,9 +74,12 @@ def profile_real_steps(eng, batch: int, input_len: int, steps: int, top: int) ->
     from msc.engine.request import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
-    for i, p in enumerate(torch.randint(3, 32000, (batch, input_len), generator=g).tolist()):
-        eng.add_request(f"profile-{batch}-{i}", p, params)
+    # NOTE: as many new tokens as the engine's sequences hold, so that no request finishes (and the batch
+    # does not drop to a smaller bucket, capturing its graph) inside the profiled steps; cancelled after them
+    params = SamplingParams(max_tokens=eng.max_seq_len - input_len, ignore_eos=True)
+    ids = [f"profile-{batch}-{i}" for i in range(batch)]
+    for rid, p in zip(ids, torch.randint(3, 32000, (batch, input_len), generator=g).tolist()):
+        eng.add_request(rid, p, params)
     while True:  # prompts in
         rec = eng.step()
         if not rec.prefill and not eng.scheduler.waiting:
@@ -110,8 +92,8 @@ def profile_real_steps(eng, batch: int, input_len: int, steps: int, top: int) ->
             eng.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    while eng.scheduler.has_work:
-        eng.step()
+    for rid in ids:
+        eng.cancel(rid)
     walls = [r.seconds for r in eng.records if r.step >= first][:steps]
     gpu = sum(ev.device_time for ev in prof.events()
               if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0) / 1e6 / steps
@@ -131,19 +113,18 @@ def main() -> None:
     ap.add_argument("--real-steps", type=int, default=0, help="also profile this many engine steps of real requests")
     ap.add_argument("--out", default="decode_profile.json")
     args = ap.parse_args()
-    from decode_attention import copy_bandwidth
-    from e2e_decode import floor_step
+    from e2e_decode import ceilings, floor_step
     from transformers import MixtralConfig
 
     from msc.engine.build import build_engine
 
     batches = [int(b) for b in args.batch.split(",")]
     cfg = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
-    ceil = {"copy_bytes_per_s": copy_bandwidth()["gbps"] * 1e9, "bf16_flops_per_s": 7e14}
+    ceil = ceilings()  # measured copy bandwidth and bf16 matmul rate, as e2e_decode.py's floor uses
     env = {k: os.environ[k] for k in ("MSC_NORM_KERNEL", "MSC_FUSE", "MSC_MOE_AUTOTUNE") if k in os.environ}
     res = {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "triton": __import__("triton").__version__, "python": platform.python_version(), "env": env,
-                    "layers": args.layers, "context": args.context, "copy_bytes_per_s": ceil["copy_bytes_per_s"]},
+                    "layers": args.layers, "context": args.context, **ceil},
            "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = _bundle(tmp, "mixtral", args.layers, max(batches), args.context + 64)

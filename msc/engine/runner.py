@@ -13,9 +13,11 @@ cache with the metadata of the micro-batch being run; `dispatch` / `combine` go 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -51,13 +53,13 @@ class StepInput:
         return all(n == 1 for n in self.counts)
 
 
-def decode_token_ids(batch: int, seed: int = 0) -> list[int]:
+def decode_token_ids(batch: int, vocab_size: int, seed: int = 0) -> list[int]:
     """Token ids for a synthetic decode step: different tokens route to different experts, as a real batch's do.
 
     NOTE: one id for every sequence would send the whole batch to the same top-k experts, and a step would
-    read a fraction of the expert weights a real step reads. Ids 3..258 exist in every vocabulary msc runs."""
+    read a fraction of the expert weights a real step reads."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 259, (batch,), generator=g).tolist()
+    return torch.randint(0, vocab_size, (batch,), generator=g).tolist()
 
 
 @dataclass
@@ -250,7 +252,7 @@ class ModelRunner:
 
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         with context.use(_Probe()), torch.no_grad():
-            self.program(ids, ids)
+            shapes["vocab"] = _logits(self.program(ids, ids)).shape[-1]
         self._probed = shapes
         return shapes
 
@@ -533,36 +535,48 @@ class ModelRunner:
         return g.logits[rows]  # [S, V]
 
     # ------------------------------------------------------------------ timing (msc profile)
-    def time_decode(self, batch: int, context_len: int, steps: int = 20, warmup: int = 3) -> float:
-        """Median seconds of one decode step of `batch` sequences at `context_len` tokens each (synthetic:
-        the cache holds whatever is in it; the step does a real one's work). With a colocated program's CUDA
-        graph this times its replays alone (device events), the step's host work left out; otherwise whole
-        `execute` calls."""
+    @contextlib.contextmanager
+    def synthetic_decode(self, batch: int, context_len: int) -> Iterator[Callable[[], object]]:
+        """A runnable decode step of `batch` made-up sequences at `context_len` tokens each (the cache holds
+        whatever is in it; the step does a real one's work, its tokens spread over the vocabulary): with a
+        colocated program's CUDA graph, the graph's replay (the step's host work left out); otherwise a whole
+        `execute` call. The sequences are dropped on exit."""
         seq_ids = list(range(10_000_000, 10_000_000 + batch))  # ids no request uses
         for s in seq_ids:
             self.cache.add_sequence(s)
             self.cache.ensure(s, context_len + 1)
-        step = StepInput(seq_ids, [context_len] * batch, [1] * batch, decode_token_ids(batch), list(range(batch)))
-        run = (lambda: self.execute(step))
-        if self.cuda_graphs:
-            run = self._load_graph(step).graph.replay  # the inputs stay: every replay is the same step
-        times = []
         try:
-            for i in range(warmup + steps):
-                if self.device.type == "cuda":
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    run()
-                    b.record()
-                    b.synchronize()
-                    dt = a.elapsed_time(b) / 1e3
-                else:
-                    t = time.perf_counter()
-                    run()
-                    dt = time.perf_counter() - t
-                if i >= warmup:
-                    times.append(dt)
+            step = StepInput(seq_ids, [context_len] * batch, [1] * batch,
+                             decode_token_ids(batch, self._probe()["vocab"]), list(range(batch)))
+            run = (lambda: self.execute(step))
+            if self.cuda_graphs:
+                run = self._load_graph(step).graph.replay  # the inputs stay: every replay is the same step
+            yield run
         finally:
             for s in seq_ids:
                 self.cache.drop_sequence(s)
+
+    def time_decode(self, batch: int, context_len: int, steps: int = 20, warmup: int = 3) -> float:
+        """Median seconds of one decode step of `batch` sequences at `context_len` tokens each (synthetic_decode:
+        device events around a graph replay on a GPU, whole `execute` calls otherwise)."""
+        with self.synthetic_decode(batch, context_len) as run:
+            return self.median_seconds(run, steps, warmup)
+
+    def median_seconds(self, run: Callable[[], object], steps: int, warmup: int = 3) -> float:
+        """Median seconds of `steps` calls of run() after `warmup` (device events on a GPU)."""
+        times = []
+        for i in range(warmup + steps):
+            if self.device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run()
+                b.record()
+                b.synchronize()
+                dt = a.elapsed_time(b) / 1e3
+            else:
+                t = time.perf_counter()
+                run()
+                dt = time.perf_counter() - t
+            if i >= warmup:
+                times.append(dt)
         return sorted(times)[len(times) // 2]
