@@ -55,18 +55,18 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
 
 
 def _node_maker(graph: fx.Graph):
-    """make(target, args, base) -> a new call_function node named base_N.
+    """make(target, args, base, op="call_function") -> a new node named base_N.
 
     NOTE: names chosen here: a graph rebuilt from a bundle's JSON names its nodes itself, so fx's own
     namespace does not know them and could hand out a name twice."""
     taken = {n.name for n in graph.nodes}
 
-    def make(target, args, base):
+    def make(target, args, base, op="call_function"):
         i = 0
         while f"{base}_{i}" in taken:
             i += 1
         taken.add(f"{base}_{i}")
-        return graph.create_node("call_function", target, args, name=f"{base}_{i}")
+        return graph.create_node(op, target, args, name=f"{base}_{i}")
 
     return make
 
@@ -286,7 +286,6 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> dict[str, int]:
             continue
         groups.setdefault((n.args[0], bias is not None, n.meta.get("msc", {}).get(STAGE_KEY)), []).append(n)
     make = _node_maker(graph)
-    taken = {n.name for n in graph.nodes}
     for (x, has_bias, _), lins in groups.items():
         if len(lins) < 2:
             continue
@@ -308,9 +307,7 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> dict[str, int]:
             new_attrs = []
             for name, tensor in attrs:
                 gm.register_buffer(name, tensor)
-                node_name = name if name not in taken else name + "_n"
-                taken.add(node_name)
-                new_attrs.append(graph.create_node("get_attr", name, name=node_name))
+                new_attrs.append(make(name, (), name, op="get_attr"))
             fused = make(aten.linear.default, (x, *new_attrs), "linear_fused")
             split = make(aten.split_with_sizes.default, (fused, sizes, -1), "linear_split")
             parts = [make(operator.getitem, (split, i), "linear_part") for i in range(len(lins))]

@@ -183,6 +183,16 @@ def _tp_all_gather_fake(x, dim, parts):
     return x.new_empty(shape)
 
 
+def _triton_backend(name: str):
+    """msc.backends.compute.<name> (a Triton kernel module), or None where Triton is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"msc.backends.compute.{name}")
+    except ImportError:
+        return None
+
+
 # ---------------------------------------------------------------- RMSNorm (fused at load: msc.fusions)
 def _rms_norm_eager(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """The ops transformers' RMSNorm is captured as, in the same order (so the CPU result is the unfused one)."""
@@ -198,11 +208,8 @@ def _fused_norm_ok(x: Tensor, weight: Tensor, dtype: torch.dtype, residual: Opti
 
     if not x.is_cuda or dtype != x.dtype or os.environ.get("MSC_NORM_KERNEL", "1") == "0":
         return False
-    try:
-        from msc.backends.compute import triton_norm
-    except ImportError:  # triton not installed
-        return False
-    return triton_norm.supported(x, weight, residual)
+    triton_norm = _triton_backend("triton_norm")
+    return triton_norm is not None and triton_norm.supported(x, weight, residual)
 
 
 @torch.library.custom_op("msc::rms_norm", mutates_args=())
@@ -254,13 +261,9 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, dim: int, half: int, cat_dim: in
     Triton kernel on a GPU, giving the unfused ops' values bit for bit (backends/compute/triton_rotary.py); the
     same ops on a CPU."""
     last = (-1, x.dim() - 1)
-    if x.is_cuda and dim in last and cat_dim in last:
-        try:
-            from msc.backends.compute import triton_rotary
-        except ImportError:  # triton not installed
-            triton_rotary = None
-        if triton_rotary is not None and triton_rotary.supported(x, cos, sin, half):
-            return triton_rotary.rotary(x, cos, sin, half)
+    triton_rotary = _triton_backend("triton_rotary") if x.is_cuda and dim in last and cat_dim in last else None
+    if triton_rotary is not None and triton_rotary.supported(x, cos, sin, half):
+        return triton_rotary.rotary(x, cos, sin, half)
     return _rotary_eager(x, cos, sin, dim, half, cat_dim)
 
 
@@ -276,16 +279,11 @@ def _rotary_fake(x, cos, sin, dim, half, cat_dim):
 def router(hidden: Tensor, weight: Tensor, top_k: int, layer: int) -> tuple[Tensor, Tensor]:
     """Softmax top-k routing, renormalised: hidden [T, H], weight [E, H] -> (weights [T, K] f32, index [T, K] i64).
     On a GPU the matmul, then one Triton kernel for the rest (backends/compute/triton_router.py)."""
-    if hidden.is_cuda:
-        try:
-            from msc.backends.compute import triton_router
-        except ImportError:  # triton not installed
-            triton_router = None
-        if triton_router is not None:
-            logits = torch.nn.functional.linear(hidden, weight)  # [T, E]
-            if triton_router.supported(logits, top_k):
-                return triton_router.softmax_topk(logits, top_k)
-    return torch_eager.softmax_topk_router(hidden, weight, top_k)
+    logits = torch.nn.functional.linear(hidden, weight)  # [T, E]
+    triton_router = _triton_backend("triton_router") if hidden.is_cuda else None
+    if triton_router is not None and triton_router.supported(logits, top_k):
+        return triton_router.softmax_topk(logits, top_k)
+    return torch_eager.softmax_topk(logits, top_k)
 
 
 @router.register_fake

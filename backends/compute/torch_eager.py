@@ -12,7 +12,11 @@ from msc.errors import MscError
 
 def softmax_topk_router(hidden: Tensor, weight: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Mixtral-style routing: softmax over all experts, keep top-k, renormalise to sum 1."""
-    logits = F.linear(hidden, weight)  # [T, E]
+    return softmax_topk(F.linear(hidden, weight), top_k)  # logits [T, E]
+
+
+def softmax_topk(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The routing of softmax_topk_router from the router's logits [T, E]."""
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
     top_w, top_i = torch.topk(probs, top_k, dim=-1)  # [T, K]
     top_w = top_w / top_w.sum(dim=-1, keepdim=True)

@@ -36,14 +36,15 @@ def test_kernel_routes_as_the_eager_router(tokens, experts, top_k, dtype):
     torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-7)
 
 
-def test_the_router_op_takes_the_kernel_on_a_gpu_only():
-    """msc::router on CPU tensors runs the eager routing; the kernel refuses what it does not cover."""
-    from msc.backends.compute import torch_eager
-
+def test_the_router_op_routes_as_a_float64_reference():
+    """msc::router (the kernel after the matmul on a GPU, the eager routing on a CPU) against softmax, top-k and
+    renormalisation in float64 of the same logits; the kernel refuses what it does not cover."""
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)
-    got = torch.ops.msc.router(hidden, weight, 2, 0)
-    want = torch_eager.softmax_topk_router(hidden, weight, 2)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    hidden, weight = torch.randn(6, 16, generator=g).to(DEVICE), torch.randn(8, 16, generator=g).to(DEVICE)
+    w, idx = torch.ops.msc.router(hidden, weight, 2, 0)
+    p64 = torch.softmax((hidden.double() @ weight.double().T), -1)  # [T, E]
+    want_w, want_i = p64.topk(2, -1)
+    assert torch.equal(idx, want_i)  # float32 logits of random data: no near-ties at this size
+    torch.testing.assert_close(w.double(), want_w / want_w.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
     assert not triton_router.supported(torch.zeros(4, 8), 2)  # CPU tensor
-    assert not triton_router.supported(torch.zeros(4, 8).t(), 2)  # experts not contiguous
+    assert not triton_router.supported(torch.zeros(8, 4, device=DEVICE).t(), 2)  # experts not contiguous
