@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", default="64")
     ap.add_argument("--hf-steps", type=int, default=16)
     ap.add_argument("--roles", action="store_true", help="also run msc as two role processes on the GPU (attention + experts)")
+    ap.add_argument("--both-overlaps", action="store_true",
+                    help="also run msc with the engine's step overlap flipped (on <-> off), side by side")
     ap.add_argument("--out", default="e2e_decode.json")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -134,14 +136,23 @@ def main() -> None:
         for b in batches:
             g = torch.Generator().manual_seed(b)
             prompts = torch.randint(3, cfg.vocab_size, (b, args.input_len), generator=g)
-            res = engine.generate(prompts.tolist(), args.output_len)
-            step = res.median_step_s
             floor = floor_step(cfg, b, args.input_len + args.output_len / 2, ceil)
-            row = {"layers": layers, "batch": b, "impl": "msc_colocated", "step_s": step, "tokens_per_s": b / step,
-                   "prefill_s": res.prefill_s, "setup_s": setup_s, "floor_s": floor["floor_s"],
-                   "step_over_floor": step / floor["floor_s"], "floor": floor}
-            print(json.dumps(row))
-            rows.append(row)
+            overlaps = [engine.engine.overlap] + ([not engine.engine.overlap] if args.both_overlaps else [])
+            first_tokens = None
+            for overlap in overlaps:  # NOTE: the engine's default first (the row the docs quote)
+                engine.engine.overlap = overlap
+                res = engine.generate(prompts.tolist(), args.output_len)
+                step = res.median_step_s
+                same = None if first_tokens is None else res.tokens == first_tokens
+                first_tokens = first_tokens or res.tokens
+                row = {"layers": layers, "batch": b, "impl": "msc_colocated" + ("" if overlap else "_sequential_steps"),
+                       "step_s": step, "tokens_per_s": b / step, "prefill_s": res.prefill_s, "setup_s": setup_s,
+                       "floor_s": floor["floor_s"], "step_over_floor": step / floor["floor_s"], "floor": floor}
+                if same is not None:  # the same greedy tokens with the overlap flipped (the same kernels, batches)
+                    row["tokens_equal_to_first"] = same
+                print(json.dumps(row))
+                rows.append(row)
+            engine.engine.overlap = overlaps[0]
             if layers in ints(args.hf_layers) and b in ints(args.hf_batch):
                 try:
                     hs = hf_step(model, prompts.cuda(), args.hf_steps)

@@ -12,6 +12,7 @@ engine keeps a `StepRecord` of every step (who ran, who finished, who was preemp
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -22,10 +23,26 @@ import torch
 from msc.engine.request import Request, SamplingParams, Status, seed_from
 from msc.engine.runner import ModelRunner, StepInput
 from msc.engine.sampler import SamplingBatch, sample, token_logprobs
-from msc.engine.scheduler import Scheduler, StepRecord
+from msc.engine.scheduler import Scheduled, Scheduler, StepRecord
 from msc.errors import MscError
+from msc.runtime.transfer import HostCopy, tensor_to_device
 
 PAGE_SIZE = 16  # tokens per KV page
+
+
+def default_overlap(runner: ModelRunner, keep_logits: bool = False) -> bool:
+    """Whether an engine overlaps its steps by default: on a GPU, for a program that runs in this process.
+
+    NOTE: with overlap the host schedules and queues step n+1 while the device still runs step n (step n+1
+    takes the tokens step n sampled straight from the device), then reads step n's tokens back; the host's
+    share of a step (scheduling, metadata, bookkeeping) hides behind the device's work. The tokens are the same
+    ones; a request that stops at step n has one void token computed at n+1. An attention role's steps hand
+    tokens to the experts through the host, and keep_logits (verify) reads every step's logits, so those do not
+    overlap; on a CPU there is nothing to hide the host work behind. MSC_OVERLAP=0 / 1 turns it off / on."""
+    env = os.environ.get("MSC_OVERLAP")
+    if env is not None:
+        return env not in ("0", "", "off", "false") and not getattr(runner, "remote", False) and not keep_logits
+    return runner.device.type == "cuda" and not getattr(runner, "remote", False) and not keep_logits
 
 
 class Engine:
@@ -38,7 +55,8 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, eos_token_ids: Iterable[int | None] = (), *, max_batch: int = 32,
                  max_step_tokens: int = 8192, max_seq_len: int = 4096, kv_tokens: int | None = None,
-                 page_size: int = PAGE_SIZE, keep_logits: bool = False, vocab_size: int | None = None):
+                 page_size: int = PAGE_SIZE, keep_logits: bool = False, vocab_size: int | None = None,
+                 overlap: bool | None = None):
         self.runner = runner
         self.eos = {int(e) for e in eos_token_ids if e is not None}
         self.max_seq_len, self.page_size = max_seq_len, page_size
@@ -48,6 +66,9 @@ class Engine:
         cache = runner.make_cache(self.num_pages + 1, page_size, max_seq_len)  # + the scratch page
         self.scheduler = Scheduler(cache, max_batch=max_batch, max_step_tokens=max_step_tokens)
         self.keep_logits = keep_logits
+        self.overlap = default_overlap(runner, keep_logits) if overlap is None else overlap
+        self._in_flight: _Launched | None = None  # overlap: the step launched last, its tokens not yet read
+        self._last_done = 0.0  # perf_counter() when the last step's tokens were read back
         self.requests: dict[str, Request] = {}
         self.records: deque[StepRecord] = deque(maxlen=100_000)
         self.step_no = 0
@@ -95,7 +116,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self._inbox)
+        return self.scheduler.has_work or bool(self._inbox) or self._in_flight is not None
 
     @property
     def num_waiting(self) -> int:
@@ -139,55 +160,100 @@ class Engine:
 
     # ------------------------------------------------------------------ a step
     def step(self) -> StepRecord:
-        """Schedule, run and sample one step; returns its record."""
+        """Schedule and launch one step; returns its record. Without overlap the step's tokens are read back and
+        streamed before it returns; with overlap they are read back during the next step (its record's
+        `finished` fills in then) and the step returns as soon as the previous step's tokens are handled."""
         self._drain_inbox()
         t0 = time.perf_counter()
         record = StepRecord(self.step_no)
         work = self.scheduler.schedule(record)
-        if work:
-            step = StepInput([s.request.seq_id for s in work], [s.start for s in work], [s.count for s in work],
-                             [t for s in work for t in s.request.token_slice(s.start, s.count)],
-                             [i for i, s in enumerate(work) if s.sample])
-            logits = self.runner.execute(step)  # [S, V]
-            sampled = [work[i] for i in step.sample_rows]
-            new = []
-            if sampled:
-                batch = SamplingBatch.build([s.request.params for s in sampled],
-                                            [s.request.num_tokens for s in sampled], logits.device)
-                new_t = sample(logits, batch)  # [B]
-                self._logprobs(sampled, logits, new_t)
-                new = new_t.tolist()  # the step's one host sync (two with logprobs)
-            for s in work:
-                s.request.computed = s.start + s.count
-            for s, tok, row in zip(sampled, new, logits if self.keep_logits else [None] * len(new)):
+        launched = self._launch(work, record, t0) if work else None
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._complete(previous)
+        if launched is not None:
+            if self.overlap:
+                self._in_flight = launched
+            else:
+                self._complete(launched)
+        else:
+            record.seconds = time.perf_counter() - t0
+        self.records.append(record)
+        self.step_no += 1
+        return record
+
+    def _launch(self, work: list[Scheduled], record: StepRecord, t0: float) -> "_Launched":
+        """Queue the step's program and its sampling on the device (no host sync on the GPU path)."""
+        tokens, dst, rows, t = [], [], [], 0
+        for s in work:
+            req = s.request
+            if req.pending:  # its last token was sampled by the step still in flight: it is taken on the device
+                if s.count != 1 or s.start != req.num_tokens - 1:
+                    raise MscError(f"engine: request {req.id} has a token on the device but was scheduled "
+                                   f"{s.count} tokens from {s.start}; expected its one pending token")
+                dst.append(t)
+                rows.append(req.pending_row)
+                tokens.append(0)
+            else:
+                tokens += req.token_slice(s.start, s.count)
+            t += s.count
+        step = StepInput([s.request.seq_id for s in work], [s.start for s in work], [s.count for s in work], tokens,
+                         [i for i, s in enumerate(work) if s.sample], dst, rows,
+                         self._in_flight.tokens if dst else None)
+        logits = self.runner.execute(step)  # [S, V]
+        for s in work:
+            s.request.computed = s.start + s.count
+        sampled = [work[i] for i in step.sample_rows]
+        out = _Launched(record, sampled, t0)
+        if sampled:
+            batch = SamplingBatch.build([s.request.params for s in sampled],
+                                        [s.request.num_tokens for s in sampled], logits.device)
+            out.tokens = sample(logits, batch)  # [B]
+            back = [out.tokens]
+            out.logprob_rows = [j for j, s in enumerate(sampled) if s.request.params.logprobs is not None]
+            if out.logprob_rows:
+                idx = tensor_to_device(out.logprob_rows, torch.long, logits.device)
+                k = max(sampled[j].request.params.logprobs for j in out.logprob_rows)
+                back += token_logprobs(logits.index_select(0, idx), out.tokens.index_select(0, idx), k)
+            out.host = HostCopy(back)
+            if self.keep_logits:
+                out.logits = [row.float().cpu() for row in logits]
+            for j, s in enumerate(sampled):
+                s.request.pending += 1
+                s.request.pending_row = j
+        return out
+
+    def _complete(self, done: "_Launched") -> None:
+        """Read a launched step's tokens back (the step's one host sync) and stream them to their requests."""
+        record = done.record
+        if done.host is not None:
+            got = done.host.wait()
+            new = got[0].tolist()
+            lps = [x.tolist() for x in got[1:]] if done.logprob_rows else None
+            keep = {j: n for n, j in enumerate(done.logprob_rows)}
+            for j, (s, tok) in enumerate(zip(done.sampled, new)):
                 req = s.request
+                req.pending -= 1
+                if req.finished:  # stopped by the step before or cancelled while this one ran: its token is void
+                    continue
                 req.output.append(tok)
-                if row is not None:
-                    req.logits.append(row.float().cpu())
+                if done.logits is not None:
+                    req.logits.append(done.logits[j])
+                if j in keep:
+                    n, kk = keep[j], req.params.logprobs
+                    req.logprobs.append([lps[0][n], [[i, v] for i, v in zip(lps[2][n][:kk], lps[1][n][:kk])]])
                 reason = self._stop_reason(req, tok)
                 if reason is None:
                     if req.on_token is not None:
                         req.on_token(req, [tok])
                 else:
                     self._finish(req, reason, None, [tok], record)
-        record.seconds = time.perf_counter() - t0
-        self.records.append(record)
-        self.step_no += 1
-        return record
-
-    @staticmethod
-    def _logprobs(sampled, logits, tokens) -> None:
-        """Append the sampled tokens' log-probabilities to the requests that asked for them."""
-        rows = [j for j, s in enumerate(sampled) if s.request.params.logprobs is not None]
-        if not rows:
-            return
-        idx = torch.tensor(rows, device=logits.device)
-        k = max(sampled[j].request.params.logprobs for j in rows)
-        chosen, top_vals, top_ids = token_logprobs(logits.index_select(0, idx), tokens.index_select(0, idx), k)
-        chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
-        for n, j in enumerate(rows):
-            kk = sampled[j].request.params.logprobs
-            sampled[j].request.logprobs.append([chosen[n], [[t, v] for t, v in zip(top_ids[n][:kk], top_vals[n][:kk])]])
+        # NOTE: a step's seconds run from its start, or from the previous step's tokens landing if that came later
+        # (with overlap a step starts while the one before still runs): in steady state the time between two
+        # steps' tokens, so medians over decode steps mean the same with and without overlap
+        now = time.perf_counter()
+        record.seconds = now - max(done.t0, self._last_done)
+        self._last_done = now
 
     def _stop_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
@@ -228,7 +294,7 @@ class Engine:
         ids = ids or [f"gen-{base}-{i}" for i in range(len(prompts))]
         reqs: dict[int, Request] = {}
         k = 0
-        while k < len(order) or self.scheduler.has_work:
+        while k < len(order) or self.scheduler.has_work or self._in_flight is not None:
             while k < len(order) and arrivals[order[k]] <= self.step_no - base:
                 i = order[k]
                 try:
@@ -241,3 +307,14 @@ class Engine:
             if on_step is not None:
                 on_step(record)
         return [reqs[i] for i in range(len(prompts))]
+
+
+class _Launched:
+    """A step queued on the device whose tokens have not been read back yet."""
+
+    def __init__(self, record: StepRecord, sampled: list[Scheduled], t0: float):
+        self.record, self.sampled, self.t0 = record, sampled, t0
+        self.tokens: torch.Tensor | None = None  # [B] the sampled tokens, on the device
+        self.host: HostCopy | None = None  # the tokens (and log-probabilities) on their way to the host
+        self.logprob_rows: list[int] = []
+        self.logits: list | None = None  # keep_logits: each sampled row's logits (float32, host)

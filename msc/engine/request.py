@@ -94,6 +94,10 @@ class Request:
     # per sampled token when params.logprobs is set: [its log-probability, [[token id, log-probability] of the
     # params.logprobs most likely tokens]] (of the model's distribution, before temperature and filters)
     logprobs: list = field(default_factory=list)
+    # tokens sampled on the device and not yet read back (0 or 1: the engine's overlap reads a step's tokens
+    # during the next step), and the row of its step's sampled tokens that holds it
+    pending: int = 0
+    pending_row: int = -1
 
     def token_slice(self, start: int, count: int) -> list[int]:
         """tokens[start:start + count] without building the whole list."""
@@ -106,7 +110,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        """Prompt and output tokens, a pending one (sampled, still on the device) included."""
+        return len(self.prompt) + len(self.output) + self.pending
+
+    @property
+    def sampled_all(self) -> bool:
+        """Every token max_tokens allows has been sampled (some may still be on their way back)."""
+        return len(self.output) + self.pending >= self.params.max_tokens
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -28,6 +28,7 @@ from msc.runtime import context, sequence_state
 from msc.runtime.sequence_state import SequenceStates, state_key
 from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention, paged_mla_attention
 from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
+from msc.runtime.transfer import tensor_to_device, to_device
 from msc.runtime.trace import Trace
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -47,6 +48,11 @@ class StepInput:
     counts: list[int]
     token_ids: list[int]
     sample_rows: list[int]
+    # tokens still on the device (sampled by the step before, not yet read back: msc.engine.engine's overlap):
+    # token_ids[device_dst[j]] is device_src[device_rows[j]] (token_ids holds a placeholder there)
+    device_dst: list[int] = field(default_factory=list)
+    device_rows: list[int] = field(default_factory=list)
+    device_src: Tensor | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -290,6 +296,9 @@ class ModelRunner:
         """Logits [len(step.sample_rows), V] of the last token of each sampled row."""
         t0 = time.time_ns()
         if self.remote:
+            if step.device_dst:
+                raise MscError("an attention role's step takes its tokens from the host; the engine must not overlap "
+                               "its steps (tokens still on the device)")
             out = self._execute_staged(step)
         elif step.decode_only and self.cuda_graphs:
             out = self._execute_graph(step)
@@ -314,13 +323,22 @@ class ModelRunner:
             ends.append(t - 1)
         meta = StepMeta.for_step(self.cache, [step.seq_ids[i] for i in rows], [step.contexts[i] for i in rows],
                                  [step.counts[i] for i in rows])
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, T]
-        position_ids = torch.tensor([pos], dtype=torch.long, device=self.device)  # [1, T]
+        input_ids = tensor_to_device([ids], torch.long, self.device)  # [1, T]
+        position_ids = tensor_to_device([pos], torch.long, self.device)  # [1, T]
         return input_ids, position_ids, meta, ends
+
+    def _device_tokens(self, step: StepInput, input_ids: Tensor) -> None:
+        """Write the step's tokens that are still on the device into input_ids [1, T] (in place, queued)."""
+        if not step.device_dst:
+            return
+        dst = tensor_to_device(step.device_dst, torch.long, self.device)  # [P]
+        rows = tensor_to_device(step.device_rows, torch.long, self.device)  # [P]
+        input_ids[0].index_copy_(0, dst, step.device_src.index_select(0, rows))
 
     def _execute_whole(self, step: StepInput) -> Tensor:
         rows = list(range(len(step.seq_ids)))
         input_ids, position_ids, self.meta, ends = self._inputs(step, rows)
+        self._device_tokens(step, input_ids)
         self.step_microbatches = 1
         with context.use(self), torch.no_grad():
             logits = _logits(self.program(input_ids, position_ids))[0]  # [T, V]
@@ -458,15 +476,16 @@ class ModelRunner:
         self.step_no += 1
         return out
 
-    def _padded_decode(self, step: StepInput, rows: list[int], bb: int):
+    def _padded_decode(self, step: StepInput, rows: list[int], bb: int, meta_on_host: bool = False):
         """A decode micro-batch padded to bb rows: input_ids, position_ids [1, bb] (on the host), its meta
-        (on the device) and its last-token rows."""
+        (on the device; meta_on_host: pinned on the host) and its last-token rows."""
         b = len(rows)
         ids = torch.zeros(1, bb, dtype=torch.long)  # [1, bb]
         ids[0, :b] = torch.tensor([step.token_ids[i] for i in rows])
         pos = torch.zeros(1, bb, dtype=torch.long)  # [1, bb]
         pos[0, :b] = torch.tensor([step.contexts[i] for i in rows])
-        meta = StepMeta.for_decode(self.cache, [step.seq_ids[i] for i in rows], [step.contexts[i] for i in rows], pad_to=bb)
+        meta = StepMeta.for_decode(self.cache, [step.seq_ids[i] for i in rows], [step.contexts[i] for i in rows], pad_to=bb,
+                                   on_host=meta_on_host)
         return ids, pos, meta, list(range(b))
 
     def _static_meta(self, bb: int) -> StepMeta:
@@ -520,10 +539,13 @@ class ModelRunner:
     def _load_graph(self, step: StepInput) -> _Graph:
         """The decode step's bucket graph with the step's ids, positions and metadata in its static inputs."""
         g = self._graph_for(self._bucket(len(step.seq_ids)))
-        ids, pos, meta, _ = self._padded_decode(step, list(range(len(step.seq_ids))), g.batch)
+        # NOTE: every input goes in as an asynchronous copy from pinned memory, so loading step n+1 never waits
+        # for step n's replay (the engine's overlap); the copies are queued behind it on the same stream
+        ids, pos, meta, _ = self._padded_decode(step, list(range(len(step.seq_ids))), g.batch, meta_on_host=True)
         g.meta.update_(meta)
-        g.input_ids.copy_(ids, non_blocking=True)
-        g.positions.copy_(pos, non_blocking=True)
+        g.input_ids.copy_(to_device(ids, self.device))
+        g.positions.copy_(to_device(pos, self.device))
+        self._device_tokens(step, g.input_ids)
         return g
 
     def _execute_graph(self, step: StepInput) -> Tensor:

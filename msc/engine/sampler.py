@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from msc.runtime.transfer import tensor_to_device
+
 _M32 = 0xFFFFFFFF
 
 
@@ -54,11 +56,12 @@ class SamplingBatch:
         all-greedy batch makes no tensors (sample() then only takes the argmax)."""
         if all(p.greedy for p in params):
             return cls(None, None, None, None, None, all_greedy=True)
-        return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-                   torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-                   torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-                   torch.tensor([p.seed_value for p in params], dtype=torch.int64, device=device),
-                   torch.tensor(positions, dtype=torch.int64, device=device))
+        device = torch.device(device)
+        return cls(tensor_to_device([p.temperature for p in params], torch.float32, device),
+                   tensor_to_device([p.top_k for p in params], torch.int64, device),
+                   tensor_to_device([p.top_p for p in params], torch.float32, device),
+                   tensor_to_device([p.seed_value for p in params], torch.int64, device),
+                   tensor_to_device(positions, torch.int64, device))
 
 
 def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:

@@ -42,7 +42,7 @@ class StepRecord:
     preempted: list[str] = field(default_factory=list)
     finished: list[tuple[str, str]] = field(default_factory=list)  # (request, finish reason)
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from its start (or the previous step's tokens landing, if later) to its tokens landing
 
 
 class Scheduler:
@@ -81,6 +81,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.sampled_all:  # its last token is on its way back (overlap): it finishes when it lands
+                i += 1
+                continue
             n = min(req.num_tokens - req.computed, budget)
             while not self._reserve(req, req.computed + n):
                 victim = self.running[-1]
@@ -95,6 +98,8 @@ class Scheduler:
             break  # req itself was preempted: the requests after it were preempted before it
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             req = self.waiting[0]
+            if req.pending:
+                break  # preempted with a token still on the device: recomputed once it is on the host
             n = min(req.num_tokens, budget)
             if not self._reserve(req, n, fresh=True):
                 break  # no pages now: it waits (running requests free theirs as they finish)
@@ -104,7 +109,7 @@ class Scheduler:
             out.append(Scheduled(req, 0, n, n == req.num_tokens))
             budget -= n
         for s in out:  # a decode feeds back its one last sample; everything else is prompt (or recomputed) tokens
-            if s.count == 1 and s.request.output and s.start == s.request.num_tokens - 1:
+            if s.count == 1 and (s.request.output or s.request.pending) and s.start == s.request.num_tokens - 1:
                 record.decode.append(s.request.id)
             else:
                 record.prefill.append((s.request.id, s.count))

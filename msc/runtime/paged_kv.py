@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from msc.errors import MscError
+from msc.runtime.transfer import to_device
 
 # NOTE: the most bytes one masked attention call may use for its mask and scores. Counted as a math backend
 # would use them (float32 scores and probabilities of every head), the worst of SDPA's backends, so that the
@@ -286,10 +287,11 @@ class StepMeta:
 
     @classmethod
     def for_decode(cls, cache: PagedKVCache, seq_ids: list[int], positions: list[int],
-                   pad_to: int | None = None) -> "StepMeta":
+                   pad_to: int | None = None, on_host: bool = False) -> "StepMeta":
         """One new token per sequence at `positions` (0-based, so seq_len = position + 1); ensures the
         blocks. pad_to: pad the batch with rows of seq_len 0 writing to the cache's scratch slot (their
-        output is 0), so one captured CUDA graph of batch `pad_to` serves smaller batches."""
+        output is 0), so one captured CUDA graph of batch `pad_to` serves smaller batches. on_host: keep the
+        tensors on the host (pinned where the cache is on a GPU), for `update_` of a graph's static meta."""
         if len(seq_ids) != len(positions):
             raise MscError(f"StepMeta.for_decode: {len(seq_ids)} sequences, {len(positions)} positions; expected one each")
         pad = 0 if pad_to is None else pad_to - len(seq_ids)
@@ -305,9 +307,13 @@ class StepMeta:
             slots = torch.cat([slots, torch.full((pad,), cache.scratch_slot, dtype=torch.long)])
             host = torch.cat([host, torch.zeros(pad, host.shape[1], dtype=torch.int32)])
             lens = torch.cat([lens, torch.zeros(pad, dtype=torch.int32)])
-        dev = cache.device
-        slots, table, lens = slots.to(dev), host.to(dev), lens.to(dev)
-        return cls(slots, table, lens, decode=True, state_slots=_state_slots(cache, seq_ids, pad))
+        states = _state_slots(cache, seq_ids, pad, on_host=True)
+        parts = [slots, host, lens] + ([states] if states is not None else [])
+        if on_host:
+            parts = [t.pin_memory() for t in parts] if cache.device.type == "cuda" else parts
+        else:
+            parts = [to_device(t, cache.device) for t in parts]
+        return cls(*parts[:3], decode=True, state_slots=parts[3] if states is not None else None)
 
     @classmethod
     def for_prefill(cls, cache: PagedKVCache, seq_ids: list[int], lengths: list[int]) -> "StepMeta":
@@ -355,13 +361,14 @@ class StepMeta:
         return static.update_(self)
 
 
-def _state_slots(cache: PagedKVCache, seq_ids, pad: int = 0) -> Tensor | None:
-    """[B + pad] int64 on the cache device: each sequence's state slot, padding rows the scratch slot; None when
-    the model has no state layers."""
+def _state_slots(cache: PagedKVCache, seq_ids, pad: int = 0, on_host: bool = False) -> Tensor | None:
+    """[B + pad] int64 on the cache device (on_host: on the host): each sequence's state slot, padding rows the
+    scratch slot; None when the model has no state layers."""
     if cache.states is None:
         return None
     st = cache.states
-    return torch.tensor([st.slot(s) for s in seq_ids] + [st.scratch] * pad, dtype=torch.long, device=cache.device)
+    slots = torch.tensor([st.slot(s) for s in seq_ids] + [st.scratch] * pad, dtype=torch.long)
+    return slots if on_host else to_device(slots, cache.device)
 
 
 # ------------------------------------------------------------------------------------------- attention
