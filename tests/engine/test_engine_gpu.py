@@ -64,3 +64,31 @@ def test_device_exchange_on_the_gpu(tmp_path, name, m):
     res = run_bundle(bundle.path, PROMPTS, 12, arrivals=ARRIVALS, env={"MSC_DEVICE_EXCHANGE": "on"})
     assert res["outputs"] == refs and res["transport"] == "cuda_ipc"
     assert res["device_steps"][0] > 0 and res["captured_segments"][0] > 0  # replayed graphs, not only warm-ups
+
+
+def test_overlapped_steps_on_the_gpu_match_sequential_ones(tmp_path):
+    """Overlap is the GPU default: the graph path takes the last step's tokens on the device and its inputs from
+    pinned memory; greedy (with a stop token), seeded sampling and logprobs give what sequential steps give."""
+    bundle, refs = _family("mixtral", tmp_path, new=12)
+    gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cuda")
+    params = [SamplingParams(max_tokens=12, stop_token_ids=(refs[0][5],)),
+              SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=5, logprobs=2),
+              SamplingParams(max_tokens=12), SamplingParams(max_tokens=3, logprobs=1),
+              SamplingParams(max_tokens=12, temperature=1.1, seed=9, ignore_eos=True)]
+    runs = []
+    for overlap in (None, False):  # None: the engine's default on a GPU
+        eng = build_engine(bundle.manifest, gm, "cuda")
+        if overlap is not None:
+            eng.overlap = overlap
+        device_steps = []
+        execute = eng.runner.execute
+        eng.runner.execute = lambda step, ex=execute, seen=device_steps: (seen.append(bool(step.device_dst)), ex(step))[1]
+        runs.append((eng, eng.generate(PROMPTS, params, arrivals=ARRIVALS), device_steps))
+    (ovl_eng, ovl, ovl_dev), (_, seq, seq_dev) = runs
+    assert ovl_eng.overlap and any(ovl_dev) and not any(seq_dev)
+    assert [r.output for r in ovl] == [r.output for r in seq]
+    assert [r.finish_reason for r in ovl] == [r.finish_reason for r in seq]
+    assert ovl[0].output == refs[0][:refs[0].index(refs[0][5]) + 1] and ovl[2].output == refs[2]
+    for a, b in zip(ovl, seq):
+        assert [t for t, _ in a.logprobs] == pytest.approx([t for t, _ in b.logprobs], abs=1e-5)
+    assert ovl_eng.runner._graphs and ovl_eng.scheduler.cache.allocator.num_free == ovl_eng.num_pages
