@@ -188,8 +188,10 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
                            b.manifest)
         ck = None if random_weights else resolve_checkpoint(b, checkpoint)
         gm = b.load_program(b.manifest["colocated"]["program"], dev, random_weights=random_weights, checkpoint=ck)
-        # NOTE: no CUDA graphs while recording the routing: a graph's padding rows would be counted
-        engine = build_engine(b.manifest, gm, dev, cuda_graphs=record_routing is None)
+        # NOTE: no CUDA graphs while recording the routing: a graph's padding rows would be counted; no overlapped
+        # steps either: the void token a stopping request computes would be
+        rec = record_routing is not None
+        engine = build_engine(b.manifest, gm, dev, cuda_graphs=not rec, overlap=False if rec else None)
         recorder = None
         if record_routing is not None:  # after build_engine: its KV-shape probe runs the program on a dummy token
             from msc.runtime import routing_recorder

@@ -48,11 +48,11 @@ def engine_sizes(manifest: dict, runner: ModelRunner) -> dict:
 
 def build_engine(manifest: dict, program: fx.GraphModule, device, *, exchange=None, microbatches: int = 1,
                  trace: Trace | None = None, delay_s: float = 0.0, keep_logits: bool = False,
-                 cuda_graphs: bool = True) -> Engine:
+                 cuda_graphs: bool = True, overlap: bool | None = None) -> Engine:
     """The engine of one attention replica (exchange given: the experts are remote) or of a colocated program."""
     model = manifest["model"]
     runner = ModelRunner(program, model["num_hidden_layers"], device, exchange=exchange, microbatches=microbatches,
                          cuda_graphs=cuda_graphs, max_batch=manifest["plan"]["batch_size"], trace=trace, delay_s=delay_s)
     eos = model["eos_token_id"]
-    return Engine(runner, eos if isinstance(eos, (list, tuple)) else [eos], keep_logits=keep_logits,
+    return Engine(runner, eos if isinstance(eos, (list, tuple)) else [eos], keep_logits=keep_logits, overlap=overlap,
                   vocab_size=model["vocab_size"], **engine_sizes(manifest, runner))

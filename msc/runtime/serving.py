@@ -562,8 +562,10 @@ class ColocatedServingEngine(_Server):
             self.checkpoint = resolve_checkpoint(self.bundle, checkpoint)
         program = self.bundle.load_program(m["colocated"]["program"], self.device, random_weights=random_weights,
                                            checkpoint=self.checkpoint)
-        # NOTE: no CUDA graphs while recording the routing: a graph's padding rows would be counted
-        self.engine = build_engine(m, program, self.device, cuda_graphs=record_routing is None)
+        # NOTE: no CUDA graphs while recording the routing: a graph's padding rows would be counted; no overlapped
+        # steps either: the void token a stopping request computes would be
+        rec = record_routing is not None
+        self.engine = build_engine(m, program, self.device, cuda_graphs=not rec, overlap=False if rec else None)
         self.record_routing, self._recorder = record_routing, None
         if record_routing is not None:  # after build_engine: its KV-shape probe runs the program on a dummy token
             from msc.runtime import routing_recorder
