@@ -40,9 +40,16 @@ def default_overlap(runner: ModelRunner, keep_logits: bool = False) -> bool:
     tokens to the experts through the host, and keep_logits (verify) reads every step's logits, so those do not
     overlap; on a CPU there is nothing to hide the host work behind. MSC_OVERLAP=0 / 1 turns it off / on."""
     env = os.environ.get("MSC_OVERLAP")
-    if env is not None:
-        return env not in ("0", "", "off", "false") and not getattr(runner, "remote", False) and not keep_logits
-    return runner.device.type == "cuda" and not getattr(runner, "remote", False) and not keep_logits
+    if env is None:
+        wanted = runner.device.type == "cuda"
+    elif env.lower() in _SWITCH:
+        wanted = _SWITCH[env.lower()]
+    else:
+        raise MscError(f"MSC_OVERLAP={env!r}: expected 1 / on / true or 0 / off / false")
+    return wanted and not getattr(runner, "remote", False) and not keep_logits
+
+
+_SWITCH = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
 
 
 class Engine:
@@ -66,6 +73,9 @@ class Engine:
         cache = runner.make_cache(self.num_pages + 1, page_size, max_seq_len)  # + the scratch page
         self.scheduler = Scheduler(cache, max_batch=max_batch, max_step_tokens=max_step_tokens)
         self.keep_logits = keep_logits
+        if overlap and getattr(runner, "remote", False):
+            raise MscError("an attention role's steps hand their tokens to the experts through the host: its engine "
+                           "cannot overlap steps (overlap=True)")
         self.overlap = default_overlap(runner, keep_logits) if overlap is None else overlap
         self._in_flight: _Launched | None = None  # overlap: the step launched last, its tokens not yet read
         self._last_done = 0.0  # perf_counter() when the last step's tokens were read back

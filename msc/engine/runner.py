@@ -28,7 +28,7 @@ from msc.runtime import context, sequence_state
 from msc.runtime.sequence_state import SequenceStates, state_key
 from msc.runtime.paged_kv import PagedKVCache, StepMeta, paged_attention, paged_mla_attention
 from msc.runtime.staged import StagedProgram, ping_pong, split_microbatches
-from msc.runtime.transfer import tensor_to_device, to_device
+from msc.runtime.transfer import tensor_to_device
 from msc.runtime.trace import Trace
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -36,6 +36,11 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 def _logits(out) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _select_rows(x: Tensor, rows: list[int]) -> Tensor:
+    """x[rows] with the index copied over without a host sync (a list index would wait for the device)."""
+    return x.index_select(0, tensor_to_device(rows, torch.long, x.device))
 
 
 @dataclass
@@ -296,9 +301,6 @@ class ModelRunner:
         """Logits [len(step.sample_rows), V] of the last token of each sampled row."""
         t0 = time.time_ns()
         if self.remote:
-            if step.device_dst:
-                raise MscError("an attention role's step takes its tokens from the host; the engine must not overlap "
-                               "its steps (tokens still on the device)")
             out = self._execute_staged(step)
         elif step.decode_only and self.cuda_graphs:
             out = self._execute_graph(step)
@@ -342,7 +344,7 @@ class ModelRunner:
         self.step_microbatches = 1
         with context.use(self), torch.no_grad():
             logits = _logits(self.program(input_ids, position_ids))[0]  # [T, V]
-        return logits[[ends[i] for i in step.sample_rows]]  # [S, V]
+        return _select_rows(logits, [ends[i] for i in step.sample_rows])  # [S, V]
 
     def _execute_staged(self, step: StepInput) -> Tensor:
         groups = split_microbatches(step.counts, self.microbatches)
@@ -543,8 +545,8 @@ class ModelRunner:
         # for step n's replay (the engine's overlap); the copies are queued behind it on the same stream
         ids, pos, meta, _ = self._padded_decode(step, list(range(len(step.seq_ids))), g.batch, meta_on_host=True)
         g.meta.update_(meta)
-        g.input_ids.copy_(to_device(ids, self.device))
-        g.positions.copy_(to_device(pos, self.device))
+        g.input_ids.copy_(ids.pin_memory(), non_blocking=True)
+        g.positions.copy_(pos.pin_memory(), non_blocking=True)
         self._device_tokens(step, g.input_ids)
         return g
 
@@ -554,7 +556,7 @@ class ModelRunner:
         rows = step.sample_rows
         if rows == list(range(len(rows))):  # NOTE: the usual decode step: a view, no index tensor to copy over
             return g.logits[: len(rows)]  # [S, V]
-        return g.logits[rows]  # [S, V]
+        return _select_rows(g.logits, rows)  # [S, V]
 
     # ------------------------------------------------------------------ timing (msc profile)
     @contextlib.contextmanager

@@ -307,13 +307,14 @@ class StepMeta:
             slots = torch.cat([slots, torch.full((pad,), cache.scratch_slot, dtype=torch.long)])
             host = torch.cat([host, torch.zeros(pad, host.shape[1], dtype=torch.int32)])
             lens = torch.cat([lens, torch.zeros(pad, dtype=torch.int32)])
+        def place(t: Tensor) -> Tensor:
+            if not on_host:
+                return to_device(t, cache.device)
+            return t.pin_memory() if cache.device.type == "cuda" else t
+
         states = _state_slots(cache, seq_ids, pad, on_host=True)
-        parts = [slots, host, lens] + ([states] if states is not None else [])
-        if on_host:
-            parts = [t.pin_memory() for t in parts] if cache.device.type == "cuda" else parts
-        else:
-            parts = [to_device(t, cache.device) for t in parts]
-        return cls(*parts[:3], decode=True, state_slots=parts[3] if states is not None else None)
+        return cls(place(slots), place(host), place(lens), decode=True,
+                   state_slots=None if states is None else place(states))
 
     @classmethod
     def for_prefill(cls, cache: PagedKVCache, seq_ids: list[int], lengths: list[int]) -> "StepMeta":

@@ -3,7 +3,7 @@
 A plain `tensor.to("cuda")` from ordinary (pageable) host memory synchronises the stream: the host waits for
 every kernel already queued. An engine that queues step n+1 while step n still runs (msc.engine.engine,
 overlap) must never do that, so its step inputs go through `to_device` (pinned staging, then an asynchronous
-copy) and its sampled tokens come back through `to_host` (an asynchronous copy into pinned memory with an
+copy) and its sampled tokens come back through `HostCopy` (an asynchronous copy into pinned memory with an
 event to wait on later). On a CPU both are plain copies.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ import torch
 from msc.engine.engine import Engine, default_overlap
 from msc.engine.request import SamplingParams
 from msc.engine.runner import ModelRunner
+from msc.errors import MscError
 from msc.verify import reference_generate
 
 PROMPTS = [[5, 17, 42], [7, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [9], [200, 100, 50, 25, 3, 1, 4, 1, 5]]
@@ -115,5 +116,11 @@ def test_overlap_is_on_by_default_only_where_it_pays(tiny_bundle, program, monke
     assert not default_overlap(runner)  # a CPU: no device to hide the host's work behind
     monkeypatch.setenv("MSC_OVERLAP", "1")
     assert default_overlap(runner) and not default_overlap(runner, keep_logits=True)
+    monkeypatch.setenv("MSC_OVERLAP", "yes please")
+    with pytest.raises(MscError, match=r"MSC_OVERLAP='yes please': expected 1 / on / true or 0 / off / false"):
+        default_overlap(runner)
+    monkeypatch.setenv("MSC_OVERLAP", "on")
     monkeypatch.setattr(runner, "remote", True)
     assert not default_overlap(runner)  # an attention role's tokens go to the experts through the host
+    with pytest.raises(MscError, match="cannot overlap steps"):
+        Engine(runner, [], max_batch=2, max_seq_len=64, overlap=True)
