@@ -27,7 +27,8 @@ for stage in "$@"; do
               python3 benchmarks/multi_gpu.py ${MULTI_ARGS:---gpus 4 --layers 2 --max-batch 32 --input-len 64 --output-len 16} \
                 --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi.log" | tail -14 ;;
     tune) python3 benchmarks/moe_kernel.py --tune --write-config ${TUNE_ARGS:-} --tokens ${TUNE_TOKENS:-16,64,256,1024,4096,8192} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -14
-          cp backends/compute/moe_configs/*.json "$OUT/" ;;
+          # only the table this run wrote (the newest): the other GPUs' tables are in git, and files back are few
+          cp "$(ls -t backends/compute/moe_configs/*.json | head -1)" "$OUT/" ;;
     moe) python3 benchmarks/moe_kernel.py --tokens ${MOE_TOKENS:-16,64,256,1024,4096,8192} ${MOE_ARGS:-} --out "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe.log" | tail -10
          # tiles tuned on first use (a GPU without a table): brought back beside the log
          find ~/.cache/msc/moe_tiles -name '*.json' -exec cp {} "$OUT/" \; 2>/dev/null ;;
