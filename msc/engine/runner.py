@@ -116,8 +116,9 @@ class ModelRunner:
         # NOTE: a colocated program's decode steps replay one CUDA graph per batch bucket. An attention role's
         # stages hold host-side communication (dispatch picks each node's tokens on the host), so only the
         # compute between its communication ops can be captured (msc.engine.stage_graphs): MSC_STAGE_GRAPHS=on.
-        # Off by default until it has run on a GPU (=emulate runs the same bookkeeping without CUDA, as the
-        # CPU tests do)
+        # Off by default: on a GPU (sessions 11-12) the host round trips dominate either way, and the device
+        # exchange makes the whole step one graph instead (=emulate runs the same bookkeeping without CUDA, as
+        # the CPU tests do)
         # NOTE: DeepSeek's sparse attention (msc::dsa_index) reads each step's lengths on the host
         # (msc.runtime.sparse_index): such a program's steps are never captured in CUDA graphs
         self.graph_safe = not any(n.op == "call_function" and n.target is torch.ops.msc.dsa_index.default
