@@ -116,7 +116,7 @@ class ModelRunner:
         # NOTE: a colocated program's decode steps replay one CUDA graph per batch bucket. An attention role's
         # stages hold host-side communication (dispatch picks each node's tokens on the host), so only the
         # compute between its communication ops can be captured (msc.engine.stage_graphs): MSC_STAGE_GRAPHS=on.
-        # Off by default: on a GPU (sessions 11-12) the host round trips dominate either way, and the device
+        # Off by default: on a GPU (session 12) the host round trips dominate either way, and the device
         # exchange makes the whole step one graph instead (=emulate runs the same bookkeeping without CUDA, as
         # the CPU tests do)
         # NOTE: DeepSeek's sparse attention (msc::dsa_index) reads each step's lengths on the host
