@@ -725,6 +725,30 @@ def profile_cmd(
               f"T_e = {e['k3'] * 1e6:.4f} µs·pairs + {e['k4'] * 1e6:.1f} µs; wrote {output} (use it as planner.profile)")
 
 
+@app.command("env")
+def env_cmd(all_vars: bool = typer.Option(False, "--all", help="also the variables msc sets for its own processes")):
+    """msc's environment variables: what each does, its default and the value set now (checked)."""
+    from msc import env
+
+    table = Table("variable", "now", "default", "takes", "what it does", show_lines=False)
+    bad = []
+    for var, value, error in env.check_all():
+        if var.internal and not all_vars:
+            continue
+        from rich.markup import escape
+
+        shown = "(set)" if value and var.secret else escape(value or "")
+        now = f"[red]{shown}[/]" if error else (shown if shown else "[dim]unset[/]")
+        table.add_row(var.name, now, var.default or "—", var.describe_kind(), var.help)
+        if error:
+            bad.append(error)
+    out.print(table)
+    for error in bad:
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo_cmd(output: Path = typer.Option(Path("msc-demo"), "-o", "--output")):
     """Compile the embedded tiny Mixtral, run it as 3 processes, and verify it against transformers."""

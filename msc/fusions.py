@@ -23,11 +23,11 @@ and without on the same bundle.
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 import torch.fx as fx
 
+from msc import env as msc_env
 from msc.ir import fetch_attr
 from msc.runtime.staged import STAGE_KEY
 
@@ -82,8 +82,8 @@ def fuse_program(gm_or_graph) -> dict[str, int]:
 def fuse_weights(gm: fx.GraphModule, device) -> dict[str, int]:
     """The load-time fusions that rewrite weights too, once a program holds its tensors: sibling linears on a
     GPU (MSC_FUSE_LINEARS=1 applies it on a CPU as well, =0 nowhere; MSC_FUSE=0 turns every fusion off)."""
-    flag = os.environ.get("MSC_FUSE_LINEARS")
-    if flag == "0" or (flag != "1" and torch.device(device).type != "cuda"):
+    flag = msc_env.switch("MSC_FUSE_LINEARS")
+    if flag is False or (flag is None and torch.device(device).type != "cuda"):
         return {}
     return fuse_sibling_linears(gm)
 
@@ -124,7 +124,7 @@ def fuse_rms_norms(gm_or_graph) -> dict[str, int]:
     """Rewrite every matched RMSNorm (and the residual add feeding it) in place; {"rms_norm": n, "add_rms_norm": m}."""
     graph = gm_or_graph.graph if isinstance(gm_or_graph, fx.GraphModule) else gm_or_graph
     counts = {"rms_norm": 0, "add_rms_norm": 0}
-    if os.environ.get("MSC_FUSE") == "0":
+    if not msc_env.switch("MSC_FUSE"):
         return counts
     import msc.ops  # noqa: F401  (registers the msc ops)
 
@@ -224,7 +224,7 @@ def fuse_rotary(gm_or_graph) -> dict[str, int]:
     part) are different chains and stay as they are."""
     graph = gm_or_graph.graph if isinstance(gm_or_graph, fx.GraphModule) else gm_or_graph
     counts = {"rotary": 0}
-    if os.environ.get("MSC_FUSE") == "0":
+    if not msc_env.switch("MSC_FUSE"):
         return counts
     import msc.ops  # noqa: F401  (registers the msc ops)
 
@@ -267,7 +267,7 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> dict[str, int]:
     strides cannot be viewed)."""
     graph = gm.graph
     counts = {"linear_groups": 0, "linears": 0}
-    if os.environ.get("MSC_FUSE") == "0":
+    if not msc_env.switch("MSC_FUSE"):
         return counts
     readers: dict[str, int] = {}
     for n in graph.nodes:

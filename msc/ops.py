@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from msc import env as msc_env
 from msc.backends.compute import torch_eager
 from msc.runtime import routing_recorder
 
@@ -204,9 +205,7 @@ def _rms_norm_eager(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -
 def _fused_norm_ok(x: Tensor, weight: Tensor, dtype: torch.dtype, residual: Optional[Tensor] = None) -> bool:
     """NOTE: on a GPU the Triton kernel runs by default (MSC_NORM_KERNEL=0 turns it off: the fused op then
     runs the unfused aten ops, what the program ran before the fusion)."""
-    import os
-
-    if not x.is_cuda or dtype != x.dtype or os.environ.get("MSC_NORM_KERNEL", "1") == "0":
+    if not x.is_cuda or dtype != x.dtype or not msc_env.switch("MSC_NORM_KERNEL"):
         return False
     triton_norm = _triton_backend("triton_norm")
     return triton_norm is not None and triton_norm.supported(x, weight, residual)
@@ -323,9 +322,7 @@ def _fused_moe_ok(act: str, layout: str, gate_up_bias, down_bias) -> bool:
     """NOTE: on a GPU the experts run in the fused Triton kernel where it covers the call (the default layout,
     no biases, an activation it applies in registers); everything else, and every CPU run, takes the eager
     reference. MSC_EXPERTS=eager forces the reference (for comparisons)."""
-    import os
-
-    if os.environ.get("MSC_EXPERTS", "auto") == "eager":
+    if msc_env.choice("MSC_EXPERTS") == "eager":
         return False
     try:
         from msc.backends.compute import triton_moe

@@ -73,7 +73,7 @@ def test_forcing_it_on_where_it_cannot_run_names_why(monkeypatch, kw, match):
 
 def test_a_bad_mode_is_refused(monkeypatch):
     monkeypatch.setenv(dx.ENV, "maybe")
-    with pytest.raises(MscError, match="auto, on or off"):
+    with pytest.raises(MscError, match="MSC_DEVICE_EXCHANGE=.maybe.: expected one of auto, on, off"):
         dx.mode()
 
 

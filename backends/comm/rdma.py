@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import random
 import socket
 import time
@@ -42,6 +41,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from msc import env as msc_env
 from msc.backends.comm.m2n import DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
 
@@ -372,7 +372,7 @@ def connect_rdma(rank: int, peers: list[int], store, *, prefix: str = "m2n", tim
     if capacity < 4096 or capacity % 64 or capacity >= 1 << 31:
         raise MscError(f"rdma ring capacity must be a multiple of 64 bytes in [4096, 2**31), got {capacity}")
     peers = sorted(peers)
-    ctx = _open_device(v, device_name or os.environ.get("MSC_RDMA_DEVICE"), port)
+    ctx = _open_device(v, device_name or msc_env.raw("MSC_RDMA_DEVICE"), port)
     channels: dict[int, RdmaChannel] = {}
     deadline = time.monotonic() + timeout_s
     try:

@@ -38,6 +38,7 @@ from collections import deque
 
 import numpy as np
 
+from msc import env as msc_env
 from msc.backends.comm import wire
 from msc.backends.comm.m2n import _WAIT, DEFAULT_TIMEOUT_S, StreamEndpoint, fetch_key
 from msc.errors import MscError
@@ -56,9 +57,9 @@ def _default_spin_s() -> float:
     and two role processes' decode step from 76.9 to 65.8 ms (docs/gpu.md). So: long spins where cores
     are plenty (more than 4 usable), short ones otherwise. Polling yields the core, so it costs others
     little, but it does show as CPU time."""
-    env = os.environ.get("MSC_SHM_SPIN_US")
-    if env:
-        return float(env) * 1e-6
+    spin_us = msc_env.number("MSC_SHM_SPIN_US")
+    if spin_us is not None:
+        return spin_us * 1e-6
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -28,6 +28,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from msc import env as msc_env
+
 log = logging.getLogger("msc.backends.compute.moe_tune")
 
 # token counts a tuned entry is made for; a call uses the entry of the smallest bucket at or above its tokens
@@ -115,7 +117,7 @@ def search(timed: Callable[[dict], float], t: int, top_k: int, num_experts: int,
 # ---------------------------------------------------------------------------------------------- first use
 def cache_path(gpu: str, triton_version: str, num_experts: int, hidden: int, inter: int, top_k: int,
                dtype: torch.dtype) -> Path:
-    root = Path(os.environ.get("MSC_CACHE_DIR") or Path.home() / ".cache" / "msc")
+    root = msc_env.cache_dir()
     name = f"E{num_experts}_H{hidden}_I{inter}_K{top_k}_{str(dtype).removeprefix('torch.')}.json"
     return root / "moe_tiles" / gpu / f"triton-{triton_version}" / name
 
@@ -163,7 +165,7 @@ def first_use_config(tokens: int, top_k: int, hidden: torch.Tensor, gate_up: tor
             table = _memory[shape] = _read(key_path)
         if b in table:
             return table[b]
-        off = os.environ.get("MSC_MOE_AUTOTUNE", "1") == "0"
+        off = not msc_env.switch("MSC_MOE_AUTOTUNE")
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         if gpu not in _announced:
             _announced.add(gpu)

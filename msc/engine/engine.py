@@ -12,7 +12,6 @@ engine keeps a `StepRecord` of every step (who ran, who finished, who was preemp
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from msc import env as msc_env
 from msc.engine.request import Request, SamplingParams, Status, seed_from
 from msc.engine.runner import ModelRunner, StepInput
 from msc.engine.sampler import SamplingBatch, sample, token_logprobs
@@ -39,17 +39,10 @@ def default_overlap(runner: ModelRunner, keep_logits: bool = False) -> bool:
     ones; a request that stops at step n has one void token computed at n+1. An attention role's steps hand
     tokens to the experts through the host, and keep_logits (verify) reads every step's logits, so those do not
     overlap; on a CPU there is nothing to hide the host work behind. MSC_OVERLAP=0 / 1 turns it off / on."""
-    env = os.environ.get("MSC_OVERLAP")
-    if env is None:
+    wanted = msc_env.switch("MSC_OVERLAP")
+    if wanted is None:
         wanted = runner.device.type == "cuda"
-    elif env.lower() in _SWITCH:
-        wanted = _SWITCH[env.lower()]
-    else:
-        raise MscError(f"MSC_OVERLAP={env!r}: expected 1 / on / true or 0 / off / false")
     return wanted and not getattr(runner, "remote", False) and not keep_logits
-
-
-_SWITCH = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
 
 
 class Engine:

@@ -14,7 +14,6 @@ cache with the metadata of the micro-batch being run; `dispatch` / `combine` go 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -23,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from msc import env as msc_env
 from msc.errors import MscError
 from msc.runtime import context, sequence_state
 from msc.runtime.sequence_state import SequenceStates, state_key
@@ -125,7 +125,7 @@ class ModelRunner:
                                   for n in program.graph.nodes)
         cuda_graphs = cuda_graphs and self.graph_safe
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.remote
-        mode = os.environ.get("MSC_STAGE_GRAPHS", "off")
+        mode = msc_env.choice("MSC_STAGE_GRAPHS")
         self.stage_graphs = None
         if self.remote and cuda_graphs and (mode == "emulate" or (mode == "on" and self.device.type == "cuda")):
             from msc.engine.stage_graphs import StageGraphs

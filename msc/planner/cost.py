@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from msc import env as msc_env
 from msc.errors import MscError
 
 if TYPE_CHECKING:  # NOTE: torch is imported only when a graph is read, so a cached cost model plans without it
@@ -245,7 +246,7 @@ def model_cost_of_kinds(kinds, top_k: int) -> ModelCost:
 def _cache_path(spec) -> Path | None:
     """Where the cost model of this spec's model is cached: keyed by the model's config, its dtype and the
     versions of msc, torch and transformers (which decide what the captured graph holds)."""
-    if os.environ.get("MSC_NO_CACHE"):
+    if msc_env.switch("MSC_NO_CACHE"):
         return None
     if spec.model.config is not None:
         model = spec.model.config
@@ -261,8 +262,7 @@ def _cache_path(spec) -> Path | None:
         except metadata.PackageNotFoundError:
             versions[pkg] = "?"
     key = json.dumps({"model": model, "dtype": spec.model.dtype, "versions": versions, "format": 2}, sort_keys=True)
-    root = Path(os.environ.get("MSC_CACHE_DIR") or Path.home() / ".cache" / "msc")
-    return root / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return msc_env.cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 def _from_dict(d: dict) -> ModelCost:

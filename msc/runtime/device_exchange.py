@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from msc import env as msc_env
 from msc.backends.comm.device_flags import flags_for
 from msc.backends.comm.m2n import PeerError, fetch_key
 from msc.errors import MscError
@@ -87,10 +88,7 @@ def slot(layer: int, mb: int) -> int:
 
 
 def mode() -> str:
-    m = os.environ.get(ENV, "auto")
-    if m not in ("auto", "on", "off"):
-        raise MscError(f"{ENV} must be auto, on or off, got {m!r}")
-    return m
+    return msc_env.choice(ENV)
 
 
 def wanted(*, device: str, transport: str, replicas: int, tp_size: int, delays: bool, distinct_gpus: bool,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from msc import env as msc_env
 from msc.errors import MscError
 
 
@@ -147,9 +148,7 @@ def _chunked_prefill(per_channel: bool) -> bool:
     benchmarks/state_prefill.py`, figures in docs/notes.md, session 15): per-head gated delta rules, Mamba-2's scan,
     lightning attention; Kimi's per-key-channel rule keeps the recurrence (transformers' chunked KDA was slower).
     Not measured on a GPU."""
-    import os
-
-    mode = os.environ.get("MSC_STATE_PREFILL", "auto")
+    mode = msc_env.choice("MSC_STATE_PREFILL")
     return mode == "chunked" or (mode == "auto" and not per_channel)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from msc import env as msc_env
 from msc.backends.comm import m2n
 from msc.bundle import Bundle
 from msc.errors import MscError
@@ -171,7 +172,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             gpu_of = (lambda r: r % torch.cuda.device_count()) if device == "cuda" and one_host else None  # role_device's map
             tensor_parallel.join(tensor_parallel.make_group(store, tp, place, timeout, gpu_of), tp["rank"], tp["size"])
         peers = att_ranks if role["kind"] == "expert" else exp_ranks
-        host = os.environ.get("MSC_M2N_HOST", "127.0.0.1")
+        host = msc_env.raw("MSC_M2N_HOST") or "127.0.0.1"
         if role["kind"] not in ("attention_tp", "expert_tp"):  # NOTE: a tp follower talks to its leader only
             endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                    buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     # used; otherwise the heuristic (announced once). MSC_MOE_AUTOTUNE=1 in the environment overrides this.
     os.environ.setdefault("MSC_MOE_AUTOTUNE", "0")
     try:
-        profile_dir = os.environ.get("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
+        profile_dir = msc_env.raw("MSC_PROFILE_DIR")  # a debugging aid: one cProfile dump per role process
         if profile_dir:
             import cProfile
 

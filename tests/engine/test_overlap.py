@@ -117,7 +117,7 @@ def test_overlap_is_on_by_default_only_where_it_pays(tiny_bundle, program, monke
     monkeypatch.setenv("MSC_OVERLAP", "1")
     assert default_overlap(runner) and not default_overlap(runner, keep_logits=True)
     monkeypatch.setenv("MSC_OVERLAP", "yes please")
-    with pytest.raises(MscError, match=r"MSC_OVERLAP='yes please': expected 1 / on / true or 0 / off / false"):
+    with pytest.raises(MscError, match=r"MSC_OVERLAP='yes please': expected 1 / on / true / yes or 0 / off / false / no"):
         default_overlap(runner)
     monkeypatch.setenv("MSC_OVERLAP", "on")
     monkeypatch.setattr(runner, "remote", True)
