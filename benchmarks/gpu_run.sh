@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch and triton; pydantic and the CPU machine's
 # transformers with its dependencies carried as wheels in .whl/, so both machines run the same model code), then run the stages named on the command line, logging each under $OUT.
-#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest decodeprof flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
+#   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest decodeprof flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload prefixcache mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -70,6 +70,8 @@ for stage in "$@"; do
             MARK=${PYTEST_MARK-gpu}
             timeout ${PYTEST_TIMEOUT:-560} python3 -m pytest -q -m "${MARK:-gpu or not gpu}" ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rfE --tb=short \
               ${PYTEST_ARGS:-tests/engine} > "$OUT/pytest$TAG.log" 2>&1; echo "pytest rc $?"; tail -${PYTEST_TAIL:-30} "$OUT/pytest$TAG.log" ;;
+    prefixcache) python3 benchmarks/prefix_cache.py ${PC_ARGS:---model mixtral --layers 8 --device cuda --system 1024 --unique 32 --new 16} \
+                   --out "$OUT/prefix_cache$TAG.json" 2>&1 | tail -8 ;;
     placement) python3 benchmarks/expert_placement.py ${PLACEMENT_ARGS:-} --out "$OUT/expert_placement.json" 2>&1 | tail -14 ;;
     mla) python3 benchmarks/mla_decode.py ${MLA_ARGS:-} --out "$OUT/mla_decode.json" 2>&1 | tail -40 ;;
     calib) python3 benchmarks/plan_calibration.py ${CALIB_ARGS:-} --out "$OUT/plan_calibration.json" 2>&1 | tail -40 ;;

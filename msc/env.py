@@ -58,6 +58,9 @@ VARS: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar("MSC_DEVICE_EXCHANGE", "choice", "auto",
            "the role processes' GPU-memory exchange (auto: under MPS or across GPUs with one replica)",
            ("auto", "on", "off")),
+    EnvVar("MSC_PREFIX_CACHE", "switch", "",
+           "automatic prefix caching of full KV pages; default: the spec's runtime.prefix_caching, else on "
+           "unless the model has state layers"),
     EnvVar("MSC_STATE_PREFILL", "choice", "auto",
            "prompt steps of state layers (DeltaNet, Mamba, lightning): chunked forms or the token loop",
            ("auto", "chunked", "loop")),

@@ -25,6 +25,13 @@ class ServerMetrics:
         self.waiting = Gauge("msc_requests_waiting", "requests waiting for a place in a batch (or preempted)", ["model_name"], registry=r)
         self.kv_used = Gauge("msc_kv_pages_used", "KV cache pages that sequences hold", ["model_name"], registry=r)
         self.kv_total = Gauge("msc_kv_pages_total", "KV cache pages of all engines", ["model_name"], registry=r)
+        self.kv_cached = Gauge("msc_kv_pages_cached", "KV pages named in the prefix caches (held or evictable)",
+                               ["model_name"], registry=r)
+        self.prefix_queried = Counter("msc_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix caches",
+                                      ["model_name"], registry=r)
+        self.prefix_hits = Counter("msc_prefix_cache_hit_tokens", "prompt tokens found in the prefix caches (not computed)",
+                                   ["model_name"], registry=r)
+        self._prefix_seen = {"prefix_cache_queried_tokens": 0, "prefix_cache_hit_tokens": 0}
         self.prompt_tokens = Counter("msc_prompt_tokens", "prompt tokens of finished requests", ["model_name"], registry=r)
         self.generation_tokens = Counter("msc_generation_tokens", "tokens generated", ["model_name"], registry=r)
         self.finished = Counter("msc_requests_finished", "requests finished, by reason", ["model_name", "finish_reason"], registry=r)
@@ -35,6 +42,11 @@ class ServerMetrics:
                               ["model_name"], buckets=TPOT_BUCKETS, registry=r)
         self.latency = Histogram("msc_request_latency_seconds", "from arrival to the last token",
                                  ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
+        # NOTE: every series without a label of its own exists from the start (zero), as Prometheus advises:
+        # a scrape before the first request shows them rather than nothing
+        for metric in (self.running, self.waiting, self.kv_used, self.kv_total, self.kv_cached, self.prefix_queried,
+                       self.prefix_hits, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.latency):
+            metric.labels(**labels)
 
     def request_done(self, prompt_tokens: int, completion_tokens: int, finish_reason: str, seconds: float,
                      first_token_s: float | None) -> None:
@@ -57,4 +69,12 @@ class ServerMetrics:
         self.waiting.labels(**lab).set(engine_stats.get("waiting", 0))
         self.kv_used.labels(**lab).set(engine_stats.get("kv_pages_used", 0))
         self.kv_total.labels(**lab).set(engine_stats.get("kv_pages_total", 0))
+        self.kv_cached.labels(**lab).set(engine_stats.get("kv_pages_cached", 0))
+        # NOTE: the engines report running totals; the counters advance by what is new since the last scrape
+        for key, counter in (("prefix_cache_queried_tokens", self.prefix_queried),
+                             ("prefix_cache_hit_tokens", self.prefix_hits)):
+            now = engine_stats.get(key, 0)
+            if now > self._prefix_seen[key]:
+                counter.labels(**lab).inc(now - self._prefix_seen[key])
+            self._prefix_seen[key] = now
         return generate_latest(self.registry)

@@ -96,6 +96,10 @@ class RuntimeSpec(_Strict):
     # A role silent for longer than this (no heartbeat: stopped, wedged) is reported by name and the run or
     # the server's requests fail (msc.runtime.lifecycle); the transports' own waits are bounded by timeout_s.
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    # Automatic prefix caching: full KV pages found again by their tokens (a shared system prompt, the turns
+    # of a chat) are attached instead of computed. Default (None): on, except for models with state layers,
+    # whose recurrent state is not in pages; MSC_PREFIX_CACHE=0 / 1 overrides.
+    prefix_caching: Optional[bool] = None
 
 
 class PoolSpec(_Strict):

@@ -33,7 +33,7 @@ def test_greedy_tokens_match_hf_on_cpu(tiny_hf):
     for p, got in zip(prompts, res.tokens):
         assert got == reference_generate(tiny_hf, p, 6)
     assert len(res.step_s) == 5
-    assert engine.cache.allocator.num_free == engine.cache.num_blocks - 1  # every block back but the scratch one
+    assert engine.cache.num_free == engine.cache.num_blocks - 1  # every block back but the scratch one
 
 
 def test_second_wave_reuses_the_cache(tiny_hf):
@@ -94,7 +94,7 @@ def test_cpu_decode_without_triton_gathers_pages(tiny_hf, monkeypatch):
 def test_time_decode_runs_a_synthetic_step_and_frees_its_pages(tiny_hf):
     """What msc profile times: a decode step at a given batch and context, sequences released afterwards."""
     engine, _ = engine_tokens(tiny_hf, "cpu", [[1, 2, 3]], 2, cuda_graphs=False)
-    free = engine.cache.allocator.num_free
+    free = engine.cache.num_free
     s = engine.time_decode(batch=3, context=20, steps=3, warmup=1)
     assert 0 < s < 60
-    assert engine.cache.allocator.num_free == free
+    assert engine.cache.num_free == free

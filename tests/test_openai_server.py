@@ -320,3 +320,28 @@ def _cancelled(url: str) -> float:
     metrics = httpx.get(url + "/metrics", timeout=10).text
     lines = [ln for ln in metrics.splitlines() if ln.startswith('msc_requests_finished_total{finish_reason="cancelled"')]
     return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + "{"))
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, server, hf):
+    """The same long prompt twice: the second request's full pages come from the replica's prefix cache (the
+    /metrics counters say how many tokens), and both answers are transformers' greedy tokens."""
+    from msc.verify import reference_generate
+
+    url, _ = server
+    tok, model = hf[2], hf[1]
+    prompt = TEXT[:300]
+    ids = tok(prompt).input_ids
+    before = httpx.get(url + "/metrics", timeout=10).text
+    outs = [client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].token_ids for _ in range(2)]
+    after = httpx.get(url + "/metrics", timeout=10).text
+    assert outs[0] == outs[1] == reference_generate(model, ids, 4)
+    hits = _metric(after, "msc_prefix_cache_hit_tokens_total") - _metric(before, "msc_prefix_cache_hit_tokens_total")
+    queried = (_metric(after, "msc_prefix_cache_queried_tokens_total")
+               - _metric(before, "msc_prefix_cache_queried_tokens_total"))
+    assert queried >= 2 * len(ids)  # (other tests' requests may land in the same window)
+    assert hits >= (len(ids) - 1) // 16 * 16 > 0  # every full page of the prompt but the last token's

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from msc import env as msc_env
 from msc.engine.engine import Engine
 from msc.engine.runner import ModelRunner
 from msc.errors import MscError
@@ -48,11 +49,13 @@ def engine_sizes(manifest: dict, runner: ModelRunner) -> dict:
 
 def build_engine(manifest: dict, program: fx.GraphModule, device, *, exchange=None, microbatches: int = 1,
                  trace: Trace | None = None, delay_s: float = 0.0, keep_logits: bool = False,
-                 cuda_graphs: bool = True, overlap: bool | None = None) -> Engine:
+                 cuda_graphs: bool = True, overlap: bool | None = None, prefix_caching: bool | None = None) -> Engine:
     """The engine of one attention replica (exchange given: the experts are remote) or of a colocated program."""
     model = manifest["model"]
     runner = ModelRunner(program, model["num_hidden_layers"], device, exchange=exchange, microbatches=microbatches,
                          cuda_graphs=cuda_graphs, max_batch=manifest["plan"]["batch_size"], trace=trace, delay_s=delay_s)
     eos = model["eos_token_id"]
+    if prefix_caching is None and msc_env.switch("MSC_PREFIX_CACHE") is None:
+        prefix_caching = manifest["spec"]["runtime"].get("prefix_caching")
     return Engine(runner, eos if isinstance(eos, (list, tuple)) else [eos], keep_logits=keep_logits, overlap=overlap,
-                  vocab_size=model["vocab_size"], **engine_sizes(manifest, runner))
+                  prefix_caching=prefix_caching, vocab_size=model["vocab_size"], **engine_sizes(manifest, runner))

@@ -51,12 +51,13 @@ class Engine:
     max_batch: the most requests running at once (the plan's batch_size). max_step_tokens: the token
     budget of one step (prompt chunks and decodes together). kv_tokens: the KV pool's size in tokens
     (default: max_batch sequences of max_seq_len). keep_logits: keep each sampled token's logits on the
-    request (verification)."""
+    request (verification). prefix_caching: attach cached full KV pages to requests that start with the same
+    tokens (msc.runtime.prefix_cache; default MSC_PREFIX_CACHE, else on unless the model has state layers)."""
 
     def __init__(self, runner: ModelRunner, eos_token_ids: Iterable[int | None] = (), *, max_batch: int = 32,
                  max_step_tokens: int = 8192, max_seq_len: int = 4096, kv_tokens: int | None = None,
                  page_size: int = PAGE_SIZE, keep_logits: bool = False, vocab_size: int | None = None,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, prefix_caching: bool | None = None):
         self.runner = runner
         self.eos = {int(e) for e in eos_token_ids if e is not None}
         self.max_seq_len, self.page_size = max_seq_len, page_size
@@ -65,6 +66,12 @@ class Engine:
         self.num_pages = -(-kv_tokens // page_size)
         cache = runner.make_cache(self.num_pages + 1, page_size, max_seq_len)  # + the scratch page
         self.scheduler = Scheduler(cache, max_batch=max_batch, max_step_tokens=max_step_tokens)
+        if prefix_caching is None:
+            prefix_caching = msc_env.switch("MSC_PREFIX_CACHE")
+        if prefix_caching is None:
+            prefix_caching = cache.states is None  # NOTE: a state layer's recurrent state is not held in pages
+        if prefix_caching:
+            cache.enable_prefix_cache()  # refuses a model with state layers by name
         self.keep_logits = keep_logits
         if overlap and getattr(runner, "remote", False):
             raise MscError("an attention role's steps hand their tokens to the experts through the host: its engine "
@@ -127,8 +134,13 @@ class Engine:
 
     def stats(self) -> dict:
         """Running and waiting requests and KV pages in use (the scratch page of CUDA graphs not counted)."""
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "kv_pages_used": self.scheduler.cache.blocks_in_use, "kv_pages_total": self.num_pages}
+        cache = self.scheduler.cache
+        out = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+               "kv_pages_used": cache.blocks_in_use, "kv_pages_total": self.num_pages}
+        if cache.prefix is not None:
+            out.update(prefix_cache_queried_tokens=cache.prefix.queried_tokens,
+                       prefix_cache_hit_tokens=cache.prefix.hit_tokens, kv_pages_cached=len(cache.prefix))
+        return out
 
     # ------------------------------------------------------------------ requests (other threads)
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -204,8 +216,11 @@ class Engine:
                          [i for i, s in enumerate(work) if s.sample], dst, rows,
                          self._in_flight.tokens if dst else None)
         logits = self.runner.execute(step)  # [S, V]
+        naming = self.scheduler.cache.prefix is not None
         for s in work:
             s.request.computed = s.start + s.count
+            if naming:  # its pages' K/V are written (queued) now: full ones can be found by later requests
+                self.scheduler.name_pages(s.request)
         sampled = [work[i] for i in step.sample_rows]
         out = _Launched(record, sampled, t0)
         if sampled:

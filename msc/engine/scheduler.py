@@ -7,7 +7,9 @@ Every step (continuous batching, as vLLM's and SGLang's schedulers do):
    preempted (its pages freed; it is recomputed later from its prompt and the tokens it already made);
 2. then waiting requests (preempted ones first, then by arrival) are admitted while the token budget,
    the batch limit and the free pages allow; a prompt longer than the budget goes in chunks over steps.
-A finished or cancelled request's pages are freed at once.
+   With prefix caching a request admitted starts after the longest run of its full pages that is cached
+   (msc.runtime.prefix_cache): those tokens cost neither compute nor new pages.
+A finished or cancelled request's pages are freed at once (cached ones stay, evictable).
 
 NOTE: preemption picks the youngest (last admitted) request: it has the least work to lose, and the
 oldest requests keep moving, so a request is never starved by later arrivals.
@@ -39,6 +41,7 @@ class StepRecord:
     step: int
     decode: list[str] = field(default_factory=list)  # requests that fed one token (their last sample)
     prefill: list[tuple[str, int]] = field(default_factory=list)  # (request, prompt tokens fed)
+    cached: list[tuple[str, int]] = field(default_factory=list)  # (request, prompt tokens found in the prefix cache)
     preempted: list[str] = field(default_factory=list)
     finished: list[tuple[str, str]] = field(default_factory=list)  # (request, finish reason)
     tokens: int = 0
@@ -60,12 +63,19 @@ class Scheduler:
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
-        """Take a request out (finished, cancelled or failed) and free its pages at once."""
+        """Take a request out (finished, cancelled or failed) and free its pages at once (its full pages named
+        first, with prefix caching: a later request that starts with its tokens finds them)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self.name_pages(req)
         self.cache.drop_sequence(req.seq_id)
+
+    def name_pages(self, req: Request) -> None:
+        """Offer the request's full pages whose K/V a launched step writes and whose tokens are on the host."""
+        known = len(req.prompt) + len(req.output)
+        self.cache.name_pages(req.seq_id, min(req.computed, known), req.token_slice)
 
     @property
     def has_work(self) -> bool:
@@ -100,13 +110,16 @@ class Scheduler:
             req = self.waiting[0]
             if req.pending:
                 break  # preempted with a token still on the device: recomputed once it is on the host
-            n = min(req.num_tokens, budget)
-            if not self._reserve(req, n, fresh=True):
+            cached = self._admit(req, budget)
+            if cached is None:
                 break  # no pages now: it waits (running requests free theirs as they finish)
             self.waiting.popleft()
-            req.status, req.computed = Status.RUNNING, 0
+            n = min(req.num_tokens - cached, budget)
+            req.status, req.computed = Status.RUNNING, cached
             self.running.append(req)
-            out.append(Scheduled(req, 0, n, n == req.num_tokens))
+            out.append(Scheduled(req, cached, n, cached + n == req.num_tokens))
+            if cached:
+                record.cached.append((req.id, cached))
             budget -= n
         for s in out:  # a decode feeds back its one last sample; everything else is prompt (or recomputed) tokens
             if s.count == 1 and (s.request.output or s.request.pending) and s.start == s.request.num_tokens - 1:
@@ -116,25 +129,37 @@ class Scheduler:
         record.tokens = sum(s.count for s in out)
         return out
 
-    def _reserve(self, req: Request, tokens: int, fresh: bool = False) -> bool:
-        """Pages for `tokens` of req, if the pool has them (all or nothing)."""
+    def _reserve(self, req: Request, tokens: int) -> bool:
+        """Pages for `tokens` of a running req, if the pool has them (all or nothing)."""
         sid = req.seq_id
-        if not fresh and tokens <= len(self.cache.blocks(sid)) * self.cache.page_size:
-            return True  # the common decode step: its page has room
-        if fresh:
-            self.cache.drop_sequence(sid)
-            self.cache.add_sequence(sid)
         have = len(self.cache.blocks(sid))
-        if self.pages_for(tokens) - have > self.cache.allocator.num_free:
-            if fresh:
-                self.cache.drop_sequence(sid)
+        if tokens <= have * self.cache.page_size:
+            return True  # the common decode step: its page has room
+        if self.pages_for(tokens) - have > self.cache.num_free:
             return False
         self.cache.ensure(sid, tokens)
         return True
 
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """A waiting request's pages: its cached prefix attached, then pages for the tokens of its first chunk;
+        the tokens found cached, or None (nothing held) when the pool cannot take it now."""
+        sid = req.seq_id
+        self.cache.drop_sequence(sid, keep_names=True)
+        self.cache.add_sequence(sid)
+        cached = self.cache.attach_prefix(sid, req.num_tokens, req.token_slice)
+        end = cached + min(req.num_tokens - cached, budget)
+        if self.pages_for(end) - len(self.cache.blocks(sid)) > self.cache.num_free:
+            self.cache.drop_sequence(sid, keep_names=True)
+            return None
+        self.cache.ensure(sid, end)
+        if self.cache.prefix is not None:
+            self.cache.prefix.count(req.num_tokens, cached)
+        return cached
+
     def _preempt(self, req: Request, record: StepRecord) -> None:
         self.running.remove(req)
-        self.cache.drop_sequence(req.seq_id)
+        self.name_pages(req)
+        self.cache.drop_sequence(req.seq_id, keep_names=True)
         req.status, req.computed = Status.WAITING, 0
         req.preemptions += 1
         self.waiting.appendleft(req)

@@ -38,10 +38,13 @@ class ColocatedEngine:
 
     def __init__(self, gm: fx.GraphModule, num_layers: int, device: str | torch.device = "cuda", *, max_batch: int = 256,
                  max_seq_len: int = 2048, page_size: int = 16, cuda_graphs: bool = True, prefill_tokens: int = 16384,
-                 eos_token_ids=()):
+                 eos_token_ids=(), prefix_caching: bool = False):
         self.runner = ModelRunner(gm, num_layers, device, cuda_graphs=cuda_graphs, max_batch=max_batch)
+        # NOTE: prefix caching off by default here: this wrapper times steps (benchmarks, msc profile), which
+        # run the same prompts again and must compute them again
         self.engine = Engine(self.runner, eos_token_ids, max_batch=max_batch, max_step_tokens=prefill_tokens,
-                             max_seq_len=max_seq_len, kv_tokens=max_batch * max_seq_len, page_size=page_size)
+                             max_seq_len=max_seq_len, kv_tokens=max_batch * max_seq_len, page_size=page_size,
+                             prefix_caching=prefix_caching)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @property

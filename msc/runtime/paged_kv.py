@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from msc.errors import MscError
+from msc.runtime.prefix_cache import ROOT, PrefixIndex, chain
 from msc.runtime.transfer import to_device
 
 # NOTE: the most bytes one masked attention call may use for its mask and scores. Counted as a math backend
@@ -100,6 +101,12 @@ class PagedKVCache:
                   torch.empty(num_layers, num_blocks, page_size, num_kv_heads, v_head_dim, dtype=dtype, device=self.device))
         self.allocator = BlockAllocator(num_blocks)
         self._blocks: dict[int, list[int]] = {}
+        # NOTE: with prefix caching (enable_prefix_cache) a block may be held by several sequences: _refs counts
+        # them, and a named block nobody holds stays in the pool as evictable (msc.runtime.prefix_cache)
+        self._refs: dict[int, int] = {}
+        self.prefix: PrefixIndex | None = None
+        self._chains: dict[int, list[bytes]] = {}  # the names of a sequence's full pages hashed so far
+        self._named: dict[int, int] = {}  # how many of a sequence's pages were offered to the index
         self._scratch: int | None = None
         # NOTE: every sequence's block table also lives in one row of a host int32 tensor, written as blocks
         # are added, so a step's tables are one row gather: built from Python lists they cost 3.4 ms a step
@@ -128,9 +135,21 @@ class PagedKVCache:
         row = self._row[seq_id] = self._free_rows.pop()
         self._table[row].zero_()
 
-    def drop_sequence(self, seq_id: int) -> None:
-        """Forget the sequence and return its blocks to the free list (unknown ids are ignored)."""
-        self.allocator.free(self._blocks.pop(seq_id, []))
+    def drop_sequence(self, seq_id: int, keep_names: bool = False) -> None:
+        """Forget the sequence and let its blocks go (unknown ids are ignored): a block no other sequence holds
+        returns to the free list, or, named in the prefix index, stays cached and evictable. keep_names: keep
+        the hashes of its pages (a preempted sequence comes back with the same tokens)."""
+        for block in self._blocks.pop(seq_id, []):
+            left = self._refs[block] - 1
+            if left:
+                self._refs[block] = left
+                continue
+            del self._refs[block]
+            if self.prefix is None or not self.prefix.park(block):
+                self.allocator.free([block])
+        self._named.pop(seq_id, None)
+        if not keep_names:
+            self._chains.pop(seq_id, None)
         if self.states is not None:
             self.states.drop(seq_id)
         row = self._row.pop(seq_id, None)
@@ -144,8 +163,86 @@ class PagedKVCache:
 
     @property
     def blocks_in_use(self) -> int:
-        """Blocks that sequences hold (the scratch block not counted)."""
-        return sum(len(b) for b in self._blocks.values())
+        """Blocks that sequences hold, each counted once (the scratch block and cached blocks nobody holds not
+        counted)."""
+        return len(self._refs)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks a sequence can get now: the free list and the cached blocks no sequence holds."""
+        return self.allocator.num_free + (len(self.prefix.evictable) if self.prefix is not None else 0)
+
+    def _allocate(self, n: int) -> list[int]:
+        """n blocks for a sequence, evicting cached blocks nobody holds (least recently used first) when the free
+        list is short."""
+        while self.prefix is not None and self.allocator.num_free < n and self.prefix.evictable:
+            self.allocator.free([self.prefix.evict()])
+        new = self.allocator.allocate(n)
+        for b in new:
+            self._refs[b] = 1
+        return new
+
+    # ---- prefix caching
+    def enable_prefix_cache(self) -> None:
+        """Name full pages and attach them to later sequences that start with the same tokens."""
+        if self.states is not None:
+            raise MscError("prefix caching: this model has state layers (a sequence's recurrent state is not "
+                           "held in pages, so a cached prefix would come without it)")
+        if self.prefix is None:
+            self.prefix = PrefixIndex()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page that no sequence holds (they go back to the free list); the pages freed."""
+        if self.prefix is None:
+            return 0
+        freed = self.prefix.clear_evictable()
+        self.allocator.free(freed)
+        return len(freed)
+
+    def _chain(self, seq_id: int, pages: int, tokens_of) -> list[bytes]:
+        """The names of the sequence's first `pages` full pages (extending the memo; tokens_of(start, n))."""
+        names = self._chains.setdefault(seq_id, [])
+        p = self.page_size
+        for i in range(len(names), pages):
+            names.append(chain(names[-1] if names else ROOT, tokens_of(i * p, p)))
+        return names
+
+    def attach_prefix(self, seq_id: int, tokens: int, tokens_of) -> int:
+        """For a fresh sequence of `tokens` tokens: attach the longest run of its full pages that the index holds
+        (never the page of its last token, which must be computed for its logits); the tokens attached."""
+        if self.prefix is None:
+            return 0
+        if self._blocks.get(seq_id):
+            raise MscError(f"PagedKVCache.attach_prefix: sequence {seq_id} already holds pages")
+        usable = (tokens - 1) // self.page_size
+        names = self._chain(seq_id, usable, tokens_of)
+        blocks = self.blocks(seq_id)
+        for name in names[:usable]:
+            block = self.prefix.block_of.get(name)
+            if block is None:
+                break
+            self.prefix.take(block)
+            self._refs[block] = self._refs.get(block, 0) + 1
+            blocks.append(block)
+        if blocks:
+            self._table[self._row[seq_id], :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self._named[seq_id] = len(blocks)
+        return len(blocks) * self.page_size
+
+    def name_pages(self, seq_id: int, ready: int, tokens_of) -> None:
+        """Offer the sequence's full pages among its first `ready` tokens (K/V written or queued, every token on
+        the host) to the index."""
+        if self.prefix is None or seq_id not in self._blocks:
+            return
+        full = min(ready // self.page_size, len(self._blocks[seq_id]))
+        done = self._named.get(seq_id, 0)
+        if full <= done:
+            return
+        names = self._chain(seq_id, full, tokens_of)
+        blocks = self._blocks[seq_id]
+        for i in range(done, full):
+            self.prefix.name(blocks[i], names[i])
+        self._named[seq_id] = full
 
     def capacity(self, seq_id: int) -> int:
         """Tokens the sequence's blocks hold."""
@@ -159,7 +256,7 @@ class PagedKVCache:
         blocks = self.blocks(seq_id)
         need = -(-length // self.page_size) - len(blocks)
         if need > 0:
-            new = self.allocator.allocate(need)
+            new = self._allocate(need)
             self._table[self._row[seq_id], len(blocks):len(blocks) + need] = torch.tensor(new, dtype=torch.int32)
             blocks.extend(new)
 
@@ -167,6 +264,8 @@ class PagedKVCache:
     def scratch_slot(self) -> int:
         """A slot no sequence owns (one block taken on first use): padding rows of a CUDA-graph batch write there."""
         if self._scratch is None:
+            while self.prefix is not None and not self.allocator.num_free and self.prefix.evictable:
+                self.allocator.free([self.prefix.evict()])
             self._scratch = self.allocator.allocate(1)[0]
         return self._scratch * self.page_size
 

@@ -74,7 +74,7 @@ class AttentionRole:
             if req.finished:
                 eng.forget(req.id)
 
-        link.send({"ready": True})
+        link.send({"ready": True, "stats": eng.stats()})  # the pool's size is known before the first request
         tp = tensor_parallel.size() > 1
         stop = False
         while not stop:

@@ -324,6 +324,8 @@ class ServingEngine(_Server):
                 msg = link.wait(timeout_s, on_idle=self._raise_if_a_role_failed, idle_every_s=0.2)
                 if not msg.get("ready"):
                     raise MscError(f"attention replica {r} did not report ready: {msg}")
+                if "stats" in msg:
+                    self._replica_stats[r] = msg["stats"]
             self._links = links
             self._send_locks = {r: threading.Lock() for r in links}
         except BaseException:
@@ -408,8 +410,10 @@ class ServingEngine(_Server):
             self._send(req.replica, {"cancel": request_id}, quiet=True)
 
     def stats(self) -> dict:
-        """The replicas' engines together (as of their last steps): running, waiting, kv_pages_used/total."""
-        keys = ("running", "waiting", "kv_pages_used", "kv_pages_total")
+        """The replicas' engines together (as of their last steps): running, waiting, kv_pages_used/total, and
+        with prefix caching the tokens looked up and found and the cached pages nobody holds."""
+        keys = ("running", "waiting", "kv_pages_used", "kv_pages_total", "kv_pages_cached",
+                "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
         stats = list(self._replica_stats.values())
         return {k: sum(st.get(k, 0) for st in stats) for k in keys}
 

@@ -248,8 +248,8 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             save_file({f"prompt_{i}": torch.stack(r.logits).contiguous() for i, r in zip(mine, done) if r.logits},
                       str(out.with_suffix(".safetensors")))
         steps, decode = worker.step_times()
-        records = [{"step": r.step, "decode": r.decode, "prefill": r.prefill, "preempted": r.preempted,
-                    "finished": r.finished, "seconds": r.seconds} for r in engine.records]
+        records = [{"step": r.step, "decode": r.decode, "prefill": r.prefill, "cached": r.cached,
+                    "preempted": r.preempted, "finished": r.finished, "seconds": r.seconds} for r in engine.records]
         tmp = out.with_suffix(".tmp")
         result = json.dumps({"indices": mine, "outputs": [r.output for r in done],
                                    "finish_reasons": [r.finish_reason for r in done],

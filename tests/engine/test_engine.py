@@ -46,7 +46,7 @@ def test_requests_arriving_while_others_decode_get_their_own_tokens(tiny_bundle,
     chunks = [n for r in recs for rid, n in r.prefill if rid == reqs[2].id]
     assert sum(chunks) == 13 and len(chunks) >= 2
     assert any(r.decode and any(rid == reqs[2].id for rid, _ in r.prefill) for r in recs)
-    assert eng.scheduler.cache.allocator.num_free == eng.num_pages  # every page back
+    assert eng.scheduler.cache.num_free == eng.num_pages  # every page back
 
 
 def test_a_short_request_finishes_before_a_long_one_that_started_earlier(tiny_bundle, program, tiny_hf):
@@ -67,7 +67,7 @@ def test_preemption_under_a_small_pool_gives_the_same_outputs(tiny_bundle, progr
     assert [r.output for r in reqs] == _refs(tiny_hf, PROMPTS, 20)
     preempted = [rid for r in eng.records for rid in r.preempted]
     assert preempted and sum(r.preemptions for r in reqs) == len(preempted)
-    assert eng.scheduler.cache.allocator.num_free == eng.num_pages
+    assert eng.scheduler.cache.num_free == eng.num_pages
 
 
 def test_sampled_outputs_survive_preemption_and_batch_mixes(tiny_bundle, program):
@@ -86,9 +86,9 @@ def test_cancel_frees_pages_at_once_and_the_rest_go_on(tiny_bundle, program, tin
     b = eng.add_request("b", [7, 7], SamplingParams(max_tokens=12))
     for _ in range(4):
         eng.step()
-    free = eng.scheduler.cache.allocator.num_free
+    free = eng.scheduler.cache.num_free
     assert eng.cancel("a") and not eng.cancel("a")
-    assert a.finish_reason == "cancelled" and eng.scheduler.cache.allocator.num_free > free
+    assert a.finish_reason == "cancelled" and eng.scheduler.cache.num_free > free
     while eng.has_work:
         eng.step()
     assert b.output == reference_generate(tiny_hf, [7, 7], 12)

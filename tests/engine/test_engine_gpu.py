@@ -91,4 +91,33 @@ def test_overlapped_steps_on_the_gpu_match_sequential_ones(tmp_path):
     assert ovl[0].output == refs[0][:refs[0].index(refs[0][5]) + 1] and ovl[2].output == refs[2]
     for a, b in zip(ovl, seq):
         assert [t for t, _ in a.logprobs] == pytest.approx([t for t, _ in b.logprobs], abs=1e-5)
-    assert ovl_eng.runner._graphs and ovl_eng.scheduler.cache.allocator.num_free == ovl_eng.num_pages
+    assert ovl_eng.runner._graphs and ovl_eng.scheduler.cache.num_free == ovl_eng.num_pages
+
+
+SHARED = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19, 71, 69, 39, 93, 75, 10, 58,
+          20, 97, 49, 44, 59, 23]  # 33 tokens: two full pages of 16
+
+
+def test_prefix_caching_on_the_gpu(tmp_path):
+    """Requests that share a 33-token prefix, arriving while others decode, colocated (overlapped steps and CUDA
+    graphs, the GPU defaults) and as role processes over cuda_ipc: transformers' float32 tokens, with the shared
+    pages attached instead of computed."""
+    from transformers import AutoModelForCausalLM
+
+    d = {"model": {"config": FAMILIES["mixtral"], "seed": 0, "dtype": "float32"}, "device": "cuda",
+         "plan": {"experts": {"nodes": 2}, "batch_size": 4}}  # whole prompts in one step: the pages cached are fixed
+    bundle = compile_spec(parse_spec(d), tmp_path / "b")
+    hf = AutoModelForCausalLM.from_pretrained(str(bundle.checkpoint_dir()), dtype=torch.float32).eval()
+    prompts = [SHARED + [7], SHARED + [8, 9], SHARED[:20] + [1, 2], SHARED + [7, 4]]
+    refs = [reference_generate(hf, p, 7) for p in prompts]
+    arrivals = [0, 2, 3, 5]
+    gm = bundle.load_program(bundle.manifest["colocated"]["program"], "cuda")
+    eng = build_engine(bundle.manifest, gm, "cuda")
+    reqs = eng.generate(prompts, SamplingParams(max_tokens=7), arrivals=arrivals)
+    assert [r.output for r in reqs] == refs
+    assert eng.overlap and eng.runner._graphs
+    cached = [n for r in eng.records for _, n in r.cached]
+    assert cached == [32, 16, 32]  # two pages each; the third prompt's first page only
+    res = run_bundle(bundle.path, prompts, 7, arrivals=arrivals)
+    assert res["outputs"] == refs and res["transport"] == "cuda_ipc"
+    assert [n for r in res["records"][0] for _, n in r["cached"]] == [32, 16, 32]

@@ -73,7 +73,7 @@ def test_overlapped_steps_give_the_sequential_tokens_stops_and_logprobs(tiny_bun
         lp = torch.log_softmax(tiny_hf(torch.tensor([PROMPTS[3]])).logits[0, -1].double(), -1)
     assert ovl[3].logprobs[0][0] == pytest.approx(float(lp.max()), abs=1e-4)
     eng = runs[True][0]
-    assert not eng.has_work and eng.scheduler.cache.allocator.num_free == eng.num_pages
+    assert not eng.has_work and eng.scheduler.cache.num_free == eng.num_pages
 
 
 def test_overlap_under_preemption_gives_transformers_tokens(tiny_bundle, program, tiny_hf):
@@ -82,7 +82,7 @@ def test_overlap_under_preemption_gives_transformers_tokens(tiny_bundle, program
     assert [r.output for r in reqs] == [reference_generate(tiny_hf, p, 20) for p in PROMPTS]
     assert any(r.preempted for r in eng.records) and eng.runner.device_token_steps > 0
     assert all(r.pending == 0 for r in reqs)
-    assert eng.scheduler.cache.allocator.num_free == eng.num_pages
+    assert eng.scheduler.cache.num_free == eng.num_pages
 
 
 def test_a_request_cancelled_with_a_step_in_flight_gets_no_more_tokens(tiny_bundle, program, tiny_hf):
@@ -108,7 +108,7 @@ def test_a_request_cancelled_with_a_step_in_flight_gets_no_more_tokens(tiny_bund
     assert got == reference_generate(tiny_hf, [5, 17, 42], len(got))
     assert b.output == streamed["b"] == reference_generate(tiny_hf, [7, 7], 12)
     assert finishes == [("a", "cancelled"), ("b", "length")]
-    assert eng.scheduler.cache.allocator.num_free == eng.num_pages
+    assert eng.scheduler.cache.num_free == eng.num_pages
 
 
 def test_overlap_is_on_by_default_only_where_it_pays(tiny_bundle, program, monkeypatch):

@@ -1,0 +1,103 @@
+"""Automatic prefix caching on a shared system prompt: the engine with prefix caching on against off, side by side
+in one run (msc/runtime/prefix_cache.py).
+
+    python benchmarks/prefix_cache.py --out prefix_cache.json                      # the tiny Mixtral, CPU
+    python benchmarks/prefix_cache.py --model mixtral --layers 16 --device cuda    # Mixtral-8x7B shape, bf16, random weights
+
+Workload: R requests, each the same --system tokens followed by --unique tokens of its own, --new tokens generated
+each; request i arrives at engine step i (a stream of requests, as a server sees them). Both engines run the same
+program; the order alternates over --reps repetitions, and each figure is the median over them. Reported: wall time
+of the whole workload, prompt tokens computed (from the engines' step records), the seconds of steps that fed
+prompt tokens, and whether the greedy tokens of the two engines are equal. Writes JSON (machine, versions, rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_step import _bundle  # noqa: E402
+
+
+def run(eng, prompts: list[list[int]], new: int) -> dict:
+    from msc.engine.request import SamplingParams
+
+    first = eng.step_no
+    sync = torch.cuda.synchronize if eng.runner.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    reqs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True), arrivals=list(range(len(prompts))))
+    sync()
+    wall = time.perf_counter() - t
+    recs = [r for r in eng.records if r.step >= first]
+    return {"wall_s": wall, "prompt_tokens_computed": sum(n for r in recs for _, n in r.prefill),
+            "prompt_tokens_cached": sum(n for r in recs for _, n in r.cached),
+            "prefill_step_s": sum(r.seconds for r in recs if r.prefill), "outputs": [r.output for r in reqs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "mixtral"])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--system", type=int, default=512, help="shared prompt tokens")
+    ap.add_argument("--unique", type=int, default=16, help="each request's own prompt tokens")
+    ap.add_argument("--new", type=int, default=8, help="tokens generated per request")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="prefix_cache.json")
+    args = ap.parse_args()
+    from msc.bench import machine_info
+    from msc.engine.build import build_engine
+
+    vocab = 32000 if args.model == "mixtral" else 256
+    g = torch.Generator().manual_seed(0)
+    system = torch.randint(3, vocab, (args.system,), generator=g).tolist()
+    prompts = [system + torch.randint(3, vocab, (args.unique,), generator=g).tolist() for _ in range(args.requests)]
+    seq = args.system + args.unique + args.new + 16
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = _bundle(tmp, args.model, args.layers, args.requests, seq)
+        gm = bundle.load_program(bundle.manifest["colocated"]["program"], args.device, random_weights=True)
+        engines = {on: build_engine(bundle.manifest, gm, args.device, prefix_caching=on) for on in (True, False)}
+        for eng in engines.values():  # warm-up: kernels compile, graphs are captured (other tokens than the workload's)
+            run(eng, [[5 + i] * (args.unique + 1) for i in range(2)], 2)
+        runs: dict[bool, list[dict]] = {True: [], False: []}
+        for rep in range(args.reps):
+            for on in ((True, False) if rep % 2 == 0 else (False, True)):
+                eng = engines[on]
+                eng.scheduler.cache.reset_prefix_cache()  # each repetition starts cold: the system prompt computed once
+                runs[on].append(run(eng, prompts, args.new))
+    med = {on: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "prompt_tokens_computed",
+                                                                   "prompt_tokens_cached", "prefill_step_s")}
+           for on, rs in runs.items()}
+    equal = all(a["outputs"] == b["outputs"] for a, b in zip(runs[True], runs[False]))
+    print(f"{args.requests} requests of {args.system} shared + {args.unique} own prompt tokens, {args.new} new each "
+          f"({args.model}, {args.layers} layers, {args.device}; medians of {args.reps})")
+    print("| prefix caching | wall s | prompt tokens computed | cached | prefill steps s |")
+    print("|---|---|---|---|---|")
+    for on in (False, True):
+        m = med[on]
+        print(f"| {'on' if on else 'off'} | {m['wall_s']:.3f} | {m['prompt_tokens_computed']:.0f} | "
+              f"{m['prompt_tokens_cached']:.0f} | {m['prefill_step_s']:.3f} |")
+    ratio = med[False]["wall_s"] / med[True]["wall_s"]
+    print(f"off / on wall: {ratio:.2f}x; prefill steps {med[False]['prefill_step_s'] / med[True]['prefill_step_s']:.2f}x;"
+          f" greedy tokens equal: {equal}")
+    res = {"meta": {**machine_info(), "model": args.model, "layers": args.layers, "device": args.device,
+                    "requests": args.requests, "system": args.system, "unique": args.unique, "new": args.new,
+                    "reps": args.reps},
+           "median": {"on" if on else "off": m for on, m in med.items()}, "off_over_on_wall": ratio,
+           "tokens_equal": equal,
+           "runs": {"on" if on else "off": [{k: v for k, v in r.items() if k != "outputs"} for r in rs]
+                    for on, rs in runs.items()}}
+    Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
