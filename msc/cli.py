@@ -846,6 +846,8 @@ def bench_serve_cmd(
     seed: int = typer.Option(0, "--seed", help="seeds the lengths, prompt token ids and arrival times"),
     model: Optional[str] = typer.Option(None, "--model", help="the model id to send (default: the server's, from /v1/models)"),
     token_range: str = typer.Option("10..200", "--token-range", help="prompt token ids are drawn from [LO, HI)"),
+    shared_prefix: int = typer.Option(0, "--shared-prefix", min=0, help="every prompt starts with the same N tokens (a "
+                                      "system prompt); the server's prefix-cache hits are reported where it counts them"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take before it counts as an error"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSC_API_KEY", help="sent as 'Authorization: Bearer "
                                           "KEY' (also read from MSC_API_KEY)"),
@@ -871,7 +873,7 @@ def bench_serve_cmd(
             result = serve.run_bench(url, num_requests=num_requests, concurrency=concurrency, request_rate=request_rate,
                                      input_len=input_len, output_len=output_len, distribution=distribution, seed=seed,
                                      model=model, timeout_s=timeout, progress=not no_progress, token_range=tokens,
-                                     api_key=api_key)
+                                     api_key=api_key, shared_prefix=shared_prefix)
             if bundle is not None:
                 result["config"]["bundle"] = str(bundle)
                 result["config"]["colocated"] = colocated

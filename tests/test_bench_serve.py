@@ -113,6 +113,30 @@ def test_planned_prompts_and_arrivals_are_seeded():
     assert np.std(gaps) == pytest.approx(1 / 50, rel=0.1)  # exponential: the deviation equals the mean
 
 
+def test_a_shared_prefix_starts_every_prompt_and_keeps_the_rest_random():
+    plans = serve.plan_requests(50, input_len=40, output_len=5, distribution="reference", max_model_len=200, seed=1,
+                                shared_prefix=24, token_range=(10, 200))
+    first = max(plans, key=lambda p: len(p.prompt)).prompt[:24]
+    for p in plans:
+        k = min(24, len(p.prompt) - 1)
+        assert p.prompt[:k] == first[:k]  # the shared part (a prompt keeps its last token its own)
+    tails = {tuple(p.prompt[24:28]) for p in plans if len(p.prompt) >= 28}
+    assert len(tails) > 1  # the rest differs between requests
+    plain = serve.plan_requests(50, input_len=40, output_len=5, distribution="reference", max_model_len=200, seed=1)
+    assert [len(p.prompt) for p in plain] == [len(p.prompt) for p in plans]  # lengths do not depend on it
+
+
+def test_the_servers_prefix_cache_hits_are_reported(server_url):
+    """msc's colocated server with prefix caching: requests sharing 48 tokens (three pages) find them cached once
+    the first has run (a closed loop of one client: each request after the first)."""
+    res = serve.run_bench(server_url, num_requests=4, concurrency=1, request_rate=None,
+                          **{**FIXED, "input_len": 56}, shared_prefix=48)
+    assert res["errors"] == 0 and res["config"]["shared_prefix"] == 48
+    pc = res["prefix_cache"]
+    assert pc["queried_tokens"] == 4 * 56
+    assert pc["hit_tokens"] == 3 * 48 and pc["hit_rate"] == pytest.approx(3 * 48 / (4 * 56))
+
+
 def _sse(*events) -> bytes:
     return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events).encode()
 

@@ -28,6 +28,12 @@ middle 50 % of draws lie within ×0.71–×1.40 of the median, 90 % within ×0.4
 median). Each draw is rounded and clipped to [1, 4 × median] (so a rare huge draw cannot dominate a short
 run), and then cut so that input + output fits the server's `max_model_len` (read from /v1/models).
 
+Shared prefix. `shared_prefix` N > 0 starts every prompt with the same N token ids (drawn once, from the
+prompts' own RNG), the rest of each prompt its own: a system prompt, the workload prefix caching is for. A
+prompt shorter than N + 1 keeps its last token its own. Where the server reports prefix-cache counters in its
+Prometheus metrics (msc's `msc_prefix_cache_*_tokens_total`), the result has the tokens looked up and found
+during the run (scraped before and after it); a server without them gives None.
+
 Servers. `--url` measures a server that runs elsewhere; `local_server` starts msc's server for a bundle in
 this process. For figures, prefer a separate `msc serve` process: in-process, the client's HTTP parsing
 competes with the server's event loop (and, --colocated, with the engine's thread) for the GIL.
@@ -107,7 +113,7 @@ def arrival_times(n: int, rate: float, rng: random.Random) -> list[float]:
 
 def plan_requests(n: int, *, input_len: int, output_len: int, distribution: str, max_model_len: int | None,
                   seed: int, request_rate: float | None = None,
-                  token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE) -> list[Planned]:
+                  token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, shared_prefix: int = 0) -> list[Planned]:
     """The run's requests. NOTE: lengths, prompt ids and arrivals each have their own seeded RNG, so that
     changing one aspect (say the rate) leaves the others' draws as they were."""
     rngs = {k: random.Random(f"msc-bench-serve:{seed}:{k}") for k in ("lengths", "prompts", "arrivals")}
@@ -119,8 +125,34 @@ def plan_requests(n: int, *, input_len: int, output_len: int, distribution: str,
         raise MscError(f"distribution '{distribution}': expected one of {', '.join(DISTRIBUTIONS)}")
     arrivals = arrival_times(n, request_rate, rngs["arrivals"]) if request_rate else [None] * n
     lo, hi = token_range
-    return [Planned(i, [rngs["prompts"].randrange(lo, hi) for _ in range(inp)], out, arrivals[i])
-            for i, (inp, out) in enumerate(lengths)]
+    shared = [rngs["prompts"].randrange(lo, hi) for _ in range(shared_prefix)]
+    plans = []
+    for i, (inp, out) in enumerate(lengths):
+        common = shared[:min(shared_prefix, inp - 1)]
+        own = [rngs["prompts"].randrange(lo, hi) for _ in range(inp - len(common))]
+        plans.append(Planned(i, common + own, out, arrivals[i]))
+    return plans
+
+
+PREFIX_METRICS = ("msc_prefix_cache_queried_tokens_total", "msc_prefix_cache_hit_tokens_total")
+
+
+async def prefix_counters(client: httpx.AsyncClient, url: str) -> dict | None:
+    """The server's prefix-cache token counters (summed over labels), or None where it has none."""
+    try:
+        r = await client.get(url + "/metrics")
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    found = {name: 0.0 for name in PREFIX_METRICS}
+    seen = False
+    for line in r.text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in found:
+            found[name] += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return found if seen else None
 
 
 def parse_token_range(text: str) -> tuple[int, int]:
@@ -293,16 +325,20 @@ async def _open_loop(plans: list[Planned], concurrency: int | None, send: Callab
 async def run_bench_async(url: str, *, num_requests: int, concurrency: int | None, request_rate: float | None,
                           input_len: int, output_len: int, distribution: str, seed: int, model: str | None,
                           timeout_s: float, progress: bool, token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE,
-                          api_key: str | None = None) -> dict:
+                          api_key: str | None = None, shared_prefix: int = 0) -> dict:
     """run_bench inside a running event loop."""
     _check_options(num_requests, concurrency, request_rate, input_len, output_len, distribution, timeout_s)
+    if shared_prefix < 0:
+        raise MscError(f"the shared prefix must be 0 or more tokens, got {shared_prefix}")
     if concurrency is None and request_rate is None:
         concurrency = DEFAULT_CONCURRENCY
     url = _base_url(url)
     async with _client(concurrency, timeout_s, api_key) as client:
         served, max_model_len = await server_info(client, url)
         plans = plan_requests(num_requests, input_len=input_len, output_len=output_len, distribution=distribution,
-                              max_model_len=max_model_len, seed=seed, request_rate=request_rate, token_range=token_range)
+                              max_model_len=max_model_len, seed=seed, request_rate=request_rate, token_range=token_range,
+                              shared_prefix=shared_prefix)
+        before = await prefix_counters(client, url)
         records: list[Record] = []
         with _progress_bar(progress, num_requests) as advance:
             t0 = time.perf_counter()
@@ -315,19 +351,27 @@ async def run_bench_async(url: str, *, num_requests: int, concurrency: int | Non
                 await _open_loop(plans, concurrency, send, t0)
             else:
                 await _closed_loop(plans, concurrency, send)
+        after = await prefix_counters(client, url)
     records.sort(key=lambda r: r.index)
+    prefix = None
+    if before is not None and after is not None:
+        queried, hit = (after[k] - before[k] for k in PREFIX_METRICS)
+        prefix = {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else None}
     config = {"url": url, "model": model or served, "served_model": served, "max_model_len": max_model_len,
               "num_requests": num_requests, "mode": "open loop" if request_rate else "closed loop",
               "concurrency": concurrency, "request_rate": request_rate, "input_len": input_len,
               "output_len": output_len, "distribution": distribution,
               "sigma": REFERENCE_SIGMA if distribution == "reference" else None, "seed": seed,
-              "token_range": list(token_range), "timeout_s": timeout_s}
-    return summarize(config, records)
+              "token_range": list(token_range), "timeout_s": timeout_s, "shared_prefix": shared_prefix}
+    result = summarize(config, records)
+    result["prefix_cache"] = prefix  # the server's own count over the run (other clients' requests included)
+    return result
 
 
 def run_bench(url: str, *, num_requests: int, concurrency: int | None, request_rate: float | None, input_len: int,
               output_len: int, distribution: str, seed: int, model: str | None, timeout_s: float, progress: bool,
-              token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, api_key: str | None = None) -> dict:
+              token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, api_key: str | None = None,
+              shared_prefix: int = 0) -> dict:
     """Load the server at `url` (its base, e.g. http://127.0.0.1:8000) with num_requests streaming completions
     and return the result (see the module docstring and `summarize`). concurrency and request_rate both
     None: a closed loop of DEFAULT_CONCURRENCY clients. MscError for bad options or an unreachable server;
@@ -335,7 +379,8 @@ def run_bench(url: str, *, num_requests: int, concurrency: int | None, request_r
     return asyncio.run(run_bench_async(url, num_requests=num_requests, concurrency=concurrency,
                                        request_rate=request_rate, input_len=input_len, output_len=output_len,
                                        distribution=distribution, seed=seed, model=model, timeout_s=timeout_s,
-                                       progress=progress, token_range=token_range, api_key=api_key))
+                                       progress=progress, token_range=token_range, api_key=api_key,
+                                       shared_prefix=shared_prefix))
 
 
 def _check_options(num_requests, concurrency, request_rate, input_len, output_len, distribution, timeout_s) -> None:
@@ -464,7 +509,8 @@ def print_table(result: dict, console: Any = None) -> None:
             if c["mode"] == "open loop" else f"{c['concurrency']} concurrent clients")
     lengths = (f"{c['input_len']} in / {c['output_len']} out" if c["distribution"] == "fixed" else
                f"log-normal, medians {c['input_len']} in / {c['output_len']} out, σ {c['sigma']:g}")
-    console.print(f"[bold]msc bench serve[/]: {c['model']} at {c['url']}; {load}; {lengths}", highlight=False)
+    shared = f"; every prompt starts with the same {c['shared_prefix']} tokens" if c.get("shared_prefix") else ""
+    console.print(f"[bold]msc bench serve[/]: {c['model']} at {c['url']}; {load}; {lengths}{shared}", highlight=False)
     t = Table()
     for col in ("metric", "mean", "p50", "p90", "p99"):
         t.add_column(col, justify="left" if col == "metric" else "right")
@@ -486,6 +532,11 @@ def print_table(result: dict, console: Any = None) -> None:
                          ("mean tokens in / out", f"{num(result['input_tokens_mean'], '{:.0f}')} / "
                                                   f"{num(result['output_tokens_mean'], '{:.0f}')}")):
         s.add_row(label, value)
+    prefix = result.get("prefix_cache")
+    if prefix is not None:
+        rate = "-" if prefix["hit_rate"] is None else f"{prefix['hit_rate']:.1%}"
+        s.add_row("prefix cache: tokens found / looked up",
+                  f"{prefix['hit_tokens']:,.0f} / {prefix['queried_tokens']:,.0f} ({rate})")
     console.print(s)
 
 
