@@ -5,7 +5,8 @@ in one run (msc/runtime/prefix_cache.py).
     python benchmarks/prefix_cache.py --model mixtral --layers 16 --device cuda    # Mixtral-8x7B shape, bf16, random weights
 
 Workload: R requests, each the same --system tokens followed by --unique tokens of its own, --new tokens generated
-each; request i arrives at engine step i (a stream of requests, as a server sees them). Both engines run the same
+each; request i arrives at engine step i (a stream of requests, as a server sees them), or with --burst the first
+at step 0 and all others together at step 1 (one step then continues many cached prefixes). Both engines run the same
 program; the order alternates over --reps repetitions, and each figure is the median over them. Reported: wall time
 of the whole workload, prompt tokens computed (from the engines' step records), the seconds of steps that fed
 prompt tokens, and whether the greedy tokens of the two engines are equal. Writes JSON (machine, versions, rows).
@@ -26,14 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_step import _bundle  # noqa: E402
 
 
-def run(eng, prompts: list[list[int]], new: int) -> dict:
+def run(eng, prompts: list[list[int]], new: int, burst: bool = False) -> dict:
     from msc.engine.request import SamplingParams
 
     first = eng.step_no
     sync = torch.cuda.synchronize if eng.runner.device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
-    reqs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True), arrivals=list(range(len(prompts))))
+    arrivals = [min(i, 1) for i in range(len(prompts))] if burst else list(range(len(prompts)))
+    reqs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True), arrivals=arrivals)
     sync()
     wall = time.perf_counter() - t
     recs = [r for r in eng.records if r.step >= first]
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=512, help="shared prompt tokens")
     ap.add_argument("--unique", type=int, default=16, help="each request's own prompt tokens")
     ap.add_argument("--new", type=int, default=8, help="tokens generated per request")
+    ap.add_argument("--burst", action="store_true", help="all requests but the first arrive together")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="prefix_cache.json")
     args = ap.parse_args()
@@ -73,13 +76,13 @@ def main() -> None:
             for on in ((True, False) if rep % 2 == 0 else (False, True)):
                 eng = engines[on]
                 eng.scheduler.cache.reset_prefix_cache()  # each repetition starts cold: the system prompt computed once
-                runs[on].append(run(eng, prompts, args.new))
+                runs[on].append(run(eng, prompts, args.new, args.burst))
     med = {on: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "prompt_tokens_computed",
                                                                    "prompt_tokens_cached", "prefill_step_s")}
            for on, rs in runs.items()}
     equal = all(a["outputs"] == b["outputs"] for a, b in zip(runs[True], runs[False]))
     print(f"{args.requests} requests of {args.system} shared + {args.unique} own prompt tokens, {args.new} new each "
-          f"({args.model}, {args.layers} layers, {args.device}; medians of {args.reps})")
+          f"({args.model}, {args.layers} layers, {args.device}{', burst' if args.burst else ''}; medians of {args.reps})")
     print("| prefix caching | wall s | prompt tokens computed | cached | prefill steps s |")
     print("|---|---|---|---|---|")
     for on in (False, True):
@@ -91,7 +94,7 @@ def main() -> None:
           f" greedy tokens equal: {equal}")
     res = {"meta": {**machine_info(), "model": args.model, "layers": args.layers, "device": args.device,
                     "requests": args.requests, "system": args.system, "unique": args.unique, "new": args.new,
-                    "reps": args.reps},
+                    "reps": args.reps, "burst": args.burst},
            "median": {"on" if on else "off": m for on, m in med.items()}, "off_over_on_wall": ratio,
            "tokens_equal": equal,
            "runs": {"on" if on else "off": [{k: v for k, v in r.items() if k != "outputs"} for r in rs]

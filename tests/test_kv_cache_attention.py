@@ -396,3 +396,57 @@ def test_query_chunks_cover_the_queries_once():
         rows = max(b - a for a, b in chunks)
         assert rows == 1 or rows * keys * (heads * 8 + 5) <= pk.ATTENTION_BYTES
     assert pk._query_chunks(4096, 4, 4096) == [(0, 4096)]  # the tiny default model's sizes: one call, as before
+
+
+# prefixes of 5 sequences, then one step where 4 of them continue with chunks of different sizes beside a decode
+# and a fresh prompt (what prefix caching makes common), then another such step
+MANY_CHUNKS = [
+    [(0, 9), (1, 3), (2, 14), (3, 6), (4, 5)],
+    [(0, 4), (1, 7), (2, 1), (3, 2), (5, 6), (4, 3)],
+    [(3, 5), (0, 2), (1, 1), (4, 8), (5, 3)],
+]
+
+
+@pytest.mark.parametrize("window", [-1, 4])
+@pytest.mark.parametrize("nh,nkv,dk,dv", [(4, 2, 8, 8), (6, 1, 8, 5)])
+def test_many_continuing_chunks_are_one_call_and_match_the_reference(monkeypatch, window, nh, nkv, dk, dv):
+    """The chunks that continue a cached prefix in one step are attended together: one masked SDPA call per
+    layer for all of them (a [G, 1, Q, S] mask), and every output equals the float64 reference."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    for got, want in _run(MANY_CHUNKS, nh, nkv, dk, dv, window, seed=5, layers=(0, 1)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    batched = [c for c in calls if c is not None and len(c) == 4]
+    # steps 2 and 3, two layers each: 4 continuing chunks each (a chunk of 1 beside a prefix is a decode row)
+    assert [c[0] for c in batched] == [4, 4, 4, 4]
+    assert all(c[1] == 1 for c in batched)
+
+
+def test_continuing_chunks_split_into_batches_under_the_bound(monkeypatch):
+    """With ATTENTION_BYTES small, the chunks go in several batches (each under the bound) and one chunk too
+    large for a batch takes the query-chunked path; the outputs still equal the reference."""
+    import msc.runtime.paged_kv as pk
+
+    monkeypatch.setattr(pk, "ATTENTION_BYTES", 15_000)
+    made = []
+    real = pk._chunk_batches
+
+    def recording(*a, **kw):
+        batches, alone = real(*a, **kw)
+        made.append(([b.q_rows.shape[0] for b in batches], len(alone)))
+        return batches, alone
+
+    monkeypatch.setattr(pk, "_chunk_batches", recording)
+    steps = MANY_CHUNKS[:1] + [[(0, 4), (1, 7), (3, 2), (4, 3), (2, 40)]]
+    for got, want in _run(steps, 4, 2, 8, 8, -1, seed=9):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    (sizes, alone), = made
+    assert len(sizes) >= 2 and sum(sizes) + alone == 5 and alone == 1

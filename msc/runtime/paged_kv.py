@@ -326,6 +326,9 @@ class MixedParts:
     decode: "StepMeta | None"
     fresh: list[tuple[int, int]]
     continuing: list[tuple[int, int, int, list[int]]]
+    # the continuing chunks cut into batches for one attention call each (built at the first layer, reused by
+    # the others): per sliding window, the batches and the spans too large for one
+    batched: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -514,8 +517,93 @@ def _mixed(cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, par
     if parts.fresh:
         _prefill(q, k, v, parts.fresh, scaling, sliding_window, out)
     if parts.continuing:
-        _gathered(cache, layer, q, parts.continuing, scaling, sliding_window, None, out)
+        if sliding_window not in parts.batched:
+            parts.batched[sliding_window] = _chunk_batches(cache, parts.continuing, nh, q.shape[-1], sliding_window)
+        batches, alone = parts.batched[sliding_window]
+        for b in batches:
+            _attend_batch(cache, layer, q, b, scaling, out)
+        if alone:
+            _gathered(cache, layer, q, alone, scaling, sliding_window, None, out)
     return out
+
+
+@dataclass
+class _ChunkBatch:
+    """Chunks continuing a cached prefix, attended in one call: G chunks padded to Q queries and S keys."""
+
+    q_rows: Tensor  # [G, Q] each query's row along T (a padding query repeats its chunk's last)
+    blocks: Tensor  # [G, S] the page of each context position (padding: the chunk's first page)
+    offsets: Tensor  # [G, S] ... and its offset in the page
+    allowed: Tensor  # [G, 1, Q, S] bool: causal (and the window); padding keys never, padding queries as the last
+    out_rows: Tensor  # [N] the real queries' rows along T
+    pick: Tensor  # [N] their index in the flattened [G * Q]
+
+
+def _chunk_batches(cache: PagedKVCache, spans, heads: int, head_dim: int, sliding_window: int):
+    """Cut continuing chunks (start, n, total, pages) into batches whose gathered keys and values, mask and
+    float32 scores stay under ATTENTION_BYTES; a chunk too large for a batch of its own is returned apart (it
+    takes the query-chunked path). Built on the host once per step, then moved to the device.
+
+    NOTE: with prefix caching most prompt chunks continue a cached prefix, often many in one step; attending to
+    each apart costs several small launches (and a table copy) per chunk and layer. One call per batch keeps
+    that per step, whatever the number of chunks."""
+    kv_row = cache.num_kv_heads * (cache.head_dim + cache.v_head_dim) * cache.k.element_size()
+    order = sorted(spans, key=lambda s: s[2])  # similar lengths together: less padding
+    batches, alone, group = [], [], []
+
+    def cost(g) -> int:
+        q_max, s_max = max(s[1] for s in g), max(s[2] for s in g)
+        return len(g) * (q_max * s_max * (heads * 4 * 2 + 1) + s_max * kv_row + q_max * heads * head_dim * 4)
+
+    for span in order:
+        if cost([span]) > ATTENTION_BYTES:
+            alone.append(span)
+        elif group and cost(group + [span]) > ATTENTION_BYTES:
+            batches.append(group)
+            group = [span]
+        else:
+            group.append(span)
+    if group:
+        batches.append(group)
+    return [_chunk_batch(cache, g, sliding_window) for g in batches], alone
+
+
+def _chunk_batch(cache: PagedKVCache, group, sliding_window: int) -> _ChunkBatch:
+    page = cache.page_size
+    q_max, s_max = max(n for _, n, _, _ in group), max(total for _, _, total, _ in group)
+    g = len(group)
+    q_rows = torch.zeros(g, q_max, dtype=torch.long)  # [G, Q]
+    q_pos = torch.zeros(g, q_max, dtype=torch.long)  # [G, Q]
+    blocks = torch.zeros(g, s_max, dtype=torch.long)  # [G, S]
+    totals = torch.zeros(g, 1, dtype=torch.long)  # [G, 1]
+    out_rows, pick = [], []
+    k_pos = torch.arange(s_max)  # [S]
+    for i, (start, n, total, table) in enumerate(group):
+        idx = torch.arange(q_max).clamp(max=n - 1)  # [Q]: padding queries repeat the last
+        q_rows[i] = start + idx
+        q_pos[i] = total - n + idx
+        pages = torch.tensor(table[: -(-total // page)], dtype=torch.long)
+        blocks[i] = pages[(k_pos // page).clamp(max=len(pages) - 1)]
+        totals[i] = total
+        out_rows += range(start, start + n)
+        pick += range(i * q_max, i * q_max + n)
+    allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < totals[:, :, None])  # [G, Q, S]
+    if sliding_window > 0:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    dev = cache.device
+    return _ChunkBatch(to_device(q_rows, dev), to_device(blocks, dev), to_device((k_pos % page).expand(g, -1).contiguous(), dev),
+                       to_device(allowed[:, None], dev), to_device(torch.tensor(out_rows, dtype=torch.long), dev),
+                       to_device(torch.tensor(pick, dtype=torch.long), dev))
+
+
+def _attend_batch(cache: PagedKVCache, layer: int, q: Tensor, b: _ChunkBatch, scaling: float, out: Tensor) -> None:
+    """One attention call for a batch of continuing chunks over their gathered contexts, into `out` [1, T, nh, dv]."""
+    nh = q.shape[1]
+    k = cache.k[layer][b.blocks, b.offsets].transpose(1, 2).to(q.dtype)  # [G, nkv, S, d]
+    v = cache.v[layer][b.blocks, b.offsets].transpose(1, 2).to(q.dtype)  # [G, nkv, S, dv]
+    qg = q[0][:, b.q_rows].transpose(0, 1)  # [G, nh, Q, d]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=b.allowed, scale=scaling, enable_gqa=True)  # [G, nh, Q, dv]
+    out[0, b.out_rows] = o.transpose(1, 2).reshape(-1, nh, o.shape[-1])[b.pick]
 
 
 def paged_mla_attention(cache: PagedKVCache, layer: int, q: Tensor, latent: Tensor, k_rot: Tensor, kv_b: Tensor,
