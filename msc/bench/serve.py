@@ -32,7 +32,7 @@ Shared prefix. `shared_prefix` N > 0 starts every prompt with the same N token i
 prompts' own RNG), the rest of each prompt its own: a system prompt, the workload prefix caching is for. A
 prompt shorter than N + 1 keeps its last token its own. Where the server reports prefix-cache counters in its
 Prometheus metrics (msc's `msc_prefix_cache_*_tokens_total`), the result has the tokens looked up and found
-during the run (scraped before and after it); a server without them gives None.
+during the run (scraped before and after it); a server without them, or with prefix caching off, gives None.
 
 Servers. `--url` measures a server that runs elsewhere; `local_server` starts msc's server for a bundle in
 this process. For figures, prefer a separate `msc serve` process: in-process, the client's HTTP parsing
@@ -356,7 +356,8 @@ async def run_bench_async(url: str, *, num_requests: int, concurrency: int | Non
     prefix = None
     if before is not None and after is not None:
         queried, hit = (after[k] - before[k] for k in PREFIX_METRICS)
-        prefix = {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else None}
+        if queried:  # none looked up: the server's prefix caching is off
+            prefix = {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried}
     config = {"url": url, "model": model or served, "served_model": served, "max_model_len": max_model_len,
               "num_requests": num_requests, "mode": "open loop" if request_rate else "closed loop",
               "concurrency": concurrency, "request_rate": request_rate, "input_len": input_len,
@@ -534,9 +535,8 @@ def print_table(result: dict, console: Any = None) -> None:
         s.add_row(label, value)
     prefix = result.get("prefix_cache")
     if prefix is not None:
-        rate = "-" if prefix["hit_rate"] is None else f"{prefix['hit_rate']:.1%}"
         s.add_row("prefix cache: tokens found / looked up",
-                  f"{prefix['hit_tokens']:,.0f} / {prefix['queried_tokens']:,.0f} ({rate})")
+                  f"{prefix['hit_tokens']:,.0f} / {prefix['queried_tokens']:,.0f} ({prefix['hit_rate']:.1%})")
     console.print(s)
 
 
