@@ -21,11 +21,6 @@ def _plain_cpu_attention(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU path, not the kernel through Triton's interpreter
 
 
-@pytest.fixture(scope="module")
-def program(tiny_bundle):
-    return tiny_bundle.load_program(tiny_bundle.manifest["colocated"]["program"], "cpu")
-
-
 def _engine(bundle, program, **kw) -> Engine:
     runner = ModelRunner(program, bundle.manifest["model"]["num_hidden_layers"], "cpu")
     return Engine(runner, [bundle.manifest["model"]["eos_token_id"]], vocab_size=256,

@@ -22,11 +22,6 @@ def _plain_cpu_attention(monkeypatch):
     monkeypatch.delenv("MSC_OVERLAP", raising=False)
 
 
-@pytest.fixture(scope="module")
-def program(tiny_bundle):
-    return tiny_bundle.load_program(tiny_bundle.manifest["colocated"]["program"], "cpu")
-
-
 class _CountingRunner(ModelRunner):
     """Counts the steps that took some of their tokens from the device (the previous step's samples)."""
 
