@@ -105,11 +105,11 @@ def raw(name: str) -> str | None:
     return value if value else None
 
 
-def switch(name: str) -> bool | None:
+def switch(name: str, overrides: dict | None = None) -> bool | None:
     """A switch's value: True / False as set (1 / on / true / yes, 0 / off / false / no), else its default
-    (None when it has none: the caller decides)."""
+    (None when it has none: the caller decides). overrides: variables given to child processes, read first."""
     var = _declared(name)
-    text = os.environ.get(name) or var.default
+    text = (overrides or {}).get(name) or os.environ.get(name) or var.default
     if not text:
         return None
     low = text.strip().lower()

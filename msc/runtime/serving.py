@@ -2,7 +2,8 @@
 
 `ServingEngine` starts every role as a process (as `msc run` does), with the attention replicas in serve
 mode: each connects back to this process (msc.runtime.serve_link) and runs its engine (msc.engine) on
-the requests it is sent. A request goes at once to the replica with the fewest unfinished requests; the
+the requests it is sent. A request goes at once to the replica with the fewest unfinished requests (or, with
+several replicas and prefix caching, where its prefix went before: msc.runtime.prefix_router); the
 replica takes it into its next step (no rounds: a request never waits for others to finish), streams
 its tokens back step by step, and drops it at once when it is cancelled (`ServingRequest.cancel`, which
 the HTTP layer calls when a client goes away).
@@ -26,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
+from msc import env as msc_env
 from msc.bundle import Bundle, resolve_checkpoint
+from msc.engine.engine import PAGE_SIZE
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
 from msc.runtime import lifecycle
 from msc.runtime.launcher import failure_message, heartbeat_bound_s, spawn_roles, stop_roles
+from msc.runtime.prefix_router import PrefixRouter
 from msc.runtime.serve_link import Link, LinkServer
 from msc.runtime.worker import resolve_run_config
 
@@ -282,6 +286,14 @@ class ServingEngine(_Server):
         self.heartbeat_s = heartbeat_bound_s(m)
         self._env = env
         self._load = [0] * len(self.replicas)  # unfinished requests per replica
+        # NOTE: with several replicas and prefix caching, a request goes where its prefix went before (within a
+        # load slack): each replica caches only what it computed (msc.runtime.prefix_router)
+        self._router = None
+        caching = msc_env.switch("MSC_PREFIX_CACHE", env)  # as the replicas will read it
+        if caching is None:
+            caching = self.bundle.manifest["spec"]["runtime"].get("prefix_caching") is not False
+        if caching and len(self.replicas) > 1:
+            self._router = PrefixRouter(PAGE_SIZE)
         self._replica_stats: dict[int, dict] = {}  # each replica's engine stats, as of its last step
         self._stop = threading.Event()
         self._procs: list = []
@@ -387,7 +399,7 @@ class ServingEngine(_Server):
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], max_new_tokens: int | None = None, params: SamplingParams | None = None) -> ServingRequest:
-        """Send one request to the least loaded replica; its `result()` is a Completion (MscError if it fails).
+        """Send one request to a replica (`_place`); its `result()` is a Completion (MscError if it fails).
         Give either max_new_tokens (greedy) or SamplingParams."""
         req = self._new_request(prompt, max_new_tokens, params)
         p = {k: v for k, v in req.params.__dict__.items() if v is not None}
@@ -396,7 +408,10 @@ class ServingEngine(_Server):
         return req
 
     def _place(self, req: ServingRequest) -> None:
-        r = min(range(len(self._load)), key=lambda i: (self._load[i], i))
+        if self._router is not None:
+            r = self._router.place(req.prompt, self._load)
+        else:
+            r = min(range(len(self._load)), key=lambda i: (self._load[i], i))
         req.replica = r
         self._load[r] += 1
 
