@@ -60,6 +60,19 @@ def _mps_option():
                         "measured by msc profile); with it decode steps hand off on the GPU (docs/engine.md)")
 
 
+def _prefix_caching_option():
+    """--prefix-caching/--no-prefix-caching of the commands that run an engine (default: the spec's)."""
+    return typer.Option(None, "--prefix-caching/--no-prefix-caching", help="attach cached KV pages of a prompt's "
+                        "prefix instead of computing them (default: the spec's runtime.prefix_caching, else on unless "
+                        "the model has state layers); sets MSC_PREFIX_CACHE for every role process")
+
+
+def _set_prefix_caching(value: Optional[bool]) -> None:
+    """The flag as MSC_PREFIX_CACHE, which this process's engine and the role processes it starts read."""
+    if value is not None:
+        os.environ["MSC_PREFIX_CACHE"] = "1" if value else "0"
+
+
 def _parse_ids(values: list[str]) -> list[list[int]]:
     prompts = []
     for v in values:
@@ -119,8 +132,10 @@ def run_cmd(
     record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="write how many (token, expert) "
                                                   "pairs each expert got per layer: a routing profile for the planner "
                                                   "(planner: {routing: FILE}) and place_experts"),
+    prefix_caching: Optional[bool] = _prefix_caching_option(),
 ):
     """Start every role as its own process and generate (or, --colocated, run it all in one process)."""
+    _set_prefix_caching(prefix_caching)
     from msc.runtime.launcher import run_bundle
     from msc.verify import default_prompts
     from msc.bundle import Bundle
@@ -148,9 +163,10 @@ def run_cmd(
         err.print(f"wrote {record_routing}: the replicas' routing (planner: {{routing: FILE}}, place_experts' routing)")
     steps = result["step_times"][0] if result["step_times"] else []
     if as_json:
+        cached = sum(n for recs in result["records"] for r in recs for _, n in r.get("cached", []))
         print(json.dumps({"outputs": result["outputs"], "finish_reasons": result["finish_reasons"],
                           "errors": result["errors"], "microbatches": result["microbatches"],
-                          "step_times": result["step_times"]}))
+                          "step_times": result["step_times"], "prompt_tokens_cached": cached}))
     else:
         for p, o, e in zip(prompts, result["outputs"], result["errors"]):
             out.print(f"{p} -> {o}" if e is None else f"{p} -> error: {e}", markup=False)
@@ -213,7 +229,8 @@ def _run_colocated(bundle: Path, input_ids, max_new_tokens: int, as_json: bool, 
     prefill_s = sum(r.seconds for r in recs if r.prefill)
     if as_json:
         print(json.dumps({"outputs": [r.output for r in reqs], "finish_reasons": [r.finish_reason for r in reqs],
-                          "prefill_s": prefill_s, "step_s": decode}))
+                          "prefill_s": prefill_s, "step_s": decode,
+                          "prompt_tokens_cached": sum(n for r in recs for _, n in r.cached)}))
         return
     for p, r in zip(prompts, reqs):
         out.print(f"{p} -> {r.output}")
@@ -547,6 +564,7 @@ def serve_cmd(
     record_routing: Optional[Path] = typer.Option(None, "--record-routing", help="on shutdown, write how many (token, "
                                                   "expert) pairs each expert got per layer while serving (a routing "
                                                   "profile for the planner and place_experts)"),
+    prefix_caching: Optional[bool] = _prefix_caching_option(),
 ):
     """Serve a bundle over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), msc's native /v1/generate (token ids), /health and /metrics (Prometheus)."""
@@ -555,6 +573,7 @@ def serve_cmd(
 
     # NOTE: logged (logger msc.server), which the root handler of _root prints on stderr: said once, not twice
     public_address_warning(host, api_key)
+    _set_prefix_caching(prefix_caching)
     try:
         if colocated:
             if microbatches is not None or mps is not None:

@@ -163,3 +163,22 @@ def test_bad_run_options_are_refused_before_any_process_starts(tiny_bundle, kw, 
 def test_role_options_with_colocated_are_refused(tiny_bundle):
     res = CliRunner().invoke(app, ["run", str(tiny_bundle.path), "--colocated", "--trace", "t.json", "--microbatches", "2"])
     assert res.exit_code == 1 and "--microbatches, --trace apply to the role processes" in res.output
+
+
+@pytest.mark.parametrize("flag,value", [("--no-prefix-caching", "0"), ("--prefix-caching", "1")])
+def test_the_prefix_caching_flag_reaches_the_engine(tiny_bundle, monkeypatch, flag, value):
+    """--[no-]prefix-caching is MSC_PREFIX_CACHE for this process's engine (and the role processes it starts):
+    the colocated engine it builds has its prefix cache on or off, and the tokens are the same."""
+    import msc.engine.build as build
+
+    monkeypatch.setenv("MSC_PREFIX_CACHE", "")  # empty reads as unset; monkeypatch restores whatever the CLI sets
+    made = []
+    real = build.build_engine
+    monkeypatch.setattr(build, "build_engine", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    args = ["run", str(tiny_bundle.path), "--colocated", "--device", "cpu", "--input-ids", "5,17,42",
+            "--max-new-tokens", "4", "--json", flag]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert __import__("os").environ["MSC_PREFIX_CACHE"] == value
+    assert (made[0].scheduler.cache.prefix is not None) == (value == "1") and out["prompt_tokens_cached"] == 0
