@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: set up msc on the lent GPU machine (its own torch and triton; pydantic and the CPU machine's
-# transformers with its dependencies carried as wheels in .whl/, so both machines run the same model code), then run the stages named on the command line, logging each under $OUT.
+# transformers with its dependencies carried as wheels in .whl/ (made by benchmarks/gpu_wheels.sh), so both machines run the same model code), then run the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_run.sh enginetests enginestep benchserve pytest decodeprof flags prefill calib mla placement tests kerneltests moe attention e2e profile tune m2n rolestrace commtests ipcphases multidry servetests serveload prefixcache mpson mpsoff   (env: TUNE_TOKENS, TUNE_ARGS, MOE_TOKENS, E2E_ARGS ...)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
