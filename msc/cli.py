@@ -747,6 +747,8 @@ def profile_cmd(
 @app.command("env")
 def env_cmd(all_vars: bool = typer.Option(False, "--all", help="also the variables msc sets for its own processes")):
     """msc's environment variables: what each does, its default and the value set now (checked)."""
+    from rich.markup import escape
+
     from msc import env
 
     table = Table("variable", "now", "default", "takes", "what it does", show_lines=False)
@@ -754,8 +756,6 @@ def env_cmd(all_vars: bool = typer.Option(False, "--all", help="also the variabl
     for var, value, error in env.check_all():
         if var.internal and not all_vars:
             continue
-        from rich.markup import escape
-
         shown = "(set)" if value and var.secret else escape(value or "")
         now = f"[red]{shown}[/]" if error else (shown if shown else "[dim]unset[/]")
         table.add_row(var.name, now, var.default or "—", var.describe_kind(), var.help)

@@ -129,16 +129,24 @@ def choice(name: str) -> str:
     return text
 
 
-def number(name: str) -> float | None:
-    """A number variable's value (None when unset and without a default)."""
-    var = _declared(name)
-    text = os.environ.get(name) or var.default
-    if not text:
+def text(name: str) -> str | None:
+    """A text variable's value as set, else its declared default (None when it has none)."""
+    return os.environ.get(name) or _declared(name).default or None
+
+
+def _converted(name: str, convert, expected: str):
+    value = text(name)
+    if value is None:
         return None
     try:
-        return float(text)
+        return convert(value)
     except ValueError:
-        raise MscError(f"{name}={text!r}: expected a number") from None
+        raise MscError(f"{name}={value!r}: expected {expected}") from None
+
+
+def number(name: str) -> float | None:
+    """A number variable's value (None when unset and without a default)."""
+    return _converted(name, float, "a number")
 
 
 def cache_dir() -> Path:
@@ -148,14 +156,7 @@ def cache_dir() -> Path:
 
 def integer(name: str) -> int | None:
     """An int variable's value (None when unset and without a default)."""
-    var = _declared(name)
-    text = os.environ.get(name) or var.default
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise MscError(f"{name}={text!r}: expected a whole number") from None
+    return _converted(name, int, "a whole number")
 
 
 def check_all() -> list[tuple[EnvVar, str | None, str | None]]:

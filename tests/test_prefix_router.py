@@ -6,6 +6,7 @@ import pytest
 
 import msc.runtime.prefix_router as pr
 from msc.compiler import compile_spec
+from msc.runtime.prefix_cache import ROOT, chain
 from msc.runtime.prefix_router import PrefixRouter
 from msc.runtime.serving import ServingEngine
 from msc.spec import parse_spec
@@ -31,7 +32,7 @@ def test_short_prompts_and_the_longest_remembered_prefix():
     assert r.place([1, 2, 3], [0, 0]) == 0 and r.place([1, 2, 3], [1, 0]) == 1  # no full page: by load only
     assert r.place(A[:17], [0, 0]) == 0  # its first page named at 0
     assert r.place(A + [5], [0, 1]) == 0  # one page in common with it: replica 0 (and both pages now named at 0)
-    r._replica_of[pr.chain(pr.chain(pr.ROOT, A[:16]), A[16:32])] = 1  # A's second page last went to replica 1
+    r._replica_of[chain(chain(ROOT, A[:16]), A[16:32])] = 1  # A's second page last went to replica 1
     assert r.place(A + [6], [0, 0]) == 1  # the longer match wins
 
 

@@ -47,6 +47,14 @@ def engine_sizes(manifest: dict, runner: ModelRunner) -> dict:
             "kv_tokens": kv_tokens}
 
 
+def prefix_caching_of(manifest: dict, overrides: dict | None = None) -> bool | None:
+    """Prefix caching as this bundle's engines will have it: MSC_PREFIX_CACHE (overrides: the variables given to
+    role processes), else the spec's runtime.prefix_caching; None leaves it to the engine (on unless the model
+    has state layers)."""
+    env = msc_env.switch("MSC_PREFIX_CACHE", overrides)
+    return env if env is not None else manifest["spec"]["runtime"].get("prefix_caching")
+
+
 def build_engine(manifest: dict, program: fx.GraphModule, device, *, exchange=None, microbatches: int = 1,
                  trace: Trace | None = None, delay_s: float = 0.0, keep_logits: bool = False,
                  cuda_graphs: bool = True, overlap: bool | None = None, prefix_caching: bool | None = None) -> Engine:
@@ -55,7 +63,7 @@ def build_engine(manifest: dict, program: fx.GraphModule, device, *, exchange=No
     runner = ModelRunner(program, model["num_hidden_layers"], device, exchange=exchange, microbatches=microbatches,
                          cuda_graphs=cuda_graphs, max_batch=manifest["plan"]["batch_size"], trace=trace, delay_s=delay_s)
     eos = model["eos_token_id"]
-    if prefix_caching is None and msc_env.switch("MSC_PREFIX_CACHE") is None:
-        prefix_caching = manifest["spec"]["runtime"].get("prefix_caching")
+    if prefix_caching is None:
+        prefix_caching = prefix_caching_of(manifest)
     return Engine(runner, eos if isinstance(eos, (list, tuple)) else [eos], keep_logits=keep_logits, overlap=overlap,
                   prefix_caching=prefix_caching, vocab_size=model["vocab_size"], **engine_sizes(manifest, runner))

@@ -144,8 +144,7 @@ class Scheduler:
         """A waiting request's pages: its cached prefix attached, then pages for the tokens of its first chunk;
         the tokens found cached, or None (nothing held) when the pool cannot take it now."""
         sid = req.seq_id
-        self.cache.drop_sequence(sid, keep_names=True)
-        self.cache.add_sequence(sid)
+        self.cache.add_sequence(sid)  # a waiting request holds no pages: preemption and a failed admission drop them
         cached = self.cache.attach_prefix(sid, req.num_tokens, req.token_slice)
         end = cached + min(req.num_tokens - cached, budget)
         if self.pages_for(end) - len(self.cache.blocks(sid)) > self.cache.num_free:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from msc.errors import MscError
-from msc.runtime.prefix_cache import ROOT, PrefixIndex, chain
+from msc.runtime.prefix_cache import PrefixIndex, extend_names
 from msc.runtime.transfer import to_device
 
 # NOTE: the most bytes one masked attention call may use for its mask and scores. Counted as a math backend
@@ -173,14 +173,17 @@ class PagedKVCache:
         return self.allocator.num_free + (len(self.prefix.evictable) if self.prefix is not None else 0)
 
     def _allocate(self, n: int) -> list[int]:
-        """n blocks for a sequence, evicting cached blocks nobody holds (least recently used first) when the free
-        list is short."""
-        while self.prefix is not None and self.allocator.num_free < n and self.prefix.evictable:
-            self.allocator.free([self.prefix.evict()])
+        """n blocks for a sequence (cached blocks nobody holds evicted when the free list is short)."""
+        self._free_up(n)
         new = self.allocator.allocate(n)
         for b in new:
             self._refs[b] = 1
         return new
+
+    def _free_up(self, n: int) -> None:
+        """Evict cached blocks nobody holds (least recently used first) until the free list has n, or none is left."""
+        while self.prefix is not None and self.allocator.num_free < n and self.prefix.evictable:
+            self.allocator.free([self.prefix.evict()])
 
     # ---- prefix caching
     def enable_prefix_cache(self) -> None:
@@ -201,11 +204,7 @@ class PagedKVCache:
 
     def _chain(self, seq_id: int, pages: int, tokens_of) -> list[bytes]:
         """The names of the sequence's first `pages` full pages (extending the memo; tokens_of(start, n))."""
-        names = self._chains.setdefault(seq_id, [])
-        p = self.page_size
-        for i in range(len(names), pages):
-            names.append(chain(names[-1] if names else ROOT, tokens_of(i * p, p)))
-        return names
+        return extend_names(self._chains.setdefault(seq_id, []), pages, self.page_size, tokens_of)
 
     def attach_prefix(self, seq_id: int, tokens: int, tokens_of) -> int:
         """For a fresh sequence of `tokens` tokens: attach the longest run of its full pages that the index holds
@@ -264,8 +263,7 @@ class PagedKVCache:
     def scratch_slot(self) -> int:
         """A slot no sequence owns (one block taken on first use): padding rows of a CUDA-graph batch write there."""
         if self._scratch is None:
-            while self.prefix is not None and not self.allocator.num_free and self.prefix.evictable:
-                self.allocator.free([self.prefix.evict()])
+            self._free_up(1)
             self._scratch = self.allocator.allocate(1)[0]
         return self._scratch * self.page_size
 

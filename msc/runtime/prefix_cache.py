@@ -31,6 +31,14 @@ def chain(parent: bytes, tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def extend_names(names: list[bytes], pages: int, page_size: int, tokens_of) -> list[bytes]:
+    """Extend `names` (the names of a sequence's first pages, in order) to its first `pages` pages, in place;
+    tokens_of(start, n) gives the sequence's tokens."""
+    for i in range(len(names), pages):
+        names.append(chain(names[-1] if names else ROOT, tokens_of(i * page_size, page_size)))
+    return names
+
+
 class PrefixIndex:
     """Page names -> blocks, and the named blocks that no sequence holds (least recently used first)."""
 

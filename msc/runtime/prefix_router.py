@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from msc.runtime.prefix_cache import ROOT, chain
+from msc.runtime.prefix_cache import extend_names
 
 MAX_PAGES = 64  # pages of a prompt's start that are remembered (1024 tokens at 16 a page)
 MAX_NAMES = 200_000  # names remembered in all
@@ -28,10 +28,8 @@ class PrefixRouter:
         self.routed_by_prefix = 0  # requests placed on the replica that had their prefix
 
     def _names(self, prompt: list[int]) -> list[bytes]:
-        p, names = self.page_size, []
-        for i in range(min((len(prompt) - 1) // p, MAX_PAGES)):
-            names.append(chain(names[-1] if names else ROOT, prompt[i * p:(i + 1) * p]))
-        return names
+        pages = min((len(prompt) - 1) // self.page_size, MAX_PAGES)
+        return extend_names([], pages, self.page_size, lambda start, n: prompt[start:start + n])
 
     def place(self, prompt: list[int], loads: list[int]) -> int:
         """The replica for a request with this prompt, given each replica's unfinished requests; remembers it."""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-from msc import env as msc_env
 from msc.bundle import Bundle, resolve_checkpoint
+from msc.engine.build import prefix_caching_of
 from msc.engine.engine import PAGE_SIZE
 from msc.engine.request import SamplingParams
 from msc.errors import MscError
@@ -289,10 +289,7 @@ class ServingEngine(_Server):
         # NOTE: with several replicas and prefix caching, a request goes where its prefix went before (within a
         # load slack): each replica caches only what it computed (msc.runtime.prefix_router)
         self._router = None
-        caching = msc_env.switch("MSC_PREFIX_CACHE", env)  # as the replicas will read it
-        if caching is None:
-            caching = self.bundle.manifest["spec"]["runtime"].get("prefix_caching") is not False
-        if caching and len(self.replicas) > 1:
+        if prefix_caching_of(m, env) is not False and len(self.replicas) > 1:  # as the replicas will have it
             self._router = PrefixRouter(PAGE_SIZE)
         self._replica_stats: dict[int, dict] = {}  # each replica's engine stats, as of its last step
         self._stop = threading.Event()

@@ -172,7 +172,7 @@ def run_worker(bundle_dir: str, requests: str | None, result: str | None, run_co
             gpu_of = (lambda r: r % torch.cuda.device_count()) if device == "cuda" and one_host else None  # role_device's map
             tensor_parallel.join(tensor_parallel.make_group(store, tp, place, timeout, gpu_of), tp["rank"], tp["size"])
         peers = att_ranks if role["kind"] == "expert" else exp_ranks
-        host = msc_env.raw("MSC_M2N_HOST") or "127.0.0.1"
+        host = msc_env.text("MSC_M2N_HOST")  # declared default: 127.0.0.1
         if role["kind"] not in ("attention_tp", "expert_tp"):  # NOTE: a tp follower talks to its leader only
             endpoint = m2n.connect(transport, rank, peers, store, timeout_s=runtime["timeout_s"], device=device, host=host,
                                    buffer_bytes=runtime.get("buffer_bytes", 4 << 20), borrow=True)
