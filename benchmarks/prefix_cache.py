@@ -9,7 +9,8 @@ each; request i arrives at engine step i (a stream of requests, as a server sees
 at step 0 and all others together at step 1 (one step then continues many cached prefixes). Both engines run the same
 program; the order alternates over --reps repetitions, and each figure is the median over them. Reported: wall time
 of the whole workload, prompt tokens computed (from the engines' step records), the seconds of steps that fed
-prompt tokens, and whether the greedy tokens of the two engines are equal. Writes JSON (machine, versions, rows).
+prompt tokens, and whether the greedy tokens of the variants are equal. --per-chunk adds caching on with the chunks
+that continue a cached prefix attended one call per chunk, as the engine did before they were batched. Writes JSON (machine, versions, rows).
 """
 from __future__ import annotations
 
@@ -19,12 +20,31 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_step import _bundle  # noqa: E402
+
+
+LABELS = {"on": "on", "off": "off", "on_per_chunk": "on, one call per chunk"}
+
+
+@contextmanager
+def _one_call_per_chunk(on: bool):
+    """With on: paged_kv attends every chunk that continues a cached prefix apart (no batches), the path the
+    engine took before continuing chunks were batched; a comparison only, the engine itself always batches."""
+    import msc.runtime.paged_kv as pk
+
+    real = pk._chunk_batches
+    if on:
+        pk._chunk_batches = lambda cache, spans, *a: ([], list(spans))
+    try:
+        yield
+    finally:
+        pk._chunk_batches = real
 
 
 def run(eng, prompts: list[list[int]], new: int, burst: bool = False) -> dict:
@@ -54,6 +74,8 @@ def main() -> None:
     ap.add_argument("--unique", type=int, default=16, help="each request's own prompt tokens")
     ap.add_argument("--new", type=int, default=8, help="tokens generated per request")
     ap.add_argument("--burst", action="store_true", help="all requests but the first arrive together")
+    ap.add_argument("--per-chunk", action="store_true", help="also caching on with the chunks that continue a cached "
+                    "prefix attended one call per chunk (as before they were batched), side by side")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="prefix_cache.json")
     args = ap.parse_args()
@@ -71,34 +93,39 @@ def main() -> None:
         engines = {on: build_engine(bundle.manifest, gm, args.device, prefix_caching=on) for on in (True, False)}
         for eng in engines.values():  # warm-up: kernels compile, graphs are captured (other tokens than the workload's)
             run(eng, [[5 + i] * (args.unique + 1) for i in range(2)], 2)
-        runs: dict[bool, list[dict]] = {True: [], False: []}
+        # variant -> (engine, chunks that continue a cached prefix attended one call per chunk, as before batching)
+        variants = {"on": (engines[True], False), "off": (engines[False], False)}
+        if args.per_chunk:
+            variants["on_per_chunk"] = (engines[True], True)
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
         for rep in range(args.reps):
-            for on in ((True, False) if rep % 2 == 0 else (False, True)):
-                eng = engines[on]
+            names = list(variants) if rep % 2 == 0 else list(reversed(variants))
+            for name in names:
+                eng, per_chunk = variants[name]
                 eng.scheduler.cache.reset_prefix_cache()  # each repetition starts cold: the system prompt computed once
-                runs[on].append(run(eng, prompts, args.new, args.burst))
-    med = {on: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "prompt_tokens_computed",
-                                                                   "prompt_tokens_cached", "prefill_step_s")}
-           for on, rs in runs.items()}
-    equal = all(a["outputs"] == b["outputs"] for a, b in zip(runs[True], runs[False]))
+                with _one_call_per_chunk(per_chunk):
+                    runs[name].append(run(eng, prompts, args.new, args.burst))
+    keys = ("wall_s", "prompt_tokens_computed", "prompt_tokens_cached", "prefill_step_s")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+    equal = all(r["outputs"] == ref["outputs"] for rs in runs.values() for r, ref in zip(rs, runs["off"]))
     print(f"{args.requests} requests of {args.system} shared + {args.unique} own prompt tokens, {args.new} new each "
           f"({args.model}, {args.layers} layers, {args.device}{', burst' if args.burst else ''}; medians of {args.reps})")
     print("| prefix caching | wall s | prompt tokens computed | cached | prefill steps s |")
     print("|---|---|---|---|---|")
-    for on in (False, True):
-        m = med[on]
-        print(f"| {'on' if on else 'off'} | {m['wall_s']:.3f} | {m['prompt_tokens_computed']:.0f} | "
+    for name, m in med.items():
+        print(f"| {LABELS[name]} | {m['wall_s']:.3f} | {m['prompt_tokens_computed']:.0f} | "
               f"{m['prompt_tokens_cached']:.0f} | {m['prefill_step_s']:.3f} |")
-    ratio = med[False]["wall_s"] / med[True]["wall_s"]
-    print(f"off / on wall: {ratio:.2f}x; prefill steps {med[False]['prefill_step_s'] / med[True]['prefill_step_s']:.2f}x;"
+    ratio = med["off"]["wall_s"] / med["on"]["wall_s"]
+    print(f"off / on wall: {ratio:.2f}x; prefill steps {med['off']['prefill_step_s'] / med['on']['prefill_step_s']:.2f}x;"
           f" greedy tokens equal: {equal}")
+    if args.per_chunk:
+        print(f"prefill steps, one call per chunk / batched: "
+              f"{med['on_per_chunk']['prefill_step_s'] / med['on']['prefill_step_s']:.2f}x")
     res = {"meta": {**machine_info(), "model": args.model, "layers": args.layers, "device": args.device,
                     "requests": args.requests, "system": args.system, "unique": args.unique, "new": args.new,
-                    "reps": args.reps, "burst": args.burst},
-           "median": {"on" if on else "off": m for on, m in med.items()}, "off_over_on_wall": ratio,
-           "tokens_equal": equal,
-           "runs": {"on" if on else "off": [{k: v for k, v in r.items() if k != "outputs"} for r in rs]
-                    for on, rs in runs.items()}}
+                    "reps": args.reps, "burst": args.burst, "per_chunk": args.per_chunk},
+           "median": med, "off_over_on_wall": ratio, "tokens_equal": equal,
+           "runs": {name: [{k: v for k, v in r.items() if k != "outputs"} for r in rs] for name, rs in runs.items()}}
     Path(args.out).write_text(json.dumps(res, indent=1))
 
 
